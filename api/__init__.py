@@ -1,0 +1,1 @@
+"""The single source of truth for flowlane's resources: FlowRun/FlowService models and gRPC protos."""

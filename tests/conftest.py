@@ -1,0 +1,19 @@
+"""Session-wide test setup.
+
+Heavy fixtures (a vLLM engine, an S3 server, an MLflow server, KMock) start once per session and
+live in the ``fixtures_*`` plugin modules beside this file, one per area.
+"""
+
+import os
+
+# Keep the CPU engines small and deterministic on 2-core machines.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+pytest_plugins = [
+    "fixtures_models",
+    "fixtures_services",
+    "fixtures_kube",
+]

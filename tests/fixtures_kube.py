@@ -1,0 +1,1 @@
+"""Kubernetes fixtures: KMock API emulator and the kopf operator running against it."""

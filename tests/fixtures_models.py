@@ -1,0 +1,1 @@
+"""Model and engine fixtures (shared vLLM engine, model directory)."""

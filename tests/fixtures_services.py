@@ -1,0 +1,1 @@
+"""External service fixtures (S3 via moto server, MLflow server, KMock)."""
