@@ -1,0 +1,495 @@
+"""The FlowRun resource: one Flow-GRPO training run of an AgentFlow planner.
+
+A FlowRun is what a user writes (``kubectl apply -f flowrun.yaml`` or ``flowlane run
+flowrun.yaml``) and what the learner reads back as its run config. Spec and status are separate
+types, as in KubeRay's API: the spec is the user's intent (validated here, defaults declared here),
+the status is what the operator observed and is written only by it.
+
+Every default below together is the *default run*: a run that fits a 2-core machine without a GPU,
+trains the bundled SmolLM2-135M-Instruct planner on the bundled task set and finishes in well
+under half an hour. ``examples/flowrun-cluster.yaml`` shows the values to change for a GPU cluster.
+
+The CRD schema (``crds/flowruns.flowlane.dev.yaml``) is generated from these classes by
+``flowlane generate``; checks that a schema cannot express (one field constrained by another)
+live in the ``model_validator`` methods and are reported by the loader and by the operator with
+the same field paths.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from flowlane.api.common import (
+    GROUP_VERSION,
+    HTTP_URL_PATTERN,
+    STORAGE_URI_PATTERN,
+    TOOL_NAME_PATTERN,
+    Condition,
+    ObjectMeta,
+    Resources,
+    S3CredentialsSecret,
+    SecretKeyRef,
+    SpecModel,
+    Quantity,
+    field_error,
+    load_resource,
+)
+
+KIND = "FlowRun"
+PLURAL = "flowruns"
+
+DEFAULT_PLANNER = "smollm2-135m-instruct"
+DEFAULT_TASKS = "math-mini"
+# The longest suffix flowlane appends to a FlowRun's name for a child object ("-sandbox-NN").
+_CHILD_SUFFIXES = ("-learner", "-config", "-grpc-token", "-sandbox-policy")
+KUBERNETES_NAME_MAX = 63
+
+
+
+class Phase(enum.StrEnum):
+    """Where a FlowRun is in its life. Succeeded and Failed are final."""
+
+    PENDING = "Pending"  # accepted; children are being created or pods are starting
+    RUNNING = "Running"  # every pod runs
+    RESTARTING = "Restarting"  # a pod failed (or the spec changed); the whole group is recreated
+    SUSPENDED = "Suspended"  # spec.suspend: pods stopped, checkpoints kept
+    SUCCEEDED = "Succeeded"  # the learner finished all steps
+    FAILED = "Failed"  # invalid spec, backoffLimit or activeDeadlineSeconds exceeded
+
+    @property
+    def finished(self) -> bool:
+        return self in (Phase.SUCCEEDED, Phase.FAILED)
+
+
+class ConditionType(enum.StrEnum):
+    ACCEPTED = "Accepted"  # the spec is valid and can be placed on this backend
+    READY = "Ready"  # every pod of the group runs
+    RESTARTING = "Restarting"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class Dtype(enum.StrEnum):
+    AUTO = "auto"  # bfloat16 on GPUs that support it, float32 on CPU
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+class KlEstimator(enum.StrEnum):
+    K1 = "k1"  # log(pi/pi_ref): unbiased, high variance, can go negative
+    K3 = "k3"  # pi_ref/pi - log(pi_ref/pi) - 1: unbiased, non-negative, lower variance
+
+
+class AdvantageMode(enum.StrEnum):
+    TRAJECTORY = "trajectory"  # the paper: normalise final rewards over the G trajectories of a question
+    TURN = "turn"  # the reference code: normalise over all planner-turn samples of a question
+
+
+class LossAggregation(enum.StrEnum):
+    PAPER = "paper"  # mean over tokens, then turns, then trajectories (the paper's formula)
+    TOKEN_MEAN = "tokenMean"  # one mean over every response token of the batch (the reference code)
+
+
+class RewardKind(enum.StrEnum):
+    EXACT = "exact"  # normalised string equality
+    NUMERIC = "numeric"  # numbers equal within a tolerance (exact match for non-numbers)
+    CHOICE = "choice"  # option letters (A/B/C/D) compared
+    JUDGE = "judge"  # an LLM judge decides equivalence (needs a judge model)
+
+
+class EngineKind(enum.StrEnum):
+    VLLM = "vllm"  # vLLM in-process (CPU or CUDA build): batched, fast; the default
+    TRANSFORMERS = "transformers"  # plain transformers: slow, for reference and debugging
+
+
+class WeightSync(enum.StrEnum):
+    GRPC = "grpc"  # the learner streams weights to rollout workers over gRPC in chunks
+    STORE = "store"  # workers load each version from the checkpoint store (large models)
+    NCCL = "nccl"  # GPU-to-GPU broadcast (GPU clusters only)
+
+
+# -- spec ----------------------------------------------------------------------------------------
+
+
+class LoraSpec(SpecModel):
+    """Train a low-rank adapter instead of all planner weights."""
+
+    enabled: bool = Field(False, description="Train LoRA adapters; the base weights stay frozen.")
+    rank: int = Field(16, ge=1, le=1024, description="Rank r of each adapter.")
+    alpha: int = Field(32, ge=1, le=4096, description="Scaling alpha (the update is scaled by alpha/r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        min_length=1,
+        description="Names of the linear layers that get adapters.",
+    )
+
+
+class ModelSpec(SpecModel):
+    """Which models the agent uses. Only the planner is trained."""
+
+    planner: str = Field(
+        DEFAULT_PLANNER,
+        min_length=1,
+        description="The trainable planner: a known model name (see `flowlane models list`), "
+        "a local model directory, or an s3:// URI of a model directory.",
+    )
+    reference: str | None = Field(
+        None,
+        min_length=1,
+        description="The frozen reference policy for the KL term; default: the planner's initial weights.",
+    )
+    fixed: str | None = Field(
+        None,
+        min_length=1,
+        description="The frozen model behind the executor, verifier and generator; "
+        "default: the planner's initial weights (as in the paper).",
+    )
+    dtype: Dtype = Field(Dtype.AUTO, description="Weight dtype for engines and the learner.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA options for the planner.")
+
+
+class ToolSpec(SpecModel):
+    """One tool the agent may call."""
+
+    name: str = Field(..., min_length=1, max_length=63, pattern=TOOL_NAME_PATTERN,
+                      description="Tool name from the tool registry, e.g. python, search, generator.")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Tool-specific options (e.g. a search corpus path or top-k); see the tool's docs.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    credentials_secret: SecretKeyRef | None = Field(
+        None,
+        description="A Secret key with this tool's API key (networked tools); exposed to rollout "
+        "workers as FLOWLANE_TOOL_<NAME>_KEY.",
+    )
+
+
+def default_tools() -> list[ToolSpec]:
+    return [ToolSpec(name="python"), ToolSpec(name="generator")]
+
+
+class TasksSpec(SpecModel):
+    """Where training questions come from and how answers are scored."""
+
+    dataset: str = Field(
+        DEFAULT_TASKS,
+        min_length=1,
+        description="A bundled task set name, a local .jsonl/.parquet file or directory, "
+        "or an s3:// URI of one.",
+    )
+    split: str = Field("train", min_length=1, description="Split of the dataset used for training.")
+    reward: RewardKind = Field(RewardKind.NUMERIC, description="How a final answer is scored (reward 0 or 1).")
+    limit: int | None = Field(None, ge=1, description="Use at most this many training questions.")
+
+
+class AlgorithmSpec(SpecModel):
+    """Flow-GRPO hyper-parameters (see AGENTFLOW.md for the objective)."""
+
+    group_size: int = Field(4, ge=2, le=256, description="G: trajectories sampled per question.")
+    batch_questions: int = Field(4, ge=1, le=4096, description="Questions per training step.")
+    lr: float = Field(1e-5, gt=0.0, le=1.0, description="Learning rate of the planner optimizer.")
+    kl_beta: float = Field(0.001, ge=0.0, le=10.0, description="beta: weight of the KL(pi || pi_ref) loss term.")
+    kl_estimator: KlEstimator = Field(KlEstimator.K3, description="Per-token KL estimator: k1 or k3.")
+    clip_low: float = Field(0.2, gt=0.0, lt=1.0, description="epsilon_low: ratios below 1 - clipLow are clipped.")
+    clip_high: float = Field(0.3, gt=0.0, le=10.0, description="epsilon_high: ratios above 1 + clipHigh are clipped.")
+    advantage_mode: AdvantageMode = Field(
+        AdvantageMode.TRAJECTORY, description="trajectory (the paper) or turn (the reference code)."
+    )
+    loss_aggregation: LossAggregation = Field(
+        LossAggregation.PAPER, description="paper (per-token, per-turn, per-trajectory means) or tokenMean."
+    )
+    temperature: float = Field(0.7, ge=0.0, le=2.0, description="Planner sampling temperature during rollout.")
+    max_turns: int = Field(3, ge=1, le=64, description="Planner turn budget per trajectory in training.")
+    max_planner_tokens: int = Field(256, ge=16, le=32768, description="Token budget of one planner output.")
+    skip_uniform_groups: bool = Field(
+        True, description="Skip questions whose G rewards are all equal (zero advantage, no signal)."
+    )
+    tis_cap: float = Field(
+        2.0, ge=1.0, le=100.0,
+        description="Truncated importance sampling cap for stale samples (maxStaleness > 0).",
+    )
+    seed: int = Field(0, ge=0, description="Seed for task order and sampling.")
+
+
+class EngineSpec(SpecModel):
+    """Inference engine of rollout workers and training engine settings of the learner."""
+
+    kind: EngineKind = Field(EngineKind.VLLM, description="Rollout inference engine: vllm or transformers.")
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage of the learner (0 disables).")
+    max_model_len: int = Field(4096, ge=256, le=1048576, description="Context length of engine sequences.")
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0.0, le=1.0, description="Fraction of GPU memory vLLM may use (GPU rollouts only)."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs one vLLM engine is sharded over.")
+    weight_sync: WeightSync = Field(WeightSync.GRPC, description="How new policy weights reach rollout workers.")
+
+
+class RolloutResources(Resources):
+    """Compute for one rollout worker (its vLLM engine holds the planner and the fixed model)."""
+
+    memory: Quantity = Field("6Gi", description="Memory request and limit per worker (Kubernetes quantity).")
+
+
+class LearnerResources(Resources):
+    """Compute for the learner (policy, reference model, optimizer state)."""
+
+    memory: Quantity = Field("6Gi", description="Memory request and limit of the learner (Kubernetes quantity).")
+
+
+class SandboxResources(Resources):
+    """Compute for one sandbox server (the code it runs has its own, smaller limits)."""
+
+    cpu: Quantity = Field("500m", description="CPU request and limit per sandbox (Kubernetes quantity).")
+    memory: Quantity = Field("1Gi", description="Memory request and limit per sandbox (Kubernetes quantity).")
+
+
+class RolloutSpec(SpecModel):
+    """Rollout workers: run agent trajectories with the current planner and score them."""
+
+    replicas: int = Field(1, ge=1, le=1024, description="Number of rollout workers.")
+    resources: RolloutResources = Field(default_factory=RolloutResources, description="Per-worker compute.")
+
+
+class LearnerSpec(SpecModel):
+    """The learner: Flow-GRPO updates, checkpoints, metrics; the hub the workers talk to."""
+
+    replicas: int = Field(1, ge=1, le=1, description="Learner replicas; one (multi-GPU runs use several GPUs in it).")
+    resources: LearnerResources = Field(default_factory=LearnerResources, description="Learner compute.")
+
+
+class SandboxLimits(SpecModel):
+    """Limits for each piece of untrusted code a sandbox runs."""
+
+    cpu_time_seconds: float = Field(10.0, gt=0.0, le=3600.0, description="CPU-time limit of one execution.")
+    wall_time_seconds: float = Field(20.0, gt=0.0, le=3600.0, description="Wall-clock limit of one execution.")
+    memory_mib: int = Field(512, ge=16, le=1048576, alias="memoryMiB",
+                             description="Address-space limit of one execution, in MiB.")
+    processes: int = Field(16, ge=1, le=4096, description="Maximum processes/threads one execution may create.")
+    file_size_mib: int = Field(16, ge=0, le=1048576, alias="fileSizeMiB",
+                                description="Largest file one execution may write, in MiB.")
+    output_bytes: int = Field(8192, ge=256, le=16777216, description="stdout/stderr beyond this is truncated.")
+
+
+class SandboxSpec(SpecModel):
+    """Tool sandboxes: run the agent's code with limits, no network, non-root."""
+
+    replicas: int = Field(1, ge=1, le=1024, description="Number of sandbox servers.")
+    resources: SandboxResources = Field(default_factory=SandboxResources, description="Per-sandbox compute.")
+    limits: SandboxLimits = Field(default_factory=SandboxLimits, description="Per-execution limits.")
+
+
+class StorageSpec(SpecModel):
+    """Where checkpoints go."""
+
+    checkpoint_uri: str | None = Field(
+        None,
+        pattern=STORAGE_URI_PATTERN,
+        description="file:///path or s3://bucket/prefix; default: file://<run dir>/checkpoints locally. "
+        "On Kubernetes use s3:// or set volumeClaimName for file://.",
+    )
+    s3_endpoint: str | None = Field(
+        None, pattern=HTTP_URL_PATTERN, description="S3 endpoint URL (e.g. http://minio.minio:9000); default: AWS."
+    )
+    credentials_secret: S3CredentialsSecret | None = Field(
+        None, description="Secret with the S3 access keys (exposed as AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)."
+    )
+    volume_claim_name: str | None = Field(
+        None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="A PersistentVolumeClaim mounted at the file:// checkpoint path (Kubernetes only).",
+    )
+    keep_last: int = Field(3, ge=1, le=1000, description="Checkpoints kept; older ones are deleted.")
+
+
+class TrackingSpec(SpecModel):
+    """Where metrics go."""
+
+    mlflow_uri: str | None = Field(
+        None, min_length=1,
+        description="MLflow tracking URI (http://..., file:..., sqlite:...); default: a local store in the run dir.",
+    )
+    experiment: str = Field("flowlane", min_length=1, description="MLflow experiment name.")
+
+
+class ScheduleSpec(SpecModel):
+    """How long to train and when to checkpoint and evaluate."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [{
+        "rule": "self.checkpointInterval <= self.steps",
+        "message": "checkpointInterval must be <= steps, or no checkpoint is written before the end",
+        "fieldPath": ".checkpointInterval",
+    }]})
+
+    steps: int = Field(40, ge=1, le=10_000_000, description="Training steps (policy updates).")
+    checkpoint_interval: int = Field(10, ge=1, description="Write a checkpoint every this many steps (and at the end).")
+    eval_interval: int = Field(10, ge=0, description="Evaluate every this many steps; 0: only before and after training.")
+    eval_tasks: str | None = Field(None, min_length=1, description="Task set for evaluation; default: spec.tasks.dataset.")
+    eval_split: str = Field("test", min_length=1, description="Held-out split used for evaluation.")
+    eval_limit: int | None = Field(None, ge=1, description="Evaluate on at most this many questions.")
+    eval_max_turns: int = Field(10, ge=1, le=64, description="Planner turn budget at evaluation (10 in the paper).")
+
+    @model_validator(mode="after")
+    def _checkpoint_within_run(self) -> ScheduleSpec:
+        if self.checkpoint_interval > self.steps:
+            raise field_error("checkpointInterval", f"must be <= steps ({self.steps}), got "
+                              f"{self.checkpoint_interval}: no checkpoint would be written before the end")
+        return self
+
+
+class FlowRunSpec(SpecModel):
+    """The desired training run."""
+
+    model: ModelSpec = Field(default_factory=ModelSpec, description="Planner, reference and fixed-module models.")
+    tools: list[ToolSpec] = Field(
+        default_factory=default_tools,
+        max_length=64,
+        description="Tools the agent may call, by name, with per-tool options.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    tasks: TasksSpec = Field(default_factory=TasksSpec, description="Training questions and reward.")
+    algorithm: AlgorithmSpec = Field(default_factory=AlgorithmSpec, description="Flow-GRPO hyper-parameters.")
+    engine: EngineSpec = Field(default_factory=EngineSpec, description="Inference and training engine settings.")
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Rollout workers.")
+    learner: LearnerSpec = Field(default_factory=LearnerSpec, description="The learner.")
+    sandbox: SandboxSpec = Field(default_factory=SandboxSpec, description="Tool sandboxes.")
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="Checkpoint store.")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="Metrics tracking.")
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="Steps, checkpoints, evaluation.")
+    suspend: bool = Field(False, description="true stops all pods and keeps checkpoints; false resumes.")
+    backoff_limit: int = Field(3, ge=0, le=1000, description="Whole-group restarts after pod failures before Failed.")
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, description="Fail the run when it has been active this long (reset on resume from suspend)."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, description="Delete the FlowRun this long after it Succeeded or Failed."
+    )
+    max_staleness: int = Field(
+        0, ge=0, le=64,
+        description="Policy versions a sample may lag; >0 overlaps rollout with learning (corrected with TIS).",
+    )
+    grpc_auth: SecretKeyRef | None = Field(
+        None,
+        description="Secret key with the shared gRPC token; default: the operator creates <name>-grpc-token.",
+    )
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_tools(cls, tools: list[ToolSpec]) -> list[ToolSpec]:
+        seen: set[str] = set()
+        for i, tool in enumerate(tools):
+            if tool.name in seen:
+                raise field_error(f"{i}.name", f"duplicate tool {tool.name!r}; list each tool once")
+            seen.add(tool.name)
+        return tools
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> FlowRunSpec:
+        storage = self.storage
+        if storage.credentials_secret is not None and not (storage.checkpoint_uri or "").startswith("s3://"):
+            raise field_error("storage.credentialsSecret",
+                              "only used with an s3:// checkpointUri; set storage.checkpointUri to s3://bucket/prefix")
+        if storage.s3_endpoint is not None and not (storage.checkpoint_uri or "").startswith("s3://"):
+            raise field_error("storage.s3Endpoint",
+                              "only used with an s3:// checkpointUri; set storage.checkpointUri to s3://bucket/prefix")
+        if storage.volume_claim_name is not None and not (storage.checkpoint_uri or "").startswith("file:///"):
+            raise field_error("storage.volumeClaimName",
+                              "needs an absolute file:/// checkpointUri to mount the claim at")
+        if self.engine.tensor_parallel_size > 1 and self.rollout.resources.gpu < self.engine.tensor_parallel_size:
+            raise field_error("engine.tensorParallelSize",
+                              f"needs rollout.resources.gpu >= {self.engine.tensor_parallel_size}, "
+                              f"got {self.rollout.resources.gpu}")
+        return self
+
+
+# -- status --------------------------------------------------------------------------------------
+
+
+class FlowRunStatus(SpecModel):
+    """What the operator observed. Written only by the operator."""
+
+    phase: Phase | None = Field(None, description="Pending, Running, Restarting, Suspended, Succeeded or Failed.")
+    message: str | None = Field(None, description="One line on the current phase: what happens or what to fix.")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Accepted, Ready, Restarting, Suspended, Succeeded, Failed.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    observed_generation: int | None = Field(None, ge=0, description="metadata.generation the status reflects.")
+    restart_count: int = Field(0, ge=0, description="Whole-group restarts after pod failures so far.")
+    step: int | None = Field(None, ge=0, description="Training steps completed (from the learner).")
+    total_steps: int | None = Field(None, ge=0, description="Steps the run will take.")
+    policy_version: int | None = Field(None, ge=0, description="Newest policy version the learner published.")
+    reward: float | None = Field(None, description="Mean reward of the last step's trajectories.")
+    held_out_accuracy: float | None = Field(None, description="Latest held-out accuracy of the planner.")
+    baseline_accuracy: float | None = Field(None, description="Held-out accuracy of the untrained planner.")
+    best_held_out_accuracy: float | None = Field(None, description="Best held-out accuracy seen so far.")
+    last_checkpoint: str | None = Field(None, description="URI of the newest complete checkpoint.")
+    best_checkpoint: str | None = Field(
+        None, description="Newest checkpoint when the best held-out accuracy was reported."
+    )
+    mlflow_run_id: str | None = Field(None, description="MLflow run id of this training run.")
+    start_time: datetime | None = Field(None, description="When the run (last) became active.")
+    completion_time: datetime | None = Field(None, description="When the run Succeeded or Failed.")
+
+
+class FlowRun(SpecModel):
+    """A FlowRun object: ``apiVersion``, ``kind``, ``metadata``, ``spec`` and ``status``."""
+
+    api_version: Literal["flowlane.dev/v1alpha1"] = Field(
+        GROUP_VERSION, alias="apiVersion", description="flowlane.dev/v1alpha1"
+    )
+    kind: Literal["FlowRun"] = Field(KIND, description="FlowRun")
+    metadata: ObjectMeta = Field(..., description="Standard object metadata; metadata.name names the run.")
+    spec: FlowRunSpec = Field(default_factory=FlowRunSpec, description="The desired training run.")
+    status: FlowRunStatus | None = Field(None, description="Observed state, written by the operator.")
+
+    @model_validator(mode="after")
+    def _child_names_fit(self) -> FlowRun:
+        longest = max(
+            [*_CHILD_SUFFIXES, f"-rollout-{self.spec.rollout.replicas - 1}",
+             f"-sandbox-{self.spec.sandbox.replicas - 1}"],
+            key=len,
+        )
+        limit = KUBERNETES_NAME_MAX - len(longest)
+        if len(self.metadata.name) > limit:
+            raise field_error("metadata.name", f"{self.metadata.name!r} is too long: children such as "
+                              f"'{self.metadata.name}{longest}' must fit 63 characters; use at most {limit}")
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def namespace(self) -> str:
+        return self.metadata.namespace or "default"
+
+    def run_config(self) -> dict[str, Any]:
+        """The run config every component reads: this object without status, defaults filled in."""
+        data = self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"status"})
+        keep = {"name", "namespace", "labels", "annotations"}
+        data["metadata"] = {k: v for k, v in data["metadata"].items() if k in keep and v not in ({}, None)}
+        return data
+
+
+def load_flowrun(source: str | Path) -> FlowRun:
+    """Read a FlowRun from a YAML file path or YAML text.
+
+    Raises ``ConfigError`` naming every invalid field by its path, e.g.
+    ``spec.rollout.replicas: must be >= 1, got 0``.
+    """
+    return load_resource(FlowRun, source, KIND)
+
+
+def tool_secret_env(tool_name: str) -> str:
+    """Environment variable carrying a networked tool's API key in rollout workers."""
+    return "FLOWLANE_TOOL_" + re.sub(r"[^A-Z0-9]", "_", tool_name.upper()) + "_KEY"

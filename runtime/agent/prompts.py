@@ -1,0 +1,200 @@
+"""Prompts and output schemas of the four modules, as pure functions of their inputs.
+
+Kept short on purpose: the bundled planner is a 135M-parameter model, so every instruction that
+does not change its choice is noise, and the planner prompt (question, analysis, 3-5 tool cards,
+memory) must stay well under ~1500 tokens. The JSON schemas are what schema-constrained
+decoding enforces; the prompts still spell out the expected JSON so that engines which ignore
+the schema usually produce something ``parsing`` can read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from enum import StrEnum
+from typing import Any
+
+from flowlane.runtime.agent.memory import truncate
+from flowlane.runtime.engines.base import SamplingSettings
+
+Messages = list[dict[str, str]]
+
+
+class Module(StrEnum):
+    """The agent's modules; also the keys of ``Trajectory.parse_failures``."""
+
+    ANALYSIS = "query_analysis"
+    PLANNER = "planner"
+    EXECUTOR = "executor"
+    VERIFIER = "verifier"
+    GENERATOR = "generator"
+
+
+def _messages(system: str, user: str) -> Messages:
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def render_tool_card(card: Mapping[str, Any], max_value_chars: int = 160) -> str:
+    """One tool as a prompt line: ``- name: description (key: value; ...)``."""
+    name = card.get("name", "?")
+    description = truncate(str(card.get("description", "")), max_value_chars)
+    extras = []
+    for key, value in card.items():
+        if key in ("name", "description") or value in (None, "", [], {}):
+            continue
+        text = "; ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+        extras.append(f"{key.replace('_', ' ')}: {truncate(text, max_value_chars)}")
+    line = f"- {name}: {description}"
+    return line + (f" ({'; '.join(extras)})" if extras else "")
+
+
+def render_tool_cards(cards: Sequence[Mapping[str, Any]]) -> str:
+    return "\n".join(render_tool_card(card) for card in cards)
+
+
+# --------------------------------------------------------------------------------------------
+# query analysis (fixed LLM, once per trajectory)
+
+
+def query_analysis_messages(question: str, cards: Sequence[Mapping[str, Any]]) -> Messages:
+    return _messages(
+        "You analyze questions for an assistant that can use tools. Be brief.",
+        f"Question: {question}\n\nTools:\n{render_tool_cards(cards)}\n\n"
+        "In two or three sentences: what exactly is asked, what facts or computations are "
+        "needed, and which tools could help.",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# planner (the trained module)
+
+
+def planner_schema(tool_names: Sequence[str]) -> dict[str, Any]:
+    """The planner's output: why, what the tool needs to know, what to do, which tool."""
+    return {
+        "type": "object",
+        "properties": {
+            "justification": {"type": "string"},
+            "context": {"type": "string"},
+            "sub_goal": {"type": "string"},
+            "tool_name": {"type": "string", "enum": list(tool_names)},
+        },
+        "required": ["justification", "context", "sub_goal", "tool_name"],
+        "additionalProperties": False,
+    }
+
+
+def planner_messages(
+    question: str,
+    analysis: str,
+    cards: Sequence[Mapping[str, Any]],
+    memory_text: str,
+    *,
+    turn: int,
+    max_turns: int,
+) -> Messages:
+    names = ", ".join(str(card.get("name")) for card in cards)
+    return _messages(
+        "You are the planner of an assistant that answers questions with tools. Each turn you "
+        "choose ONE tool and give it one small, concrete sub-goal.",
+        f"Question: {question}\n"
+        f"Analysis: {truncate(analysis, 600) or '(none)'}\n\n"
+        f"Tools:\n{render_tool_cards(cards)}\n\n"
+        f"Steps so far:\n{memory_text}\n\n"
+        f"Turn {turn} of {max_turns}. Plan the next step. Reply with JSON only:\n"
+        '{"justification": "why this tool now", "context": "facts from earlier steps the tool '
+        'needs", "sub_goal": "one concrete task for the tool", '
+        f'"tool_name": "one of: {names}"}}',
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# executor (fixed LLM): sub-goal -> tool command
+
+
+def command_fields(input_schema: Mapping[str, Any]) -> list[str]:
+    """The property names of a tool's input schema, required ones first."""
+    properties = list(input_schema.get("properties", {}) or {})
+    required = [p for p in input_schema.get("required", []) or [] if p in properties]
+    return required + [p for p in properties if p not in required] or ["command"]
+
+
+def executor_messages(
+    question: str,
+    card: Mapping[str, Any],
+    command_instruction: str,
+    input_schema: Mapping[str, Any],
+    *,
+    sub_goal: str,
+    context: str,
+) -> Messages:
+    example = json.dumps({name: "..." for name in command_fields(input_schema)})
+    return _messages(
+        "You turn a sub-goal into one command for a tool. Reply with JSON only.",
+        f"Question: {question}\n"
+        f"Tool: {card.get('name')}: {truncate(str(card.get('description', '')), 200)}\n"
+        f"How to write the command: {command_instruction}\n"
+        f"Context: {truncate(context, 600) or '(none)'}\n"
+        f"Sub-goal: {sub_goal}\n\n"
+        f"Reply with JSON only: {example}",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# verifier (fixed LLM): STOP or CONTINUE
+
+VERIFIER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "reason": {"type": "string"},
+        "conclusion": {"type": "string", "enum": ["STOP", "CONTINUE"]},
+    },
+    "required": ["reason", "conclusion"],
+    "additionalProperties": False,
+}
+
+
+def verifier_messages(question: str, analysis: str, memory_text: str) -> Messages:
+    return _messages(
+        "You check whether the steps taken so far are enough to answer a question.",
+        f"Question: {question}\n"
+        f"Analysis: {truncate(analysis, 400) or '(none)'}\n\n"
+        f"Steps so far:\n{memory_text}\n\n"
+        "If the results above contain what is needed to answer the question, the conclusion is "
+        "STOP; if more steps are needed, it is CONTINUE. Reply with JSON only:\n"
+        '{"reason": "one sentence", "conclusion": "STOP or CONTINUE"}',
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# solution generator (fixed LLM)
+
+
+def generator_messages(question: str, memory_text: str) -> Messages:
+    return _messages(
+        "You answer questions using the results of the steps an assistant took.",
+        f"Question: {question}\n\n"
+        f"Steps and results:\n{memory_text}\n\n"
+        "Answer the question using these results. Be concise and end with the final answer.",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# sampling settings per request
+
+
+def request_settings(
+    base: SamplingSettings, *, schema: dict[str, Any] | None, structured: bool, seed: int | None
+) -> SamplingSettings:
+    """``base`` with the output schema (when the engine enforces schemas) and a per-call seed."""
+    return dataclasses.replace(base, json_schema=schema if structured else None,
+                               seed=seed if seed is not None else base.seed)
+
+
+def call_seed(trajectory_seed: int | None, module: Module, turn: int) -> int | None:
+    """A distinct, reproducible seed for each module call of a seeded trajectory."""
+    if trajectory_seed is None:
+        return None
+    offset = list(Module).index(module)
+    return (trajectory_seed * 1009 + turn * 17 + offset) % (2**31 - 1)

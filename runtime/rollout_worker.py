@@ -1,0 +1,169 @@
+"""A rollout worker: the FlowRun component that turns questions into scored trajectories.
+
+It holds one inference engine (vLLM by default) with the current planner weights and loops:
+ask the learner for work, bring its engine to the policy version the work must be sampled with
+(pulling the weights as a chunked gRPC stream and loading them into the running engine, no
+restart), run the agent on every assigned unit concurrently so the engine batches them, score
+each answer, and stream the trajectories back. Tool code runs in the sandbox servers over gRPC
+when their addresses are given (the FlowRun graph), in a local sandbox otherwise.
+
+The worker keeps no state worth saving: if it dies, the learner hands its units to another
+worker (or to its own restarted process) and a unit is counted once, whoever fills it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import typer
+
+log = logging.getLogger("flowlane.rollout")
+
+
+@dataclass
+class WorkerStats:
+    trajectories: int = 0
+    weight_syncs: int = 0
+    weight_sync_s: float = 0.0
+    weight_bytes: int = 0
+
+
+class RolloutWorker:
+    def __init__(self, flowrun: Any, learner_address: str, sandbox_addresses: list[str],
+                 worker_id: str, token: str | None) -> None:
+        self.flowrun = flowrun
+        self.spec = flowrun.spec
+        self.learner_address = learner_address
+        self.sandbox_addresses = sandbox_addresses
+        # A new incarnation id per process start: the learner releases the leases of an old one.
+        self.worker_id = f"{worker_id}/{uuid.uuid4().hex[:8]}"
+        self.token = token
+        self.stats = WorkerStats()
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        from flowlane.api import learner_pb2, learner_pb2_grpc
+        from flowlane.runtime.agent.agent import Agent, AgentConfig
+        from flowlane.runtime.engines.base import SamplingSettings
+        from flowlane.runtime.engines.factory import create_engine
+        from flowlane.runtime.grpc_common import open_channel
+        from flowlane.runtime.tools.registry import build_tools
+
+        spec = self.spec
+        algo = spec.algorithm
+        engine = create_engine(spec.engine.kind.value, spec.model.planner,
+                               max_model_len=spec.engine.max_model_len, seed=algo.seed)
+        runner = self._code_runner()
+        tools = build_tools([t.name for t in spec.tools], engine=engine, code_runner=runner)
+        planner = SamplingSettings(max_tokens=algo.max_planner_tokens, temperature=algo.temperature)
+        train_cfg = AgentConfig.for_training(max_turns=algo.max_turns, planner=planner)
+        eval_cfg = replace(train_cfg, max_turns=spec.schedule.eval_max_turns,
+                           planner=SamplingSettings(max_tokens=algo.max_planner_tokens, temperature=0.0))
+        agents = {False: Agent(engine, engine, tools, train_cfg), True: Agent(engine, engine, tools, eval_cfg)}
+        channel = open_channel(self.learner_address, self.token)
+        stub = learner_pb2_grpc.LearnerStub(channel)
+        log.info("worker %s ready (engine %s, tools %s)", self.worker_id, engine.name, [t.name for t in tools])
+        try:
+            while not self._stopping.is_set():
+                batch = await stub.GetTasks(learner_pb2.TaskRequest(worker_id=self.worker_id, max_tasks=0))
+                if batch.done:
+                    log.info("learner reports the run is done; exiting")
+                    return
+                if not batch.tasks:
+                    await asyncio.sleep(0.2)
+                    continue
+                if batch.policy_version > engine.policy_version:
+                    await self._sync_weights(stub, engine, batch.policy_version)
+                records = await self._roll_out(agents, batch.tasks, engine.policy_version)
+                await self._submit(stub, records)
+        finally:
+            await channel.close()
+            for tool in tools:
+                await tool.close()
+            await engine.close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _code_runner(self) -> Any:
+        if self.sandbox_addresses:
+            from flowlane.runtime.sandbox_server import RemoteCodeRunner
+
+            index = abs(hash(self.worker_id)) % len(self.sandbox_addresses)
+            return RemoteCodeRunner(self.sandbox_addresses[index], self.token)
+        from flowlane.runtime.sandbox import LocalCodeRunner
+
+        return LocalCodeRunner()
+
+    async def _sync_weights(self, stub: Any, engine: Any, version: int) -> None:
+        from flowlane.api import learner_pb2
+        from flowlane.runtime.grpc_common import assemble_weights_async
+
+        started = time.perf_counter()
+        stream = stub.GetWeights(learner_pb2.WeightsRequest(min_version=version))
+        got_version, tensors = await assemble_weights_async(stream)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        await engine.load_weights(tensors.items(), got_version)
+        took = time.perf_counter() - started
+        self.stats.weight_syncs += 1
+        self.stats.weight_sync_s += took
+        self.stats.weight_bytes += nbytes
+        log.info("loaded policy version %d (%.1f MB in %.2f s, %.1f MB/s)", got_version, nbytes / 1e6, took,
+                 nbytes / 1e6 / max(took, 1e-9))
+
+    async def _roll_out(self, agents: dict[bool, Any], tasks: Any, version: int) -> list[Any]:
+        from flowlane.runtime.grpc_common import trajectory_to_record
+        from flowlane.runtime.rewards import score
+
+        async def one(task: Any) -> Any:
+            agent = agents[bool(task.eval)]
+            traj = await agent.run(task.question, question_id=task.question_id, gold_answer=task.answer,
+                                   seed=int(task.seed))
+            traj.reward = score(task.reward_kind, traj.answer, task)
+            return trajectory_to_record(traj, task.unit_id, self.worker_id)
+
+        records = list(await asyncio.gather(*(one(t) for t in tasks)))
+        self.stats.trajectories += len(records)
+        return records
+
+    async def _submit(self, stub: Any, records: list[Any]) -> None:
+        from flowlane.runtime.grpc_common import iter_trajectory_chunks
+
+        async def chunks() -> Any:
+            for chunk in iter_trajectory_chunks(records):
+                yield chunk
+
+        ack = await stub.SubmitTrajectories(chunks())
+        if ack.rejected:
+            log.warning("learner rejected %d trajectories: %s", ack.rejected, "; ".join(ack.reasons[:3]))
+
+
+async def _main(config: Path, learner: str, sandboxes: list[str], worker_id: str) -> None:
+    from flowlane.api.flowrun import load_flowrun
+    from flowlane.runtime.grpc_common import resolve_token
+
+    worker = RolloutWorker(load_flowrun(config), learner, sandboxes, worker_id, resolve_token())
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    await worker.run()
+
+
+def rollout(
+    config: Path = typer.Option(..., "--config", help="The rendered FlowRun (run config YAML)."),
+    learner: str = typer.Option(..., "--learner", help="Learner gRPC address host:port."),
+    sandbox: list[str] = typer.Option([], "--sandbox", help="Sandbox gRPC address; repeat for several."),  # noqa: B008
+    worker_id: str = typer.Option(os.environ.get("HOSTNAME", "rollout"), "--worker-id",
+                                  help="Stable name of this worker (its pod or component name)."),
+) -> None:
+    """Run a rollout worker until the learner says the run is done."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(_main(config, learner, sandbox, worker_id))

@@ -1,0 +1,324 @@
+"""The AgentFlow agent loop.
+
+Two kinds of tests:
+- with the REAL bundled model through the session vLLM engine (``vllm_engine``) and the real
+  tools: a full trajectory with a tool call and its training record, and the budgets;
+- with ``ScriptedControlFlowEngine``, a fake engine that replies from a script, ONLY for control
+  flow that a real model cannot be made to hit on demand (verifier STOP vs CONTINUE, garbage
+  output for parse-failure counting, slow tools, concurrency).
+And the ``solve`` command's bad-input errors through typer's CliRunner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from flowlane.runtime.agent.agent import Agent, AgentConfig, AgentRequest, EventKind
+from flowlane.runtime.agent.commands import solve
+from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings
+from flowlane.runtime.errors import ConfigError
+from flowlane.runtime.tools.base import Tool, ToolResult
+from flowlane.runtime.trajectory import StopReason, Trajectory, Verdict
+
+# ============================================================================ scripted control flow
+
+PLAN_JSON = '{"justification": "j", "context": "c", "sub_goal": "compute 6*7", "tool_name": "%s"}'
+
+
+def module_of(messages: list[dict[str, str]]) -> str:
+    """Which agent module sent ``messages``, from its system prompt."""
+    system = messages[0]["content"]
+    for key, module in (("analyze", "analysis"), ("planner", "planner"), ("command", "executor"),
+                        ("check whether", "verifier"), ("answer questions", "generator")):
+        if key in system:
+            return module
+    raise AssertionError(f"unknown module prompt: {system!r}")
+
+
+class ScriptedControlFlowEngine(LLMEngine):
+    """A fake engine for control-flow tests only: ``script[module]`` gives each reply's text.
+
+    Token ids are the reply's characters' code points, log-probs -0.5 each, so tests can check
+    that the planner turn holds exactly what the engine returned.
+    """
+
+    name = "scripted"
+    supports_structured_output = True
+
+    def __init__(self, script: dict[str, Callable[[int], str]], delay_s: float = 0.0) -> None:
+        super().__init__()
+        self.script = script
+        self.delay_s = delay_s
+        self.calls: dict[str, int] = {}
+        self.settings_seen: dict[str, list[SamplingSettings]] = {}
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    async def chat(self, messages: list[dict[str, str]], settings: SamplingSettings) -> Generation:
+        module = module_of(messages)
+        n = self.calls.get(module, 0)
+        self.calls[module] = n + 1
+        self.settings_seen.setdefault(module, []).append(settings)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.delay_s)
+        finally:
+            self.in_flight -= 1
+        text = self.script.get(module, lambda i: "ok")(n)
+        ids = [ord(c) for c in text]
+        return Generation(prompt_ids=[1, 2, 3, n], token_ids=ids, logprobs=[-0.5] * len(ids), text=text,
+                          policy_version=self.policy_version)
+
+
+class RecordingTool(Tool):
+    """A fake tool that records its commands and answers after ``delay_s``."""
+
+    def __init__(self, name: str = "python", *, delay_s: float = 0.0, needs_command: bool = True,
+                 fail: BaseException | None = None) -> None:
+        self.name = name
+        self.description = f"{name} tool"
+        self.needs_command = needs_command
+        self.delay_s = delay_s
+        self.fail = fail
+        self.commands: list[str] = []
+
+    async def execute(self, command: str) -> ToolResult:
+        self.commands.append(command)
+        await asyncio.sleep(self.delay_s)
+        if self.fail is not None:
+            raise self.fail
+        return ToolResult(output=f"ran {command}")
+
+
+def scripted(verdicts: str = "CONTINUE", tool: str = "python", **overrides: Callable[[int], str]
+             ) -> ScriptedControlFlowEngine:
+    script: dict[str, Callable[[int], str]] = {
+        "analysis": lambda i: "Needs arithmetic.",
+        "planner": lambda i: PLAN_JSON % tool,
+        "executor": lambda i: '{"command": "print(6*7)"}',
+        "verifier": lambda i: '{"reason": "r", "conclusion": "%s"}' % verdicts.split(",")[min(i, verdicts.count(","))],
+        "generator": lambda i: "42",
+    }
+    script.update(overrides)
+    return ScriptedControlFlowEngine(script)
+
+
+async def test_turn_budget_stops_after_max_turns_and_still_answers() -> None:
+    engine = scripted("CONTINUE")
+    agent = Agent(engine, engine, [RecordingTool()], AgentConfig(max_turns=3))
+    traj = await agent.run("What is 6*7?")
+    assert traj.stop_reason is StopReason.TURN_BUDGET
+    assert [s.turn for s in traj.steps] == [1, 2, 3]
+    assert len(traj.planner_turns) == 3
+    assert engine.calls["verifier"] == 2  # not asked at the last turn: it could not change anything
+    assert traj.steps[-1].verdict is Verdict.STOP
+    assert traj.answer == "42"
+
+
+async def test_verifier_stop_ends_the_loop() -> None:
+    engine = scripted("CONTINUE,STOP")
+    agent = Agent(engine, engine, [RecordingTool()], AgentConfig(max_turns=10))
+    traj = await agent.run("What is 6*7?")
+    assert traj.stop_reason is StopReason.VERIFIER_STOP
+    assert [s.verdict for s in traj.steps] == [Verdict.CONTINUE, Verdict.STOP]
+    assert traj.steps[1].verifier_reason == "r"
+
+
+async def test_time_budget_cuts_a_slow_tool_and_still_answers() -> None:
+    engine = scripted("CONTINUE")
+    tool = RecordingTool(delay_s=30)
+    agent = Agent(engine, engine, [tool], AgentConfig(max_turns=10, max_time_s=0.5, tool_timeout_s=20))
+    started = time.monotonic()
+    traj = await agent.run("What is 6*7?")
+    assert time.monotonic() - started < 3
+    assert traj.stop_reason is StopReason.TIME_BUDGET
+    assert len(traj.steps) == 1
+    assert traj.steps[0].tool_ok is False
+    assert traj.steps[0].result.startswith("[timeout]")
+    assert traj.tool_errors == {"python": 1}
+    assert traj.answer == "42"
+
+
+async def test_time_budget_cuts_a_slow_engine_call() -> None:
+    engine = scripted("CONTINUE")
+    engine.delay_s = 0.3
+    agent = Agent(engine, engine, [RecordingTool()], AgentConfig(max_turns=10, max_time_s=1.0))
+    traj = await agent.run("What is 6*7?")
+    assert traj.stop_reason is StopReason.TIME_BUDGET
+    assert 1 <= len(traj.steps) <= 2
+    assert traj.answer == "42"
+
+
+async def test_tool_timeout_is_a_tool_error_not_a_stop() -> None:
+    engine = scripted("CONTINUE,STOP")
+    agent = Agent(engine, engine, [RecordingTool(delay_s=5)], AgentConfig(tool_timeout_s=0.1))
+    traj = await agent.run("What is 6*7?")
+    assert traj.stop_reason is StopReason.VERIFIER_STOP
+    assert traj.tool_calls == {"python": 2}
+    assert traj.tool_errors == {"python": 2}
+
+
+async def test_parse_failures_are_counted_per_module_and_mark_planner_turns() -> None:
+    engine = scripted(
+        "CONTINUE",
+        planner=lambda i: ["Sub-Goal: compute\nTool Name: python", PLAN_JSON % "python", "garbage"][i],
+        verifier=lambda i: ["hmm", '{"reason": "r", "conclusion": "CONTINUE"}'][i],
+        executor=lambda i: "print(1)",
+    )
+    agent = Agent(engine, engine, [RecordingTool()], AgentConfig(max_turns=3))
+    traj = await agent.run("What is 6*7?")
+    assert [t.parsed for t in traj.planner_turns] == [False, True, False]
+    assert traj.parse_failures == {"planner": 2, "verifier": 1, "executor": 3}
+
+
+async def test_planner_turn_holds_the_engine_lists_exactly() -> None:
+    engine = scripted("STOP")
+    engine.policy_version = 7
+    agent = Agent(engine, engine, [RecordingTool()], AgentConfig())
+    traj = await agent.run("What is 6*7?")
+    (turn,) = traj.planner_turns
+    text = PLAN_JSON % "python"
+    assert turn.response_ids == [ord(c) for c in text]
+    assert turn.logprobs == [-0.5] * len(text)
+    assert turn.prompt_ids == [1, 2, 3, 0]
+    assert (turn.policy_version, turn.text, turn.parsed) == (7, text, True)
+
+
+async def test_planner_and_fixed_modules_use_their_own_engines() -> None:
+    planner_engine = scripted("STOP")
+    fixed_engine = scripted("STOP")
+    agent = Agent(planner_engine, fixed_engine, [RecordingTool()], AgentConfig())
+    await agent.run("What is 6*7?")
+    assert planner_engine.calls == {"planner": 1}
+    assert fixed_engine.calls == {"analysis": 1, "executor": 1, "verifier": 1, "generator": 1}
+
+
+async def test_structured_output_schemas_are_requested() -> None:
+    engine = scripted("STOP", tool="search")
+    agent = Agent(engine, engine, [RecordingTool("python"), RecordingTool("search")], AgentConfig())
+    await agent.run("Who wrote Hamlet?")
+    planner_schema = engine.settings_seen["planner"][0].json_schema
+    assert planner_schema is not None and planner_schema["properties"]["tool_name"]["enum"] == ["python", "search"]
+    verifier_schema = engine.settings_seen["verifier"][0].json_schema
+    assert verifier_schema is not None and verifier_schema["properties"]["conclusion"]["enum"] == ["STOP", "CONTINUE"]
+    assert engine.settings_seen["generator"][0].json_schema is None
+
+
+async def test_no_schema_is_sent_to_an_engine_without_structured_output() -> None:
+    engine = scripted("STOP")
+    engine.supports_structured_output = False
+    agent = Agent(engine, engine, [RecordingTool()], AgentConfig())
+    await agent.run("What is 6*7?")
+    assert all(s.json_schema is None for seen in engine.settings_seen.values() for s in seen)
+
+
+async def test_tool_without_command_gets_the_sub_goal_and_no_executor_call() -> None:
+    engine = scripted("STOP")
+    tool = RecordingTool(needs_command=False)
+    agent = Agent(engine, engine, [tool], AgentConfig())
+    traj = await agent.run("What is 6*7?")
+    assert tool.commands == ["compute 6*7"]
+    assert "executor" not in engine.calls
+    assert traj.steps[0].command == "compute 6*7"
+
+
+async def test_tool_exception_becomes_a_recorded_tool_error() -> None:
+    engine = scripted("STOP")
+    agent = Agent(engine, engine, [RecordingTool(fail=RuntimeError("boom"))], AgentConfig())
+    traj = await agent.run("What is 6*7?")
+    assert traj.steps[0].tool_ok is False
+    assert traj.steps[0].result == "[RuntimeError] tool 'python' failed: RuntimeError: boom"
+    assert (traj.tool_calls, traj.tool_errors) == ({"python": 1}, {"python": 1})
+
+
+async def test_seeded_run_sends_distinct_seeds_per_call() -> None:
+    engine = scripted("CONTINUE")
+    agent = Agent(engine, engine, [RecordingTool()], AgentConfig(max_turns=2))
+    await agent.run("What is 6*7?", seed=5)
+    seeds = [s.seed for seen in engine.settings_seen.values() for s in seen]
+    assert None not in seeds
+    assert len(set(seeds)) == len(seeds)
+
+
+async def test_generated_tokens_count_every_module() -> None:
+    engine = scripted("STOP")
+    agent = Agent(engine, engine, [RecordingTool()], AgentConfig())
+    traj = await agent.run("What is 6*7?")
+    expected = sum(map(len, ["Needs arithmetic.", PLAN_JSON % "python", '{"command": "print(6*7)"}',
+                             '{"reason": "r", "conclusion": "STOP"}', "42"]))
+    assert traj.generated_tokens == expected
+
+
+async def test_events_arrive_in_loop_order() -> None:
+    engine = scripted("STOP")
+    agent = Agent(engine, engine, [RecordingTool()], AgentConfig())
+    seen: list[EventKind] = []
+    await agent.run("What is 6*7?", on_event=lambda kind, traj, step: seen.append(kind))
+    assert seen == [EventKind.ANALYSIS, EventKind.PLAN, EventKind.COMMAND, EventKind.RESULT,
+                    EventKind.VERDICT, EventKind.ANSWER]
+
+
+async def test_run_many_overlaps_trajectories_up_to_the_bound_and_keeps_order() -> None:
+    engine = scripted("STOP")
+    engine.delay_s = 0.05
+    agent = Agent(engine, engine, [RecordingTool()], AgentConfig())
+    trajs = await agent.run_many([AgentRequest(f"q{i}", question_id=str(i)) for i in range(6)], concurrency=3)
+    assert [t.question_id for t in trajs] == [str(i) for i in range(6)]
+    assert engine.max_in_flight == 3
+
+
+async def test_empty_question_is_a_config_error() -> None:
+    engine = scripted()
+    agent = Agent(engine, engine, [RecordingTool()])
+    with pytest.raises(ConfigError, match="question is empty"):
+        await agent.run("   ")
+
+
+def test_duplicate_tool_names_are_a_config_error() -> None:
+    engine = scripted()
+    with pytest.raises(ConfigError, match=r"duplicate tool names \['python'\]"):
+        Agent(engine, engine, [RecordingTool(), RecordingTool()])
+
+
+def test_trajectory_json_round_trips() -> None:
+    engine = scripted("CONTINUE")
+    agent = Agent(engine, engine, [RecordingTool()], AgentConfig(max_turns=2))
+    traj = asyncio.run(agent.run("What is 6*7?"))
+    assert Trajectory.from_dict(json.loads(json.dumps(traj.to_dict()))) == traj
+
+
+# ============================================================================ CLI bad input
+
+
+def _cli() -> typer.Typer:
+    app = typer.Typer()
+    app.command()(solve)
+    return app
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["  "], "error: the question is empty"),
+        (["What is 2+2?", "--tools", "python,calculator"], "calculator"),
+        (["What is 2+2?", "--tools", " , "], "error: no tools given"),
+        (["What is 2+2?", "--engine", "tpu"], "tpu"),
+        (["What is 2+2?", "--model", "/nonexistent/model-dir"], "/nonexistent/model-dir"),
+        (["What is 2+2?", "--max-turns", "0"], "max_turns"),
+    ],
+    ids=["empty-question", "unknown-tool", "no-tools", "bad-engine", "missing-model", "zero-turns"],
+)
+def test_solve_bad_input_is_a_one_line_error_with_exit_code_2(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(_cli(), args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert "Traceback" not in result.output

@@ -1,0 +1,105 @@
+"""The step coordinator: leases, duplicates, staleness and the resumable cursor."""
+
+from dataclasses import dataclass
+
+import pytest
+
+from flowlane.trainer.coordinator import StepCoordinator, SubmitOutcome
+
+
+@dataclass(frozen=True)
+class T:
+    id: str
+
+
+TASKS = [T(f"q{i}") for i in range(5)]
+
+
+def make(**kw):
+    args = {"questions_per_step": 2, "group_size": 3, "seed": 7, "lease_timeout_s": 10.0} | kw
+    return StepCoordinator(TASKS, **args)
+
+
+def test_a_step_is_questions_times_group_size_units():
+    coord = make()
+    units = coord.lease("w0", 100, now=0.0)
+    assert len(units) == 6
+    assert len({u.question_id for u, _ in units}) == 2
+    assert sorted(u.sample for u, _ in units) == [0, 0, 1, 1, 2, 2]
+
+
+def test_leased_units_are_not_handed_out_twice_until_the_lease_expires():
+    coord = make()
+    first = coord.lease("w0", 4, now=0.0)
+    second = coord.lease("w1", 100, now=1.0)
+    assert {u.key for u, _ in first}.isdisjoint({u.key for u, _ in second})
+    assert len(second) == 2
+    assert coord.lease("w2", 100, now=5.0) == []
+    expired = coord.lease("w2", 100, now=11.0)
+    assert {u.key for u, _ in expired} == {u.key for u, _ in first + second}
+
+
+def test_a_restarted_worker_releases_its_leases():
+    coord = make()
+    held = coord.lease("w0", 3, now=0.0)
+    assert coord.register_worker("w0") == 3
+    again = coord.lease("w1", 3, now=0.1)
+    assert [u.key for u, _ in again] == [u.key for u, _ in held]
+
+
+def test_a_trajectory_is_counted_once():
+    coord = make()
+    (unit, _), *_ = coord.lease("w0", 1, now=0.0)
+    assert coord.submit(unit.key, "a", policy_version=0) is SubmitOutcome.ACCEPTED
+    assert coord.submit(unit.key, "b", policy_version=0) is SubmitOutcome.DUPLICATE
+    assert coord.progress() == (1, 6)
+
+
+def test_the_step_completes_with_payloads_in_unit_order():
+    coord = make()
+    units = coord.lease("w0", 100, now=0.0)
+    for unit, _ in reversed(units):
+        coord.submit(unit.key, unit.key, policy_version=0)
+    assert coord.step_ready()
+    index, payloads = coord.take_step()
+    assert index == 0
+    assert payloads == [u.key for u, _ in units]
+    assert coord.learned_step == 1
+    assert coord.submit(units[0][0].key, "late", policy_version=0) is SubmitOutcome.DUPLICATE
+
+
+def test_stale_trajectories_are_rejected_and_their_unit_reissued():
+    coord = make(max_staleness=1)
+    coord.policy_version = 3
+    (unit, _), *_ = coord.lease("w0", 1, now=0.0)
+    assert coord.submit(unit.key, "old", policy_version=1) is SubmitOutcome.STALE
+    assert coord.submit(unit.key, "ok", policy_version=2) is SubmitOutcome.ACCEPTED
+
+
+def test_async_mode_leases_the_next_step_ahead():
+    coord = make(max_staleness=1)
+    units = coord.lease("w0", 100, now=0.0)
+    assert {u.step for u, _ in units} == {0, 1}
+    assert len(units) == 12
+
+
+def test_unknown_units_are_reported():
+    coord = make()
+    assert coord.submit("9:nope:0", "x", policy_version=0) is SubmitOutcome.UNKNOWN
+    assert coord.submit("garbage", "x", policy_version=0) is SubmitOutcome.UNKNOWN
+
+
+@pytest.mark.parametrize("steps_done", [0, 1, 2, 3])
+def test_resume_draws_the_same_questions(steps_done):
+    straight = make()
+    resumed = make()
+    for _ in range(steps_done):
+        for coord in (straight, resumed):
+            for unit, _ in coord.lease("w", 100, now=0.0):
+                coord.submit(unit.key, unit.key, 0)
+            coord.take_step()
+    resumed.lease("w", 2, now=0.0)  # a step in flight when the checkpoint is taken
+    restored = make()
+    restored.load_state_dict(resumed.state_dict())
+    expected = [u.key for u, _ in straight.lease("w", 100, now=0.0)]
+    assert [u.key for u, _ in restored.lease("w", 100, now=0.0)] == expected

@@ -1,0 +1,274 @@
+"""The code sandbox: every limit holds, each isolation layer holds on its own, the caller survives.
+
+These run real subprocesses under the real kernel limits. The machine this runs on (Linux, root)
+supports every isolation layer; the first test fails loudly where one cannot be enforced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from flowlane.runtime.errors import ConfigError
+from flowlane.runtime.sandbox import (
+    CodeRunner,
+    Isolation,
+    IsolationLayer,
+    LocalCodeRunner,
+    SandboxErrorKind,
+    SandboxLimits,
+    SandboxResult,
+    probe_isolation,
+    run_python,
+)
+
+FAST = SandboxLimits(cpu_time_s=2, wall_time_s=10)
+
+
+def processes_of_uid(uid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                status = (entry / "status").read_text()
+            except OSError:
+                continue
+            fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+            if fields["Uid"].split()[0] == str(uid) and not fields["State"].strip().startswith("Z"):
+                pids.append(int(entry.name))
+    return pids
+
+
+async def test_every_isolation_layer_is_enforced_on_this_machine() -> None:
+    assert set(await probe_isolation()) == set(IsolationLayer)
+
+
+async def test_normal_code_prints_its_result() -> None:
+    result = await run_python("print(6 * 7)", FAST)
+    assert (result.ok, result.exit_code, result.error_kind, result.stdout) == (True, 0, None, "42\n")
+    assert not result.truncated
+
+
+async def test_exception_is_an_error_whose_traceback_shows_only_the_code() -> None:
+    result = await run_python("def f():\n    return 1 / 0\nf()", FAST)
+    assert (result.ok, result.error_kind, result.exit_code) == (False, SandboxErrorKind.ERROR, 1)
+    assert result.message == "error: exit code 1: ZeroDivisionError: division by zero"
+    assert 'File "<code>", line 2, in f' in result.stderr
+    assert "return 1 / 0" in result.stderr
+    assert "sandbox.py" not in result.stderr
+
+
+async def test_infinite_loop_is_stopped_by_the_cpu_limit() -> None:
+    result = await run_python("while True:\n    pass", SandboxLimits(cpu_time_s=1, wall_time_s=30))
+    assert result.error_kind is SandboxErrorKind.CPU_LIMIT
+    assert result.duration_s < 10
+
+
+async def test_sleeping_code_is_stopped_by_the_wall_clock() -> None:
+    result = await run_python("import time\ntime.sleep(60)", SandboxLimits(wall_time_s=1))
+    assert result.error_kind is SandboxErrorKind.TIMEOUT
+    assert result.message == "timeout: wall-clock limit of 1s"
+    assert result.duration_s < 5
+
+
+async def test_output_printed_before_the_deadline_is_kept() -> None:
+    result = await run_python("import time\nprint('started')\ntime.sleep(60)", SandboxLimits(wall_time_s=1))
+    assert (result.error_kind, result.stdout) == (SandboxErrorKind.TIMEOUT, "started\n")
+
+
+async def test_memory_hog_hits_the_memory_limit() -> None:
+    code = "chunks = []\nwhile True:\n    chunks.append(bytearray(10_000_000))"
+    result = await run_python(code, SandboxLimits(memory_bytes=256 * 1024 * 1024))
+    assert result.error_kind is SandboxErrorKind.MEMORY_LIMIT
+    assert result.message == "memory_limit: memory limit of 256 MiB"
+
+
+async def test_fork_bomb_hits_the_process_limit_and_leaves_no_process() -> None:
+    result = await run_python("import os\nwhile True:\n    os.fork()", SandboxLimits(max_processes=16))
+    assert result.error_kind is SandboxErrorKind.PROCESS_LIMIT
+    assert result.sandbox_uid is not None
+    assert processes_of_uid(result.sandbox_uid) == []
+
+
+async def test_fork_bomb_that_ignores_failures_is_killed_at_the_deadline_with_all_its_processes() -> None:
+    code = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
+    result = await run_python(code, SandboxLimits(max_processes=16, wall_time_s=2))
+    assert result.error_kind is SandboxErrorKind.TIMEOUT
+    assert result.details["leftover_processes_killed"] > 0
+    assert processes_of_uid(result.sandbox_uid or -1) == []
+
+
+async def test_process_that_leaves_the_process_group_is_still_killed() -> None:
+    code = (
+        "import os, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    time.sleep(60)\n"
+        "print('parent done')"
+    )
+    result = await run_python(code, FAST)
+    assert (result.ok, result.stdout) == (True, "parent done\n")
+    assert result.duration_s < 5
+    assert processes_of_uid(result.sandbox_uid or -1) == []
+
+
+async def test_thread_creation_is_bounded_by_the_process_limit() -> None:
+    code = (
+        "import threading, time\n"
+        "for _ in range(100):\n"
+        "    threading.Thread(target=time.sleep, args=(5,), daemon=True).start()"
+    )
+    result = await run_python(code, SandboxLimits(max_processes=8))
+    assert result.error_kind is SandboxErrorKind.PROCESS_LIMIT
+
+
+async def test_writing_a_file_over_the_size_limit_fails() -> None:
+    code = "with open('big.bin', 'wb') as f:\n    f.write(b'x' * 2_000_000)"
+    result = await run_python(code, SandboxLimits(max_file_bytes=1_000_000))
+    assert result.error_kind is SandboxErrorKind.FILE_LIMIT
+
+
+async def test_writing_outside_the_scratch_directory_is_blocked() -> None:
+    target = Path("/tmp") / f"flowlane-escape-{uuid.uuid4().hex}"
+    result = await run_python(f"open({str(target)!r}, 'w').write('x')", FAST)
+    assert result.error_kind is SandboxErrorKind.BLOCKED
+    assert "outside the scratch directory" in result.message
+    assert not target.exists()
+
+
+async def test_without_the_audit_hook_writes_to_shared_tmp_never_reach_the_host() -> None:
+    target = Path("/tmp") / f"flowlane-escape-{uuid.uuid4().hex}"
+    code = f"open({str(target)!r}, 'w').write('x')\nprint(open({str(target)!r}).read())"
+    result = await run_python(code, FAST, isolation=Isolation(audit_hook=False))
+    assert (result.ok, result.stdout) == (True, "x\n")  # it wrote to the run's private tmpfs
+    assert not target.exists()
+
+
+async def test_without_the_audit_hook_root_owned_directories_are_not_writable(tmp_path: Path) -> None:
+    target = tmp_path / "escape.txt"
+    result = await run_python(f"open({str(target)!r}, 'w')", FAST, isolation=Isolation(audit_hook=False))
+    assert result.error_kind is SandboxErrorKind.ERROR
+    assert "PermissionError" in result.message
+    assert not target.exists()
+
+
+async def test_files_inside_the_scratch_directory_can_be_written_and_read() -> None:
+    code = "import os\nos.mkdir('d')\nopen('d/a.txt', 'w').write('hello')\nprint(open('d/a.txt').read())"
+    result = await run_python(code, FAST)
+    assert (result.ok, result.stdout) == (True, "hello\n")
+
+
+async def test_scratch_directory_is_the_cwd_and_is_deleted_afterwards(tmp_path: Path) -> None:
+    result = await run_python("import os\nprint(os.getcwd())", FAST, scratch_root=tmp_path)
+    scratch = Path(result.stdout.strip())
+    assert scratch.parent == tmp_path.resolve()
+    assert not scratch.exists()
+
+
+async def test_opening_a_socket_is_blocked() -> None:
+    result = await run_python("import socket\nsocket.socket()", FAST)
+    assert result.error_kind is SandboxErrorKind.BLOCKED
+    assert result.message.endswith("networking is not allowed (the code runs offline, in its scratch dir)")
+
+
+async def test_without_the_audit_hook_the_network_namespace_still_reaches_nothing() -> None:
+    connections = 0
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        writer.close()
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        code = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)"
+        result = await run_python(code, FAST, isolation=Isolation(audit_hook=False))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert result.error_kind is SandboxErrorKind.ERROR
+    assert "Network is unreachable" in result.message
+    assert connections == 0
+
+
+async def test_huge_output_is_truncated_while_reading() -> None:
+    code = "import sys\nfor _ in range(500):\n    sys.stdout.write('x' * 100_000)\nprint('done', file=sys.stderr)"
+    result = await run_python(code, SandboxLimits(max_output_bytes=10_000))
+    assert (result.ok, result.truncated) == (True, True)
+    assert result.stdout == "x" * 10_000
+    assert result.stderr == "done\n"
+
+
+async def test_starting_a_process_is_blocked() -> None:
+    result = await run_python("import os\nos.system('true')", FAST)
+    assert result.error_kind is SandboxErrorKind.BLOCKED
+    assert "os.system is not allowed" in result.message
+
+
+async def test_calling_native_code_through_ctypes_is_blocked() -> None:
+    result = await run_python("import ctypes\nctypes.CDLL(None).getpid()", FAST)
+    assert result.error_kind is SandboxErrorKind.BLOCKED
+
+
+async def test_code_cannot_kill_its_caller() -> None:
+    result = await run_python("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)", FAST)
+    assert result.error_kind is SandboxErrorKind.ERROR
+    assert "PermissionError" in result.message
+
+
+async def test_code_runs_as_an_unprivileged_uid_without_capabilities() -> None:
+    code = (
+        "import os\n"
+        "caps = [l for l in open('/proc/self/status') if l.startswith('CapEff')][0].split()[1]\n"
+        "print(os.getuid(), os.getgid(), os.getgroups(), caps)"
+    )
+    result = await run_python(code, FAST)
+    uid = result.sandbox_uid
+    assert uid is not None and uid != 0
+    assert result.stdout == f"{uid} {uid} [] 0000000000000000\n"
+
+
+async def test_caller_environment_is_not_inherited(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLOWLANE_TEST_SECRET", "hunter2")
+    result = await run_python("import os\nprint(os.environ.get('FLOWLANE_TEST_SECRET'))", FAST)
+    assert result.stdout == "None\n"
+
+
+async def test_scientific_libraries_import_inside_the_sandbox() -> None:
+    result = await run_python("import numpy\nprint(int(numpy.arange(5).sum()))", SandboxLimits(wall_time_s=30))
+    assert (result.ok, result.stdout) == (True, "10\n")
+
+
+async def test_concurrent_runs_get_distinct_uids() -> None:
+    results = await asyncio.gather(*(run_python("import os\nprint(os.getuid())", FAST) for _ in range(3)))
+    assert len({r.stdout for r in results}) == 3
+
+
+async def test_local_code_runner_implements_the_code_runner_protocol() -> None:
+    runner = LocalCodeRunner(FAST)
+    assert isinstance(runner, CodeRunner)
+    result = await runner.run("print('hi')")
+    assert (result.ok, result.stdout) == (True, "hi\n")
+
+
+def test_result_round_trips_through_a_dict() -> None:
+    result = SandboxResult(
+        "out", "err", -24, False, SandboxErrorKind.CPU_LIMIT, "cpu_limit", True, 1.5,
+        (IsolationLayer.RLIMITS, IsolationLayer.AUDIT_HOOK), 41000, {"leftover_processes_killed": 2},
+    )  # fmt: skip
+    assert SandboxResult.from_dict(result.to_dict()) == result
+
+
+def test_invalid_limits_name_the_field() -> None:
+    with pytest.raises(ConfigError, match="sandbox limits: wall_time_s must be > 0, got 0"):
+        SandboxLimits(wall_time_s=0)
+
+
+def test_caller_is_still_root_after_all_runs() -> None:
+    # The sandbox drops privileges only in its children.
+    assert os.geteuid() == 0

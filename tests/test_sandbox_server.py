@@ -1,0 +1,205 @@
+"""The Sandbox gRPC service runs code under limits, survives the code, and its client never raises."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from flowlane.api import sandbox_pb2
+from flowlane.runtime.sandbox import SandboxErrorKind, SandboxLimits
+from flowlane.runtime.sandbox_server import DEFAULT_CEILING, RemoteCodeRunner, limits_from_proto
+
+TOKEN = "sandbox-test-token"
+MiB = 1024 * 1024
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[str]
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def start_server(port: int = 0, max_concurrency: int = 2, env_token: str | None = TOKEN) -> ServerProcess:
+    """``python -m flowlane.runtime.sandbox_server`` as a real subprocess; waits for its ready line."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWLANE_GRPC_TOKEN")}
+    if env_token:
+        env["FLOWLANE_GRPC_TOKEN"] = env_token
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flowlane.runtime.sandbox_server", "--port", str(port),
+         "--max-concurrency", str(max_concurrency)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    match = re.fullmatch(r"flowlane sandbox: serving on 127\.0\.0\.1:(\d+) \(max concurrency \d+\)\n", line)
+    if match is None:
+        process.kill()
+        raise AssertionError(f"no ready line: {line!r} {process.stderr.read() if process.stderr else ''}")
+    return ServerProcess(process, int(match.group(1)))
+
+
+def stop_server(server: ServerProcess) -> None:
+    if server.process.poll() is None:
+        server.process.kill()
+    server.process.wait()
+
+
+@pytest.fixture(scope="module")
+def sandbox_server() -> Iterator[ServerProcess]:
+    server = start_server(max_concurrency=2)
+    yield server
+    stop_server(server)
+
+
+@pytest.fixture
+async def runner(sandbox_server: ServerProcess) -> RemoteCodeRunner:
+    client = RemoteCodeRunner(sandbox_server.address, TOKEN)
+    yield client  # type: ignore[misc]
+    await client.close()
+
+
+async def test_code_runs_over_grpc_and_returns_its_output(runner: RemoteCodeRunner) -> None:
+    result = await runner.run("print(6 * 7)\nimport sys; print('warn', file=sys.stderr)")
+
+    assert (result.ok, result.stdout, result.stderr, result.exit_code, result.error_kind) == (
+        True, "42\n", "warn\n", 0, None)
+    assert result.duration_s > 0
+    assert result.isolation  # the layers in force travel back with the result
+
+
+async def test_wall_clock_limit_is_reported_as_timeout(runner: RemoteCodeRunner) -> None:
+    result = await runner.run("while True:\n    pass", SandboxLimits(wall_time_s=1.0, cpu_time_s=30.0))
+
+    assert (result.ok, result.error_kind, result.message) == (
+        False, SandboxErrorKind.TIMEOUT, "timeout: wall-clock limit of 1s")
+
+
+async def test_memory_limit_is_reported(runner: RemoteCodeRunner) -> None:
+    result = await runner.run("x = bytearray(600 * 1024 * 1024)", SandboxLimits(memory_bytes=300 * MiB))
+
+    assert (result.ok, result.error_kind, result.message) == (
+        False, SandboxErrorKind.MEMORY_LIMIT, "memory_limit: memory limit of 300 MiB")
+
+
+async def test_output_over_the_limit_is_truncated(runner: RemoteCodeRunner) -> None:
+    result = await runner.run("print('x' * 100_000)", SandboxLimits(max_output_bytes=1000))
+
+    assert (result.ok, result.truncated, result.stdout) == (True, True, "x" * 1000)
+
+
+async def test_server_survives_code_that_kills_itself_or_its_parent(
+    runner: RemoteCodeRunner, sandbox_server: ServerProcess
+) -> None:
+    suicide = await runner.run("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+    parricide = await runner.run("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)")
+    after = await runner.run("print('still here')")
+
+    assert (suicide.error_kind, suicide.exit_code) == (SandboxErrorKind.KILLED, -signal.SIGKILL)
+    assert parricide.ok is False
+    assert after.stdout == "still here\n"
+    assert sandbox_server.process.poll() is None
+
+
+async def test_concurrent_runs_are_bounded_by_max_concurrency(runner: RemoteCodeRunner) -> None:
+    code = "import time\nstart = time.time()\ntime.sleep(0.5)\nprint(start, time.time())"
+    results = await asyncio.gather(*(runner.run(code) for _ in range(4)))
+    spans = [tuple(map(float, r.stdout.split())) for r in results]
+
+    def overlap_at(t: float) -> int:
+        return sum(start <= t < end for start, end in spans)
+
+    assert max(overlap_at(start) for start, _ in spans) == 2  # the server runs 2 at a time, never more
+
+
+async def test_health_reports_serving_and_capacity(runner: RemoteCodeRunner) -> None:
+    reply = await runner.health()
+
+    assert (reply.serving, reply.active, reply.max_concurrency) == (True, 0, 2)
+
+
+def test_zero_limits_take_the_server_defaults() -> None:
+    defaults = SandboxLimits(wall_time_s=7.0, memory_bytes=123 * MiB)
+    limits = limits_from_proto(sandbox_pb2.ExecuteLimits(cpu_time_s=2.0), defaults)
+
+    assert limits == SandboxLimits(cpu_time_s=2.0, wall_time_s=7.0, memory_bytes=123 * MiB)
+
+
+def test_limits_above_the_ceiling_are_capped() -> None:
+    request = sandbox_pb2.ExecuteLimits(wall_time_s=10_000.0, memory_bytes=1 << 40, max_processes=10_000)
+    limits = limits_from_proto(request, SandboxLimits())
+
+    assert (limits.wall_time_s, limits.memory_bytes, limits.max_processes) == (
+        DEFAULT_CEILING.wall_time_s, DEFAULT_CEILING.memory_bytes, DEFAULT_CEILING.max_processes)
+
+
+async def test_killed_server_gives_a_tool_error_and_a_restarted_one_serves_again() -> None:
+    server = start_server(max_concurrency=1)
+    client = RemoteCodeRunner(server.address, TOKEN, connect_timeout_s=1.0)
+    try:
+        assert (await client.run("print(1)")).ok
+        in_flight = asyncio.create_task(client.run("import time\ntime.sleep(30)"))
+        await asyncio.sleep(1.0)
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait()
+        killed_mid_run = await asyncio.wait_for(in_flight, 15)
+        while_down = await client.run("print(2)")
+
+        server = start_server(port=server.port, max_concurrency=1)
+        after_restart = await client.run("print(3)")
+    finally:
+        await client.close()
+        stop_server(server)
+
+    for result in (killed_mid_run, while_down):
+        assert (result.ok, result.error_kind, result.exit_code) == (False, SandboxErrorKind.ERROR, None)
+        assert result.message.startswith(f"error: sandbox server at {server.address} unreachable "
+                                         "(down or restarting): UNAVAILABLE")
+    assert while_down.message.endswith("(no connection within 1s)")
+    assert after_restart.stdout == "3\n"
+
+
+async def test_wrong_token_gives_a_tool_error_naming_the_token(sandbox_server: ServerProcess) -> None:
+    client = RemoteCodeRunner(sandbox_server.address, "not-the-token")
+    try:
+        result = await client.run("print(1)")
+    finally:
+        await client.close()
+
+    assert result.ok is False
+    assert result.message == (f"error: sandbox server at {sandbox_server.address} refused the token "
+                              "(check FLOWLANE_GRPC_TOKEN): UNAUTHENTICATED (invalid token)")
+
+
+def test_sigterm_stops_the_server_gracefully() -> None:
+    server = start_server()
+    server.process.send_signal(signal.SIGTERM)
+    try:
+        code = server.process.wait(timeout=15)
+    finally:
+        stop_server(server)
+
+    assert code == 0
+    assert server.process.stdout is not None
+    assert server.process.stdout.read() == "flowlane sandbox: stopping\n"
+
+
+def test_server_without_a_token_refuses_to_start() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWLANE_GRPC_TOKEN")}
+    done = subprocess.run([sys.executable, "-m", "flowlane.runtime.sandbox_server", "--port", "0"],
+                          capture_output=True, text=True, env=env, timeout=30)
+
+    assert done.returncode == 2
+    assert done.stderr == ("error: no gRPC token: set FLOWLANE_GRPC_TOKEN (or FLOWLANE_GRPC_TOKEN_FILE to a file "
+                           "holding it); clients must send the same token\n")

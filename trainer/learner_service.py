@@ -1,0 +1,489 @@
+"""The learner component of a FlowRun: the training loop behind the Learner gRPC service.
+
+One process holds the policy and drives the run. The loop reads top to bottom:
+
+    resume from the newest complete checkpoint, if any
+    evaluate the untrained planner (the baseline)
+    for each step: wait for the step's trajectories -> Flow-GRPO update -> publish the new
+                   version -> log metrics -> checkpoint / evaluate at their intervals
+    evaluate the final planner, log it to MLflow, tell the workers the run is done
+
+The gRPC servicer is a thin adapter: it leases units from the ``StepCoordinator`` (or from the
+open evaluation round) to workers, files their trajectories back, and streams weights. All the
+heavy work (the update, checkpoint I/O) runs in worker threads so the service keeps answering
+while the learner computes. SIGTERM (Ctrl-C in ``flowlane run``, a pod deletion) writes a
+checkpoint of the last completed step before the process exits, so ``--resume`` loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import signal
+import statistics
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import typer
+
+log = logging.getLogger("flowlane.learner")
+
+
+@dataclass
+class EvalRound:
+    """One pass over the held-out questions, each answered once, with a fixed policy version."""
+
+    label: str  # "baseline", "step-10", "final"
+    policy_version: int
+    tasks: list[Any]
+    leases: dict[str, tuple[str, float]] = field(default_factory=dict)  # unit id -> (worker, expiry)
+    results: dict[str, Any] = field(default_factory=dict)  # unit id -> trajectory
+
+    def unit_id(self, task: Any) -> str:
+        return f"eval:{self.label}:{task.id}"
+
+    @property
+    def complete(self) -> bool:
+        return len(self.results) == len(self.tasks)
+
+    def accuracy(self) -> float:
+        rewards = [t.reward or 0.0 for t in self.results.values()]
+        return sum(1.0 for r in rewards if r > 0.5) / max(len(rewards), 1)
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    reward_mean: float = math.nan
+    held_out_accuracy: float | None = None
+    baseline_accuracy: float | None = None
+    last_checkpoint: str = ""
+    mlflow_run_id: str = ""
+    phase: str = "Pending"
+    trajectories: int = 0
+    step_time_s: float = 0.0
+    message: str = ""
+
+
+class LearnerRuntime:
+    """The training loop and the state the gRPC service exposes."""
+
+    def __init__(self, flowrun: Any, run_dir: Path, *, resume: bool = True) -> None:
+        from flowlane.runtime.tasks import load_tasks
+        from flowlane.trainer.coordinator import StepCoordinator
+
+        self.flowrun = flowrun
+        self.spec = spec = flowrun.spec
+        self.run_dir = run_dir
+        self.resume = resume
+        self.progress = Progress()
+        self.total_steps = spec.schedule.steps
+        train = load_tasks(spec.tasks.dataset, spec.tasks.split)
+        if spec.tasks.limit:
+            train = train[: spec.tasks.limit]
+        self.train_tasks = train
+        eval_set = spec.schedule.eval_tasks or spec.tasks.dataset
+        held_out = load_tasks(eval_set, spec.schedule.eval_split)
+        self.eval_tasks = held_out[: spec.schedule.eval_limit] if spec.schedule.eval_limit else held_out
+        self.coordinator: StepCoordinator[Any] = StepCoordinator(
+            train, questions_per_step=spec.algorithm.batch_questions, group_size=spec.algorithm.group_size,
+            seed=spec.algorithm.seed, max_staleness=spec.max_staleness,
+        )
+        self.eval_round: EvalRound | None = None
+        self.done = asyncio.Event()
+        self.version_changed = asyncio.Condition()
+        self.weights_cache: tuple[int, list[Any]] | None = None
+        self.learner: Any = None
+        self.store: Any = None
+        self.tracker: Any = None
+        self.incarnations: dict[str, str] = {}  # worker name -> current incarnation id
+        self.step_started = time.monotonic()
+        self._stop_requested = False
+        self._dirty_since_checkpoint = False
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def build(self) -> None:
+        from flowlane.trainer.checkpoint import CheckpointStore
+        from flowlane.trainer.learner import Learner, LearnerConfig
+        from flowlane.trainer.tracking import Tracker
+
+        spec = self.spec
+        self.learner = Learner(LearnerConfig.from_spec(spec))
+        uri = spec.storage.checkpoint_uri or (self.run_dir / "checkpoints").resolve().as_uri()
+        self.store = CheckpointStore.from_uri(uri, endpoint=_endpoint_host(spec.storage.s3_endpoint),
+                                              secure=(spec.storage.s3_endpoint or "").startswith("https"),
+                                              keep_last=spec.storage.keep_last)
+        tracking_uri = spec.tracking.mlflow_uri or (self.run_dir / "mlruns").resolve().as_uri()
+        self.tracker = Tracker(tracking_uri, spec.tracking.experiment)
+        self.progress.mlflow_run_id = self.tracker.start_run(
+            self.flowrun.name, params=_flatten(self.flowrun.run_config()["spec"]),
+            tags={"flowlane.run": self.flowrun.name, "flowlane.algorithm": "flow-grpo"},
+        ) or ""
+
+    def restore(self) -> bool:
+        """Load the newest complete checkpoint. Returns True when one was found."""
+        ref = self.store.latest() if self.resume else None
+        if ref is None:
+            return False
+        with tempfile.TemporaryDirectory(prefix="flowlane-restore-") as tmp:
+            path = self.store.download(ref, Path(tmp))
+            self.learner.load_checkpoint_files(path)
+        state = ref.meta.get("coordinator")
+        if state:
+            self.coordinator.load_state_dict(state)
+        self.coordinator.policy_version = self.learner.policy_version
+        self.progress.step = self.coordinator.learned_step
+        self.progress.last_checkpoint = f"{self.store.location}/{ref.name}"
+        self.progress.baseline_accuracy = ref.meta.get("baseline_accuracy")
+        self.progress.held_out_accuracy = ref.meta.get("held_out_accuracy")
+        log.info("resumed from %s (step %d, policy version %d)", ref.name, self.progress.step,
+                 self.learner.policy_version)
+        return True
+
+    # -- the loop -------------------------------------------------------------------------------
+    async def train(self) -> None:
+        self.progress.phase = "Running"
+        await self._publish_weights()
+        if self.progress.baseline_accuracy is None and self.progress.step == 0:
+            self.progress.baseline_accuracy = await self._evaluate("baseline")
+        interval = self.spec.schedule.checkpoint_interval
+        eval_interval = self.spec.schedule.eval_interval
+        while self.coordinator.learned_step < self.total_steps and not self._stop_requested:
+            self.step_started = time.monotonic()
+            rollout_s = await self._wait_for_step()
+            if self._stop_requested:
+                break
+            index, trajectories = self.coordinator.take_step()
+            started = time.monotonic()
+            metrics = await asyncio.to_thread(self.learner.step, trajectories)
+            learn_s = time.monotonic() - started
+            self.coordinator.policy_version = self.learner.policy_version
+            sync_started = time.monotonic()
+            await self._publish_weights()
+            publish_s = time.monotonic() - sync_started
+            step = index + 1
+            rewards = [t.reward or 0.0 for t in trajectories]
+            self.progress.step = step
+            self.progress.reward_mean = statistics.fmean(rewards)
+            self.progress.step_time_s = time.monotonic() - self.step_started
+            self._dirty_since_checkpoint = True
+            metrics.update(_rollout_metrics(trajectories))
+            metrics.update({"time/rollout_s": rollout_s, "time/learn_s": learn_s,
+                            "time/publish_s": publish_s, "time/step_s": self.progress.step_time_s})
+            self.tracker.log_metrics(step, metrics)
+            if step == 1 or step % max(interval, 1) == 0:
+                self.tracker.log_trajectories(step, trajectories[: min(4, len(trajectories))])
+            log.info("step %d/%d reward %.3f loss %.4f (%.1fs rollout, %.1fs learn)", step, self.total_steps,
+                     self.progress.reward_mean, metrics.get("loss", math.nan), rollout_s, learn_s)
+            if eval_interval and step % eval_interval == 0 and step < self.total_steps:
+                self.progress.held_out_accuracy = await self._evaluate(f"step-{step}")
+            if step % interval == 0 or step == self.total_steps:
+                await self.checkpoint()
+        if self._stop_requested:
+            if self._dirty_since_checkpoint:
+                await self.checkpoint()
+            self.progress.phase = "Suspended"
+            return
+        self.progress.held_out_accuracy = await self._evaluate("final")
+        await self.checkpoint()
+        await asyncio.to_thread(self._log_final_model)
+        self.progress.phase = "Succeeded"
+        self.tracker.end("FINISHED")
+        self.done.set()
+
+    async def _wait_for_step(self) -> float:
+        started = time.monotonic()
+        while not self.coordinator.step_ready() and not self._stop_requested:
+            filled, needed = self.coordinator.progress()
+            self.progress.message = f"step {self.coordinator.learned_step + 1}: {filled}/{needed} trajectories"
+            await asyncio.sleep(0.1)
+        return time.monotonic() - started
+
+    async def _evaluate(self, label: str) -> float | None:
+        if not self.eval_tasks or self._stop_requested:
+            return None
+        self.eval_round = EvalRound(label, self.learner.policy_version, list(self.eval_tasks))
+        started = time.monotonic()
+        while not self.eval_round.complete and not self._stop_requested:
+            self.progress.message = (f"evaluating ({label}): "
+                                     f"{len(self.eval_round.results)}/{len(self.eval_round.tasks)}")
+            await asyncio.sleep(0.1)
+        round_, self.eval_round = self.eval_round, None
+        if not round_.complete:
+            return None
+        accuracy = round_.accuracy()
+        step = self.coordinator.learned_step
+        self.tracker.log_metrics(step, {"eval/accuracy": accuracy, "eval/time_s": time.monotonic() - started})
+        if label == "baseline":
+            self.tracker.log_metrics(step, {"eval/baseline_accuracy": accuracy})
+        self.tracker.log_trajectories(step, list(round_.results.values())[:4], prefix=f"eval-{label}")
+        log.info("held-out accuracy (%s, %d questions): %.3f", label, len(round_.tasks), accuracy)
+        return accuracy
+
+    async def checkpoint(self) -> None:
+        from flowlane.trainer.checkpoint import CheckpointError
+
+        step = self.coordinator.learned_step
+        meta = {"coordinator": self.coordinator.state_dict(), "run": self.flowrun.name,
+                "baseline_accuracy": self.progress.baseline_accuracy,
+                "held_out_accuracy": self.progress.held_out_accuracy}
+
+        def save() -> Any:
+            with tempfile.TemporaryDirectory(prefix="flowlane-ckpt-", dir=self.run_dir) as tmp:
+                model_meta = self.learner.save_checkpoint_files(Path(tmp))
+                return self.store.save(step, Path(tmp), {**model_meta, **meta},
+                                       metric=self.progress.held_out_accuracy)
+
+        try:
+            ref = await asyncio.to_thread(save)
+        except CheckpointError as err:
+            # Training goes on; the previous checkpoint stays the latest complete one.
+            log.error("checkpoint at step %d failed: %s", step, err)
+            self.progress.message = f"checkpoint failed: {err}"
+            return
+        self.progress.last_checkpoint = f"{self.store.location}/{ref.name}"
+        self._dirty_since_checkpoint = False
+        log.info("checkpoint %s written", self.progress.last_checkpoint)
+
+    def _log_final_model(self) -> None:
+        with tempfile.TemporaryDirectory(prefix="flowlane-final-", dir=self.run_dir) as tmp:
+            self.learner.save_model(Path(tmp))
+            self.tracker.log_model(Path(tmp))
+
+    async def _publish_weights(self) -> None:
+        version = self.learner.policy_version
+        if self.weights_cache is not None and self.weights_cache[0] == version:
+            return
+        tensors = await asyncio.to_thread(lambda: [(n, t.detach().cpu().contiguous())
+                                                   for n, t in self.learner.export_weights()])
+        self.weights_cache = (version, tensors)
+        async with self.version_changed:
+            self.version_changed.notify_all()
+
+    def request_stop(self) -> None:
+        self._stop_requested = True
+
+    # -- what the service hands out -------------------------------------------------------------
+    def lease(self, worker_id: str, max_tasks: int) -> tuple[list[dict[str, Any]], int]:
+        """Units for a worker as plain dicts (unit_id, task, seed, eval) and the policy version."""
+        self._note_incarnation(worker_id)
+        now = time.monotonic()
+        limit = max_tasks or max(self.spec.algorithm.batch_questions * self.spec.algorithm.group_size, 1)
+        round_ = self.eval_round
+        if round_ is not None:
+            out = []
+            for task in round_.tasks:
+                unit = round_.unit_id(task)
+                held = round_.leases.get(unit)
+                if unit in round_.results or (held and held[1] > now):
+                    continue
+                round_.leases[unit] = (worker_id, now + self.coordinator.lease_timeout_s)
+                out.append({"unit_id": unit, "task": task, "seed": 0, "eval": True})
+                if len(out) >= limit:
+                    break
+            return out, round_.policy_version
+        if self.coordinator.learned_step >= self.total_steps or self._stop_requested:
+            return [], self.learner.policy_version
+        units = self.coordinator.lease(worker_id, limit, now)
+        return ([{"unit_id": u.key, "task": t, "seed": u.seed, "eval": False} for u, t in units],
+                self.learner.policy_version)
+
+    def _note_incarnation(self, worker_id: str) -> None:
+        name = worker_id.split("/", 1)[0]
+        previous = self.incarnations.get(name)
+        if previous != worker_id:
+            if previous is not None:
+                released = self.coordinator.register_worker(previous)
+                if self.eval_round is not None:
+                    for unit in [u for u, (w, _) in self.eval_round.leases.items() if w == previous]:
+                        del self.eval_round.leases[unit]
+                log.info("worker %s restarted; released %d leased units", name, released)
+            self.incarnations[name] = worker_id
+
+    def submit(self, unit_id: str, trajectory: Any, policy_version: int) -> str:
+        from flowlane.trainer.coordinator import SubmitOutcome
+
+        if unit_id.startswith("eval:"):
+            round_ = self.eval_round
+            if round_ is None or not unit_id.startswith(f"eval:{round_.label}:"):
+                return SubmitOutcome.DUPLICATE.value
+            if unit_id in round_.results:
+                return SubmitOutcome.DUPLICATE.value
+            round_.results[unit_id] = trajectory
+            round_.leases.pop(unit_id, None)
+            return SubmitOutcome.ACCEPTED.value
+        outcome = self.coordinator.submit(unit_id, trajectory, policy_version)
+        if outcome is SubmitOutcome.ACCEPTED:
+            self.progress.trajectories += 1
+        return outcome.value
+
+
+def _rollout_metrics(trajectories: list[Any]) -> dict[str, float]:
+    """Per-step agent statistics: turns, tool calls and errors per tool, parse failures, tokens."""
+    count = max(len(trajectories), 1)
+    out: dict[str, float] = {
+        "rollout/turns_per_trajectory": sum(len(t.steps) for t in trajectories) / count,
+        "rollout/generated_tokens": float(sum(t.generated_tokens for t in trajectories)),
+        "rollout/accuracy": sum(1.0 for t in trajectories if (t.reward or 0) > 0.5) / count,
+    }
+    for key in ("tool_calls", "tool_errors", "parse_failures"):
+        totals: dict[str, int] = {}
+        for t in trajectories:
+            for name, value in getattr(t, key).items():
+                totals[name] = totals.get(name, 0) + value
+        for name, value in totals.items():
+            out[f"rollout/{key}/{name}"] = float(value)
+    versions = [turn.policy_version for t in trajectories for turn in t.planner_turns]
+    if versions:
+        out["rollout/max_staleness"] = float(max(versions) - min(versions))
+    return out
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    if isinstance(data, list):
+        return {prefix[:-1]: json.dumps(data)}
+    return {prefix[:-1]: data}
+
+
+def _endpoint_host(url: str | None) -> str | None:
+    if not url:
+        return os.environ.get("FLOWLANE_S3_ENDPOINT")
+    return url.split("://", 1)[-1].rstrip("/")
+
+
+# -- the gRPC adapter ---------------------------------------------------------------------------
+
+
+def make_servicer(runtime: LearnerRuntime) -> Any:
+    from flowlane.api import learner_pb2, learner_pb2_grpc
+    from flowlane.runtime.grpc_common import iter_weight_chunks, trajectory_from_record
+
+    class LearnerServicer(learner_pb2_grpc.LearnerServicer):
+        async def GetTasks(self, request: Any, context: Any) -> Any:
+            if runtime.done.is_set():
+                return learner_pb2.TaskBatch(done=True, policy_version=runtime.learner.policy_version)
+            units, version = runtime.lease(request.worker_id, request.max_tasks)
+            tasks = [learner_pb2.Task(question_id=u["task"].id, question=u["task"].question,
+                                      answer=str(u["task"].answer), source=u["task"].source,
+                                      reward_kind=u["task"].reward, unit_id=u["unit_id"], seed=u["seed"],
+                                      eval=u["eval"]) for u in units]
+            return learner_pb2.TaskBatch(tasks=tasks, policy_version=version,
+                                         group_size=runtime.spec.algorithm.group_size,
+                                         step=runtime.coordinator.learned_step)
+
+        async def SubmitTrajectories(self, request_iterator: AsyncIterator[Any], context: Any) -> Any:
+            ack = learner_pb2.SubmitAck(policy_version=runtime.learner.policy_version)
+            async for chunk in request_iterator:
+                for record in chunk.trajectories:
+                    try:
+                        trajectory = trajectory_from_record(record)
+                    except (ValueError, KeyError) as err:
+                        ack.rejected += 1
+                        ack.reasons.append(f"{record.trajectory_id}: malformed ({err})")
+                        continue
+                    version = min((t.policy_version for t in trajectory.planner_turns),
+                                  default=runtime.learner.policy_version)
+                    outcome = runtime.submit(record.trajectory_id, trajectory, version)
+                    if outcome == "accepted":
+                        ack.accepted += 1
+                    elif outcome == "duplicate":
+                        ack.duplicates += 1
+                    else:
+                        ack.rejected += 1
+                        ack.reasons.append(f"{record.trajectory_id}: {outcome}")
+            return ack
+
+        async def GetWeights(self, request: Any, context: Any) -> AsyncIterator[Any]:
+            while runtime.weights_cache is None or runtime.weights_cache[0] < request.min_version:
+                async with runtime.version_changed:
+                    await runtime.version_changed.wait()
+            version, tensors = runtime.weights_cache
+            for chunk in iter_weight_chunks(tensors, version, request.chunk_bytes or None):
+                yield chunk
+
+        async def WatchVersion(self, request: Any, context: Any) -> AsyncIterator[Any]:
+            last = request.after_version
+            while True:
+                version = runtime.weights_cache[0] if runtime.weights_cache else 0
+                if version > last:
+                    last = version
+                    yield learner_pb2.VersionUpdate(policy_version=version, step=runtime.progress.step,
+                                                    done=runtime.done.is_set())
+                if runtime.done.is_set():
+                    return
+                async with runtime.version_changed:
+                    await runtime.version_changed.wait()
+
+        async def GetStatus(self, request: Any, context: Any) -> Any:
+            p = runtime.progress
+            status = learner_pb2.LearnerStatus(
+                step=p.step, policy_version=runtime.learner.policy_version if runtime.learner else 0,
+                reward_mean=0.0 if math.isnan(p.reward_mean) else p.reward_mean,
+                last_checkpoint=p.last_checkpoint, mlflow_run_id=p.mlflow_run_id, phase=p.phase,
+                total_steps=runtime.total_steps, trajectories=p.trajectories, step_time_s=p.step_time_s,
+                message=p.message,
+            )
+            if p.held_out_accuracy is not None:
+                status.held_out_accuracy = p.held_out_accuracy
+            if p.baseline_accuracy is not None:
+                status.baseline_accuracy = p.baseline_accuracy
+            return status
+
+    return LearnerServicer()
+
+
+async def serve_learner(flowrun: Any, run_dir: Path, host: str, port: int, resume: bool,
+                        token: str | None, linger_s: float = 3.0) -> int:
+    from flowlane.api import learner_pb2_grpc
+    from flowlane.runtime.grpc_common import bind_port, create_server
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    runtime = LearnerRuntime(flowrun, run_dir, resume=resume)
+    server = create_server(token)
+    learner_pb2_grpc.add_LearnerServicer_to_server(make_servicer(runtime), server)
+    bound = bind_port(server, host, port)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, runtime.request_stop)
+    runtime.progress.message = "loading the planner"
+    await asyncio.to_thread(runtime.build)
+    await asyncio.to_thread(runtime.restore)
+    print(f"flowlane learner listening on {host}:{bound}", flush=True)
+    try:
+        await runtime.train()
+        runtime.done.set()
+        await asyncio.sleep(linger_s)  # let workers hear "done" before the server goes away
+    finally:
+        await server.stop(grace=1.0)
+    return 0 if runtime.progress.phase in ("Succeeded", "Suspended") else 1
+
+
+def learner(
+    config: Path = typer.Option(..., "--config", help="The rendered FlowRun (run config YAML)."),
+    port: int = typer.Option(50051, "--port", help="gRPC port."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind."),
+    run_dir: Path = typer.Option(Path("runs/default"), "--run-dir", help="Local state: logs, default stores."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the latest checkpoint."),
+) -> None:
+    """Run the learner service of a FlowRun."""
+    from flowlane.api.flowrun import load_flowrun
+    from flowlane.runtime.grpc_common import resolve_token
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    code = asyncio.run(serve_learner(load_flowrun(config), run_dir, host, port, resume, resolve_token()))
+    raise typer.Exit(code)
+
+
