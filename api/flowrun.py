@@ -21,9 +21,7 @@ import enum
 import re
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from typing import Any, Final, Literal
 
 from flowlane.api.common import (
     GROUP_VERSION,
@@ -32,17 +30,18 @@ from flowlane.api.common import (
     TOOL_NAME_PATTERN,
     Condition,
     ObjectMeta,
+    Quantity,
     Resources,
     S3CredentialsSecret,
     SecretKeyRef,
     SpecModel,
-    Quantity,
     field_error,
     load_resource,
 )
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-KIND = "FlowRun"
-PLURAL = "flowruns"
+KIND: Final = "FlowRun"
+PLURAL: Final = "flowruns"
 
 DEFAULT_PLANNER = "smollm2-135m-instruct"
 DEFAULT_TASKS = "math-mini"
@@ -330,9 +329,15 @@ class ScheduleSpec(SpecModel):
     }]})
 
     steps: int = Field(40, ge=1, le=10_000_000, description="Training steps (policy updates).")
-    checkpoint_interval: int = Field(10, ge=1, description="Write a checkpoint every this many steps (and at the end).")
-    eval_interval: int = Field(10, ge=0, description="Evaluate every this many steps; 0: only before and after training.")
-    eval_tasks: str | None = Field(None, min_length=1, description="Task set for evaluation; default: spec.tasks.dataset.")
+    checkpoint_interval: int = Field(
+        10, ge=1, description="Write a checkpoint every this many steps (and at the end)."
+    )
+    eval_interval: int = Field(
+        10, ge=0, description="Evaluate every this many steps; 0: only before and after training."
+    )
+    eval_tasks: str | None = Field(
+        None, min_length=1, description="Task set for evaluation; default: spec.tasks.dataset."
+    )
     eval_split: str = Field("test", min_length=1, description="Held-out split used for evaluation.")
     eval_limit: int | None = Field(None, ge=1, description="Evaluate on at most this many questions.")
     eval_max_turns: int = Field(10, ge=1, le=64, description="Planner turn budget at evaluation (10 in the paper).")
@@ -476,8 +481,8 @@ class FlowRun(SpecModel):
     def run_config(self) -> dict[str, Any]:
         """The run config every component reads: this object without status, defaults filled in."""
         data = self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"status"})
-        keep = {"name", "namespace", "labels", "annotations"}
-        data["metadata"] = {k: v for k, v in data["metadata"].items() if k in keep and v not in ({}, None)}
+        # Only the identity: labels and annotations change under controllers and must not roll pods.
+        data["metadata"] = {k: v for k, v in data["metadata"].items() if k in ("name", "namespace")}
         return data
 
 

@@ -13,26 +13,25 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
-from typing import Literal
-
-from pydantic import ConfigDict, Field, model_validator
+from typing import Final, Literal
 
 from flowlane.api.common import (
     DNS_LABEL_PATTERN,
     GROUP_VERSION,
     Condition,
     ObjectMeta,
+    Quantity,
     Resources,
     SecretKeyRef,
     SpecModel,
-    Quantity,
     field_error,
     load_resource,
 )
 from flowlane.api.flowrun import Dtype, EngineKind, StorageSpec, ToolSpec, default_tools
+from pydantic import ConfigDict, Field, model_validator
 
-KIND = "FlowService"
-PLURAL = "flowservices"
+KIND: Final = "FlowService"
+PLURAL: Final = "flowservices"
 DEFAULT_PORT = 8000
 
 

@@ -2,18 +2,23 @@
 
 On Kubernetes the kubelet starts each component in a pod, restarts it with a growing back-off
 when it crashes, and the garbage collector removes everything when the run goes away. On one
-machine this module plays those roles, so that ``flowlane run`` behaves like the cluster:
+machine this module plays those roles for the components of ``graph.compile_graph``, so that
+``flowlane run`` behaves like the cluster:
 
-- **Ports.** Each component declares named ports; 0 means "any free loopback port". A requested
-  port that is already taken fails the whole start before anything runs, naming the port.
-  Arguments and environment values refer to ports with ``{port:<component>.<name>}`` and
-  ``{address:<component>.<name>}`` (``127.0.0.1:<port>``), resolved once ports are known.
-- **Order.** A component starts when every component it depends on is ready (a TCP connect or a
-  gRPC handshake on one of its ports, or simply "started").
-- **Restarts.** A component that exits non-zero (or exits at all, for an ``ALWAYS`` service such
-  as a sandbox) is restarted after 1 s, 2 s, 4 s, ... up to a cap, like a pod's CrashLoopBackOff;
-  a run of ``reset_after_s`` without a crash resets the back-off. Past ``restart_limit`` restarts
-  of one component the run fails.
+- **Ports.** Every declared port gets a free loopback port (a pod's fixed numbers would collide
+  here), or the number the caller asks for in ``port_overrides``; a requested port that is taken
+  fails the whole start before anything runs, naming the port. The graph's placeholders
+  (``{address:learner.grpc}``, ``{port:sandbox-0.grpc}``) are then filled with loopback values.
+- **Secrets.** ``secret_env`` values come from ``secrets`` (the token, which ``for_graph``
+  generates when the graph says so) or from this process's environment; a missing one is an error
+  naming the variable before anything starts. ``flowlane`` as a command means this interpreter's
+  ``python -m flowlane.cli``, so components run with the same installation as the supervisor.
+- **Order.** A component starts when every component it depends on is ready: a gRPC handshake
+  (or a TCP connect, for HTTP) on its ``ready_port``, or simply started when it has none.
+- **Restarts.** A job that exits non-zero, or a ``service`` (sandbox) that exits at all, is
+  restarted after 1 s, 2 s, 4 s, ... up to a cap, like a pod's CrashLoopBackOff; a run of
+  ``reset_after_s`` without a crash resets the back-off. Past ``restart_limit`` restarts of one
+  component the run fails. A job that exits 0 is done.
 - **No orphans.** Every component is its own process group (session), so a stop reaches its
   children too: SIGTERM to the group, a grace period, then SIGKILL. If the supervisor itself is
   killed, the kernel sends each component SIGKILL (``PR_SET_PDEATHSIG``), and a small watchdog
@@ -33,7 +38,6 @@ import ctypes
 import ctypes.util
 import errno
 import os
-import re
 import signal
 import socket
 import sys
@@ -42,13 +46,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
+from flowlane.operator.graph import ENV_GRPC_TOKEN, Component, ProcessGraph, resolve
+from flowlane.operator.graph import Protocol as PortProtocol
 from flowlane.runtime.errors import FlowlaneError
 
 LOOPBACK = "127.0.0.1"
 _PR_SET_PDEATHSIG = 1
-_PLACEHOLDER = re.compile(r"\{(port|address):([A-Za-z0-9_.-]+)\.([A-Za-z0-9_-]+)\}")
 
 
 class PortInUseError(FlowlaneError):
@@ -59,39 +64,10 @@ class StartupError(FlowlaneError):
     """A component did not become ready, or the graph itself is unusable."""
 
 
-class RestartMode(StrEnum):
-    #: A job: exit 0 means done (not restarted); any other exit is a crash.
-    ON_FAILURE = "on_failure"
-    #: A service (sandbox): any exit is a crash; it runs until the supervisor stops it.
-    ALWAYS = "always"
-
-
 class ReadinessKind(StrEnum):
     NONE = "none"  # ready as soon as the process is started
     TCP = "tcp"  # a TCP connect to the port succeeds
     GRPC = "grpc"  # a gRPC server answers the HTTP/2 handshake on the port
-
-
-@dataclass(frozen=True)
-class Readiness:
-    kind: ReadinessKind = ReadinessKind.NONE
-    port: str = ""  # name of one of the component's ports (TCP and GRPC)
-    timeout_s: float = 120.0  # from process start until ready; past it the start fails
-    interval_s: float = 0.1
-
-
-@dataclass(frozen=True)
-class LocalComponent:
-    """One process of the graph, as the local backend needs it."""
-
-    name: str
-    argv: Sequence[str]
-    env: Mapping[str, str] = field(default_factory=dict)
-    ports: Mapping[str, int] = field(default_factory=dict)  # port name -> requested port (0: any free)
-    depends_on: Sequence[str] = ()
-    readiness: Readiness = Readiness()
-    restart: RestartMode = RestartMode.ON_FAILURE
-    cwd: str | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +77,7 @@ class RestartPolicy:
     backoff_max_s: float = 30.0
     reset_after_s: float = 60.0  # a run this long without crashing resets the back-off
     stop_grace_s: float = 10.0  # SIGTERM -> SIGKILL
+    ready_timeout_s: float = 300.0  # from process start until its ready port answers (model loading)
 
     def backoff_s(self, consecutive_crashes: int) -> float:
         """Delay before restart number ``consecutive_crashes`` (1-based): 1, 2, 4, ... capped."""
@@ -112,7 +89,7 @@ class ComponentState(StrEnum):
     STARTING = "starting"  # started, not ready yet
     READY = "ready"
     BACKOFF = "backoff"  # crashed, waiting to restart
-    COMPLETED = "completed"  # exited 0 (ON_FAILURE components)
+    COMPLETED = "completed"  # a job that exited 0
     FAILED = "failed"  # restart limit reached
     STOPPED = "stopped"
 
@@ -140,7 +117,7 @@ class SupervisorEvent:
 
 
 class RunOutcome(StrEnum):
-    COMPLETED = "completed"  # every ON_FAILURE component exited 0
+    COMPLETED = "completed"  # every job (non-service component) exited 0
     FAILED = "failed"  # a component hit its restart limit or never became ready
     STOPPED = "stopped"  # stop() (or a signal) ended the run
 
@@ -159,7 +136,7 @@ class ComponentStatus:
 # --- pure helpers ------------------------------------------------------------------------------
 
 
-def dependency_levels(components: Sequence[LocalComponent]) -> list[list[str]]:
+def dependency_levels(components: Sequence[Component]) -> list[list[str]]:
     """Component names grouped so each group depends only on earlier groups.
 
     Raises ``StartupError`` for duplicate names, unknown dependencies and cycles.
@@ -187,31 +164,51 @@ def dependency_levels(components: Sequence[LocalComponent]) -> list[list[str]]:
 
 
 def render(text: str, ports: Mapping[str, Mapping[str, int]]) -> str:
-    """Replace ``{port:comp.name}`` and ``{address:comp.name}`` with the allocated values."""
+    """Fill the graph's ``{port:comp.name}`` / ``{address:comp.name}`` placeholders with loopback values."""
 
-    def substitute(match: re.Match[str]) -> str:
-        kind, component, port_name = match.groups()
+    def port_of(component: str, port_name: str) -> int:
         try:
-            port = ports[component][port_name]
+            return ports[component][port_name]
         except KeyError:
-            raise StartupError(f"{match.group(0)}: component {component!r} has no port {port_name!r}") from None
-        return str(port) if kind == "port" else f"{LOOPBACK}:{port}"
+            raise StartupError(f"a placeholder names port {port_name!r} of component {component!r}, "
+                               "which the graph does not declare") from None
 
-    return _PLACEHOLDER.sub(substitute, text)
+    return resolve(text, lambda c, p: f"{LOOPBACK}:{port_of(c, p)}", port_of)
 
 
-def allocate_ports(components: Sequence[LocalComponent], host: str = LOOPBACK) -> dict[str, dict[str, int]]:
-    """Choose a port for every declared port: the requested one if free, else a fresh free one.
+def readiness_of(component: Component) -> tuple[ReadinessKind, str]:
+    """How to tell ``component`` is ready: the probe kind and the port name to probe."""
+    if component.ready_port is None:
+        return ReadinessKind.NONE, ""
+    protocol = component.port(component.ready_port).protocol
+    return (ReadinessKind.GRPC if protocol is PortProtocol.GRPC else ReadinessKind.TCP), component.ready_port
+
+
+def local_argv(argv: Sequence[str]) -> list[str]:
+    """``flowlane ...`` runs with this interpreter, so components share the supervisor's installation."""
+    if argv and argv[0] == "flowlane":
+        return [sys.executable, "-m", "flowlane.cli", *argv[1:]]
+    return list(argv)
+
+
+def allocate_ports(
+    components: Sequence[Component],
+    overrides: Mapping[str, Mapping[str, int]] | None = None,
+    host: str = LOOPBACK,
+) -> dict[str, dict[str, int]]:
+    """Choose a port for every declared port: ``overrides[component][port]`` if given, else any free one.
 
     All probe sockets stay open until every port is chosen, so two components never get the
     same port. Raises ``PortInUseError`` naming the component, port name and number.
     """
+    overrides = overrides or {}
     chosen: dict[str, dict[str, int]] = {}
     probes: list[socket.socket] = []
     try:
         for c in components:
             chosen[c.name] = {}
-            for port_name, requested in c.ports.items():
+            for port in c.ports:
+                requested = overrides.get(c.name, {}).get(port.name, 0)
                 sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 probes.append(sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -220,16 +217,37 @@ def allocate_ports(components: Sequence[LocalComponent], host: str = LOOPBACK) -
                 except OSError as err:
                     if err.errno == errno.EADDRINUSE:
                         raise PortInUseError(
-                            f"component {c.name!r} port {port_name!r}: {host}:{requested} is already in use; "
+                            f"component {c.name!r} port {port.name!r}: {host}:{requested} is already in use; "
                             "stop the process holding it or request another port (0 picks a free one)"
                         ) from None
-                    raise PortInUseError(f"component {c.name!r} port {port_name!r}: cannot bind "
+                    raise PortInUseError(f"component {c.name!r} port {port.name!r}: cannot bind "
                                          f"{host}:{requested} ({err.strerror})") from None
-                chosen[c.name][port_name] = int(sock.getsockname()[1])
+                chosen[c.name][port.name] = int(sock.getsockname()[1])
     finally:
         for sock in probes:
             sock.close()
     return chosen
+
+
+def secret_values(
+    components: Sequence[Component], secrets: Mapping[str, str], environ: Mapping[str, str]
+) -> dict[str, dict[str, str]]:
+    """Per component, the ``secret_env`` values a local process gets (from ``secrets``, else ``environ``).
+
+    Raises ``StartupError`` naming the first variable found in neither.
+    """
+    values: dict[str, dict[str, str]] = {}
+    for c in components:
+        values[c.name] = {}
+        for env_name, ref in c.secret_env.items():
+            value = secrets.get(env_name, environ.get(env_name))
+            if value is None:
+                raise StartupError(
+                    f"component {c.name!r} needs {env_name} (Secret {ref.secret!r}, key {ref.key!r} on "
+                    f"Kubernetes): set {env_name} in the environment for a local run"
+                )
+            values[c.name][env_name] = value
+    return values
 
 
 # --- processes ---------------------------------------------------------------------------------
@@ -346,7 +364,7 @@ def _watchdog_main() -> None:
 class _Running:
     """Book-keeping for one component's current process."""
 
-    def __init__(self, component: LocalComponent) -> None:
+    def __init__(self, component: Component) -> None:
         self.component = component
         self.process: asyncio.subprocess.Process | None = None
         self.ready = asyncio.Event()  # first readiness; dependents wait on it
@@ -359,7 +377,7 @@ class LocalSupervisor:
 
     Typical use::
 
-        supervisor = LocalSupervisor(components, run_dir, policy, on_event=print)
+        supervisor = LocalSupervisor.for_graph(graph, run_dir, policy, on_event=print)
         await supervisor.start()          # raises PortInUseError / StartupError, nothing left running
         outcome = await supervisor.wait()  # COMPLETED, FAILED or STOPPED
         await supervisor.stop()            # idempotent; also what SIGINT/SIGTERM trigger
@@ -370,10 +388,12 @@ class LocalSupervisor:
 
     def __init__(
         self,
-        components: Sequence[LocalComponent],
+        components: Sequence[Component],
         run_dir: Path,
         policy: RestartPolicy | None = None,
         *,
+        secrets: Mapping[str, str] | None = None,
+        port_overrides: Mapping[str, Mapping[str, int]] | None = None,
         on_event: Callable[[SupervisorEvent], None] | None = None,
         common_env: Mapping[str, str] | None = None,
     ) -> None:
@@ -384,7 +404,10 @@ class LocalSupervisor:
         self.policy = policy or RestartPolicy()
         self.on_event = on_event
         self.common_env = dict(common_env or {})
+        self.secrets = dict(secrets or {})
+        self.port_overrides = port_overrides or {}
         self.ports: dict[str, dict[str, int]] = {}
+        self._secret_env: dict[str, dict[str, str]] = {}
         self.status: dict[str, ComponentStatus] = {c.name: ComponentStatus(c.name) for c in components}
         self.events: list[SupervisorEvent] = []
         self.outcome: RunOutcome | None = None
@@ -396,6 +419,26 @@ class LocalSupervisor:
         self._stop_lock = asyncio.Lock()
         self._started = False
         self._signal_stop: asyncio.Task[None] | None = None
+
+    @classmethod
+    def for_graph(
+        cls,
+        graph: ProcessGraph,
+        run_dir: Path,
+        policy: RestartPolicy | None = None,
+        *,
+        token: str | None = None,
+        **kwargs: Any,
+    ) -> LocalSupervisor:
+        """A supervisor for every component of ``graph``. The shared gRPC token is ``token``, else
+        ``$FLOWLANE_GRPC_TOKEN``, else (when the graph leaves it to the backend) a fresh one."""
+        from flowlane.runtime.grpc_common import generate_token
+
+        token = token or os.environ.get(ENV_GRPC_TOKEN) or (generate_token() if graph.token_generated else None)
+        secrets = dict(kwargs.pop("secrets", None) or {})
+        if token:
+            secrets.setdefault(ENV_GRPC_TOKEN, token)
+        return cls(graph.components, run_dir, policy, secrets=secrets, **kwargs)
 
     # --- public API ---
 
@@ -410,7 +453,9 @@ class LocalSupervisor:
         if self._started:
             raise StartupError("LocalSupervisor.start() called twice")
         self._started = True
-        self.ports = allocate_ports(list(self.components.values()))
+        components = list(self.components.values())
+        self._secret_env = secret_values(components, self.secrets, os.environ)
+        self.ports = allocate_ports(components, self.port_overrides)
         for name, ports in self.ports.items():
             self.status[name].ports = dict(ports)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -500,10 +545,11 @@ class LocalSupervisor:
             return False
         return True
 
-    def _rendered(self, component: LocalComponent) -> tuple[list[str], dict[str, str]]:
-        argv = [render(arg, self.ports) for arg in component.argv]
+    def _rendered(self, component: Component) -> tuple[list[str], dict[str, str]]:
+        argv = [render(arg, self.ports) for arg in local_argv(component.argv)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.common_env,
-               **{k: render(v, self.ports) for k, v in component.env.items()}}
+               **{k: render(v, self.ports) for k, v in component.env.items()},
+               **self._secret_env[component.name]}
         return argv, env
 
     async def _spawn(self, name: str, log: IO[bytes]) -> asyncio.subprocess.Process:
@@ -522,22 +568,22 @@ class LocalSupervisor:
 
     async def _wait_ready(self, name: str, process: asyncio.subprocess.Process) -> bool:
         """True once the component is ready; False if its process exited or it timed out."""
-        readiness = self.components[name].readiness
-        if readiness.kind is ReadinessKind.NONE:
+        kind, port_name = readiness_of(self.components[name])
+        if kind is ReadinessKind.NONE:
             return True
-        port = self.ports[name][readiness.port]
-        deadline = time.monotonic() + readiness.timeout_s
+        port = self.ports[name][port_name]
+        deadline = time.monotonic() + self.policy.ready_timeout_s
         while process.returncode is None:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            if readiness.kind is ReadinessKind.TCP:
+            if kind is ReadinessKind.TCP:
                 ok = await _probe_tcp(port)
             else:
                 ok = await _probe_grpc(port, min(left, 1.0))
             if ok:
                 return process.returncode is None
-            await asyncio.sleep(readiness.interval_s)
+            await asyncio.sleep(0.1)
         return False
 
     async def _supervise(self, name: str) -> None:
@@ -574,7 +620,7 @@ class LocalSupervisor:
                 if self._stopping:
                     return
                 self._emit(EventKind.EXITED, name, f"exit code {code}", exit_code=code)
-                if code == 0 and component.restart is RestartMode.ON_FAILURE:
+                if code == 0 and not component.service:
                     status.state = ComponentState.COMPLETED
                     self._emit(EventKind.COMPLETED, name, exit_code=code)
                     self._check_completed()
@@ -597,20 +643,21 @@ class LocalSupervisor:
                 await asyncio.sleep(delay)
 
     async def _mark_ready(self, name: str, process: asyncio.subprocess.Process) -> None:
-        readiness = self.components[name].readiness
         if await self._wait_ready(name, process):
             self.status[name].state = ComponentState.READY
             self._running[name].ready.set()
             self._emit(EventKind.READY, name)
         elif process.returncode is None:  # timed out: stop waiting on it for good
-            message = (f"component {name!r} was not ready on port {readiness.port!r} within "
-                       f"{readiness.timeout_s:g}s; see {self.status[name].log_path}")
+            port_name = readiness_of(self.components[name])[1]
+            message = (f"component {name!r} was not ready on port {port_name!r} "
+                       f"({LOOPBACK}:{self.ports[name][port_name]}) within {self.policy.ready_timeout_s:g}s; "
+                       f"see {self.status[name].log_path}")
             self.status[name].state = ComponentState.FAILED
             self._emit(EventKind.FAILED, name, message)
             self._finish(RunOutcome.FAILED, message)
 
     def _check_completed(self) -> None:
-        jobs = [c.name for c in self.components.values() if c.restart is RestartMode.ON_FAILURE]
+        jobs = [c.name for c in self.components.values() if not c.service]
         if jobs and all(self.status[n].state is ComponentState.COMPLETED for n in jobs):
             self._finish(RunOutcome.COMPLETED, "")
 

@@ -382,3 +382,13 @@ def list_models(cache_dir: Path | None = None) -> list[dict[str, str]]:
                 continue
             rows.append({"name": path.name, "status": "local", "path": str(path), "description": ""})
     return rows
+
+
+def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The exact prompt token ids for ``messages``: the chat template rendered, then tokenized.
+
+    Every engine builds prompts here so that vLLM, transformers and the learner's re-scoring see
+    identical ids. The template already writes the special tokens, so the tokenizer adds none.
+    """
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return [int(token) for token in tokenizer.encode(text, add_special_tokens=False)]

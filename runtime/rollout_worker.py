@@ -160,7 +160,7 @@ async def _main(config: Path, learner: str, sandboxes: list[str], worker_id: str
 def rollout(
     config: Path = typer.Option(..., "--config", help="The rendered FlowRun (run config YAML)."),
     learner: str = typer.Option(..., "--learner", help="Learner gRPC address host:port."),
-    sandbox: list[str] = typer.Option([], "--sandbox", help="Sandbox gRPC address; repeat for several."),  # noqa: B008
+    sandbox: list[str] = typer.Option([], "--sandbox", help="Sandbox gRPC address; repeat for several."),
     worker_id: str = typer.Option(os.environ.get("HOSTNAME", "rollout"), "--worker-id",
                                   help="Stable name of this worker (its pod or component name)."),
 ) -> None:

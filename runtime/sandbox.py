@@ -327,6 +327,33 @@ async def _read_capped(stream: asyncio.StreamReader | None, cap: int) -> tuple[b
     return bytes(kept), overflow
 
 
+def _exit_of(pid: int) -> asyncio.Future[None]:
+    """A future that completes when ``pid`` exits.
+
+    ``Process.wait()`` on Python 3.11 also waits for the stdout/stderr pipes to close, which a
+    background grandchild can hold open; a pidfd fires on the exit of the process itself.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:  # already gone
+        done.set_result(None)
+        return done
+
+    def on_exit() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    def cleanup(_: asyncio.Future[None]) -> None:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+
+    loop.add_reader(pidfd, on_exit)
+    done.add_done_callback(cleanup)
+    return done
+
+
 def _kill_group(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
@@ -389,7 +416,7 @@ async def run_python(
     scratch = Path(tempfile.mkdtemp(prefix="flowlane-sbx-", dir=scratch_root)).resolve()
     control_r, control_w = os.pipe()
     os.set_blocking(control_r, False)
-    readers: asyncio.Future[list[tuple[bytes, bool]]] | None = None
+    readers: asyncio.Future[Any] | None = None
     try:
         if uid is not None:
             os.chown(scratch, uid, uid)
@@ -437,7 +464,8 @@ async def run_python(
         )
         os.close(control_w)
         control_w = -1
-        readers = asyncio.gather(
+        exited = _exit_of(proc.pid)
+        readers = gathered = asyncio.gather(
             _read_capped(proc.stdout, limits.max_output_bytes),
             _read_capped(proc.stderr, limits.max_output_bytes),
         )
@@ -449,7 +477,7 @@ async def run_python(
                         proc.stdin.write(encoded)
                         await proc.stdin.drain()
                     proc.stdin.close()
-                await proc.wait()
+                await exited
         except TimeoutError:
             timed_out = True
         finally:
@@ -457,9 +485,11 @@ async def run_python(
             # still has, wherever it moved (setsid escapes the group, not the uid).
             _kill_group(proc.pid)
             leftovers = await _kill_all_of_uid(uid) if uid is not None else 0
-            await proc.wait()
+            exited.cancel()
+            with contextlib.suppress(TimeoutError):  # a pipe held by a process we could not kill
+                await asyncio.wait_for(proc.wait(), timeout=5)
         try:
-            (out, out_over), (err, err_over) = await asyncio.wait_for(readers, timeout=5)
+            (out, out_over), (err, err_over) = await asyncio.wait_for(gathered, timeout=5)
         except TimeoutError:  # a pipe held open by a process we could not kill (non-root)
             (out, out_over), (err, err_over) = (b"", True), (b"", True)
         layers = _read_control(control_r)
@@ -583,10 +613,14 @@ def _install_audit_hook(scratch: str) -> None:
         path = os.fsdecode(path)
         if path in _WRITABLE_DEVICES:
             return True
-        if not os.path.isabs(path):
-            base = os.readlink(f"/proc/self/fd/{dir_fd}") if isinstance(dir_fd, int) else os.getcwd()
-            path = os.path.join(base, path)
-        real = os.path.realpath(path)
+        try:
+            if not os.path.isabs(path):
+                relative_to_fd = isinstance(dir_fd, int) and dir_fd >= 0
+                base = os.readlink(f"/proc/self/fd/{dir_fd}") if relative_to_fd else os.getcwd()
+                path = os.path.join(base, path)
+            real = os.path.realpath(path)
+        except OSError:
+            return False  # cannot tell where it goes: treat it as outside
         return real == scratch_real or real.startswith(scratch_real + os.sep)
 
     def refuse(what: str) -> None:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from flowlane.runtime.errors import ConfigError
 from flowlane.trainer.checkpoint import (
     MANIFEST_NAME,
@@ -417,8 +416,7 @@ def test_missing_bucket_is_a_clear_error_and_creates_nothing(s3_server: Any) -> 
         )
 
     assert str(caught.value) == (
-        f"bucket 'no-such-bucket' does not exist at {s3_server.endpoint}; "
-        "create it or fix spec.storage.checkpointUri"
+        f"bucket 'no-such-bucket' does not exist at {s3_server.endpoint}; create it or fix spec.storage.checkpointUri"
     )
     assert not s3_server.client().bucket_exists("no-such-bucket")
 

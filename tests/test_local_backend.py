@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -11,24 +12,24 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import pytest
-
+from flowlane.api.common import Resources
+from flowlane.api.flowrun import load_flowrun
+from flowlane.operator.graph import Component, Port, Protocol, Role, SecretEnv, compile_graph
 from flowlane.operator.local import (
     ComponentState,
     EventKind,
-    LocalComponent,
     LocalSupervisor,
     PortInUseError,
-    Readiness,
-    ReadinessKind,
-    RestartMode,
     RestartPolicy,
     RunOutcome,
     StartupError,
     dependency_levels,
+    local_argv,
     render,
 )
 
@@ -66,10 +67,19 @@ CRASH = "import sys; print('crashing', flush=True); sys.exit(3)"
 IDLE = "import time; time.sleep(300)"
 
 
-def fast_policy(**overrides: float) -> RestartPolicy:
-    values = {"restart_limit": 3, "backoff_initial_s": 0.2, "backoff_max_s": 5.0, "reset_after_s": 60.0,
-              "stop_grace_s": 2.0, **overrides}
-    return RestartPolicy(**values)  # type: ignore[arg-type]
+def fast_policy(restart_limit: int = 3, backoff_initial_s: float = 0.2, stop_grace_s: float = 2.0,
+                ready_timeout_s: float = 20.0) -> RestartPolicy:
+    return RestartPolicy(restart_limit=restart_limit, backoff_initial_s=backoff_initial_s, backoff_max_s=5.0,
+                         reset_after_s=60.0, stop_grace_s=stop_grace_s, ready_timeout_s=ready_timeout_s)
+
+
+def component(name: str, *argv: str, ports: tuple[Port, ...] = (), depends_on: tuple[str, ...] = (),
+              ready_port: str | None = None, service: bool = False,
+              secret_env: dict[str, SecretEnv] | None = None) -> Component:
+    """A graph component running ``python -c ...`` (what compile_graph makes, minus the model)."""
+    return Component(name=name, role=Role.SANDBOX if service else Role.LEARNER, index=0, argv=(PY, "-c", *argv),
+                     env={}, secret_env=secret_env or {}, ports=ports, resources=Resources(),
+                     depends_on=depends_on, ready_port=ready_port, service=service)
 
 
 def descendants(pids: list[int]) -> list[psutil.Process]:
@@ -94,7 +104,7 @@ def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
     return living
 
 
-async def wait_for(predicate, timeout_s: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+async def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
@@ -108,25 +118,41 @@ def kinds(supervisor: LocalSupervisor, name: str) -> list[EventKind]:
 # --- pure helpers ---
 
 
-def test_dependency_levels_order_components_after_their_dependencies() -> None:
-    components = [LocalComponent("rollout", ["x"], depends_on=["learner", "sandbox"]),
-                  LocalComponent("learner", ["x"]), LocalComponent("sandbox", ["x"])]
-    assert dependency_levels(components) == [["learner", "sandbox"], ["rollout"]]
+FLOWRUN = """
+apiVersion: flowlane.dev/v1alpha1
+kind: FlowRun
+metadata: {name: tiny}
+spec:
+  rollout: {replicas: 2}
+  sandbox: {replicas: 2}
+"""
+
+
+def test_dependency_levels_of_a_compiled_graph_start_servers_before_workers() -> None:
+    graph = compile_graph(load_flowrun(FLOWRUN))
+
+    assert dependency_levels(graph.components) == [["learner", "sandbox-0", "sandbox-1"],
+                                                   ["rollout-0", "rollout-1"]]
 
 
 def test_dependency_cycle_is_refused_naming_the_components() -> None:
-    components = [LocalComponent("a", ["x"], depends_on=["b"]), LocalComponent("b", ["x"], depends_on=["a"])]
+    components = [component("a", "", depends_on=("b",)), component("b", "", depends_on=("a",))]
     with pytest.raises(StartupError, match="dependency cycle among components: a, b"):
         dependency_levels(components)
 
 
-def test_render_replaces_port_and_address_placeholders_only() -> None:
+def test_render_fills_the_graph_placeholders_with_loopback_values() -> None:
     ports = {"learner": {"grpc": 50123}}
     assert render("--learner={address:learner.grpc}", ports) == "--learner=127.0.0.1:50123"
     assert render("{port:learner.grpc}", ports) == "50123"
     assert render('{"json": {"stays": 1}}', ports) == '{"json": {"stays": 1}}'
-    with pytest.raises(StartupError, match="component 'learner' has no port 'http'"):
+    with pytest.raises(StartupError, match="names port 'http' of component 'learner', which the graph does not"):
         render("{port:learner.http}", ports)
+
+
+def test_flowlane_commands_run_with_this_interpreter() -> None:
+    assert local_argv(("flowlane", "sandbox", "--port", "1")) == [PY, "-m", "flowlane.cli", "sandbox", "--port", "1"]
+    assert local_argv((PY, "-c", "pass")) == [PY, "-c", "pass"]
 
 
 # --- real processes ---
@@ -134,9 +160,9 @@ def test_render_replaces_port_and_address_placeholders_only() -> None:
 
 async def test_dependents_start_only_after_the_dependency_is_ready(tmp_path: Path) -> None:
     components = [
-        LocalComponent("server", [PY, "-c", SERVER, "{port:server.main}", "0.5"], ports={"main": 0},
-                       readiness=Readiness(ReadinessKind.TCP, "main", timeout_s=20), restart=RestartMode.ALWAYS),
-        LocalComponent("client", [PY, "-c", CLIENT, "{address:server.main}"], depends_on=["server"]),
+        component("server", SERVER, "{port:server.main}", "0.5", ports=(Port("main", 9000, Protocol.HTTP),),
+                  ready_port="main", service=True),
+        component("client", CLIENT, "{address:server.main}", depends_on=("server",)),
     ]
     supervisor = LocalSupervisor(components, tmp_path, fast_policy())
     await supervisor.start()
@@ -150,29 +176,36 @@ async def test_dependents_start_only_after_the_dependency_is_ready(tmp_path: Pat
     assert supervisor.status["server"].state is ComponentState.STOPPED
 
 
+async def kill_and_wait_for_restart(supervisor: LocalSupervisor, name: str) -> float:
+    """SIGKILL the component's process; seconds until its replacement is ready."""
+    status = supervisor.status[name]
+    old_pid = status.pid
+    assert old_pid is not None
+    killed_at = time.monotonic()
+    os.kill(old_pid, signal.SIGKILL)
+    await wait_for(lambda: status.pid != old_pid and status.state is ComponentState.READY)
+    return time.monotonic() - killed_at
+
+
 async def test_sigkilled_component_is_restarted_with_exponential_backoff(tmp_path: Path) -> None:
-    components = [LocalComponent("sandbox", [PY, "-c", IDLE], restart=RestartMode.ALWAYS)]
+    components = [component("sandbox", IDLE, service=True)]
     supervisor = LocalSupervisor(components, tmp_path, fast_policy(backoff_initial_s=0.3))
     await supervisor.start()
     try:
-        status = supervisor.status["sandbox"]
-        for expected_restarts, expected_delay in ((1, 0.3), (2, 0.6)):
-            old_pid = status.pid
-            assert old_pid is not None
-            killed_at = time.monotonic()
-            os.kill(old_pid, signal.SIGKILL)
-            await wait_for(lambda old=old_pid: status.pid != old and status.state is ComponentState.READY)
-            assert time.monotonic() - killed_at >= expected_delay
-            assert status.restarts == expected_restarts
-            restarting = [e for e in supervisor.events if e.kind is EventKind.RESTARTING][-1]
-            assert (restarting.exit_code, restarting.delay_s) == (-signal.SIGKILL, expected_delay)
+        first = await kill_and_wait_for_restart(supervisor, "sandbox")
+        second = await kill_and_wait_for_restart(supervisor, "sandbox")
     finally:
         await supervisor.stop()
 
+    assert first >= 0.3 and second >= 0.6
+    restarting = [e for e in supervisor.events if e.kind is EventKind.RESTARTING]
+    assert [(e.exit_code, e.delay_s, e.restarts) for e in restarting] == [(-signal.SIGKILL, 0.3, 1),
+                                                                          (-signal.SIGKILL, 0.6, 2)]
+    assert supervisor.status["sandbox"].restarts == 2
+
 
 async def test_restart_limit_fails_the_run_naming_the_component_and_its_log(tmp_path: Path) -> None:
-    components = [LocalComponent("learner", [PY, "-c", CRASH]),
-                  LocalComponent("sandbox", [PY, "-c", IDLE], restart=RestartMode.ALWAYS)]
+    components = [component("learner", CRASH), component("sandbox", IDLE, service=True)]
     supervisor = LocalSupervisor(components, tmp_path, fast_policy(restart_limit=2, backoff_initial_s=0.05))
     await supervisor.start()
     outcome = await asyncio.wait_for(supervisor.wait(), 30)
@@ -188,8 +221,8 @@ async def test_restart_limit_fails_the_run_naming_the_component_and_its_log(tmp_
 
 
 async def test_stop_terminates_process_groups_and_leaves_no_orphans(tmp_path: Path) -> None:
-    components = [LocalComponent("polite", [PY, "-c", PARENT_WITH_CHILD, "default"], restart=RestartMode.ALWAYS),
-                  LocalComponent("stubborn", [PY, "-c", PARENT_WITH_CHILD, "ignore-term"], restart=RestartMode.ALWAYS)]
+    components = [component("polite", PARENT_WITH_CHILD, "default", service=True),
+                  component("stubborn", PARENT_WITH_CHILD, "ignore-term", service=True)]
     supervisor = LocalSupervisor(components, tmp_path, fast_policy(stop_grace_s=0.5))
     await supervisor.start()
     pids = [s.pid for s in supervisor.status.values() if s.pid is not None]
@@ -206,13 +239,15 @@ async def test_stop_terminates_process_groups_and_leaves_no_orphans(tmp_path: Pa
 SUPERVISOR_SCRIPT = textwrap.dedent("""
     import asyncio, json, sys
     from pathlib import Path
-    from flowlane.operator.local import LocalComponent, LocalSupervisor, RestartMode
+    from flowlane.api.common import Resources
+    from flowlane.operator.graph import Component, Role
+    from flowlane.operator.local import LocalSupervisor
     CHILD = sys.argv[2]
 
     async def main():
         supervisor = LocalSupervisor(
-            [LocalComponent(f"c{i}", [sys.executable, "-c", CHILD, "default"], restart=RestartMode.ALWAYS)
-             for i in range(2)], Path(sys.argv[1]))
+            [Component(f"c{i}", Role.SANDBOX, i, (sys.executable, "-c", CHILD, "default"), {}, {}, (), Resources(),
+                       service=True) for i in range(2)], Path(sys.argv[1]))
         await supervisor.start()
         print(json.dumps([s.pid for s in supervisor.status.values()]), flush=True)
         await supervisor.wait()
@@ -247,8 +282,8 @@ async def test_requested_port_in_use_is_a_clear_error_and_starts_nothing(tmp_pat
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        components = [LocalComponent("learner", [PY, "-c", IDLE], ports={"grpc": port})]
-        supervisor = LocalSupervisor(components, tmp_path, fast_policy())
+        components = [component("learner", IDLE, ports=(Port("grpc", 50051),))]
+        supervisor = LocalSupervisor(components, tmp_path, fast_policy(), port_overrides={"learner": {"grpc": port}})
         with pytest.raises(PortInUseError) as caught:
             await supervisor.start()
 
@@ -258,14 +293,40 @@ async def test_requested_port_in_use_is_a_clear_error_and_starts_nothing(tmp_pat
 
 
 async def test_component_never_ready_fails_the_start_and_stops_what_started(tmp_path: Path) -> None:
-    components = [
-        LocalComponent("sandbox", [PY, "-c", IDLE], restart=RestartMode.ALWAYS),
-        LocalComponent("learner", [PY, "-c", IDLE], ports={"grpc": 0},
-                       readiness=Readiness(ReadinessKind.TCP, "grpc", timeout_s=0.5)),
-    ]
-    supervisor = LocalSupervisor(components, tmp_path, fast_policy())
-    with pytest.raises(StartupError, match=r"component 'learner' was not ready on port 'grpc' within 0.5s"):
+    components = [component("sandbox", IDLE, service=True),
+                  component("learner", IDLE, ports=(Port("grpc", 50051),), ready_port="grpc")]
+    supervisor = LocalSupervisor(components, tmp_path, fast_policy(ready_timeout_s=1.5))
+    with pytest.raises(StartupError, match=r"component 'learner' was not ready on port 'grpc' \(127.0.0.1:\d+\) "
+                                           r"within 1.5s; see .*learner.log"):
         await supervisor.start()
     pids = [s.pid for s in supervisor.status.values() if s.pid is not None]
     assert len(pids) == 2
     assert [pid for pid in pids if psutil.pid_exists(pid)] == []
+
+
+async def test_missing_secret_is_named_before_anything_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FLOWLANE_TOOL_WEB_KEY", raising=False)
+    components = [component("rollout-0", IDLE, secret_env={"FLOWLANE_TOOL_WEB_KEY": SecretEnv("web", "key")})]
+    supervisor = LocalSupervisor(components, tmp_path, fast_policy())
+    with pytest.raises(StartupError) as caught:
+        await supervisor.start()
+
+    assert str(caught.value) == ("component 'rollout-0' needs FLOWLANE_TOOL_WEB_KEY (Secret 'web', key 'key' on "
+                                 "Kubernetes): set FLOWLANE_TOOL_WEB_KEY in the environment for a local run")
+    assert supervisor.events == []
+
+
+async def test_graph_token_is_generated_and_shared_by_every_component(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FLOWLANE_GRPC_TOKEN", raising=False)
+    graph = compile_graph(load_flowrun(FLOWRUN))
+    print_token = "import os; print(os.environ['FLOWLANE_GRPC_TOKEN'])"
+    graph = dataclasses.replace(graph, components=tuple(
+        dataclasses.replace(c, argv=(PY, "-c", print_token), ready_port=None, service=False, depends_on=())
+        for c in graph.components))
+    supervisor = LocalSupervisor.for_graph(graph, tmp_path, fast_policy())
+    await supervisor.start()
+    assert await asyncio.wait_for(supervisor.wait(), 30) is RunOutcome.COMPLETED
+
+    tokens = {(tmp_path / "logs" / f"{c.name}.log").read_text().splitlines()[-1] for c in graph.components}
+    assert len(tokens) == 1 and len(tokens.pop()) >= 32

@@ -8,11 +8,10 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import pytest
-
 from flowlane.api import sandbox_pb2
 from flowlane.runtime.sandbox import SandboxErrorKind, SandboxLimits
 from flowlane.runtime.sandbox_server import DEFAULT_CEILING, RemoteCodeRunner, limits_from_proto
@@ -64,9 +63,9 @@ def sandbox_server() -> Iterator[ServerProcess]:
 
 
 @pytest.fixture
-async def runner(sandbox_server: ServerProcess) -> RemoteCodeRunner:
+async def runner(sandbox_server: ServerProcess) -> AsyncIterator[RemoteCodeRunner]:
     client = RemoteCodeRunner(sandbox_server.address, TOKEN)
-    yield client  # type: ignore[misc]
+    yield client
     await client.close()
 
 

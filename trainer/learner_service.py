@@ -111,17 +111,16 @@ class LearnerRuntime:
     # -- set-up ---------------------------------------------------------------------------------
     def build(self) -> None:
         from flowlane.trainer.checkpoint import CheckpointStore
-        from flowlane.trainer.learner import Learner, LearnerConfig
+        from flowlane.trainer.learner import Learner
         from flowlane.trainer.tracking import Tracker
 
         spec = self.spec
-        self.learner = Learner(LearnerConfig.from_spec(spec))
+        self.learner = Learner(learner_config(spec))
         uri = spec.storage.checkpoint_uri or (self.run_dir / "checkpoints").resolve().as_uri()
         self.store = CheckpointStore.from_uri(uri, endpoint=_endpoint_host(spec.storage.s3_endpoint),
                                               secure=(spec.storage.s3_endpoint or "").startswith("https"),
                                               keep_last=spec.storage.keep_last)
-        tracking_uri = spec.tracking.mlflow_uri or (self.run_dir / "mlruns").resolve().as_uri()
-        self.tracker = Tracker(tracking_uri, spec.tracking.experiment)
+        self.tracker = Tracker(spec.tracking.experiment, run_dir=self.run_dir, tracking_uri=spec.tracking.mlflow_uri)
         self.progress.mlflow_run_id = self.tracker.start_run(
             self.flowrun.name, params=_flatten(self.flowrun.run_config()["spec"]),
             tags={"flowlane.run": self.flowrun.name, "flowlane.algorithm": "flow-grpo"},
@@ -223,7 +222,6 @@ class LearnerRuntime:
         self.tracker.log_metrics(step, {"eval/accuracy": accuracy, "eval/time_s": time.monotonic() - started})
         if label == "baseline":
             self.tracker.log_metrics(step, {"eval/baseline_accuracy": accuracy})
-        self.tracker.log_trajectories(step, list(round_.results.values())[:4], prefix=f"eval-{label}")
         log.info("held-out accuracy (%s, %d questions): %.3f", label, len(round_.tasks), accuracy)
         return accuracy
 
@@ -273,6 +271,8 @@ class LearnerRuntime:
     # -- what the service hands out -------------------------------------------------------------
     def lease(self, worker_id: str, max_tasks: int) -> tuple[list[dict[str, Any]], int]:
         """Units for a worker as plain dicts (unit_id, task, seed, eval) and the policy version."""
+        if self.learner is None or self.weights_cache is None:
+            return [], 0  # still loading the planner
         self._note_incarnation(worker_id)
         now = time.monotonic()
         limit = max_tasks or max(self.spec.algorithm.batch_questions * self.spec.algorithm.group_size, 1)
@@ -323,6 +323,34 @@ class LearnerRuntime:
         if outcome is SubmitOutcome.ACCEPTED:
             self.progress.trajectories += 1
         return outcome.value
+
+
+def learner_config(spec: Any) -> Any:
+    """The learner's plain-data config from a FlowRun spec (the one place the two meet)."""
+    from flowlane.trainer.learner import LearnerConfig, LoraSettings
+
+    algo = spec.algorithm
+    lora = spec.model.lora
+    dtype = spec.model.dtype.value
+    return LearnerConfig(
+        model_path=spec.model.planner,
+        lr=algo.lr,
+        total_steps=spec.schedule.steps,
+        clip_eps_low=algo.clip_low,
+        clip_eps_high=algo.clip_high,
+        kl_beta=algo.kl_beta,
+        kl_estimator=algo.kl_estimator.value,
+        advantage_mode=algo.advantage_mode.value,
+        aggregation="token_mean" if algo.loss_aggregation.value == "tokenMean" else "paper",
+        zero_stage=spec.engine.zero_stage,
+        dtype="float32" if dtype == "float16" else dtype,
+        lora=LoraSettings(r=lora.rank, alpha=float(lora.alpha), dropout=lora.dropout,
+                          target_modules=tuple(lora.target_modules)) if lora.enabled else None,
+        temperature=max(algo.temperature, 1e-3),
+        tis_cap=algo.tis_cap,
+        skip_uniform_groups=algo.skip_uniform_groups,
+        seed=algo.seed,
+    )
 
 
 def _rollout_metrics(trajectories: list[Any]) -> dict[str, float]:

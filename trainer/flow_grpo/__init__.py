@@ -13,7 +13,6 @@ from enum import StrEnum
 from typing import TypeVar
 
 import torch
-
 from flowlane.runtime.errors import ConfigError
 from flowlane.trainer.flow_grpo.advantages import (
     ADVANTAGE_ESTIMATORS,
@@ -27,6 +26,7 @@ from flowlane.trainer.flow_grpo.diagnostics import (
     advantage_stats,
     approx_kl,
     clip_fractions,
+    entropy_from_log_probs,
     entropy_from_logits,
 )
 from flowlane.trainer.flow_grpo.importance import truncated_importance_weights
@@ -55,6 +55,7 @@ __all__ = [
     "approx_kl",
     "clip_fractions",
     "clipped_policy_loss",
+    "entropy_from_log_probs",
     "entropy_from_logits",
     "get_advantage_estimator",
     "get_aggregation",

@@ -29,11 +29,20 @@ def approx_kl(log_prob: torch.Tensor, old_log_prob: torch.Tensor) -> float:
     return float((torch.expm1(log_ratio) - log_ratio).mean().item())
 
 
+def entropy_from_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
+    """Entropy of a normalised log-distribution along the last axis, in nats; (n, vocab) -> (n,).
+
+    No gradient. Tokens with probability 0 (logit -inf, e.g. masked) contribute 0, not nan.
+    """
+    with torch.no_grad():
+        p = log_probs.exp()
+        return -torch.where(p > 0, p * log_probs, torch.zeros_like(p)).sum(dim=-1)
+
+
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of softmax(logits) along the last axis, in nats. (n, vocab) -> (n,). No gradient."""
     with torch.no_grad():
-        log_p = torch.log_softmax(logits.float(), dim=-1)
-        return -(log_p.exp() * log_p).sum(dim=-1)
+        return entropy_from_log_probs(torch.log_softmax(logits.float(), dim=-1))
 
 
 def advantage_stats(advantages: torch.Tensor) -> dict[str, float]:

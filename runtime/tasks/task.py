@@ -1,0 +1,52 @@
+"""The unit of training and evaluation data: one question with a verifiable answer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from flowlane.runtime.errors import ConfigError
+from flowlane.runtime.rewards import RewardKind
+
+
+class Split(StrEnum):
+    TRAIN = "train"
+    TEST = "test"  # held out: never trained on
+    ALL = "all"  # every row of a user file (for evaluation-only data)
+
+
+_SPLIT_ALIASES = {
+    "train": Split.TRAIN,
+    "training": Split.TRAIN,
+    "test": Split.TEST,
+    "held_out": Split.TEST,
+    "held-out": Split.TEST,
+    "heldout": Split.TEST,
+    "eval": Split.TEST,
+    "all": Split.ALL,
+}
+
+
+def resolve_split(split: str | Split) -> Split:
+    try:
+        return _SPLIT_ALIASES[str(split).strip().lower()]
+    except KeyError:
+        raise ConfigError(
+            f"unknown split '{split}'; use 'train', 'test' (alias 'held_out') or 'all'"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str
+    question: str
+    answer: str  # the gold answer; for game24 one valid expression (any valid one scores)
+    source: str  # the task set it came from (per-source metrics)
+    reward: str = RewardKind.EXACT_MATCH.value  # a reward registry name (flowlane.runtime.rewards)
+    #: Extra facts a checker or test may use (game24 numbers, multihop gold passages).
+    meta: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "question": self.question, "answer": self.answer, "source": self.source,
+                "reward": self.reward, "meta": self.meta}

@@ -1,0 +1,352 @@
+"""The learner engine: batching, update direction, uniform groups, packing equivalence, LoRA, checkpoints.
+
+Where the real weights matter (does a rewarded turn become more likely?) the bundled
+SmolLM2-135M-Instruct is used; elsewhere a tiny random model of the same architecture keeps each
+test at a few seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from learner_helpers import TINY_VOCAB, make_tiny_model_dir, synthetic_trajectories
+
+from flowlane.runtime.errors import ConfigError, FlowlaneError
+from flowlane.runtime.trajectory import PlannerTurn, Trajectory
+from flowlane.trainer.batching import pack_sequences, plan_micro_batches
+from flowlane.trainer.flow_grpo import AdvantageMode, Aggregation
+from flowlane.trainer.learner import (
+    Learner,
+    LearnerConfig,
+    LoraSettings,
+    LRSchedule,
+    lr_factor,
+    prepare_batch,
+    token_weights,
+)
+
+
+@pytest.fixture(scope="session")
+def real_model_dir(request: pytest.FixtureRequest) -> Path:
+    """The bundled real model: the shared ``model_dir`` fixture when it exists, else an import."""
+    try:
+        return Path(request.getfixturevalue("model_dir"))
+    except pytest.FixtureLookupError:
+        from flowlane.runtime.models import resolve_model
+
+        return resolve_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"), seed=0)
+
+
+@pytest.fixture
+def make_learner(tiny_model: Path) -> Iterator:
+    """Build learners on the tiny model (closed after the test); keyword arguments go to LearnerConfig."""
+    built: list[Learner] = []
+
+    def build(**overrides: object) -> Learner:
+        settings: dict[str, object] = {"model_path": str(tiny_model), "lr": 1e-2, "dtype": "float32"}
+        settings.update(overrides)
+        learner = Learner(LearnerConfig(**settings))  # type: ignore[arg-type]
+        built.append(learner)
+        return learner
+
+    yield build
+    for learner in built:
+        learner.close()
+
+
+def weights(learner: Learner) -> dict[str, torch.Tensor]:
+    return {name: tensor.clone() for name, tensor in learner.export_weights()}
+
+
+# --- pure pieces -----------------------------------------------------------------------------------
+
+
+def test_micro_batches_stay_within_the_token_budget_and_cover_every_sequence() -> None:
+    lengths = [7, 3, 9, 2, 5, 5, 1, 8]
+    plan = plan_micro_batches(lengths, token_budget=10)
+    assert sorted(i for batch in plan for i in batch) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in batch) <= 10 for batch in plan)
+    # first-fit decreasing: 9+1, 8+2, 7+3, 5+5
+    assert plan == [[2, 6], [7, 3], [0, 1], [4, 5]]
+
+
+def test_a_sequence_longer_than_the_budget_gets_its_own_micro_batch() -> None:
+    assert plan_micro_batches([12, 3, 4], token_budget=10) == [[0], [2, 1]]
+
+
+def test_packing_restarts_positions_and_scores_response_tokens_from_the_previous_position() -> None:
+    packed = pack_sequences([([10, 11], [12, 13]), ([20], [21])])
+    assert packed.input_ids.tolist() == [[10, 11, 12, 13, 20, 21]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 0, 1]]
+    # token 12 is predicted at position 1 (after 11), 13 at 2, 21 at 4 (after 20)
+    assert packed.logit_positions.tolist() == [1, 2, 4]
+    assert packed.target_ids.tolist() == [12, 13, 21]
+    assert packed.token_sequence.tolist() == [0, 0, 1]
+
+
+def _turn(n_response: int, version: int = 0) -> PlannerTurn:
+    return PlannerTurn(
+        prompt_ids=[1, 2], response_ids=[3] * n_response, logprobs=[-1.0] * n_response, policy_version=version
+    )
+
+
+def test_prepare_batch_broadcasts_the_trajectory_advantage_to_every_turn() -> None:
+    trajectories = [
+        Trajectory(question="a", question_id="a", planner_turns=[_turn(2), _turn(1)], reward=1.0),
+        Trajectory(question="a", question_id="a", planner_turns=[_turn(3)], reward=0.0),
+    ]
+    batch = prepare_batch(trajectories, AdvantageMode.TRAJECTORY, 1e-6, True, True)
+    # rewards 1, 0: mean 0.5, sample std 0.707107 -> A = +-0.707107, the same on both turns of trajectory 0
+    a = 0.5 / (math.sqrt(0.5) + 1e-6)
+    assert [s.advantage for s in batch.updates[0]] == pytest.approx([a, a, -a])
+    assert [s.trajectory for s in batch.updates[0]] == [0, 0, 1]
+    # paper weights: trajectory 0 turns 1/(2*2*2), 1/(1*2*2); trajectory 1: 1/(3*1*2)
+    pieces = token_weights(batch.updates[0], Aggregation.PAPER)
+    assert torch.cat(pieces).tolist() == pytest.approx([0.125, 0.125, 0.25, 1 / 6, 1 / 6, 1 / 6])
+
+
+def test_prepare_batch_counts_and_skips_uniform_groups() -> None:
+    trajectories = synthetic_trajectories(0, questions=3, group_size=2, rewards=[[1, 1], [0, 1], [0, 0]])
+    batch = prepare_batch(trajectories, AdvantageMode.TRAJECTORY, 1e-6, True, skip_uniform_groups=True)
+    assert (batch.groups, batch.groups_uniform, batch.groups_skipped, batch.trajectories) == (3, 2, 2, 2)
+    kept = prepare_batch(trajectories, AdvantageMode.TRAJECTORY, 1e-6, True, skip_uniform_groups=False)
+    assert (kept.groups_uniform, kept.groups_skipped, kept.trajectories) == (2, 0, 6)
+
+
+def test_a_trajectory_without_reward_is_an_error() -> None:
+    trajectory = Trajectory(question="a", question_id="a", planner_turns=[_turn(1)], reward=None)
+    with pytest.raises(FlowlaneError, match="has no reward; score trajectories"):
+        prepare_batch([trajectory], AdvantageMode.TRAJECTORY, 1e-6, True, True)
+
+
+def test_config_errors_name_the_field() -> None:
+    with pytest.raises(ConfigError, match=r"clip_eps_low: must be in \[0, 1\), got 1.5"):
+        LearnerConfig(model_path="m", clip_eps_low=1.5)
+    with pytest.raises(ConfigError, match="aggregation: unknown value 'seq'; choose one of: paper, token_mean"):
+        LearnerConfig(model_path="m", aggregation="seq")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="total_steps: a cosine schedule needs total_steps > warmup_steps"):
+        LearnerConfig(model_path="m", lr_schedule=LRSchedule.COSINE, warmup_steps=5, total_steps=5)
+    with pytest.raises(ConfigError, match=r"lora.r: must be >= 1"):
+        LearnerConfig(model_path="m", lora=LoraSettings(r=0))
+
+
+def test_lr_schedule_warms_up_then_decays() -> None:
+    # warmup 2: 1/2, 2/2; cosine over the 4 steps after it: 0.5 * (1 + cos(pi * k / 4)) with floor 0.1
+    factors = [lr_factor(s, 2, 6, LRSchedule.COSINE, 0.1) for s in range(7)]
+    cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(5)]
+    assert factors == pytest.approx([0.5, 1.0, *cosine])
+    assert [lr_factor(s, 0, 4, LRSchedule.LINEAR, 0.0) for s in range(5)] == pytest.approx([1, 0.75, 0.5, 0.25, 0])
+    assert lr_factor(100, 0, 0, LRSchedule.CONSTANT, 0.0) == 1.0
+
+
+# --- the real model: learning direction ----------------------------------------------------------
+
+
+def test_positive_advantage_turn_gains_log_prob_and_negative_turn_loses_it(real_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(real_model_dir))
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Which tool answers: what is 17 * 3?"}], tokenize=False, add_generation_prompt=True
+    )
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+    good = tokenizer("Tool Name: Python_Coder\nSub-Goal: compute 17 * 3", add_special_tokens=False)["input_ids"]
+    bad = tokenizer("Tool Name: Wikipedia_Search\nSub-Goal: read about numbers", add_special_tokens=False)["input_ids"]
+    learner = Learner(LearnerConfig(model_path=str(real_model_dir), lr=1e-5, kl_beta=0.0, dtype="float32"))
+    try:
+        good_before = learner.log_probs(prompt, good)
+        bad_before = learner.log_probs(prompt, bad)
+        trajectories = [
+            Trajectory(
+                question="q",
+                question_id="q",
+                reward=reward,
+                planner_turns=[PlannerTurn(prompt, response, before.tolist(), policy_version=0)],
+            )
+            for reward, response, before in ((1.0, good, good_before), (0.0, bad, bad_before))
+        ]
+        metrics = learner.step(trajectories)
+        good_after = learner.log_probs(prompt, good)
+        bad_after = learner.log_probs(prompt, bad)
+    finally:
+        learner.close()
+    assert metrics["updated"] == 1.0 and metrics["policy_version"] == 1.0
+    assert good_after.sum() > good_before.sum() + 0.1
+    assert bad_after.sum() < bad_before.sum() - 0.1
+
+
+# --- the tiny model: engine behaviour ------------------------------------------------------------
+
+
+def test_uniform_groups_are_skipped_and_counted(make_learner) -> None:
+    learner = make_learner()
+    trajectories = synthetic_trajectories(1, questions=3, group_size=2, rewards=[[1, 1], [0, 1], [0, 0]])
+    metrics = learner.step(trajectories)
+    assert (metrics["groups"], metrics["groups_uniform"], metrics["groups_skipped"]) == (3.0, 2.0, 2.0)
+    assert metrics["trajectories"] == 2.0
+    assert metrics["turns"] == sum(len(t.planner_turns) for t in trajectories[2:4])
+
+
+def test_a_batch_of_only_uniform_groups_changes_nothing(make_learner) -> None:
+    learner = make_learner()
+    before = weights(learner)
+    metrics = learner.step(synthetic_trajectories(2, questions=2, group_size=3, rewards=[[1, 1, 1], [0, 0, 0]]))
+    assert metrics["updated"] == 0.0 and metrics["groups_skipped"] == 2.0
+    assert learner.policy_version == 0
+    assert all(torch.equal(before[name], tensor) for name, tensor in learner.export_weights())
+
+
+def test_packed_micro_batches_give_the_loss_and_gradients_of_one_sample_at_a_time(make_learner) -> None:
+    learner = make_learner(kl_beta=0.01, micro_batch_tokens=4096)
+    trajectories = synthetic_trajectories(3, questions=3, group_size=3, max_turns=3)
+    packed_loss, packed_grads = learner.compute_gradients(trajectories)
+    learner.config.micro_batch_tokens = 1  # every turn alone in its micro-batch
+    single_loss, single_grads = learner.compute_gradients(trajectories)
+    assert packed_loss == pytest.approx(single_loss, abs=1e-6)
+    assert packed_grads.keys() == single_grads.keys() and packed_grads
+    for name, grad in packed_grads.items():
+        torch.testing.assert_close(grad, single_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+    assert any(g.abs().max() > 1e-4 for g in packed_grads.values())
+
+
+def test_stale_samples_report_staleness_and_cap_importance_weights(make_learner) -> None:
+    learner = make_learner(tis_cap=2.0)
+    learner.policy_version = 5
+    trajectories = synthetic_trajectories(4, questions=2, group_size=2, policy_version=2, rewards=[[1, 0], [0, 1]])
+    for trajectory in trajectories:  # the behaviour policy found every token very unlikely
+        for turn in trajectory.planner_turns:
+            turn.logprobs = [-30.0] * len(turn.response_ids)
+    metrics = learner.step(trajectories)
+    assert metrics["staleness_mean"] == 3.0 and metrics["staleness_max"] == 3.0
+    assert metrics["tis_capped_frac"] == 1.0 and metrics["tis_weight_mean"] == pytest.approx(2.0)
+    assert learner.policy_version == 6
+
+
+def test_step_reports_the_metrics_tracking_needs(make_learner) -> None:
+    learner = make_learner(kl_beta=0.1, warmup_steps=2)
+    metrics = learner.step(synthetic_trajectories(5, rewards=[[1, 0, 0], [0, 1, 1], [1, 0, 1]]))
+    for key in ("loss", "kl", "clip_frac_low", "clip_frac_high", "entropy", "grad_norm", "lr", "tokens",
+                "tokens_per_s", "groups_skipped", "advantage_mean", "advantage_std", "staleness_mean"):
+        assert math.isfinite(metrics[key]), key
+    assert metrics["lr"] == pytest.approx(0.5e-2)  # first warmup step: lr * 1/2
+    assert metrics["entropy"] > 0 and metrics["grad_norm"] > 0 and metrics["tokens"] > 0
+
+
+def test_later_mini_batches_are_clipped_against_the_policy_before_the_step(make_learner) -> None:
+    learner = make_learner(mini_batches_per_step=2, lr=0.05)
+    metrics = learner.step(synthetic_trajectories(6, questions=4, rewards=[[1, 0, 0], [0, 1, 1], [1, 0, 1], [0, 0, 1]]))
+    # the first update moves the policy, so the second update sees ratios != 1
+    assert metrics["approx_kl"] > 0
+    assert learner.policy_version == 1
+
+
+def test_token_ids_outside_the_vocabulary_are_an_error(make_learner) -> None:
+    learner = make_learner()
+    trajectories = synthetic_trajectories(7, questions=1, group_size=2, rewards=[[1, 0]])
+    trajectories[0].planner_turns[0].response_ids[0] = TINY_VOCAB + 5
+    with pytest.raises(FlowlaneError, match="different tokenizer"):
+        learner.step(trajectories)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_stages_give_the_update_of_stage_0(make_learner, stage: int) -> None:
+    trajectories = synthetic_trajectories(8, rewards=[[1, 0, 0], [0, 1, 1], [1, 0, 1]])
+    reference = make_learner(zero_stage=0, lr=1e-3)
+    reference.step(trajectories)
+    expected = weights(reference)
+    learner = make_learner(zero_stage=stage, lr=1e-3)
+    learner.step(trajectories)
+    for name, tensor in learner.export_weights():
+        torch.testing.assert_close(tensor, expected[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+# --- LoRA -------------------------------------------------------------------------------------------
+
+
+def test_lora_trains_only_the_adapter(make_learner) -> None:
+    learner = make_learner(lora=LoraSettings(r=4, alpha=8, target_modules=("q_proj", "v_proj")))
+    module = learner.engine.module
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    learner.step(synthetic_trajectories(9, rewards=[[1, 0, 0], [0, 1, 1], [1, 0, 1]]))
+    for name, p in module.named_parameters():
+        changed = not torch.equal(before[name], p.detach())
+        # lora_B starts at zero and must move; every base weight must stay bit-identical
+        assert changed == (name in trainable and "lora_B" in name) or (name in trainable and changed), name
+
+
+def test_lora_export_is_the_merged_model(make_learner) -> None:
+    learner = make_learner(lora=LoraSettings(r=4, alpha=8))
+    learner.step(synthetic_trajectories(10, rewards=[[1, 0, 0], [0, 1, 1], [1, 0, 1]]))
+    merged = copy.deepcopy(learner.engine.module).merge_and_unload()
+    expected = dict(merged.named_parameters())
+    exported = dict(learner.export_weights())
+    assert exported.keys() == expected.keys()
+    for name, tensor in exported.items():
+        torch.testing.assert_close(tensor, expected[name].detach(), atol=1e-6, rtol=1e-5, msg=name)
+    assert not any("lora" in name for name in exported)
+
+
+def test_lora_checkpoint_holds_the_adapter_not_the_base_weights(make_learner, tmp_path: Path) -> None:
+    learner = make_learner(lora=LoraSettings(r=4, alpha=8))
+    learner.step(synthetic_trajectories(11, rewards=[[1, 0, 0], [0, 1, 1], [1, 0, 1]]))
+    meta = learner.save_checkpoint_files(tmp_path / "ckpt")
+    files = {p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+    assert "model.safetensors" not in files
+    assert meta["training"] == "lora"
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(tmp_path / "ckpt" / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in name for name in adapter)
+
+
+# --- checkpoints ------------------------------------------------------------------------------------
+
+
+def test_full_checkpoint_loads_as_a_transformers_model(make_learner, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    learner = make_learner()
+    learner.step(synthetic_trajectories(12, rewards=[[1, 0, 0], [0, 1, 1], [1, 0, 1]]))
+    meta = learner.save_checkpoint_files(tmp_path / "ckpt")
+    assert (meta["step"], meta["policy_version"], meta["training"]) == (1, 1, "full")
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ckpt"), dtype=torch.float32)
+    state = dict(loaded.named_parameters())
+    for name, tensor in learner.export_weights():
+        assert torch.equal(state[name].detach(), tensor), name
+
+
+def test_checkpoint_from_another_model_is_refused(make_learner, tmp_path: Path) -> None:
+    writer = make_learner()
+    writer.step(synthetic_trajectories(13, rewards=[[1, 0, 0], [0, 1, 1], [1, 0, 1]]))
+    writer.save_checkpoint_files(tmp_path / "ckpt")
+    other_model = make_tiny_model_dir(tmp_path / "other-model", seed=1)  # same shape, other weights
+    reader = make_learner(model_path=str(other_model))
+    before = weights(reader)
+    with pytest.raises(FlowlaneError, match="was trained from another model"):
+        reader.load_checkpoint_files(tmp_path / "ckpt")
+    assert reader.policy_version == 0
+    assert all(torch.equal(before[name], tensor) for name, tensor in reader.export_weights())
+
+
+def test_full_checkpoint_is_refused_by_a_lora_learner(make_learner, tmp_path: Path) -> None:
+    make_learner().save_checkpoint_files(tmp_path / "ckpt")
+    with pytest.raises(FlowlaneError, match="holds full fine-tuning state but this learner is configured for lora"):
+        make_learner(lora=LoraSettings(r=4)).load_checkpoint_files(tmp_path / "ckpt")
+
+
+def test_a_directory_without_learner_state_is_not_a_checkpoint(make_learner, tmp_path: Path) -> None:
+    with pytest.raises(FlowlaneError, match="is not a learner checkpoint"):
+        make_learner().load_checkpoint_files(tmp_path)
