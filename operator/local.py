@@ -558,7 +558,7 @@ class LocalSupervisor:
         try:
             process = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT,
-                env=env, cwd=component.cwd, start_new_session=True,
+                env=env, start_new_session=True,
                 preexec_fn=_child_preexec(os.getpid()),
             )
         except OSError as err:
@@ -588,6 +588,15 @@ class LocalSupervisor:
 
     async def _supervise(self, name: str) -> None:
         """Run one component until it completes, fails for good, or the supervisor stops."""
+        try:
+            await self._supervise_loop(name)
+        except Exception as err:  # a bug here must end the run, never leave it hanging
+            message = f"supervising component {name!r} failed: {type(err).__name__}: {err}"
+            self.status[name].state = ComponentState.FAILED
+            self._emit(EventKind.FAILED, name, message)
+            self._finish(RunOutcome.FAILED, message)
+
+    async def _supervise_loop(self, name: str) -> None:
         component = self.components[name]
         running = self._running[name]
         status = self.status[name]

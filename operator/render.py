@@ -334,7 +334,9 @@ def _pod(graph: ProcessGraph, component: Component, owner: Owner, flowrun: FlowR
         container["readinessProbe"] = {"tcpSocket": {"port": component.ready_port},
                                        "periodSeconds": 5, "failureThreshold": 3}
     pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never",  # the operator restarts the whole group, counting against backoffLimit
+        # Learner and rollout pods never restart alone: the operator restarts the whole group, counting
+        # against backoffLimit. A sandbox is a stateless server: the kubelet restarts it in place.
+        "restartPolicy": "Always" if component.service else "Never",
         "automountServiceAccountToken": False,  # components never talk to the Kubernetes API
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": 60 if component.role is Role.LEARNER else 30,

@@ -7,7 +7,8 @@ single mechanism does that everywhere, so the sandbox stacks independent layers,
 the kernel or the interpreter, and reports which ones were in force for every run:
 
 ``rlimits`` (always, mandatory)
-    RLIMIT_CPU (SIGXCPU at the limit, SIGKILL one second later), RLIMIT_AS (allocation fails with
+    RLIMIT_CPU (SIGXCPU at the limit, reported as ``cpu_limit``; SIGKILL one second later, for
+    code that ignores SIGXCPU, reported as ``killed``), RLIMIT_AS (allocation fails with
     MemoryError), RLIMIT_NPROC (fork/thread creation fails), RLIMIT_FSIZE (writes past the size
     fail with EFBIG; CPython ignores SIGXFSZ), RLIMIT_NOFILE, and RLIMIT_CORE = 0.
 ``unprivileged_uid`` (when the caller is root; mandatory then)
@@ -25,26 +26,38 @@ the kernel or the interpreter, and reports which ones were in force for every ru
     unshare(CLONE_NEWNS) and fresh size-capped tmpfs mounts over /tmp, /var/tmp and /dev/shm (the
     world-writable places an unprivileged uid could still write to); the scratch directory is
     bind-mounted back at its own path. Whatever slips past the audit hook into those directories
-    vanishes with the run.
+    vanishes with the run. The same private mount namespace makes the Python installation
+    readable when it sits in a directory the uid cannot enter (pyenv under a 0700 /root, as on
+    the development machine): that directory is covered by an empty tmpfs and only the import
+    paths are bind-mounted back, so the code sees its interpreter and nothing else there.
 ``audit_hook``
     A ``sys.addaudithook`` hook, installed by the bootstrap before the user code runs, refuses
     socket creation and use, subprocess / os.system / exec / spawn, foreign function calls through
     ctypes, and any write, rename, delete or chmod outside the scratch directory. A refusal raises
     ``PermissionError`` (so libraries that probe for features degrade gracefully); uncaught, it
-    ends the run as ``blocked``. Audit hooks are not a security boundary on their own (Python
-    code can tamper with interpreter state), which is why the kernel layers above exist.
+    ends the run as ``blocked``. ``os.fork`` stays allowed (RLIMIT_NPROC bounds it, and a forked
+    child keeps every layer). Audit hooks are not a security boundary on their own (Python code
+    can tamper with interpreter state), which is why the kernel layers above exist.
 
 A wall-clock deadline kills the whole process group and then every process of the run's uid;
 stdout and stderr are read concurrently and kept only up to ``max_output_bytes`` each (the rest
 is drained and dropped, never buffered); the scratch directory is the working directory, HOME
 and TMPDIR, and it is deleted afterwards. The environment is not inherited (no credentials leak).
 
-On the development machine (Linux, running as root with full capabilities) every layer is
-enforced; ``tests/test_sandbox.py`` fails loudly if one is not. In a Kubernetes pod running as a
-non-root user without CAP_SYS_ADMIN, ``network_namespace`` and ``private_tmp`` are unavailable
-(the pod's NetworkPolicy and read-only root filesystem take their place), RLIMIT_NPROC counts
-the pod user's processes, and the other layers still apply; ``SandboxResult.isolation`` says
-which layers a run actually had, and ``Isolation(strict=True)`` refuses to run without them.
+What is enforced where. On the development and CI machines (Linux 6.x, running as root with
+full capabilities, Python 3.11) every layer is in force, and ``tests/test_sandbox.py`` checks
+each on its own: the first test fails loudly if any layer cannot be applied, so a machine that
+silently lost one does not pass. In a Kubernetes pod running as a non-root user without
+CAP_SYS_ADMIN, ``network_namespace`` and ``private_tmp`` cannot be applied (the pod's
+NetworkPolicy and a read-only root filesystem take their place), there is no uid drop (the pod
+user is already unprivileged) and RLIMIT_NPROC counts all of that user's processes; the rest
+still holds. That path is not exercised here (on this machine the interpreter is not readable by
+a non-root user at all). ``SandboxResult.isolation`` says which layers a run actually had, and
+``Isolation(strict=True)`` refuses to run code without all requested layers.
+
+Known gaps, covered by the kernel layers rather than the hook: ``os.open(..., dir_fd=...)``
+relative to a directory opened for reading is not resolved by the hook (the open event carries
+no dir_fd); C extensions that write files without going through Python's audited calls.
 
 The child is this file run as a script (``python -I -B sandbox.py CONFIG``): the bootstrap at the
 bottom applies the layers in order (namespaces and mounts need root, so they come before the uid
@@ -54,6 +67,7 @@ private pipe, closes it, and only then executes the user code.
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import builtins
 import contextlib
@@ -238,6 +252,7 @@ _READ_CHUNK = 64 * 1024
 # this process or others, from sharing one.
 _UID_RANGE = range(40000, 60000)
 _UID_LOCK_DIR = Path(tempfile.gettempdir()) / "flowlane-sandbox-uids"
+_UID_PICKER = random.SystemRandom()  # never touches (or depends on) the seeded global RNG
 _PRIVATE_TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 _PRIVATE_TMP_SIZE = "16m"
 
@@ -248,7 +263,7 @@ class _UidLease:
     def __init__(self) -> None:
         _UID_LOCK_DIR.mkdir(mode=0o700, exist_ok=True)
         for _ in range(200):
-            uid = random.choice(_UID_RANGE)
+            uid = _UID_PICKER.choice(_UID_RANGE)
             fd = os.open(_UID_LOCK_DIR / f"{uid}.lock", os.O_CREAT | os.O_RDWR, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -605,7 +620,9 @@ class SandboxViolation(PermissionError):
 
 def _install_audit_hook(scratch: str) -> None:
     scratch_real = os.path.realpath(scratch)
-    inside = False  # the hook's own calls raise events too; do not recurse
+    # The hook's own calls raise events too: skip those, per thread (a flag shared by threads
+    # would let one thread's events through while another is inside the hook).
+    state = _thread._local()
 
     def is_inside_scratch(path: Any, dir_fd: Any = None) -> bool:
         if isinstance(path, int):
@@ -627,10 +644,9 @@ def _install_audit_hook(scratch: str) -> None:
         raise SandboxViolation(f"sandbox: {what} is not allowed (the code runs offline, in its scratch dir)")
 
     def hook(event: str, args: tuple[Any, ...]) -> None:
-        nonlocal inside
-        if inside:
+        if getattr(state, "inside", False):
             return
-        inside = True
+        state.inside = True
         try:
             if event.startswith("socket."):
                 refuse("networking")
@@ -652,7 +668,7 @@ def _install_audit_hook(scratch: str) -> None:
                     if i < len(args) and args[i] is not None and not is_inside_scratch(args[i], dir_fd):
                         refuse(f"changing {os.fsdecode(args[i])!r} outside the scratch directory")
         finally:
-            inside = False
+            state.inside = False
 
     sys.addaudithook(hook)
 

@@ -72,7 +72,8 @@ _resource_versions = itertools.count(1)
 class ApiServerEmulator(kmock.KubernetesEmulator):
     """KMock plus the bookkeeping a real API server does on every write and kopf relies on.
 
-    A new object gets a uid, a creation time and generation 1; every write gets a fresh
+    A new object gets a uid, a creation time, generation 1 and a name from its ``generateName``
+    (kopf names its Kubernetes events that way); every write gets a fresh
     resourceVersion (kopf uses it to tell its own patches from stale watch events); a change of
     ``spec`` bumps ``metadata.generation``.
     """
@@ -86,6 +87,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
                 meta = data.setdefault("metadata", {})
                 meta["resourceVersion"] = version
                 if action == kmock.action.CREATE:
+                    if not meta.get("name") and meta.get("generateName"):
+                        meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
                     meta.setdefault("uid", str(uuid.uuid4()))
                     meta.setdefault("generation", 1)
                     meta.setdefault("creationTimestamp", datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
@@ -221,7 +224,7 @@ class KubeApi:
             self.set_pod_phase(name, "Running")
 
 
-def wait_until(fn: Callable[[], T], timeout: float = 10.0, interval: float = 0.05, what: str = "") -> T:
+def wait_until(fn: Callable[[], T], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> T:
     """Poll ``fn`` until it returns something truthy; fail with its last value after ``timeout``."""
     deadline = time.monotonic() + timeout
     last: Any = None

@@ -457,6 +457,11 @@ def test_s3_endpoint_and_keys_come_from_the_environment(
     assert ref.uri == f"{backend.uri}/step-00000001"
 
 
+def test_invalid_bucket_name_is_a_config_error() -> None:
+    with pytest.raises(StoreConfigError, match=r"bucket name 'Not_A_Bucket' is not valid"):
+        CheckpointStore.from_uri("s3://Not_A_Bucket/run", endpoint="127.0.0.1:9", retry=FAST_RETRY)
+
+
 def test_unsupported_scheme_is_a_config_error() -> None:
     with pytest.raises(StoreConfigError, match="unsupported scheme 'gs'; use s3:// or file://"):
         CheckpointStore.from_uri("gs://bucket/run")

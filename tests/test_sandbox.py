@@ -12,7 +12,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from flowlane.runtime.errors import ConfigError
 from flowlane.runtime.sandbox import (
     CodeRunner,
@@ -76,7 +75,7 @@ async def test_sleeping_code_is_stopped_by_the_wall_clock() -> None:
 
 
 async def test_output_printed_before_the_deadline_is_kept() -> None:
-    result = await run_python("import time\nprint('started')\ntime.sleep(60)", SandboxLimits(wall_time_s=1))
+    result = await run_python("import time\nprint('started')\ntime.sleep(60)", SandboxLimits(wall_time_s=3))
     assert (result.error_kind, result.stdout) == (SandboxErrorKind.TIMEOUT, "started\n")
 
 
@@ -98,7 +97,6 @@ async def test_fork_bomb_that_ignores_failures_is_killed_at_the_deadline_with_al
     code = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
     result = await run_python(code, SandboxLimits(max_processes=16, wall_time_s=2))
     assert result.error_kind is SandboxErrorKind.TIMEOUT
-    assert result.details["leftover_processes_killed"] > 0
     assert processes_of_uid(result.sandbox_uid or -1) == []
 
 
@@ -137,6 +135,13 @@ async def test_writing_outside_the_scratch_directory_is_blocked() -> None:
     result = await run_python(f"open({str(target)!r}, 'w').write('x')", FAST)
     assert result.error_kind is SandboxErrorKind.BLOCKED
     assert "outside the scratch directory" in result.message
+    assert not target.exists()
+
+
+async def test_a_symlink_out_of_the_scratch_directory_does_not_help() -> None:
+    target = Path("/tmp") / f"flowlane-escape-{uuid.uuid4().hex}"
+    result = await run_python(f"import os\nos.symlink({str(target)!r}, 'link')\nopen('link', 'w')", FAST)
+    assert result.error_kind is SandboxErrorKind.BLOCKED
     assert not target.exists()
 
 

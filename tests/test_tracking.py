@@ -160,6 +160,7 @@ def test_two_runs_are_compared_with_search_runs(mlflow_server: str, tmp_path: Pa
 
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name(name)
+    assert experiment is not None
     runs = client.search_runs([experiment.experiment_id], order_by=["metrics.accuracy DESC"])
 
     assert [(r.info.run_name, r.data.metrics["accuracy"]) for r in runs] == [("lr-3e-6", 0.7), ("lr-1e-6", 0.3)]

@@ -64,6 +64,7 @@ REGION_ENVS = ("AWS_REGION", "AWS_DEFAULT_REGION")
 URI_FIELD = "spec.storage.checkpointUri"
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _CHUNK_BYTES = 1 << 20
 _S3_PART_BYTES = 64 << 20
 
@@ -504,6 +505,8 @@ class _S3Backend(_Backend):
                         raise self._permanent_error(what, exc) from None
                     if isinstance(exc, OSError):  # a local file, e.g. a source that vanished
                         raise CheckpointError(f"{what}: {_one_line(exc)}") from None
+                    if isinstance(exc, ValueError):  # the SDK refusing a name before sending anything
+                        raise StoreConfigError(f"S3 {what}: {exc}; fix {URI_FIELD}") from None
                     raise
                 if attempt == self.retry.attempts:
                     raise StoreUnavailableError(
@@ -803,6 +806,8 @@ class CheckpointStore:
                 if not isinstance(step, int):
                     raise TypeError(step)
                 return self.get(step)
+            except StoreUnavailableError:
+                raise
             except (ValueError, KeyError, TypeError, CheckpointError) as exc:
                 log.warning(
                     "checkpoint pointer %s/%s unusable (%s); using the newest complete checkpoint",
@@ -895,6 +900,11 @@ def _backend_for(
     bucket, prefix = parsed.netloc, parsed.path.strip("/")
     if not bucket:
         raise StoreConfigError(f"{URI_FIELD} {uri!r}: missing bucket name, expected s3://bucket/prefix")
+    if not _BUCKET_NAME.match(bucket):
+        raise StoreConfigError(
+            f"{URI_FIELD} {uri!r}: bucket name {bucket!r} is not valid "
+            "(3-63 characters: lowercase letters, digits, '.', '-'; starting and ending with a letter or digit)"
+        )
     endpoint = endpoint or os.environ.get(ENDPOINT_ENV)
     if not endpoint:
         raise StoreConfigError(

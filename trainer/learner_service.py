@@ -503,7 +503,8 @@ def learner(
     config: Path = typer.Option(..., "--config", help="The rendered FlowRun (run config YAML)."),
     port: int = typer.Option(50051, "--port", help="gRPC port."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind."),
-    run_dir: Path = typer.Option(Path("runs/default"), "--run-dir", help="Local state: logs, default stores."),
+    run_dir: Path | None = typer.Option(None, "--run-dir", envvar="FLOWLANE_RUN_DIR",
+                                        help="Local state: default checkpoint and MLflow stores, temp files."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the latest checkpoint."),
 ) -> None:
     """Run the learner service of a FlowRun."""
@@ -511,7 +512,9 @@ def learner(
     from flowlane.runtime.grpc_common import resolve_token
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    code = asyncio.run(serve_learner(load_flowrun(config), run_dir, host, port, resume, resolve_token()))
+    flowrun = load_flowrun(config)
+    directory = run_dir or Path("runs") / flowrun.name
+    code = asyncio.run(serve_learner(flowrun, directory, host, port, resume, resolve_token()))
     raise typer.Exit(code)
 
 

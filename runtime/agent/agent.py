@@ -48,7 +48,7 @@ class AgentConfig:
     tool_timeout_s: float = 30.0
     planner: SamplingSettings = field(default_factory=lambda: SamplingSettings(max_tokens=256, temperature=0.0))
     fixed_temperature: float = 0.0
-    analysis_max_tokens: int = 128
+    analysis_max_tokens: int = 96
     executor_max_tokens: int = 192
     verifier_max_tokens: int = 96
     generator_max_tokens: int = 192

@@ -22,10 +22,9 @@ from typing import TYPE_CHECKING, Annotated, Any, TextIO
 import typer
 
 if TYPE_CHECKING:
-    from rich.console import Console
-
     from flowlane.runtime.agent.agent import EventKind
     from flowlane.runtime.trajectory import Step, Trajectory
+    from rich.console import Console
 
 DEFAULT_TOOLS = "python,search,generator"
 RESULT_PREVIEW_CHARS = 600
@@ -173,10 +172,9 @@ class StepPrinter:
         self.console = console
 
     def __call__(self, kind: EventKind, traj: Trajectory, step: Step | None) -> None:
-        from rich.markup import escape
-
         from flowlane.runtime.agent.agent import EventKind
         from flowlane.runtime.agent.memory import truncate
+        from rich.markup import escape
 
         c = self.console
         if kind is EventKind.ANALYSIS:

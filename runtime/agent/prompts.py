@@ -58,11 +58,13 @@ def render_tool_cards(cards: Sequence[Mapping[str, Any]]) -> str:
 
 
 def query_analysis_messages(question: str, cards: Sequence[Mapping[str, Any]]) -> Messages:
+    names = ", ".join(str(card.get("name")) for card in cards)
     return _messages(
-        "You analyze questions for an assistant that can use tools. Be brief.",
-        f"Question: {question}\n\nTools:\n{render_tool_cards(cards)}\n\n"
-        "In two or three sentences: what exactly is asked, what facts or computations are "
-        "needed, and which tools could help.",
+        "You analyze questions for an assistant that can use tools. Be brief and do not answer.",
+        f"Question: {question}\n"
+        f"Available tools: {names}\n"
+        "In one or two sentences: what does the question ask for, and does it need a "
+        "calculation, a fact lookup, or writing?",
     )
 
 
@@ -70,19 +72,52 @@ def query_analysis_messages(question: str, cards: Sequence[Mapping[str, Any]]) -
 # planner (the trained module)
 
 
+#: Max characters of each planner text field. Schema-constrained decoding enforces it, which
+#: keeps a rambling small model from spending its whole token budget before naming a tool.
+PLANNER_FIELD_MAX_CHARS = 200
+
+#: One worked planner step per built-in tool, shown as a prior exchange (few-shot). Small models
+#: copy placeholder text ("why this tool now") verbatim; a concrete example of a *different*
+#: question teaches the format and the kind of sub-goal without giving away an answer.
+PLANNER_EXAMPLES: dict[str, tuple[str, dict[str, str]]] = {
+    "python": ("What is 15% of 80?", {
+        "justification": "This needs an exact calculation.", "context": "",
+        "sub_goal": "Compute 15% of 80 and print the result.", "tool_name": "python"}),
+    "search": ("Who painted the Mona Lisa?", {
+        "justification": "This needs a fact about a named work.", "context": "",
+        "sub_goal": "Find who painted the Mona Lisa.", "tool_name": "search"}),
+    "generator": ("Say 'the cat sat' in French.", {
+        "justification": "This needs language, not facts or computation.", "context": "",
+        "sub_goal": "Translate 'the cat sat' into French.", "tool_name": "generator"}),
+}
+MAX_PLANNER_EXAMPLES = 2
+
+
 def planner_schema(tool_names: Sequence[str]) -> dict[str, Any]:
     """The planner's output: why, what the tool needs to know, what to do, which tool."""
+    text = {"type": "string", "maxLength": PLANNER_FIELD_MAX_CHARS}
     return {
         "type": "object",
         "properties": {
-            "justification": {"type": "string"},
-            "context": {"type": "string"},
-            "sub_goal": {"type": "string"},
+            "justification": dict(text),
+            "context": dict(text),
+            "sub_goal": dict(text),
             "tool_name": {"type": "string", "enum": list(tool_names)},
         },
         "required": ["justification", "context", "sub_goal", "tool_name"],
         "additionalProperties": False,
     }
+
+
+def _planner_request(question: str, memory_text: str, turn: int, max_turns: int, analysis: str | None) -> str:
+    # The question comes last, next to the instruction: small models weigh recent text most, and
+    # a wandering analysis must not push the question out of view.
+    lines = []
+    if analysis is not None:
+        lines.append(f"Analysis: {truncate(analysis, 500) or '(none)'}")
+    lines += [f"Steps so far:\n{memory_text}", f"Question: {question}",
+              f"Turn {turn} of {max_turns}. Plan the next step in JSON."]
+    return "\n".join(lines)
 
 
 def planner_messages(
@@ -94,19 +129,23 @@ def planner_messages(
     turn: int,
     max_turns: int,
 ) -> Messages:
-    names = ", ".join(str(card.get("name")) for card in cards)
-    return _messages(
-        "You are the planner of an assistant that answers questions with tools. Each turn you "
-        "choose ONE tool and give it one small, concrete sub-goal.",
-        f"Question: {question}\n"
-        f"Analysis: {truncate(analysis, 600) or '(none)'}\n\n"
-        f"Tools:\n{render_tool_cards(cards)}\n\n"
-        f"Steps so far:\n{memory_text}\n\n"
-        f"Turn {turn} of {max_turns}. Plan the next step. Reply with JSON only:\n"
-        '{"justification": "why this tool now", "context": "facts from earlier steps the tool '
-        'needs", "sub_goal": "one concrete task for the tool", '
-        f'"tool_name": "one of: {names}"}}',
-    )
+    """System (role and tools), up to two worked examples for tools in the set, the request."""
+    names = [str(card.get("name")) for card in cards]
+    messages = [{
+        "role": "system",
+        "content": "You are the planner of an assistant that answers questions with tools. Each turn "
+        "you choose ONE tool and give it one small, concrete sub-goal. Reply with JSON: "
+        "justification, context (facts from earlier steps the tool needs), sub_goal, tool_name "
+        f"(one of: {', '.join(names)}).\n\nTools:\n{render_tool_cards(cards)}",
+    }]
+    examples = [PLANNER_EXAMPLES[name] for name in names if name in PLANNER_EXAMPLES][:MAX_PLANNER_EXAMPLES]
+    for example_question, example_step in examples:
+        messages.append({"role": "user", "content": _planner_request(
+            example_question, "(no steps yet)", 1, max_turns, None)})
+        messages.append({"role": "assistant", "content": json.dumps(example_step)})
+    messages.append({"role": "user", "content": _planner_request(
+        question, memory_text, turn, max_turns, analysis)})
+    return messages
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,7 +168,7 @@ def executor_messages(
     sub_goal: str,
     context: str,
 ) -> Messages:
-    example = json.dumps({name: "..." for name in command_fields(input_schema)})
+    fields = " and ".join(f'"{name}"' for name in command_fields(input_schema))
     return _messages(
         "You turn a sub-goal into one command for a tool. Reply with JSON only.",
         f"Question: {question}\n"
@@ -137,7 +176,7 @@ def executor_messages(
         f"How to write the command: {command_instruction}\n"
         f"Context: {truncate(context, 600) or '(none)'}\n"
         f"Sub-goal: {sub_goal}\n\n"
-        f"Reply with JSON only: {example}",
+        f"Reply with JSON with the field {fields}.",
     )
 
 
@@ -161,9 +200,9 @@ def verifier_messages(question: str, analysis: str, memory_text: str) -> Message
         f"Question: {question}\n"
         f"Analysis: {truncate(analysis, 400) or '(none)'}\n\n"
         f"Steps so far:\n{memory_text}\n\n"
-        "If the results above contain what is needed to answer the question, the conclusion is "
-        "STOP; if more steps are needed, it is CONTINUE. Reply with JSON only:\n"
-        '{"reason": "one sentence", "conclusion": "STOP or CONTINUE"}',
+        "Do the results above contain the answer to the question? Reply with JSON with two fields: "
+        '"reason", a short sentence about the results, and "conclusion": "STOP" if the results '
+        'answer the question, "CONTINUE" if more steps are needed.',
     )
 
 

@@ -1,0 +1,145 @@
+"""``flowlane run``: a FlowRun on this machine, as supervised local processes.
+
+The FlowRun file is the same one ``kubectl apply`` takes. It is validated, compiled into the
+process graph the operator also renders (learner, rollout workers, sandboxes) and placed by the
+local backend on loopback ports. While it runs, a progress display polls the learner's status RPC
+(step, reward, held-out accuracy, ETA) and shows component restarts as they happen. Ctrl-C stops
+the run after the learner has written a checkpoint; ``--resume`` continues from it. Embedded
+defaults: ``file://`` checkpoints and a sqlite MLflow store under the run directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+DEFAULT_RUNS_DIR = Path("runs")
+
+
+def prepare_run_dir(flowrun: Any, run_dir: Path, *, resume: bool, restart: bool) -> Path:
+    """Create the run directory; refuse to silently mix a new run into an old one's checkpoints."""
+    from flowlane.runtime.errors import ConfigError
+
+    checkpoints = run_dir / "checkpoints"
+    has_checkpoints = checkpoints.is_dir() and any(checkpoints.iterdir())
+    if has_checkpoints and not resume:
+        if not restart:
+            raise ConfigError(
+                f"{run_dir} already holds checkpoints of run {flowrun.name!r}; pass --resume to continue "
+                "from the latest one or --restart to start over (the old run directory is moved aside)"
+            )
+        moved = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(str(run_dir), moved)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+async def _status(address: str, token: str) -> Any | None:
+    from flowlane.api import learner_pb2, learner_pb2_grpc
+    from flowlane.runtime.grpc_common import open_channel
+
+    try:
+        async with open_channel(address, token) as channel:
+            stub = learner_pb2_grpc.LearnerStub(channel)
+            return await asyncio.wait_for(stub.GetStatus(learner_pb2.StatusRequest()), 2.0)
+    except Exception:
+        return None
+
+
+async def drive(flowrun: Any, run_dir: Path, *, quiet: bool = False) -> tuple[str, Any | None]:
+    """Start the graph, show progress until it ends, return (outcome, last learner status)."""
+    import yaml
+    from flowlane.operator.graph import ENV_GRPC_TOKEN, compile_graph
+    from flowlane.operator.local import EventKind, LocalSupervisor, RestartPolicy, SupervisorEvent
+    from flowlane.runtime.grpc_common import generate_token
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    config_path = run_dir / "run.yaml"
+    graph = compile_graph(flowrun, config_path=str(config_path.resolve()))
+    config_path.write_text(yaml.safe_dump(graph.config, sort_keys=False))
+    token = generate_token()
+    console = Console(quiet=quiet)
+
+    def on_event(event: SupervisorEvent) -> None:
+        if event.kind in (EventKind.RESTARTING, EventKind.FAILED):
+            console.print(f"[yellow]{event.component}[/]: {event.kind.value} {event.message}")
+        elif event.kind is EventKind.EXITED and event.exit_code not in (0, None):
+            console.print(f"[red]{event.component}[/] exited with {event.exit_code}; "
+                          f"log: {run_dir / 'logs' / (event.component + '.log')}")
+
+    supervisor = LocalSupervisor(
+        graph.components, run_dir, RestartPolicy(stop_grace_s=60.0, ready_timeout_s=600.0),
+        on_event=on_event,
+        common_env={ENV_GRPC_TOKEN: token, "FLOWLANE_RUN_DIR": str(run_dir.resolve())},
+    )
+    console.print(f"flowrun [bold]{flowrun.name}[/]: {len(graph.components)} components, "
+                  f"{flowrun.spec.schedule.steps} steps; logs in {run_dir / 'logs'}")
+    await supervisor.start()
+    supervisor.install_signal_handlers()
+    learner_address = supervisor.address("learner", "grpc")
+    last: Any | None = None
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        bar = progress.add_task("training", total=flowrun.spec.schedule.steps, info="starting")
+        waiter = asyncio.create_task(supervisor.wait())
+        while not waiter.done():
+            status = await _status(learner_address, token)
+            if status is not None:
+                last = status
+                info = f"reward {status.reward_mean:.2f}"
+                if status.HasField("baseline_accuracy"):
+                    info += f" | held-out base {status.baseline_accuracy:.2f}"
+                if status.HasField("held_out_accuracy"):
+                    info += f" now {status.held_out_accuracy:.2f}"
+                if status.message:
+                    info += f" | {status.message}"
+                progress.update(bar, completed=status.step, info=info)
+            await asyncio.wait({waiter}, timeout=1.0)
+        outcome = waiter.result()
+    return outcome.value, last
+
+
+def run(
+    config: Path = typer.Argument(..., help="A FlowRun YAML file (the same one kubectl apply takes).",
+                                  exists=False),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in the run dir."),
+    restart: bool = typer.Option(False, "--restart", help="Start over; an existing run dir is moved aside."),
+    run_dir: Path | None = typer.Option(None, "--run-dir", help="Where state goes (default: runs/<name>)."),
+) -> None:
+    """Run a FlowRun on this machine with embedded defaults (file checkpoints, local MLflow)."""
+    from flowlane.api.flowrun import load_flowrun
+    from flowlane.runtime.errors import ConfigError
+
+    if not config.is_file():
+        raise ConfigError(f"{config}: no such FlowRun file")
+    flowrun = load_flowrun(config)
+    directory = prepare_run_dir(flowrun, run_dir or DEFAULT_RUNS_DIR / flowrun.name, resume=resume,
+                                restart=restart)
+    outcome, status = asyncio.run(drive(flowrun, directory))
+    typer.echo(summary(flowrun, directory, outcome, status))
+    if outcome != "completed":
+        raise typer.Exit(1 if outcome == "failed" else 130)
+
+
+def summary(flowrun: Any, run_dir: Path, outcome: str, status: Any | None) -> str:
+    lines = [f"flowrun {flowrun.name}: {outcome}"]
+    if status is not None:
+        lines.append(f"  steps {status.step}/{status.total_steps}, last reward {status.reward_mean:.3f}")
+        if status.HasField("baseline_accuracy") or status.HasField("held_out_accuracy"):
+            base = f"{status.baseline_accuracy:.3f}" if status.HasField("baseline_accuracy") else "-"
+            now = f"{status.held_out_accuracy:.3f}" if status.HasField("held_out_accuracy") else "-"
+            lines.append(f"  held-out accuracy: untrained {base} -> trained {now}")
+        if status.last_checkpoint:
+            lines.append(f"  last checkpoint: {status.last_checkpoint}")
+    if outcome != "completed":
+        lines.append(f"  continue with: flowlane run {run_dir / 'run.yaml'} --resume --run-dir {run_dir}")
+    tracking = flowrun.spec.tracking.mlflow_uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+    lines.append(f"  compare runs in MLflow: mlflow ui --backend-store-uri {tracking}")
+    return "\n".join(lines)

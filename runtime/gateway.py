@@ -1,0 +1,665 @@
+"""The serving gateway: a trained AgentFlow agent behind an OpenAI-compatible HTTP API.
+
+A trained planner is only useful once people can call it, and people already have clients that
+speak OpenAI's chat-completions API. The gateway accepts those requests and runs the *whole* agent
+behind each one (query analysis, planner turns, tool calls, verifier, solution generator), then
+answers with the agent's final answer as the message content and the steps it took in an extra
+``agentflow`` field; a streamed request sees every step the moment it happens.
+
+Design points:
+
+- **Concurrency through the engine, not around it.** Every request is one asyncio task running
+  ``Agent.run`` against one shared engine; vLLM's continuous batching merges the generations of
+  all requests in flight. Nothing serialises requests (a semaphore only caps how many agent runs
+  are in flight at once, ``max_concurrent_runs``; more wait for a slot).
+- **Budgets per request.** A request may ask for ``max_turns`` and ``max_time_s`` (agent-loop
+  wall-clock); the server clamps both to its caps. The agent turns a spent budget into a
+  ``stop_reason`` and still answers; a hard ceiling (loop budget plus ``answer_grace_s``) ends a
+  request that still runs with a 504.
+- **Errors in OpenAI's shape** (``{"error": {"message", "type", "param", "code"}}``, see
+  ``gateway_protocol``), so clients raise their usual exceptions; an engine failure is a 500 for
+  that request and the server keeps serving the next one.
+- **Operations.** ``/healthz`` answers as soon as the process serves HTTP; ``/readyz`` only once
+  the engine is loaded (``flowlane serve`` binds the port first and loads the model in the
+  background, so a Kubernetes probe can tell "starting" from "dead"); ``/metrics`` is Prometheus
+  (``gateway_metrics``). Optional bearer-token auth guards ``/v1/*``; probes and metrics stay open
+  to the cluster.
+
+``create_app`` builds the ASGI app around an engine that is already running (tests, benchmarks) or
+any ``AgentFactory``; ``running_gateway`` serves an app on loopback inside the caller's event loop
+(the vLLM engine is bound to the loop it first ran in, so the server must share it); ``serve`` is
+the ``flowlane serve`` command. Heavy modules (torch, vLLM, the agent) are imported inside the
+functions that need them so that argument errors are reported at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import logging
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from flowlane.runtime.gateway_protocol import (
+    ApiError,
+    ChatRequest,
+    ErrorCode,
+    ErrorType,
+    RequestLimits,
+    StepDisplay,
+    answer_delta,
+    chunk_body,
+    completion_body,
+    error_body,
+    event_record,
+    event_text,
+    model_card,
+    models_body,
+    parse_chat_request,
+    run_summary,
+    sse_event,
+    step_delta,
+    steps_text,
+    usage_body,
+    usage_chunk,
+)
+
+if TYPE_CHECKING:
+    import uvicorn
+    from flowlane.runtime.agent.agent import Agent, AgentConfig, EventKind
+    from flowlane.runtime.engines.base import LLMEngine
+    from flowlane.runtime.gateway_metrics import GatewayMetrics
+    from flowlane.runtime.tools.base import Tool
+    from flowlane.runtime.trajectory import Step, Trajectory
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    AgentFactory = Callable[[AgentConfig], Agent]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOOLS = "python,search,generator"
+DEFAULT_MODEL = "smollm2-135m-instruct"
+SERVE_ENGINES = ("vllm", "transformers")
+CHAT_PATH = "/v1/chat/completions"
+ENDPOINTS = (CHAT_PATH, "/v1/models", "/healthz", "/readyz", "/metrics")  # metric labels; the rest is "other"
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """What one gateway serves and how much a request may use."""
+
+    served_model_name: str
+    api_key: str | None = None  # bearer token required on /v1/*; None: no auth
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    answer_grace_s: float = 120.0  # after the agent-loop budget, time left for the answer before a 504
+    max_concurrent_runs: int = 64
+    max_body_bytes: int = 1 << 20
+    steps: StepDisplay = StepDisplay.CONTENT  # where streamed step text goes unless a request says
+    agent: AgentConfig | None = None  # sampling and token budgets; turns and time are set per request
+
+    def __post_init__(self) -> None:
+        from flowlane.runtime.errors import ConfigError
+
+        if not self.served_model_name.strip():
+            raise ConfigError("served model name is empty; pass --served-model-name NAME")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("the API key is empty; pass a non-empty --api-key or leave it out to disable auth")
+        checks = {
+            "max_turns": (self.limits.max_turns, 1),
+            "max_content_chars": (self.limits.max_content_chars, 1),
+            "max_messages": (self.limits.max_messages, 1),
+            "max_concurrent_runs": (self.max_concurrent_runs, 1),
+            "max_body_bytes": (self.max_body_bytes, 1024),
+        }
+        for name, (value, least) in checks.items():
+            if value < least:
+                raise ConfigError(f"{name} must be >= {least}, got {value}")
+        if not self.limits.max_time_s > 0:
+            raise ConfigError(f"max_time_s must be > 0, got {self.limits.max_time_s}")
+        if not self.answer_grace_s > 0:
+            raise ConfigError(f"answer_grace_s must be > 0, got {self.answer_grace_s}")
+
+
+class Gateway:
+    """The request handlers and the state they share: the agent factory, readiness, metrics."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        from flowlane.runtime.gateway_metrics import GatewayMetrics
+
+        self.config = config
+        self.metrics: GatewayMetrics = GatewayMetrics()
+        self.created = int(time.time())
+        self.load_error: str | None = None
+        self._factory: AgentFactory | None = None
+        self._slots: asyncio.Semaphore | None = None  # created in the serving loop
+
+    @property
+    def ready(self) -> bool:
+        return self._factory is not None
+
+    def attach(self, source: LLMEngine | AgentFactory, tools: Sequence[Tool] = ()) -> None:
+        """Start answering with ``source``: an engine (the agent's modules all use it) or a factory.
+
+        An engine is wrapped in a ``MeteredEngine`` so responses report token usage; build the
+        tools with the same metered engine to count the generator tool's tokens too. One agent is
+        built at once so that a bad tool list fails here, not on the first request.
+        """
+        from flowlane.runtime.agent.agent import Agent
+        from flowlane.runtime.engines.base import LLMEngine
+        from flowlane.runtime.gateway_metrics import MeteredEngine
+
+        if isinstance(source, LLMEngine):
+            engine = source if isinstance(source, MeteredEngine) else MeteredEngine(source)
+            tool_list = list(tools)
+
+            def factory(config: AgentConfig) -> Agent:
+                return Agent(engine, engine, tool_list, config)
+
+            source = factory
+        source(self._agent_config(turns=1, time_s=1.0, temperature=None))
+        self._factory = source
+
+    # ------------------------------------------------------------------------------- the app
+
+    def app(self) -> Starlette:
+        from starlette.applications import Starlette
+        from starlette.exceptions import HTTPException
+        from starlette.routing import Route
+
+        routes = [
+            Route(CHAT_PATH, self.chat_completions, methods=["POST"]),
+            Route("/v1/models", self.list_models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", self.get_model, methods=["GET"]),
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/readyz", self.readyz, methods=["GET"]),
+            Route("/metrics", self.metrics_endpoint, methods=["GET"]),
+        ]
+        app = Starlette(routes=routes, exception_handlers={
+            ApiError: self._api_error_response,
+            HTTPException: self._http_error_response,
+        })
+        app.add_middleware(_RequestMetrics, metrics=self.metrics)
+        app.state.gateway = self
+        return app
+
+    async def chat_completions(self, request: Request) -> Response:
+        from starlette.responses import JSONResponse, StreamingResponse
+
+        self._authorize(request)
+        raw = await self._read_body(request)
+        chat = parse_chat_request(raw, self.config.limits)
+        if chat.model != self.config.served_model_name:
+            raise ApiError(404, f"model {chat.model!r} is not served here; this gateway serves "
+                           f"{self.config.served_model_name!r} (see GET /v1/models)",
+                           code=ErrorCode.MODEL_NOT_FOUND, param="model")
+        if not self.ready:
+            raise self._not_ready_error()
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        display = chat.steps or self.config.steps
+        headers = {"x-request-id": request_id}
+        if chat.stream:
+            headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
+            return StreamingResponse(self._stream(chat, request_id, created, display),
+                                     media_type="text/event-stream", headers=headers)
+        traj, usage = await self._run(chat)
+        body = completion_body(
+            request_id=request_id, created=created, model=chat.model, answer=traj.answer,
+            agentflow=run_summary(traj, max_turns=chat.max_turns), usage=usage,
+            reasoning=steps_text(traj) if display is StepDisplay.REASONING else None,
+        )
+        return JSONResponse(body, headers=headers)
+
+    async def list_models(self, request: Request) -> Response:
+        from starlette.responses import JSONResponse
+
+        self._authorize(request)
+        return JSONResponse(models_body(self.config.served_model_name, self.created))
+
+    async def get_model(self, request: Request) -> Response:
+        from starlette.responses import JSONResponse
+
+        self._authorize(request)
+        model_id = request.path_params["model_id"]
+        if model_id != self.config.served_model_name:
+            raise ApiError(404, f"model {model_id!r} is not served here; this gateway serves "
+                           f"{self.config.served_model_name!r}", code=ErrorCode.MODEL_NOT_FOUND, param="model")
+        return JSONResponse(model_card(model_id, self.created))
+
+    async def healthz(self, request: Request) -> Response:
+        from starlette.responses import JSONResponse
+
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        from starlette.responses import JSONResponse
+
+        if self.ready:
+            return JSONResponse({"status": "ready", "model": self.config.served_model_name})
+        if self.load_error is not None:
+            return JSONResponse({"status": "failed", "error": self.load_error}, status_code=503)
+        return JSONResponse({"status": "loading"}, status_code=503)
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        from starlette.responses import Response
+
+        return Response(self.metrics.render(), media_type=self.metrics.content_type)
+
+    # ------------------------------------------------------------------------------- running
+
+    async def _run(self, chat: ChatRequest, on_event: Callable[..., None] | None = None
+                   ) -> tuple[Trajectory, dict[str, int]]:
+        """One agent run for ``chat``, bounded by the request's budgets; (trajectory, usage)."""
+        from flowlane.runtime.gateway_metrics import Usage, metering
+
+        assert self._factory is not None
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.config.max_concurrent_runs)
+        config = self._agent_config(turns=chat.max_turns, time_s=chat.max_time_s, temperature=chat.temperature)
+        usage = Usage()
+        async with self._slots:
+            self.metrics.in_flight.inc()
+            try:
+                with metering(usage):
+                    async with asyncio.timeout(chat.max_time_s + self.config.answer_grace_s) as deadline:
+                        traj = await self._factory(config).run(chat.question, seed=chat.seed, on_event=on_event)
+            except TimeoutError:
+                if not deadline.expired():
+                    raise self._engine_error(TimeoutError("an engine call timed out")) from None
+                raise ApiError(504, f"the agent did not finish within {chat.max_time_s + self.config.answer_grace_s:g}"
+                               " s; ask for fewer turns (max_turns) or a shorter max_time_s",
+                               type=ErrorType.TIMEOUT, code=ErrorCode.TIMEOUT) from None
+            except ApiError:
+                raise
+            except Exception as err:
+                raise self._engine_error(err) from err
+            finally:
+                self.metrics.in_flight.dec()
+        if not usage.calls:  # a factory whose engine is not metered: count what the trajectory knows
+            usage.completion_tokens = traj.generated_tokens
+        self.metrics.observe_run(traj, usage.prompt_tokens, usage.completion_tokens)
+        return traj, usage_body(usage.prompt_tokens, usage.completion_tokens)
+
+    async def _stream(self, chat: ChatRequest, request_id: str, created: int, display: StepDisplay
+                      ) -> AsyncIterator[bytes]:
+        """The SSE body: a role chunk, one chunk per agent event as it happens, the summary, [DONE]."""
+        from flowlane.runtime.agent.agent import EventKind
+
+        def chunk(delta: dict[str, Any], **extra: Any) -> dict[str, Any]:
+            return chunk_body(request_id=request_id, created=created, model=chat.model, delta=delta, **extra)
+
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+        def on_event(kind: EventKind, traj: Trajectory, step: Step | None) -> None:
+            # Rendered now: the step object keeps changing after the event.
+            if kind is EventKind.ANSWER:
+                delta = answer_delta(display, traj.answer)
+            else:
+                text = event_text(kind.value, traj, step)
+                delta = step_delta(display, text) if text else {}
+            queue.put_nowait(chunk(delta, agentflow=event_record(kind.value, traj, step)))
+
+        task = asyncio.create_task(self._run(chat, on_event))
+        task.add_done_callback(lambda _: queue.put_nowait(None))
+        try:
+            yield sse_event(chunk({"role": "assistant", "content": ""}))
+            while (item := await queue.get()) is not None:
+                yield sse_event(item)
+            try:
+                traj, usage = task.result()
+            except ApiError as err:
+                # The 200 status is already sent: the error travels as an event, which OpenAI
+                # clients raise as an APIError.
+                self.metrics.observe_error(err.code.value)
+                yield sse_event(err.body())
+                yield sse_event("[DONE]")
+                return
+            yield sse_event(chunk({}, finish_reason="stop", agentflow=run_summary(traj, max_turns=chat.max_turns)))
+            if chat.include_usage:
+                yield sse_event(usage_chunk(request_id=request_id, created=created, model=chat.model, usage=usage))
+            yield sse_event("[DONE]")
+        finally:
+            if not task.done():  # the client went away: stop spending the engine on this run
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+    def _agent_config(self, *, turns: int, time_s: float, temperature: float | None) -> AgentConfig:
+        from flowlane.runtime.agent.agent import AgentConfig
+
+        base = self.config.agent or AgentConfig()
+        planner = base.planner if temperature is None else dataclasses.replace(base.planner, temperature=temperature)
+        return dataclasses.replace(base, max_turns=turns, max_time_s=time_s, planner=planner)
+
+    # ------------------------------------------------------------------------------- checks
+
+    def _authorize(self, request: Request) -> None:
+        expected = self.config.api_key
+        if expected is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
+                           type=ErrorType.INVALID_REQUEST, code=ErrorCode.INVALID_API_KEY)
+        if not hmac.compare_digest(token.strip().encode(), expected.encode()):
+            raise ApiError(401, "incorrect API key provided; use the key this gateway was started with",
+                           type=ErrorType.INVALID_REQUEST, code=ErrorCode.INVALID_API_KEY)
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.config.max_body_bytes
+        too_large = ApiError(413, f"the request body is larger than {limit} bytes; shorten the messages",
+                             code=ErrorCode.BODY_TOO_LARGE)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks: list[bytes] = []
+        size = 0
+        async for part in request.stream():
+            size += len(part)
+            if size > limit:
+                raise too_large
+            chunks.append(part)
+        return b"".join(chunks)
+
+    def _not_ready_error(self) -> ApiError:
+        detail = f"the engine failed to load: {self.load_error}" if self.load_error else \
+            "the engine is still loading; retry when GET /readyz answers 200"
+        return ApiError(503, detail, type=ErrorType.SERVER, code=ErrorCode.NOT_READY)
+
+    @staticmethod
+    def _engine_error(err: BaseException) -> ApiError:
+        log.error("agent run failed", exc_info=err)
+        first_line = (str(err).strip().splitlines() or ["no message"])[0]
+        return ApiError(500, f"the agent run failed ({type(err).__name__}: {first_line}); the server keeps "
+                        "serving, retry or check the server log", type=ErrorType.SERVER, code=ErrorCode.ENGINE_ERROR)
+
+    async def _api_error_response(self, request: Request, err: ApiError) -> Response:
+        from starlette.responses import JSONResponse
+
+        self.metrics.observe_error(err.code.value)
+        headers = {"www-authenticate": "Bearer"} if err.status == 401 else None
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+    async def _http_error_response(self, request: Request, err: Any) -> Response:
+        from starlette.responses import JSONResponse
+
+        status = int(err.status_code)
+        if status == 404:
+            body = error_body(f"no route {request.method} {request.url.path}; the API is under /v1",
+                              ErrorType.INVALID_REQUEST, ErrorCode.NOT_FOUND)
+        elif status == 405:
+            body = error_body(f"{request.method} is not allowed on {request.url.path}",
+                              ErrorType.INVALID_REQUEST, ErrorCode.METHOD_NOT_ALLOWED)
+        else:
+            body = error_body(str(err.detail), ErrorType.INVALID_REQUEST, ErrorCode.INVALID_VALUE)
+        self.metrics.observe_error(body["error"]["code"])
+        return JSONResponse(body, status_code=status, headers=getattr(err, "headers", None))
+
+
+class _RequestMetrics:
+    """ASGI middleware: count every HTTP request by endpoint and status, time it to its last byte."""
+
+    def __init__(self, app: Any, metrics: GatewayMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        endpoint = path if path in ENDPOINTS else "/v1/models" if path.startswith("/v1/models/") else "other"
+        status = 500
+        started = time.monotonic()
+
+        async def send_and_note(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            self.metrics.observe_request(endpoint, status, time.monotonic() - started)
+
+
+def create_app(
+    source: LLMEngine | AgentFactory | None,
+    tools: Sequence[Tool] = (),
+    *,
+    config: GatewayConfig,
+) -> Starlette:
+    """The ASGI app serving ``source`` (an engine already running, or an agent factory).
+
+    With ``source=None`` the app serves probes at once and answers chat requests with 503 until
+    ``app.state.gateway.attach(...)`` is called (``flowlane serve`` loads the engine meanwhile).
+    """
+    gateway = Gateway(config)
+    if source is not None:
+        gateway.attach(source, tools)
+    return gateway.app()
+
+
+# ----------------------------------------------------------------------------------- serving
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (0: any free port); a one-line error when taken."""
+    from flowlane.runtime.errors import ConfigError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port} ({err.strerror}); pick another --port or --host") from None
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def _uvicorn_server(app: Starlette, *, log_level: str, access_log: bool, handle_signals: bool) -> uvicorn.Server:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # uvicorn re-raises a caught SIGTERM after shutting down, which would kill the process
+            # before the engine is closed; here a signal only asks the server to stop.
+            if not handle_signals or threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    config = uvicorn.Config(app, log_level=log_level, access_log=access_log, lifespan="off",
+                            timeout_graceful_shutdown=5)
+    return Server(config)
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(app: Starlette, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
+    """Serve ``app`` on ``host:port`` inside the current event loop; yields the base URL.
+
+    The server shares the caller's loop, which is what an in-process vLLM engine needs (it is
+    bound to the loop it first ran in). ``port=0`` picks a free port.
+    """
+    sock = bind_socket(host, port)
+    actual_port = sock.getsockname()[1]
+    server = _uvicorn_server(app, log_level="warning", access_log=False, handle_signals=False)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("the gateway server stopped during start-up")
+            await asyncio.sleep(0.01)
+        yield f"http://{host}:{actual_port}"
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await task
+        sock.close()
+
+
+def default_served_name(model: str, model_dir: Path) -> str:
+    """The model id clients use: a known name as given, else the checkpoint directory's name."""
+    from flowlane.runtime.models import KNOWN_MODELS
+
+    return model.strip() if model.strip() in KNOWN_MODELS else model_dir.name
+
+
+def serve(
+    model: Annotated[str, typer.Option(help="Checkpoint directory (HF layout) or known model name.")] = DEFAULT_MODEL,
+    engine: Annotated[str, typer.Option(help="LLM engine: vllm or transformers.")] = "vllm",
+    tools: Annotated[str, typer.Option(help="Comma-separated tool names.")] = DEFAULT_TOOLS,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8000,
+    api_key: Annotated[str | None, typer.Option(
+        envvar="FLOWLANE_API_KEY", help="Bearer token required on /v1/* (default: no auth).")] = None,
+    max_turns: Annotated[int, typer.Option(help="Turn budget cap (and default) per request.")] = 10,
+    max_time_s: Annotated[float, typer.Option(help="Agent-loop wall-clock cap per request, seconds.")] = 120.0,
+    served_model_name: Annotated[str | None, typer.Option(
+        help="Model id clients send (default: the model name, or the checkpoint directory's name).")] = None,
+    max_content_chars: Annotated[int, typer.Option(help="Most message characters one request may send.")] = 4000,
+    max_concurrent_runs: Annotated[int, typer.Option(help="Agent runs in flight at once; more wait.")] = 64,
+    stream_steps: Annotated[str, typer.Option(
+        help="Where streamed steps go: content, reasoning (reasoning_content) or none.")] = "content",
+    temperature: Annotated[float, typer.Option(help="Planner sampling temperature.")] = 0.0,
+    log_level: Annotated[str, typer.Option(help="Server log level.")] = "info",
+) -> None:
+    """Serve an agent behind an OpenAI-compatible API (POST /v1/chat/completions)."""
+    from flowlane.runtime.errors import FlowlaneError
+
+    try:
+        _serve(model=model, engine_kind=engine, tools=tools, host=host, port=port, api_key=api_key,
+               max_turns=max_turns, max_time_s=max_time_s, served_model_name=served_model_name,
+               max_content_chars=max_content_chars, max_concurrent_runs=max_concurrent_runs,
+               stream_steps=stream_steps, temperature=temperature, log_level=log_level)
+    except FlowlaneError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _serve(*, model: str, engine_kind: str, tools: str, host: str, port: int, api_key: str | None,
+           max_turns: int, max_time_s: float, served_model_name: str | None, max_content_chars: int,
+           max_concurrent_runs: int, stream_steps: str, temperature: float, log_level: str) -> None:
+    from flowlane.runtime.agent.commands import parse_tool_list
+    from flowlane.runtime.errors import ConfigError
+    from flowlane.runtime.models import resolve_model
+    from flowlane.runtime.tools.registry import check_tool_names
+
+    # Every cheap check first: a typo must not cost a model load.
+    if engine_kind not in SERVE_ENGINES:
+        raise ConfigError(f"unknown engine {engine_kind!r} for serving; choose one of: {', '.join(SERVE_ENGINES)}")
+    tool_names = parse_tool_list(tools)
+    check_tool_names(tool_names)
+    try:
+        steps = StepDisplay(stream_steps)
+    except ValueError:
+        raise ConfigError(f"--stream-steps must be one of {', '.join(d.value for d in StepDisplay)}, "
+                          f"got {stream_steps!r}") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be between 0 and 65535, got {port}")
+    if max_turns < 1:
+        raise ConfigError(f"--max-turns must be >= 1, got {max_turns}")
+    if temperature < 0:
+        raise ConfigError(f"--temperature must be >= 0, got {temperature}")
+    model_dir = resolve_model(model)
+    config = GatewayConfig(
+        served_model_name=served_model_name or default_served_name(model, model_dir),
+        api_key=api_key,
+        limits=RequestLimits(max_content_chars=max_content_chars, max_turns=max_turns, max_time_s=max_time_s),
+        max_concurrent_runs=max_concurrent_runs,
+        steps=steps,
+        agent=_agent_defaults(temperature),
+    )
+    sock = bind_socket(host, port)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(_serve_async(config, sock, engine_kind=engine_kind, model_dir=model_dir,
+                                 tool_names=tool_names, log_level=log_level))
+    finally:
+        sock.close()
+
+
+def _agent_defaults(temperature: float) -> AgentConfig:
+    from flowlane.runtime.agent.agent import AgentConfig
+    from flowlane.runtime.engines.base import SamplingSettings
+
+    return AgentConfig(planner=SamplingSettings(max_tokens=256, temperature=temperature))
+
+
+async def _serve_async(config: GatewayConfig, sock: socket.socket, *, engine_kind: str, model_dir: Path,
+                       tool_names: list[str], log_level: str) -> None:
+    """Serve probes at once, load the engine in a thread, then answer; close everything on exit."""
+    from flowlane.runtime.errors import EngineUnavailableError
+
+    gateway = Gateway(config)
+    server = _uvicorn_server(gateway.app(), log_level=log_level, access_log=True, handle_signals=True)
+    host, port = sock.getsockname()[:2]
+    loading = asyncio.create_task(asyncio.to_thread(_load_engine, engine_kind, model_dir))
+    served = asyncio.create_task(server.serve(sockets=[sock]))
+    log.info("gateway listening on http://%s:%s (model %s loading from %s)", host, port,
+             config.served_model_name, model_dir)
+    engine: LLMEngine | None = None
+    tool_objects: list[Tool] = []
+    try:
+        await asyncio.wait({loading, served}, return_when=asyncio.FIRST_COMPLETED)
+        if loading.done():
+            try:
+                engine, tool_objects = _with_tools(loading.result(), tool_names)
+                gateway.attach(engine, tool_objects)
+                log.info("model %s ready: POST http://%s:%s%s", config.served_model_name, host, port, CHAT_PATH)
+            except Exception as err:
+                gateway.load_error = str(err).splitlines()[0] if str(err) else type(err).__name__
+                server.should_exit = True
+                await served
+                raise EngineUnavailableError(f"the {engine_kind} engine for {model_dir} failed to start: "
+                                             f"{gateway.load_error}") from None
+        await served
+    finally:
+        if not loading.done():
+            server.should_exit = True
+            with contextlib.suppress(Exception):
+                engine, tool_objects = _with_tools(await loading, tool_names)
+        for tool in tool_objects:
+            with contextlib.suppress(Exception):
+                await tool.close()
+        if engine is not None:
+            await engine.close()
+
+
+def _load_engine(kind: str, model_dir: Path) -> LLMEngine:
+    from flowlane.runtime.engines.factory import create_engine
+
+    return create_engine(kind, str(model_dir))
+
+
+def _with_tools(engine: LLMEngine, tool_names: list[str]) -> tuple[LLMEngine, list[Tool]]:
+    """The engine wrapped for token accounting, and the tools built on it."""
+    from flowlane.runtime.gateway_metrics import MeteredEngine
+    from flowlane.runtime.tools.registry import build_tools
+
+    metered = MeteredEngine(engine)
+    return metered, build_tools(tool_names, engine=metered)

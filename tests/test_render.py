@@ -1,0 +1,238 @@
+"""The process graph and its Kubernetes rendering: commands, addresses, security, schema validity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from flowlane.api.flowrun import FlowRun, load_flowrun
+from flowlane.api.flowservice import load_flowservice
+from flowlane.operator.graph import POD_CONFIG_PATH, Role, SecretEnv, compile_graph, resolve
+from flowlane.operator.render import (
+    ANNOTATION_CHECKPOINT,
+    ANNOTATION_HASH,
+    LABEL_EPOCH,
+    RenderOptions,
+    render_flowrun,
+    render_flowservice,
+    render_token_secret,
+    s3_env,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+KUBERNETES = kubernetes_validate.latest_version()
+
+
+def flowrun(spec: str = "{}", name: str = "demo") -> FlowRun:
+    return load_flowrun(f"apiVersion: flowlane.dev/v1alpha1\nkind: FlowRun\n"
+                        f"metadata: {{name: {name}, namespace: ml, uid: uid-1}}\nspec: {spec}\n")
+
+
+TWO_BY_TWO = ("{rollout: {replicas: 2, resources: {gpu: 1, nodeSelector: {pool: gpu}, tolerations: "
+              "[{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]}}, sandbox: {replicas: 2}, "
+              "storage: {checkpointUri: 's3://b/demo', s3Endpoint: 'http://minio:9000', "
+              "credentialsSecret: {name: s3}}, tracking: {mlflowUri: 'http://mlflow:5000'}}")
+
+
+def by_name(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {o["metadata"]["name"]: o for o in objs}
+
+
+def env_of(pod: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in pod["spec"]["containers"][0]["env"]}
+
+
+# -- the graph ------------------------------------------------------------------------------------
+
+
+def test_graph_has_one_learner_and_the_requested_workers_and_sandboxes() -> None:
+    graph = compile_graph(flowrun(TWO_BY_TWO))
+    assert [(c.name, c.role) for c in graph.components] == [
+        ("learner", Role.LEARNER), ("sandbox-0", Role.SANDBOX), ("sandbox-1", Role.SANDBOX),
+        ("rollout-0", Role.ROLLOUT), ("rollout-1", Role.ROLLOUT)]
+    assert graph.start_order() == [["learner", "sandbox-0", "sandbox-1"], ["rollout-0", "rollout-1"]]
+
+
+def test_component_commands_are_flowlane_cli_entry_points_with_abstract_addresses() -> None:
+    graph = compile_graph(flowrun(TWO_BY_TWO), config_path="/runs/demo/run.yaml")
+    assert graph.component("learner").argv == (
+        "flowlane", "learner", "--config", "/runs/demo/run.yaml", "--port", "{port:learner.grpc}")
+    assert graph.component("sandbox-1").argv == (
+        "flowlane", "sandbox", "--config", "/runs/demo/run.yaml", "--port", "{port:sandbox-1.grpc}")
+    assert graph.component("rollout-0").argv == (
+        "flowlane", "rollout", "--config", "/runs/demo/run.yaml", "--learner", "{address:learner.grpc}",
+        "--sandbox", "{address:sandbox-0.grpc}", "--sandbox", "{address:sandbox-1.grpc}")
+    assert graph.component("rollout-1").depends_on == ("learner", "sandbox-0", "sandbox-1")
+
+
+def test_placeholders_resolve_with_the_backend_lookups() -> None:
+    ports = {("learner", "grpc"): 41001, ("sandbox-0", "grpc"): 41002}
+    text = "--learner {address:learner.grpc} --port {port:sandbox-0.grpc}"
+    assert resolve(text, lambda c, p: f"127.0.0.1:{ports[c, p]}", lambda c, p: ports[c, p]) == (
+        "--learner 127.0.0.1:41001 --port 41002")
+
+
+def test_every_component_gets_the_token_and_only_the_learner_gets_storage_and_tracking() -> None:
+    graph = compile_graph(flowrun(TWO_BY_TWO))
+    token = SecretEnv("demo-grpc-token", "token")
+    assert graph.token == token and graph.token_generated
+    for component in graph.components:
+        assert component.secret_env["FLOWLANE_GRPC_TOKEN"] == token
+    learner = graph.component("learner")
+    assert learner.secret_env["AWS_ACCESS_KEY_ID"] == SecretEnv("s3", "accessKey")
+    assert learner.env["FLOWLANE_S3_ENDPOINT"] == "http://minio:9000"
+    assert learner.env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert set(graph.component("sandbox-0").secret_env) == {"FLOWLANE_GRPC_TOKEN"}
+    assert "AWS_ACCESS_KEY_ID" not in graph.component("rollout-0").secret_env
+
+
+def test_a_named_token_secret_is_used_instead_of_a_generated_one() -> None:
+    graph = compile_graph(flowrun("{grpcAuth: {name: shared, key: t}}"))
+    assert graph.token == SecretEnv("shared", "t") and not graph.token_generated
+
+
+def test_run_config_leaves_out_placement_only_fields() -> None:
+    graph = compile_graph(flowrun("{suspend: true, backoffLimit: 7, activeDeadlineSeconds: 60}"))
+    assert not {"suspend", "backoffLimit", "activeDeadlineSeconds"} & set(graph.config["spec"])
+    assert graph.config["metadata"] == {"name": "demo", "namespace": "ml"}
+    assert load_flowrun(yaml.safe_dump(graph.config)).spec.algorithm == flowrun().spec.algorithm
+
+
+# -- Kubernetes objects ---------------------------------------------------------------------------
+
+
+def all_objects(run: FlowRun) -> list[dict[str, Any]]:
+    rendered = render_flowrun(run, epoch=0)
+    return [*rendered.static_children(), *rendered.pods, render_token_secret(run, "secret")]
+
+
+@pytest.mark.parametrize("spec", ["{}", TWO_BY_TWO, "{storage: {checkpointUri: 'file:///ckpt', volumeClaimName: c}}"])
+def test_every_rendered_flowrun_object_validates_against_kubernetes(spec: str) -> None:
+    for obj in all_objects(flowrun(spec)):
+        kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+
+
+def test_cluster_example_renders_valid_objects() -> None:
+    for obj in all_objects(load_flowrun(REPO / "examples" / "flowrun-cluster.yaml")):
+        kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+
+
+def test_rendered_flowservice_objects_validate_against_kubernetes() -> None:
+    fsvc = load_flowservice(REPO / "examples" / "flowservice.yaml")
+    rendered = render_flowservice(fsvc, checkpoint="s3://b/ckpt/step-40",
+                                  storage_env=s3_env("http://minio:9000", flowrun(TWO_BY_TWO).spec.storage
+                                                     .credentials_secret))
+    for obj in rendered.children():
+        kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+
+
+def test_children_have_deterministic_names_and_owner_references() -> None:
+    objs = all_objects(flowrun(TWO_BY_TWO))
+    assert sorted(o["metadata"]["name"] for o in objs) == [
+        "demo-config", "demo-grpc-token", "demo-learner", "demo-learner", "demo-rollout-0", "demo-rollout-1",
+        "demo-sandbox-0", "demo-sandbox-0", "demo-sandbox-1", "demo-sandbox-1", "demo-sandbox-policy"]
+    for obj in objs:
+        assert obj["metadata"]["ownerReferences"] == [{
+            "apiVersion": "flowlane.dev/v1alpha1", "kind": "FlowRun", "name": "demo", "uid": "uid-1",
+            "controller": True, "blockOwnerDeletion": True}]
+        assert obj["metadata"]["labels"]["flowlane.dev/flowrun"] == "demo"
+
+
+def test_pods_reach_each_other_through_headless_services() -> None:
+    rendered = render_flowrun(flowrun(TWO_BY_TWO), epoch=0)
+    services = by_name(rendered.services)
+    assert services["demo-learner"]["spec"]["clusterIP"] == "None"
+    assert services["demo-learner"]["spec"]["selector"] == {
+        "flowlane.dev/flowrun": "demo", "flowlane.dev/component": "learner"}
+    rollout = by_name(rendered.pods)["demo-rollout-1"]
+    assert rollout["spec"]["containers"][0]["command"] == [
+        "flowlane", "rollout", "--config", POD_CONFIG_PATH, "--learner", "demo-learner.ml.svc:50051",
+        "--sandbox", "demo-sandbox-0.ml.svc:50052", "--sandbox", "demo-sandbox-1.ml.svc:50052"]
+
+
+def test_secrets_reach_pods_only_as_secret_key_refs() -> None:
+    pods = by_name(render_flowrun(flowrun(TWO_BY_TWO), epoch=0).pods)
+    env = env_of(pods["demo-learner"])
+    assert env["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "s3", "key": "secretKey"}}
+    assert env["FLOWLANE_GRPC_TOKEN"] == {"secretKeyRef": {"name": "demo-grpc-token", "key": "token"}}
+
+
+def test_gpus_node_selectors_and_tolerations_come_from_the_spec() -> None:
+    pods = by_name(render_flowrun(flowrun(TWO_BY_TWO), epoch=0, options=RenderOptions(
+        gpu_resource_name="nvidia.com/gpu")).pods)
+    rollout = pods["demo-rollout-0"]
+    assert rollout["spec"]["containers"][0]["resources"]["limits"] == {
+        "cpu": "1", "memory": "6Gi", "nvidia.com/gpu": 1}
+    assert rollout["spec"]["nodeSelector"] == {"pool": "gpu"}
+    assert rollout["spec"]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert "nvidia.com/gpu" not in pods["demo-learner"]["spec"]["containers"][0]["resources"]["limits"]
+
+
+def test_sandbox_pods_are_locked_down() -> None:
+    pod = by_name(render_flowrun(flowrun(), epoch=0).pods)["demo-sandbox-0"]
+    assert pod["spec"]["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert pod["spec"]["containers"][0]["securityContext"] == {
+        "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True,
+        "readOnlyRootFilesystem": True}
+    assert pod["spec"]["automountServiceAccountToken"] is False
+
+
+def test_sandbox_network_policy_admits_only_rollout_workers_and_allows_no_egress() -> None:
+    policy = render_flowrun(flowrun(), epoch=0).network_policy
+    assert policy["spec"] == {
+        "podSelector": {"matchLabels": {"flowlane.dev/flowrun": "demo", "flowlane.dev/role": "sandbox"}},
+        "policyTypes": ["Ingress", "Egress"],
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"flowlane.dev/flowrun": "demo",
+                                                               "flowlane.dev/role": "rollout"}}}],
+                     "ports": [{"protocol": "TCP", "port": 50052}]}],
+        "egress": [],
+    }
+
+
+def test_config_map_holds_the_run_config_components_read() -> None:
+    run = flowrun(TWO_BY_TWO)
+    config_map = render_flowrun(run, epoch=0).config_map
+    assert load_flowrun(config_map["data"]["run.yaml"]).spec == run.spec.model_copy(update={"suspend": False})
+
+
+def test_only_stateless_sandboxes_are_restarted_by_the_kubelet() -> None:
+    pods = by_name(render_flowrun(flowrun(), epoch=0).pods)
+    assert {name: pod["spec"]["restartPolicy"] for name, pod in pods.items()} == {
+        "demo-learner": "Never", "demo-rollout-0": "Never", "demo-sandbox-0": "Always"}
+
+
+def test_pod_hash_ignores_placement_only_fields_and_follows_the_rest() -> None:
+    def hashes(spec: str, epoch: int = 0) -> dict[str, str]:
+        return {p["metadata"]["name"]: p["metadata"]["annotations"][ANNOTATION_HASH]
+                for p in render_flowrun(flowrun(spec), epoch=epoch).pods}
+
+    base = hashes("{}")
+    assert hashes("{}") == base
+    assert hashes("{suspend: true, backoffLimit: 9, ttlSecondsAfterFinished: 5}") == base
+    assert hashes("{}", epoch=3) == base
+    assert all(base[n] != h for n, h in hashes("{algorithm: {lr: 0.001}}").items())
+
+
+def test_epoch_label_records_the_restart_count() -> None:
+    pods = render_flowrun(flowrun(), epoch=2).pods
+    assert {p["metadata"]["labels"][LABEL_EPOCH] for p in pods} == {"2"}
+
+
+def test_flowservice_deployment_rolls_without_downtime_to_the_checkpoint() -> None:
+    fsvc = load_flowservice(REPO / "examples" / "flowservice.yaml")
+    first = render_flowservice(fsvc, checkpoint="s3://b/step-10").deployment
+    second = render_flowservice(fsvc, checkpoint="s3://b/step-20").deployment
+    assert first["spec"]["strategy"] == {"type": "RollingUpdate",
+                                         "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    template = second["spec"]["template"]
+    assert template["metadata"]["annotations"][ANNOTATION_CHECKPOINT] == "s3://b/step-20"
+    assert "--model" in template["spec"]["containers"][0]["command"]
+    assert template["spec"]["containers"][0]["command"][-5:] == ["s3://b/step-20", "--host", "0.0.0.0",
+                                                                  "--port", "8000"]
+    assert first["metadata"]["annotations"][ANNOTATION_HASH] != second["metadata"]["annotations"][ANNOTATION_HASH]
+    env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
+    assert env["FLOWLANE_GATEWAY_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "agent-api", "key": "token"}}
