@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
+
 from flowlane.api import learner_pb2
 from flowlane.runtime.errors import ConfigError, FlowlaneError
 from flowlane.runtime.trajectory import Trajectory

@@ -91,7 +91,7 @@ def resolve_kind(kind: str | RewardKind) -> RewardKind:
 # Finding the answer in a generator's text.
 
 _MARKERS = [
-    re.compile(r"(?:final answer|answer)\s*(?:is)?\s*[:=]\s*(.+)", re.IGNORECASE),
+    re.compile(r"\b(?:final answer|answer)\s*(?:is)?\s*[:=]\s*(.+)", re.IGNORECASE),
     re.compile(r"\bthe (?:final )?answer is\s*[:=]?\s*(.+)", re.IGNORECASE),
 ]
 

@@ -21,11 +21,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import signal
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import grpc
 import grpc.aio
 import typer
+
 from flowlane.api import sandbox_pb2, sandbox_pb2_grpc
 from flowlane.runtime import grpc_common
 from flowlane.runtime.errors import ConfigError, FlowlaneError
@@ -227,17 +229,36 @@ class RemoteCodeRunner:
 # --- the command ---------------------------------------------------------------------------------
 
 
+def limits_from_spec(spec_limits: Any) -> SandboxLimits:
+    """Server defaults from a FlowRun's ``spec.sandbox.limits`` (api/flowrun.py's SandboxLimits)."""
+    return SandboxLimits(
+        cpu_time_s=spec_limits.cpu_time_seconds,
+        wall_time_s=spec_limits.wall_time_seconds,
+        memory_bytes=spec_limits.memory_mib * MiB,
+        max_processes=spec_limits.processes,
+        max_file_bytes=max(1, spec_limits.file_size_mib * MiB),  # 0 MiB: no file may grow past a byte
+        max_output_bytes=spec_limits.output_bytes,
+    )
+
+
 def sandbox(
     port: Annotated[int, typer.Option(help="TCP port to serve on (0 picks a free one, printed on start).")],
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 inside a pod.")] = "127.0.0.1",
     max_concurrency: Annotated[int, typer.Option(help="Code runs executing at once; more requests queue.")] = 4,
+    config: Annotated[Path | None, typer.Option(
+        help="The rendered FlowRun (run config YAML); its spec.sandbox.limits become the defaults.")] = None,
 ) -> None:
     """Serve the tool sandbox over gRPC until SIGTERM/SIGINT. The token comes from FLOWLANE_GRPC_TOKEN."""
-    asyncio.run(_serve(host, port, max_concurrency))
+    defaults = None
+    if config is not None:
+        from flowlane.api.flowrun import load_flowrun
+
+        defaults = limits_from_spec(load_flowrun(config).spec.sandbox.limits)
+    asyncio.run(_serve(host, port, max_concurrency, defaults))
 
 
-async def _serve(host: str, port: int, max_concurrency: int) -> None:
-    server, bound = await start_sandbox_server(host, port, max_concurrency=max_concurrency)
+async def _serve(host: str, port: int, max_concurrency: int, defaults: SandboxLimits | None) -> None:
+    server, bound = await start_sandbox_server(host, port, max_concurrency=max_concurrency, defaults=defaults)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -12,6 +12,7 @@ import grpc.aio
 import pytest
 import pytest_asyncio
 import torch
+
 from flowlane.api import codegen, learner_pb2, learner_pb2_grpc, sandbox_pb2, sandbox_pb2_grpc
 from flowlane.runtime import grpc_common
 from flowlane.runtime.errors import ConfigError, FlowlaneError

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from flowlane.api.common import Resources
 from flowlane.api.flowrun import load_flowrun
 from flowlane.operator.graph import Component, Port, Protocol, Role, SecretEnv, compile_graph

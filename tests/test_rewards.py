@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 import pytest
 import torch
+
 from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings
 from flowlane.runtime.errors import ConfigError
 from flowlane.runtime.rewards import (

@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+
 from flowlane.runtime.errors import ConfigError
 from flowlane.runtime.sandbox import (
     CodeRunner,

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import pytest
+
 from flowlane.api import sandbox_pb2
 from flowlane.runtime.sandbox import SandboxErrorKind, SandboxLimits
 from flowlane.runtime.sandbox_server import DEFAULT_CEILING, RemoteCodeRunner, limits_from_proto

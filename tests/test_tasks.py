@@ -11,6 +11,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from flowlane.runtime.errors import ConfigError
 from flowlane.runtime.rewards import check_game24, score
 from flowlane.runtime.tasks import Split, Task, bundled_task_sets, load_tasks

@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 import torch
+
 from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings
 from flowlane.runtime.errors import ConfigError
 from flowlane.runtime.sandbox import LocalCodeRunner, SandboxLimits, SandboxResult

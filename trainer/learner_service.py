@@ -117,9 +117,9 @@ class LearnerRuntime:
         spec = self.spec
         self.learner = Learner(learner_config(spec))
         uri = spec.storage.checkpoint_uri or (self.run_dir / "checkpoints").resolve().as_uri()
-        self.store = CheckpointStore.from_uri(uri, endpoint=_endpoint_host(spec.storage.s3_endpoint),
-                                              secure=(spec.storage.s3_endpoint or "").startswith("https"),
-                                              keep_last=spec.storage.keep_last)
+        self.store = CheckpointStore.from_uri(
+            uri, endpoint=spec.storage.s3_endpoint or os.environ.get("FLOWLANE_S3_ENDPOINT"),
+            keep_last=spec.storage.keep_last)
         self.tracker = Tracker(spec.tracking.experiment, run_dir=self.run_dir, tracking_uri=spec.tracking.mlflow_uri)
         self.progress.mlflow_run_id = self.tracker.start_run(
             self.flowrun.name, params=_flatten(self.flowrun.run_config()["spec"]),
@@ -131,8 +131,11 @@ class LearnerRuntime:
         ref = self.store.latest() if self.resume else None
         if ref is None:
             return False
-        with tempfile.TemporaryDirectory(prefix="flowlane-restore-") as tmp:
-            path = self.store.download(ref, Path(tmp))
+        from flowlane.trainer.checkpoint import model_identity
+
+        with tempfile.TemporaryDirectory(prefix="flowlane-restore-", dir=self.run_dir) as tmp:
+            path = self.store.download(ref, Path(tmp) / "ckpt",
+                                       expected_meta={"model": model_identity(self.learner.model_dir)})
             self.learner.load_checkpoint_files(path)
         state = ref.meta.get("coordinator")
         if state:
@@ -229,7 +232,10 @@ class LearnerRuntime:
         from flowlane.trainer.checkpoint import CheckpointError
 
         step = self.coordinator.learned_step
+        from flowlane.trainer.checkpoint import model_identity
+
         meta = {"coordinator": self.coordinator.state_dict(), "run": self.flowrun.name,
+                "model": model_identity(self.learner.model_dir),
                 "baseline_accuracy": self.progress.baseline_accuracy,
                 "held_out_accuracy": self.progress.held_out_accuracy}
 
@@ -383,12 +389,6 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(data, list):
         return {prefix[:-1]: json.dumps(data)}
     return {prefix[:-1]: data}
-
-
-def _endpoint_host(url: str | None) -> str | None:
-    if not url:
-        return os.environ.get("FLOWLANE_S3_ENDPOINT")
-    return url.split("://", 1)[-1].rstrip("/")
 
 
 # -- the gRPC adapter ---------------------------------------------------------------------------

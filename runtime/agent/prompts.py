@@ -168,15 +168,15 @@ def executor_messages(
     sub_goal: str,
     context: str,
 ) -> Messages:
+    # No tool description here: small models copy it into the command. The sub-goal comes last.
     fields = " and ".join(f'"{name}"' for name in command_fields(input_schema))
+    lines = [f"Question: {question}"]
+    if context.strip():
+        lines.append(f"Context: {truncate(context, 600)}")
+    lines += [f"Sub-goal: {sub_goal}", "", f"Reply with JSON with the field {fields}."]
     return _messages(
-        "You turn a sub-goal into one command for a tool. Reply with JSON only.",
-        f"Question: {question}\n"
-        f"Tool: {card.get('name')}: {truncate(str(card.get('description', '')), 200)}\n"
-        f"How to write the command: {command_instruction}\n"
-        f"Context: {truncate(context, 600) or '(none)'}\n"
-        f"Sub-goal: {sub_goal}\n\n"
-        f"Reply with JSON with the field {fields}.",
+        f"You write one command for the {card.get('name')} tool. {command_instruction}",
+        "\n".join(lines),
     )
 
 

@@ -63,5 +63,5 @@ class LLMEngine(abc.ABC):
         """Replace the model weights in place (weight sync from the learner) without a restart."""
         raise NotImplementedError(f"{self.name} engine cannot load new weights in place")
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook, remote engines hold nothing
         """Release processes and memory. Safe to call twice."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 
 @dataclass
@@ -27,11 +27,11 @@ class Tool(abc.ABC):
     name: str = "tool"
     description: str = ""
     #: Free-form facts for the planner prompt: best_for, limitations, examples.
-    metadata: dict[str, Any] = {}
+    metadata: ClassVar[dict[str, Any]] = {}
     #: What the executor must write as the command, shown in its prompt.
     command_instruction: str = "Write the tool input."
     #: JSON schema of the executor's structured output for this tool.
-    input_schema: dict[str, Any] = {
+    input_schema: ClassVar[dict[str, Any]] = {
         "type": "object",
         "properties": {"command": {"type": "string"}},
         "required": ["command"],
@@ -47,5 +47,5 @@ class Tool(abc.ABC):
         """The tool as the planner sees it."""
         return {"name": self.name, "description": self.description, **self.metadata}
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook, most tools hold nothing
         """Release resources. Safe to call twice."""

@@ -21,6 +21,7 @@ import re
 from typing import Any
 
 import httpx
+
 from flowlane.runtime.tools.base import Tool, ToolResult
 
 WEB_SEARCH_URL_ENV = "FLOWLANE_WEB_SEARCH_URL"

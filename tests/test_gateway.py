@@ -1,0 +1,506 @@
+"""The serving gateway: an OpenAI-compatible API in front of the AgentFlow agent.
+
+Three kinds of tests:
+- the official ``openai`` client (``AsyncOpenAI``) against a real gateway on loopback that runs
+  the REAL agent on the bundled model through the session ``vllm_engine`` (the server runs in the
+  session event loop, the loop the vLLM engine is bound to): a completion that used a tool, a
+  streamed run, budgets, auth, bad input, metrics;
+- a second real gateway on loopback around ``CannedEngine``, a fake engine, ONLY for what the real
+  model cannot be made to do on demand: fail (500, and the server keeps serving), fail mid-stream,
+  and run slowly enough to show that requests overlap;
+- the pure request/response translation (``gateway_protocol``), and ``flowlane serve`` with a bad
+  model path as a real subprocess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import pytest_asyncio
+from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings
+from flowlane.runtime.gateway import GatewayConfig, create_app, running_gateway
+from flowlane.runtime.gateway_protocol import (
+    ApiError,
+    ErrorCode,
+    RequestLimits,
+    StepDisplay,
+    event_text,
+    parse_chat_request,
+)
+from flowlane.runtime.tools.base import Tool, ToolResult
+from flowlane.runtime.tools.registry import build_tools
+from flowlane.runtime.trajectory import Step, Trajectory, Verdict
+from openai import AsyncOpenAI
+
+in_session_loop = pytest.mark.asyncio(loop_scope="session")  # the loop the session vLLM engine runs in
+
+MODEL = "flowlane-agent"
+API_KEY = "test-key-5f1c"
+MAX_CONTENT_CHARS = 2000
+SERVER_MAX_TURNS = 2
+QUESTION = "What is 17 * 23? Compute it with Python."
+EVENT_ORDER = ["analysis", "plan", "command", "result", "verdict", "answer"]
+
+
+# ============================================================================ fixtures
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def gateway_url(vllm_engine: LLMEngine) -> AsyncIterator[str]:
+    """A gateway on loopback running the real agent (python, search, generator) on the session engine."""
+    tools = build_tools(["python", "search", "generator"], engine=vllm_engine)
+    config = GatewayConfig(
+        served_model_name=MODEL,
+        api_key=API_KEY,
+        limits=RequestLimits(max_content_chars=MAX_CONTENT_CHARS, max_turns=SERVER_MAX_TURNS, max_time_s=120.0),
+    )
+    async with running_gateway(create_app(vllm_engine, tools, config=config)) as url:
+        yield url
+    for tool in tools:
+        await tool.close()
+
+
+def client_for(url: str, api_key: str = API_KEY) -> AsyncOpenAI:
+    return AsyncOpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=300.0)
+
+
+@pytest.fixture
+def client(gateway_url: str) -> AsyncOpenAI:
+    return client_for(gateway_url)
+
+
+async def metric(url: str, name: str, **labels: str) -> float:
+    """One sample's value from ``GET /metrics`` (0 when the series does not exist yet)."""
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"{url}/metrics")).text
+    wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+    for line in text.splitlines():
+        match = re.fullmatch(r"([a-z_]+)(?:\{(.*)\})? (\S+)", line)
+        if match and match.group(1) == name and ",".join(sorted((match.group(2) or "").split(","))) == wanted:
+            return float(match.group(3))
+    return 0.0
+
+
+async def still_serving(client: AsyncOpenAI) -> None:
+    models = await client.models.list()
+    assert [model.id for model in models.data] == [MODEL]
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def tool_completion(gateway_url: str) -> dict[str, Any]:
+    """One real non-streaming completion (one turn), with the metrics read before and after it."""
+    series = {
+        "requests": ("flowlane_gateway_requests_total", {"endpoint": "/v1/chat/completions", "status": "200"}),
+        "runs": ("flowlane_gateway_agent_turns_count", {}),
+        "turns": ("flowlane_gateway_agent_turns_sum", {}),
+    }
+    before = {key: await metric(gateway_url, name, **labels) for key, (name, labels) in series.items()}
+    response = await client_for(gateway_url).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": QUESTION}], extra_body={"max_turns": 1},
+    )
+    after = {key: await metric(gateway_url, name, **labels) for key, (name, labels) in series.items()}
+    tool = response.model_extra["agentflow"]["steps"][0]["tool"]
+    tool_calls = await metric(gateway_url, "flowlane_gateway_tool_calls_total", tool=tool)
+    return {"response": response, "before": before, "after": after, "tool_calls_after": tool_calls}
+
+
+# ============================================================================ real agent behind the API
+
+
+@in_session_loop
+async def test_completion_answers_with_the_agents_final_answer(tool_completion: dict[str, Any]) -> None:
+    response = tool_completion["response"]
+    assert response.object == "chat.completion"
+    assert response.model == MODEL
+    assert response.id.startswith("chatcmpl-")
+    (choice,) = response.choices
+    assert choice.message.role == "assistant"
+    assert choice.finish_reason == "stop"
+    assert choice.message.content.strip()
+    assert choice.message.content != QUESTION
+
+
+@in_session_loop
+async def test_completion_shows_the_tool_call_with_its_result(tool_completion: dict[str, Any]) -> None:
+    flow = tool_completion["response"].model_extra["agentflow"]
+    (step,) = flow["steps"]  # max_turns=1: exactly one planner turn, one tool call
+    assert step["turn"] == 1
+    assert step["tool"] in {"python", "search", "generator"}
+    assert step["sub_goal"].strip()
+    assert step["result"].strip()
+    assert flow["tool_calls"] == {step["tool"]: 1}
+    assert flow["stop_reason"] == "turn_budget"
+    assert flow["turns"] == 1 and flow["max_turns"] == 1
+    assert flow["query_analysis"].strip()
+
+
+@in_session_loop
+async def test_completion_reports_token_usage(tool_completion: dict[str, Any]) -> None:
+    usage = tool_completion["response"].usage
+    # analysis, planner, executor (unless the generator tool was chosen), solution generator
+    assert usage.prompt_tokens > 100
+    assert usage.completion_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+@in_session_loop
+async def test_metrics_count_the_request_its_turns_and_its_tool_call(tool_completion: dict[str, Any]) -> None:
+    before, after = tool_completion["before"], tool_completion["after"]
+    assert after["requests"] - before["requests"] == 1
+    assert after["runs"] - before["runs"] == 1
+    assert after["turns"] - before["turns"] == 1
+    assert tool_completion["tool_calls_after"] >= 1
+
+
+@in_session_loop
+async def test_stream_sends_each_step_as_it_happens_then_the_answer(client: AsyncOpenAI) -> None:
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": QUESTION}], stream=True,
+        stream_options={"include_usage": True}, extra_body={"max_turns": 1},
+    )
+    chunks: list[tuple[float, Any]] = [(time.monotonic(), chunk) async for chunk in stream]
+    bodies = [chunk for _, chunk in chunks]
+    assert all(chunk.object == "chat.completion.chunk" and chunk.model == MODEL for chunk in bodies)
+    assert bodies[0].choices[0].delta.role == "assistant"
+    events = [(at, chunk.model_extra["agentflow"]) for at, chunk in chunks
+              if chunk.model_extra.get("agentflow", {}).get("event")]
+    assert [flow["event"] for _, flow in events] == EVENT_ORDER
+    # Steps arrive while the agent works: the plan long before the answer (which needs a generation).
+    arrival = {flow["event"]: at for at, flow in events}
+    assert arrival["answer"] - arrival["plan"] > 0.05
+    # The readable text: the step, its result, then the answer.
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in bodies if chunk.choices)
+    answer = events[-1][1]["answer"]
+    assert text.index("Step 1 · tool: ") < text.index("Result") < text.index(f"Answer: {answer}")
+    final = [chunk for chunk in bodies if chunk.choices and chunk.choices[0].finish_reason == "stop"]
+    assert len(final) == 1 and final[0].model_extra["agentflow"]["stop_reason"] == "turn_budget"
+    assert bodies[-1].choices == [] and bodies[-1].usage.completion_tokens > 0
+
+
+@in_session_loop
+async def test_time_budget_cuts_the_agent_loop_and_still_answers(client: AsyncOpenAI) -> None:
+    response = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": QUESTION}], extra_body={"max_time_s": 0.001},
+    )
+    flow = response.model_extra["agentflow"]
+    assert flow["stop_reason"] == "time_budget"
+    assert flow["steps"] == []
+    assert response.choices[0].message.content.strip()
+
+
+@in_session_loop
+async def test_models_lists_the_served_model(client: AsyncOpenAI) -> None:
+    models = await client.models.list()
+    assert [(model.id, model.object, model.owned_by) for model in models.data] == [(MODEL, "model", "flowlane")]
+    assert (await client.models.retrieve(MODEL)).id == MODEL
+
+
+# ============================================================================ auth
+
+
+@in_session_loop
+async def test_wrong_token_is_refused_with_an_openai_401(gateway_url: str) -> None:
+    with pytest.raises(openai.AuthenticationError) as caught:
+        await client_for(gateway_url, api_key="not-the-key").chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": QUESTION}])
+    assert caught.value.status_code == 401
+    assert caught.value.code == "invalid_api_key"
+    await still_serving(client_for(gateway_url))
+
+
+@in_session_loop
+async def test_missing_token_is_refused_with_an_openai_401(gateway_url: str) -> None:
+    async with httpx.AsyncClient() as http:
+        reply = await http.get(f"{gateway_url}/v1/models")
+    assert reply.status_code == 401
+    assert reply.headers["www-authenticate"] == "Bearer"
+    error = reply.json()["error"]
+    assert error["code"] == "invalid_api_key" and error["type"] == "invalid_request_error"
+    assert "Authorization: Bearer" in error["message"]
+
+
+@in_session_loop
+async def test_probes_and_metrics_need_no_token(gateway_url: str) -> None:
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(f"{gateway_url}/healthz")).json() == {"status": "ok"}
+        assert (await http.get(f"{gateway_url}/readyz")).json() == {"status": "ready", "model": MODEL}
+        assert (await http.get(f"{gateway_url}/metrics")).status_code == 200
+
+
+# ============================================================================ bad input
+
+
+@in_session_loop
+@pytest.mark.parametrize(
+    ("messages", "code"),
+    [
+        ([], "missing_messages"),
+        ([{"role": "system", "content": "You are helpful."}], "no_user_message"),
+        ([{"role": "user", "content": "   "}], "empty_content"),
+        ([{"role": "user", "content": "x" * (MAX_CONTENT_CHARS + 1)}], "content_too_long"),
+        ([{"role": "wizard", "content": "hi"}], "invalid_value"),
+    ],
+    ids=["no-messages", "no-user-message", "empty-content", "oversized", "unknown-role"],
+)
+async def test_bad_messages_are_an_openai_400_and_the_server_keeps_serving(
+    client: AsyncOpenAI, messages: list[dict[str, str]], code: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.chat.completions.create(model=MODEL, messages=messages)  # type: ignore[arg-type]
+    assert caught.value.code == code
+    assert caught.value.body["type"] == "invalid_request_error"  # type: ignore[index]
+    await still_serving(client)
+
+
+@in_session_loop
+async def test_malformed_json_is_an_openai_400(gateway_url: str, client: AsyncOpenAI) -> None:
+    async with httpx.AsyncClient() as http:
+        reply = await http.post(f"{gateway_url}/v1/chat/completions", content=b'{"model": "flowlane-agent", "mess',
+                                headers={"authorization": f"Bearer {API_KEY}", "content-type": "application/json"})
+    assert reply.status_code == 400
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == "invalid_json" and error["type"] == "invalid_request_error"
+    await still_serving(client)
+
+
+@in_session_loop
+async def test_unknown_model_is_an_openai_404(client: AsyncOpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        await client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": QUESTION}])
+    assert caught.value.code == "model_not_found"
+    assert "'gpt-4o'" in caught.value.message and MODEL in caught.value.message
+    await still_serving(client)
+
+
+@in_session_loop
+async def test_errors_are_counted_by_code(gateway_url: str, client: AsyncOpenAI) -> None:
+    before = await metric(gateway_url, "flowlane_gateway_errors_total", code="model_not_found")
+    before_404 = await metric(gateway_url, "flowlane_gateway_requests_total",
+                              endpoint="/v1/chat/completions", status="404")
+    with pytest.raises(openai.NotFoundError):
+        await client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert await metric(gateway_url, "flowlane_gateway_errors_total", code="model_not_found") == before + 1
+    assert await metric(gateway_url, "flowlane_gateway_requests_total",
+                        endpoint="/v1/chat/completions", status="404") == before_404 + 1
+
+
+@in_session_loop
+async def test_unknown_route_is_an_openai_404(gateway_url: str) -> None:
+    async with httpx.AsyncClient() as http:
+        reply = await http.get(f"{gateway_url}/v2/anything")
+    assert reply.status_code == 404
+    assert reply.json()["error"]["code"] == "not_found"
+
+
+# ============================================================================ engine failures, concurrency (fake engine)
+
+CANNED_REPLY = json.dumps({
+    "justification": "j", "context": "c", "sub_goal": "compute 17*23", "tool_name": "python",
+    "command": "print(17*23)", "reason": "the result answers it", "conclusion": "STOP",
+})
+
+
+class CannedEngine(LLMEngine):
+    """A fake engine for what the real model cannot do on demand: fail, or be slow.
+
+    Every call answers ``CANNED_REPLY`` (a JSON object every agent module can parse) after
+    ``delay_s``, or raises while ``failures_left`` > 0. It records how many calls overlapped.
+    """
+
+    name = "canned"
+    supports_structured_output = True
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+        self.failures_left = 0
+        self.fail_on_call: int | None = None
+        self.calls = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    async def chat(self, messages: list[dict[str, str]], settings: SamplingSettings) -> Generation:
+        self.calls += 1
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.delay_s)
+        finally:
+            self.in_flight -= 1
+        if self.failures_left > 0 or self.calls == self.fail_on_call:
+            self.failures_left = max(0, self.failures_left - 1)
+            raise RuntimeError("device lost")
+        ids = list(range(len(CANNED_REPLY)))
+        return Generation(prompt_ids=[1, 2, 3], token_ids=ids, logprobs=[-0.1] * len(ids), text=CANNED_REPLY)
+
+
+class EchoTool(Tool):
+    name = "python"
+    description = "echo"
+
+    async def execute(self, command: str) -> ToolResult:
+        return ToolResult(output=f"ran {command}")
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def canned() -> AsyncIterator[tuple[CannedEngine, AsyncOpenAI, str]]:
+    engine = CannedEngine(delay_s=0.2)
+    app = create_app(engine, [EchoTool()], config=GatewayConfig(served_model_name=MODEL))
+    async with running_gateway(app) as url:
+        yield engine, client_for(url, api_key="unused"), url
+
+
+@in_session_loop
+async def test_engine_failure_is_an_openai_500_and_the_next_request_is_served(
+    canned: tuple[CannedEngine, AsyncOpenAI, str],
+) -> None:
+    engine, client, _ = canned
+    engine.failures_left = 2  # the loop's first call, then the solution generator's
+    with pytest.raises(openai.InternalServerError) as caught:
+        await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}])
+    assert caught.value.code == "engine_error"
+    assert "RuntimeError: device lost" in caught.value.message
+    response = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}])
+    assert response.model_extra["agentflow"]["steps"][0]["result"] == "ran print(17*23)"
+
+
+@in_session_loop
+async def test_engine_failure_mid_stream_arrives_as_an_error_event(
+    canned: tuple[CannedEngine, AsyncOpenAI, str],
+) -> None:
+    engine, client, _ = canned
+    engine.fail_on_call = 5  # analysis, plan, command, verifier pass; the answer fails
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": QUESTION}], stream=True)
+    seen: list[str] = []
+    with pytest.raises(openai.APIError, match="device lost"):
+        async for chunk in stream:
+            seen.append((chunk.model_extra or {}).get("agentflow", {}).get("event", ""))
+    assert [event for event in seen if event] == ["analysis", "plan", "command", "result", "verdict"]
+
+
+@in_session_loop
+async def test_requests_run_concurrently_through_one_engine(canned: tuple[CannedEngine, AsyncOpenAI, str]) -> None:
+    engine, client, _ = canned
+    started = time.monotonic()
+    replies = await asyncio.gather(*(
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"q{i}"}])
+        for i in range(4)
+    ))
+    elapsed = time.monotonic() - started
+    assert len(replies) == 4
+    assert engine.max_in_flight == 4
+    # 5 engine calls of 0.2 s per run: about 1 s when overlapped, 4 s one request at a time
+    assert elapsed < 2.5
+
+
+@in_session_loop
+async def test_chat_before_the_engine_is_loaded_is_a_503_and_readyz_says_loading() -> None:
+    app = create_app(None, config=GatewayConfig(served_model_name=MODEL))
+    async with running_gateway(app) as url:
+        client = client_for(url, api_key="unused")
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"{url}/readyz")).status_code == 503
+            assert (await http.get(f"{url}/healthz")).status_code == 200
+        with pytest.raises(openai.InternalServerError) as caught:
+            await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+        assert caught.value.status_code == 503 and caught.value.code == "not_ready"
+        app.state.gateway.attach(CannedEngine(), [EchoTool()])
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"{url}/readyz")).status_code == 200
+
+
+# ============================================================================ the wire format (pure)
+
+LIMITS = RequestLimits(max_content_chars=100, max_turns=3, max_time_s=30.0)
+
+
+def parse(**body: Any) -> Any:
+    body.setdefault("model", MODEL)
+    body.setdefault("messages", [{"role": "user", "content": "hi"}])
+    return parse_chat_request(json.dumps(body).encode(), LIMITS)
+
+
+def test_budgets_above_the_server_caps_are_clamped_and_missing_ones_default_to_them() -> None:
+    assert (parse(max_turns=50, max_time_s=999).max_turns, parse(max_turns=50, max_time_s=999).max_time_s) == (3, 30.0)
+    assert (parse(max_turns=2, max_time_s=5).max_turns, parse(max_turns=2, max_time_s=5).max_time_s) == (2, 5.0)
+    assert (parse().max_turns, parse().max_time_s) == (3, 30.0)
+
+
+def test_the_question_is_the_last_user_message_with_text_parts_joined() -> None:
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": [{"type": "text", "text": "What is"}, {"type": "text", "text": "2+2?"}]},
+    ]
+    assert parse(messages=messages).question == "What is\n2+2?"
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "param"),
+    [
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+         ErrorCode.UNSUPPORTED, "messages[0].content"),
+        ({"n": 2}, ErrorCode.UNSUPPORTED, "n"),
+        ({"max_turns": 0}, ErrorCode.INVALID_VALUE, "max_turns"),
+        ({"max_turns": "3"}, ErrorCode.INVALID_VALUE, "max_turns"),
+        ({"temperature": 3}, ErrorCode.INVALID_VALUE, "temperature"),
+        ({"agentflow_steps": "loud"}, ErrorCode.INVALID_VALUE, "agentflow_steps"),
+        ({"model": ""}, ErrorCode.INVALID_VALUE, "model"),
+    ],
+    ids=["image-part", "n", "zero-turns", "string-turns", "temperature", "steps-display", "empty-model"],
+)
+def test_invalid_fields_are_named_in_the_error(body: dict[str, Any], code: ErrorCode, param: str) -> None:
+    with pytest.raises(ApiError) as caught:
+        parse(**body)
+    assert (caught.value.status, caught.value.code, caught.value.param) == (400, code, param)
+
+
+def test_a_json_array_body_is_invalid_json_for_the_api() -> None:
+    with pytest.raises(ApiError) as caught:
+        parse_chat_request(b"[1, 2]", LIMITS)
+    assert caught.value.code is ErrorCode.INVALID_JSON
+
+
+def test_step_events_read_as_text() -> None:
+    traj = Trajectory(question="q", query_analysis="needs arithmetic")
+    step = Step(turn=2, tool_name="python", sub_goal="compute 17*23", command="print(17*23)", result="391",
+                verdict=Verdict.STOP, verifier_reason="done")
+    assert event_text("analysis", traj, None) == "Analysis: needs arithmetic\n"
+    assert event_text("plan", traj, step) == "\nStep 2 · tool: python\nSub-goal: compute 17*23\n"
+    assert event_text("command", traj, step) == "Command: print(17*23)\n"
+    assert event_text("result", traj, step) == "Result: 391\n"
+    assert event_text("verdict", traj, step) == "Verifier: STOP (done)\n"
+    step.tool_ok, step.result = False, "[timeout] killed"
+    assert event_text("result", traj, step) == "Result (tool failed): [timeout] killed\n"
+
+
+# ============================================================================ flowlane serve
+
+
+def test_serve_with_a_missing_checkpoint_exits_with_a_one_line_error(tmp_path: Path) -> None:
+    missing = tmp_path / "does" / "not" / "exist"
+    env = {**os.environ, "FLOWLANE_HOME": str(tmp_path / "home")}
+    result = subprocess.run(
+        [sys.executable, "-m", "flowlane.cli", "serve", "--model", str(missing), "--port", "0"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and str(missing) in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
