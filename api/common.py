@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import yaml
-from flowlane.runtime.errors import ConfigError
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -37,6 +36,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
+
+from flowlane.runtime.errors import ConfigError
 
 API_GROUP = "flowlane.dev"
 API_VERSION = "v1alpha1"

@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from flowlane.api import flowrun, flowservice
-from flowlane.api.common import API_GROUP, API_VERSION
 from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import core_schema, to_jsonable_python
+
+from flowlane.api import flowrun, flowservice
+from flowlane.api.common import API_GROUP, API_VERSION
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT_DIRS = (REPO_ROOT / "crds", REPO_ROOT / "charts" / "flowlane" / "crds")

@@ -23,6 +23,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
 from flowlane.api.common import (
     GROUP_VERSION,
     HTTP_URL_PATTERN,
@@ -38,7 +40,6 @@ from flowlane.api.common import (
     field_error,
     load_resource,
 )
-from pydantic import ConfigDict, Field, field_validator, model_validator
 
 KIND: Final = "FlowRun"
 PLURAL: Final = "flowruns"

@@ -15,6 +15,8 @@ import enum
 from pathlib import Path
 from typing import Final, Literal
 
+from pydantic import ConfigDict, Field, model_validator
+
 from flowlane.api.common import (
     DNS_LABEL_PATTERN,
     GROUP_VERSION,
@@ -28,7 +30,6 @@ from flowlane.api.common import (
     load_resource,
 )
 from flowlane.api.flowrun import Dtype, EngineKind, StorageSpec, ToolSpec, default_tools
-from pydantic import ConfigDict, Field, model_validator
 
 KIND: Final = "FlowService"
 PLURAL: Final = "flowservices"

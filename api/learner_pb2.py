@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rlearner.proto\x12\x0b\x66lowlane.v1\"3\n\x0bTaskRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\tmax_tasks\x18\x02 \x01(\r\"b\n\x04Task\x12\x13\n\x0bquestion_id\x18\x01 \x01(\t\x12\x10\n\x08question\x18\x02 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x13\n\x0breward_kind\x18\x05 \x01(\t\"u\n\tTaskBatch\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.flowlane.v1.Task\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x03\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\x12\n\ngroup_size\x18\x04 \x01(\r\x12\x0c\n\x04step\x18\x05 \x01(\x03\"~\n\x11PlannerTurnRecord\x12\x12\n\nprompt_ids\x18\x01 \x03(\x05\x12\x14\n\x0cresponse_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x01\x12\x15\n\rresponse_mask\x18\x04 \x03(\r\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x03\"\xa9\x01\n\x10TrajectoryRecord\x12\x15\n\rtrajectory_id\x18\x01 \x01(\t\x12\x13\n\x0bquestion_id\x18\x02 \x01(\t\x12\x0e\n\x06reward\x18\x03 \x01(\x01\x12-\n\x05turns\x18\x04 \x03(\x0b\x32\x1e.flowlane.v1.PlannerTurnRecord\x12\x11\n\tworker_id\x18\x05 \x01(\t\x12\x17\n\x0ftrajectory_json\x18\x06 \x01(\t\"F\n\x0fTrajectoryChunk\x12\x33\n\x0ctrajectories\x18\x01 \x03(\x0b\x32\x1d.flowlane.v1.TrajectoryRecord\"l\n\tSubmitAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\x12\x10\n\x08rejected\x18\x03 \x01(\r\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x03\x12\x0f\n\x07reasons\x18\x05 \x03(\t\":\n\x0eWeightsRequest\x12\x13\n\x0bmin_version\x18\x01 \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\r\"Y\n\x0bTensorEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\"`\n\rWeightsHeader\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12)\n\x07tensors\x18\x02 \x03(\x0b\x32\x18.flowlane.v1.TensorEntry\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\"f\n\x0bWeightChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.flowlane.v1.WeightsHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x42\t\n\x07payload\",\n\x13WatchVersionRequest\x12\x15\n\rafter_version\x18\x01 \x01(\x03\"C\n\rVersionUpdate\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x03\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\"\x0f\n\rStatusRequest\"\xc6\x02\n\rLearnerStatus\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x03\x12\x13\n\x0breward_mean\x18\x03 \x01(\x01\x12\x1e\n\x11held_out_accuracy\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\x0flast_checkpoint\x18\x05 \x01(\t\x12\x15\n\rmlflow_run_id\x18\x06 \x01(\t\x12\r\n\x05phase\x18\x07 \x01(\t\x12\x13\n\x0btotal_steps\x18\x08 \x01(\x03\x12\x1e\n\x11\x62\x61seline_accuracy\x18\t \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x0ctrajectories\x18\n \x01(\x04\x12\x13\n\x0bstep_time_s\x18\x0b \x01(\x01\x12\x0f\n\x07message\x18\x0c \x01(\tB\x14\n\x12_held_out_accuracyB\x14\n\x12_baseline_accuracy2\xf1\x02\n\x07Learner\x12<\n\x08GetTasks\x12\x18.flowlane.v1.TaskRequest\x1a\x16.flowlane.v1.TaskBatch\x12L\n\x12SubmitTrajectories\x12\x1c.flowlane.v1.TrajectoryChunk\x1a\x16.flowlane.v1.SubmitAck(\x01\x12\x45\n\nGetWeights\x12\x1b.flowlane.v1.WeightsRequest\x1a\x18.flowlane.v1.WeightChunk0\x01\x12N\n\x0cWatchVersion\x12 .flowlane.v1.WatchVersionRequest\x1a\x1a.flowlane.v1.VersionUpdate0\x01\x12\x43\n\tGetStatus\x12\x1a.flowlane.v1.StatusRequest\x1a\x1a.flowlane.v1.LearnerStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rlearner.proto\x12\x0b\x66lowlane.v1\"3\n\x0bTaskRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\tmax_tasks\x18\x02 \x01(\r\"\x8f\x01\n\x04Task\x12\x13\n\x0bquestion_id\x18\x01 \x01(\t\x12\x10\n\x08question\x18\x02 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x13\n\x0breward_kind\x18\x05 \x01(\t\x12\x0f\n\x07unit_id\x18\x06 \x01(\t\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x0c\n\x04\x65val\x18\x08 \x01(\x08\"u\n\tTaskBatch\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.flowlane.v1.Task\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x03\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\x12\n\ngroup_size\x18\x04 \x01(\r\x12\x0c\n\x04step\x18\x05 \x01(\x03\"~\n\x11PlannerTurnRecord\x12\x12\n\nprompt_ids\x18\x01 \x03(\x05\x12\x14\n\x0cresponse_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x01\x12\x15\n\rresponse_mask\x18\x04 \x03(\r\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x03\"\xa9\x01\n\x10TrajectoryRecord\x12\x15\n\rtrajectory_id\x18\x01 \x01(\t\x12\x13\n\x0bquestion_id\x18\x02 \x01(\t\x12\x0e\n\x06reward\x18\x03 \x01(\x01\x12-\n\x05turns\x18\x04 \x03(\x0b\x32\x1e.flowlane.v1.PlannerTurnRecord\x12\x11\n\tworker_id\x18\x05 \x01(\t\x12\x17\n\x0ftrajectory_json\x18\x06 \x01(\t\"F\n\x0fTrajectoryChunk\x12\x33\n\x0ctrajectories\x18\x01 \x03(\x0b\x32\x1d.flowlane.v1.TrajectoryRecord\"l\n\tSubmitAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\x12\x10\n\x08rejected\x18\x03 \x01(\r\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x03\x12\x0f\n\x07reasons\x18\x05 \x03(\t\":\n\x0eWeightsRequest\x12\x13\n\x0bmin_version\x18\x01 \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\r\"Y\n\x0bTensorEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\"`\n\rWeightsHeader\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12)\n\x07tensors\x18\x02 \x03(\x0b\x32\x18.flowlane.v1.TensorEntry\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\"f\n\x0bWeightChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.flowlane.v1.WeightsHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x42\t\n\x07payload\",\n\x13WatchVersionRequest\x12\x15\n\rafter_version\x18\x01 \x01(\x03\"C\n\rVersionUpdate\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x03\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\"\x0f\n\rStatusRequest\"\xc6\x02\n\rLearnerStatus\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x03\x12\x13\n\x0breward_mean\x18\x03 \x01(\x01\x12\x1e\n\x11held_out_accuracy\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\x0flast_checkpoint\x18\x05 \x01(\t\x12\x15\n\rmlflow_run_id\x18\x06 \x01(\t\x12\r\n\x05phase\x18\x07 \x01(\t\x12\x13\n\x0btotal_steps\x18\x08 \x01(\x03\x12\x1e\n\x11\x62\x61seline_accuracy\x18\t \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x0ctrajectories\x18\n \x01(\x04\x12\x13\n\x0bstep_time_s\x18\x0b \x01(\x01\x12\x0f\n\x07message\x18\x0c \x01(\tB\x14\n\x12_held_out_accuracyB\x14\n\x12_baseline_accuracy2\xf1\x02\n\x07Learner\x12<\n\x08GetTasks\x12\x18.flowlane.v1.TaskRequest\x1a\x16.flowlane.v1.TaskBatch\x12L\n\x12SubmitTrajectories\x12\x1c.flowlane.v1.TrajectoryChunk\x1a\x16.flowlane.v1.SubmitAck(\x01\x12\x45\n\nGetWeights\x12\x1b.flowlane.v1.WeightsRequest\x1a\x18.flowlane.v1.WeightChunk0\x01\x12N\n\x0cWatchVersion\x12 .flowlane.v1.WatchVersionRequest\x1a\x1a.flowlane.v1.VersionUpdate0\x01\x12\x43\n\tGetStatus\x12\x1a.flowlane.v1.StatusRequest\x1a\x1a.flowlane.v1.LearnerStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,34 +33,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TASKREQUEST']._serialized_start=30
   _globals['_TASKREQUEST']._serialized_end=81
-  _globals['_TASK']._serialized_start=83
-  _globals['_TASK']._serialized_end=181
-  _globals['_TASKBATCH']._serialized_start=183
-  _globals['_TASKBATCH']._serialized_end=300
-  _globals['_PLANNERTURNRECORD']._serialized_start=302
-  _globals['_PLANNERTURNRECORD']._serialized_end=428
-  _globals['_TRAJECTORYRECORD']._serialized_start=431
-  _globals['_TRAJECTORYRECORD']._serialized_end=600
-  _globals['_TRAJECTORYCHUNK']._serialized_start=602
-  _globals['_TRAJECTORYCHUNK']._serialized_end=672
-  _globals['_SUBMITACK']._serialized_start=674
-  _globals['_SUBMITACK']._serialized_end=782
-  _globals['_WEIGHTSREQUEST']._serialized_start=784
-  _globals['_WEIGHTSREQUEST']._serialized_end=842
-  _globals['_TENSORENTRY']._serialized_start=844
-  _globals['_TENSORENTRY']._serialized_end=933
-  _globals['_WEIGHTSHEADER']._serialized_start=935
-  _globals['_WEIGHTSHEADER']._serialized_end=1031
-  _globals['_WEIGHTCHUNK']._serialized_start=1033
-  _globals['_WEIGHTCHUNK']._serialized_end=1135
-  _globals['_WATCHVERSIONREQUEST']._serialized_start=1137
-  _globals['_WATCHVERSIONREQUEST']._serialized_end=1181
-  _globals['_VERSIONUPDATE']._serialized_start=1183
-  _globals['_VERSIONUPDATE']._serialized_end=1250
-  _globals['_STATUSREQUEST']._serialized_start=1252
-  _globals['_STATUSREQUEST']._serialized_end=1267
-  _globals['_LEARNERSTATUS']._serialized_start=1270
-  _globals['_LEARNERSTATUS']._serialized_end=1596
-  _globals['_LEARNER']._serialized_start=1599
-  _globals['_LEARNER']._serialized_end=1968
+  _globals['_TASK']._serialized_start=84
+  _globals['_TASK']._serialized_end=227
+  _globals['_TASKBATCH']._serialized_start=229
+  _globals['_TASKBATCH']._serialized_end=346
+  _globals['_PLANNERTURNRECORD']._serialized_start=348
+  _globals['_PLANNERTURNRECORD']._serialized_end=474
+  _globals['_TRAJECTORYRECORD']._serialized_start=477
+  _globals['_TRAJECTORYRECORD']._serialized_end=646
+  _globals['_TRAJECTORYCHUNK']._serialized_start=648
+  _globals['_TRAJECTORYCHUNK']._serialized_end=718
+  _globals['_SUBMITACK']._serialized_start=720
+  _globals['_SUBMITACK']._serialized_end=828
+  _globals['_WEIGHTSREQUEST']._serialized_start=830
+  _globals['_WEIGHTSREQUEST']._serialized_end=888
+  _globals['_TENSORENTRY']._serialized_start=890
+  _globals['_TENSORENTRY']._serialized_end=979
+  _globals['_WEIGHTSHEADER']._serialized_start=981
+  _globals['_WEIGHTSHEADER']._serialized_end=1077
+  _globals['_WEIGHTCHUNK']._serialized_start=1079
+  _globals['_WEIGHTCHUNK']._serialized_end=1181
+  _globals['_WATCHVERSIONREQUEST']._serialized_start=1183
+  _globals['_WATCHVERSIONREQUEST']._serialized_end=1227
+  _globals['_VERSIONUPDATE']._serialized_start=1229
+  _globals['_VERSIONUPDATE']._serialized_end=1296
+  _globals['_STATUSREQUEST']._serialized_start=1298
+  _globals['_STATUSREQUEST']._serialized_end=1313
+  _globals['_LEARNERSTATUS']._serialized_start=1316
+  _globals['_LEARNERSTATUS']._serialized_end=1642
+  _globals['_LEARNER']._serialized_start=1645
+  _globals['_LEARNER']._serialized_end=2014
 # @@protoc_insertion_point(module_scope)

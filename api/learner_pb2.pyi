@@ -15,18 +15,24 @@ class TaskRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., max_tasks: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("question_id", "question", "answer", "source", "reward_kind")
+    __slots__ = ("question_id", "question", "answer", "source", "reward_kind", "unit_id", "seed", "eval")
     QUESTION_ID_FIELD_NUMBER: _ClassVar[int]
     QUESTION_FIELD_NUMBER: _ClassVar[int]
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     REWARD_KIND_FIELD_NUMBER: _ClassVar[int]
+    UNIT_ID_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    EVAL_FIELD_NUMBER: _ClassVar[int]
     question_id: str
     question: str
     answer: str
     source: str
     reward_kind: str
-    def __init__(self, question_id: _Optional[str] = ..., question: _Optional[str] = ..., answer: _Optional[str] = ..., source: _Optional[str] = ..., reward_kind: _Optional[str] = ...) -> None: ...
+    unit_id: str
+    seed: int
+    eval: bool
+    def __init__(self, question_id: _Optional[str] = ..., question: _Optional[str] = ..., answer: _Optional[str] = ..., source: _Optional[str] = ..., reward_kind: _Optional[str] = ..., unit_id: _Optional[str] = ..., seed: _Optional[int] = ..., eval: _Optional[bool] = ...) -> None: ...
 
 class TaskBatch(_message.Message):
     __slots__ = ("tasks", "policy_version", "done", "group_size", "step")

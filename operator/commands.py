@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from flowlane.runtime.errors import ConfigError
 
 

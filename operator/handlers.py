@@ -34,6 +34,7 @@ from typing import Any, cast
 
 import aiohttp
 import kopf
+
 from flowlane.api.common import InvalidResourceError, utcnow, validate_resource
 from flowlane.api.flowrun import KIND as FLOWRUN_KIND
 from flowlane.api.flowrun import PLURAL as FLOWRUN_PLURAL
@@ -252,6 +253,7 @@ class GrpcProgressSource:
     async def __call__(self, run: RunRef) -> Progress | None:
         try:
             import grpc.aio
+
             from flowlane.api import learner_pb2, learner_pb2_grpc
         except ImportError:  # stubs not generated in this build
             return None
@@ -398,14 +400,14 @@ class Reconciler:
             self.metrics.group_restarts.inc()
         for event in plan.events:
             _post_event(body, event)
-        for obj in plan.delete:
-            await self.client.delete(kind_of(obj), namespace, object_name(obj))
-        for observed, desired in plan.update:
-            await self.client.patch(kind_of(desired), namespace, object_name(desired), merge_patch(observed, desired))
+        # Children are independent of each other: each step's calls go out concurrently.
+        await asyncio.gather(*(self.client.delete(kind_of(o), namespace, object_name(o)) for o in plan.delete))
+        await asyncio.gather(*(self.client.patch(kind_of(d), namespace, object_name(d), merge_patch(o, d))
+                               for o, d in plan.update))
+        creates = list(plan.create)
         if plan.create_token_secret and flowrun is not None:
-            await self.client.create(render_token_secret(flowrun, secrets.token_urlsafe(32)))
-        for obj in plan.create:
-            await self.client.create(obj)
+            creates.insert(0, render_token_secret(flowrun, secrets.token_urlsafe(32)))
+        await asyncio.gather(*(self.client.create(obj) for obj in creates))
         if plan.delete_self:
             logger.info("deleting %s/%s: ttlSecondsAfterFinished has passed", namespace, name)
             await self.client.delete(kind, namespace, name)
@@ -505,8 +507,8 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
     for decorator in (kopf.on.create, kopf.on.resume, kopf.on.update):
         decorator(group, version, FLOWRUN_PLURAL, registry=registry, id="reconcile")(flowrun_handler)
 
-    @kopf.timer(group, version, FLOWRUN_PLURAL, interval=config.reconcile_interval_s, registry=registry,
-                id="periodic")
+    @kopf.timer(group, version, FLOWRUN_PLURAL, interval=config.reconcile_interval_s,
+                initial_delay=config.reconcile_interval_s, registry=registry, id="periodic")
     async def flowrun_timer(**kw: Any) -> None:
         await reconciler.poke(FLOWRUN_KIND, kw["namespace"], kw["name"])
 
@@ -518,6 +520,8 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
     @kopf.on.event("", "v1", "pods", labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_FLOWRUN: kopf.PRESENT},
                    registry=registry)
     async def pod_changed(**kw: Any) -> None:
+        if kw["type"] == "ADDED" and not kw["status"]:
+            return  # a pod the operator just created: nothing new to decide
         await reconciler.poke(FLOWRUN_KIND, kw["namespace"], kw["labels"][LABEL_FLOWRUN])
 
     async def flowservice_handler(**kw: Any) -> None:
@@ -529,8 +533,8 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
     for decorator in (kopf.on.create, kopf.on.resume, kopf.on.update):
         decorator(group, version, FLOWSERVICE_PLURAL, registry=registry, id="reconcile")(flowservice_handler)
 
-    @kopf.timer(group, version, FLOWSERVICE_PLURAL, interval=config.reconcile_interval_s, registry=registry,
-                id="periodic")
+    @kopf.timer(group, version, FLOWSERVICE_PLURAL, interval=config.reconcile_interval_s,
+                initial_delay=config.reconcile_interval_s, registry=registry, id="periodic")
     async def flowservice_timer(**kw: Any) -> None:
         await reconciler.poke(FLOWSERVICE_KIND, kw["namespace"], kw["name"])
 

@@ -37,6 +37,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import logging
 import os
 import signal
 import socket
@@ -54,6 +55,7 @@ from flowlane.runtime.errors import FlowlaneError
 
 LOOPBACK = "127.0.0.1"
 _PR_SET_PDEATHSIG = 1
+log = logging.getLogger(__name__)
 
 
 class PortInUseError(FlowlaneError):
@@ -520,7 +522,10 @@ class LocalSupervisor:
                                 restarts=status.restarts, delay_s=delay_s)
         self.events.append(event)
         if self.on_event is not None:
-            self.on_event(event)
+            try:
+                self.on_event(event)
+            except Exception:  # a broken progress display must not take the run down
+                log.exception("on_event callback failed for %s", event)
 
     def _finish(self, outcome: RunOutcome, message: str) -> None:
         if self.outcome is None:

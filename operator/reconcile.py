@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+from pydantic import ValidationError
+
 from flowlane.api.common import (
     GROUP_VERSION,
     InvalidResourceError,
@@ -64,7 +66,6 @@ from flowlane.operator.render import (
     service_endpoint,
 )
 from flowlane.operator.settings import ClusterDefaults
-from pydantic import ValidationError
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
 from flowlane.api.common import GROUP_VERSION, Resources
 from flowlane.api.flowrun import KIND as FLOWRUN_KIND
 from flowlane.api.flowrun import FlowRun, tool_secret_env
@@ -68,6 +69,9 @@ LABEL_MEMBER = "flowlane.dev/component"
 LABEL_EPOCH = "flowlane.dev/epoch"
 ANNOTATION_HASH = "flowlane.dev/spec-hash"
 ANNOTATION_CHECKPOINT = "flowlane.dev/checkpoint"
+
+# libyaml's emitter writes the same text ~10x faster; the pure-Python one is the fallback.
+_YAML_DUMPER: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 CONFIG_VOLUME = "run-config"
 CONFIG_FILE = "run.yaml"
@@ -164,6 +168,10 @@ def _meta(name: str, owner: Owner, labels: Mapping[str, str],
     return meta
 
 
+def _dump_yaml(data: Any) -> str:
+    return str(yaml.dump(data, Dumper=_YAML_DUMPER, sort_keys=False))
+
+
 def content_hash(*parts: Any) -> str:
     """A short stable hash of JSON-able data (what a pod was rendered from)."""
     blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str).encode()
@@ -191,7 +199,7 @@ def render_flowrun(flowrun: FlowRun, *, epoch: int, options: RenderOptions | Non
     options = options or RenderOptions()
     graph = compile_graph(flowrun, config_path=POD_CONFIG_PATH)
     owner = Owner(FLOWRUN_KIND, flowrun.name, flowrun.namespace, flowrun.metadata.uid)
-    config_text = yaml.safe_dump(graph.config, sort_keys=False)
+    config_text = _dump_yaml(graph.config)
     config_map: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -400,13 +408,14 @@ def render_flowservice(fsvc: FlowService, *, checkpoint: str, storage_env: Seque
     owner = Owner(FLOWSERVICE_KIND, fsvc.name, fsvc.namespace, fsvc.metadata.uid)
     labels = service_labels(fsvc.name)
     selector = {LABEL_FLOWSERVICE: fsvc.name, LABEL_COMPONENT: GATEWAY_COMPONENT}
-    config_text = yaml.safe_dump(service_config(fsvc, checkpoint), sort_keys=False)
+    config_text = _dump_yaml(service_config(fsvc, checkpoint))
     config_map: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _meta(f"{fsvc.name}-config", owner, labels),
         "data": {SERVICE_CONFIG_FILE: config_text},
     }
+    config_map["metadata"]["annotations"] = {ANNOTATION_HASH: content_hash(config_map["data"])}
     env: list[dict[str, Any]] = [{"name": "FLOWLANE_SERVICE", "value": fsvc.name}, *storage_env]
     if fsvc.spec.auth is not None:
         env.append({"name": ENV_GATEWAY_TOKEN,

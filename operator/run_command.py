@@ -54,11 +54,12 @@ async def _status(address: str, token: str) -> Any | None:
 async def drive(flowrun: Any, run_dir: Path, *, quiet: bool = False) -> tuple[str, Any | None]:
     """Start the graph, show progress until it ends, return (outcome, last learner status)."""
     import yaml
-    from flowlane.operator.graph import ENV_GRPC_TOKEN, compile_graph
-    from flowlane.operator.local import EventKind, LocalSupervisor, RestartPolicy, SupervisorEvent
-    from flowlane.runtime.grpc_common import generate_token
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from flowlane.operator.graph import compile_graph
+    from flowlane.operator.local import EventKind, LocalSupervisor, RestartPolicy, SupervisorEvent
+    from flowlane.runtime.grpc_common import generate_token
 
     config_path = run_dir / "run.yaml"
     graph = compile_graph(flowrun, config_path=str(config_path.resolve()))
@@ -73,11 +74,10 @@ async def drive(flowrun: Any, run_dir: Path, *, quiet: bool = False) -> tuple[st
             console.print(f"[red]{event.component}[/] exited with {event.exit_code}; "
                           f"log: {run_dir / 'logs' / (event.component + '.log')}")
 
-    supervisor = LocalSupervisor(
-        graph.components, run_dir, RestartPolicy(stop_grace_s=60.0, ready_timeout_s=600.0),
-        on_event=on_event,
-        common_env={ENV_GRPC_TOKEN: token, "FLOWLANE_RUN_DIR": str(run_dir.resolve())},
-    )
+    policy = RestartPolicy(restart_limit=max(flowrun.spec.backoff_limit, 1), stop_grace_s=60.0,
+                           ready_timeout_s=600.0)
+    supervisor = LocalSupervisor.for_graph(graph, run_dir, policy, token=token, on_event=on_event,
+                                           common_env={"FLOWLANE_RUN_DIR": str(run_dir.resolve())})
     console.print(f"flowrun [bold]{flowrun.name}[/]: {len(graph.components)} components, "
                   f"{flowrun.spec.schedule.steps} steps; logs in {run_dir / 'logs'}")
     await supervisor.start()

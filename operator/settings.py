@@ -21,11 +21,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import kopf
-from flowlane.operator.render import RenderOptions
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from pydantic import BaseModel, ConfigDict, Field
 
 from flowlane import __version__
+from flowlane.operator.render import RenderOptions
 
 FINALIZER = "flowlane.dev/cleanup"
 ANNOTATION_PREFIX = "flowlane.dev"

@@ -41,6 +41,7 @@ import hmac
 import logging
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -50,6 +51,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+from flowlane.runtime.errors import ConfigError, EngineUnavailableError, FlowlaneError
 from flowlane.runtime.gateway_protocol import (
     ApiError,
     ChatRequest,
@@ -76,14 +79,15 @@ from flowlane.runtime.gateway_protocol import (
 
 if TYPE_CHECKING:
     import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+
     from flowlane.runtime.agent.agent import Agent, AgentConfig, EventKind
     from flowlane.runtime.engines.base import LLMEngine
     from flowlane.runtime.gateway_metrics import GatewayMetrics
     from flowlane.runtime.tools.base import Tool
     from flowlane.runtime.trajectory import Step, Trajectory
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import Response
 
     AgentFactory = Callable[[AgentConfig], Agent]
 
@@ -92,6 +96,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TOOLS = "python,search,generator"
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SERVE_ENGINES = ("vllm", "transformers")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 CHAT_PATH = "/v1/chat/completions"
 ENDPOINTS = (CHAT_PATH, "/v1/models", "/healthz", "/readyz", "/metrics")  # metric labels; the rest is "other"
 
@@ -110,8 +115,6 @@ class GatewayConfig:
     agent: AgentConfig | None = None  # sampling and token budgets; turns and time are set per request
 
     def __post_init__(self) -> None:
-        from flowlane.runtime.errors import ConfigError
-
         if not self.served_model_name.strip():
             raise ConfigError("served model name is empty; pass --served-model-name NAME")
         if self.api_key is not None and not self.api_key.strip():
@@ -141,13 +144,13 @@ class Gateway:
         self.config = config
         self.metrics: GatewayMetrics = GatewayMetrics()
         self.created = int(time.time())
-        self.load_error: str | None = None
+        self.engine_error: str | None = None  # why the engine is unusable: it failed to load, or died
         self._factory: AgentFactory | None = None
         self._slots: asyncio.Semaphore | None = None  # created in the serving loop
 
     @property
     def ready(self) -> bool:
-        return self._factory is not None
+        return self._factory is not None and self.engine_error is None
 
     def attach(self, source: LLMEngine | AgentFactory, tools: Sequence[Tool] = ()) -> None:
         """Start answering with ``source``: an engine (the agent's modules all use it) or a factory.
@@ -248,8 +251,8 @@ class Gateway:
 
         if self.ready:
             return JSONResponse({"status": "ready", "model": self.config.served_model_name})
-        if self.load_error is not None:
-            return JSONResponse({"status": "failed", "error": self.load_error}, status_code=503)
+        if self.engine_error is not None:
+            return JSONResponse({"status": "failed", "error": self.engine_error}, status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503)
 
     async def metrics_endpoint(self, request: Request) -> Response:
@@ -283,6 +286,8 @@ class Gateway:
                                type=ErrorType.TIMEOUT, code=ErrorCode.TIMEOUT) from None
             except ApiError:
                 raise
+            except ConfigError as err:  # e.g. the question makes a prompt longer than the model's context
+                raise ApiError(400, f"the request cannot be served: {err}", code=ErrorCode.INVALID_VALUE) from None
             except Exception as err:
                 raise self._engine_error(err) from err
             finally:
@@ -333,8 +338,8 @@ class Gateway:
         finally:
             if not task.done():  # the client went away: stop spending the engine on this run
                 task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+            with contextlib.suppress(BaseException):
+                await task
 
     def _agent_config(self, *, turns: int, time_s: float, temperature: float | None) -> AgentConfig:
         from flowlane.runtime.agent.agent import AgentConfig
@@ -375,14 +380,15 @@ class Gateway:
         return b"".join(chunks)
 
     def _not_ready_error(self) -> ApiError:
-        detail = f"the engine failed to load: {self.load_error}" if self.load_error else \
+        detail = f"the engine is unusable ({self.engine_error}); restart the server" if self.engine_error else \
             "the engine is still loading; retry when GET /readyz answers 200"
         return ApiError(503, detail, type=ErrorType.SERVER, code=ErrorCode.NOT_READY)
 
-    @staticmethod
-    def _engine_error(err: BaseException) -> ApiError:
+    def _engine_error(self, err: BaseException) -> ApiError:
         log.error("agent run failed", exc_info=err)
         first_line = (str(err).strip().splitlines() or ["no message"])[0]
+        if _engine_is_dead(err):  # no request can succeed any more: /readyz says so, the pod restarts
+            self.engine_error = f"{type(err).__name__}: {first_line}"
         return ApiError(500, f"the agent run failed ({type(err).__name__}: {first_line}); the server keeps "
                         "serving, retry or check the server log", type=ErrorType.SERVER, code=ErrorCode.ENGINE_ERROR)
 
@@ -407,6 +413,15 @@ class Gateway:
             body = error_body(str(err.detail), ErrorType.INVALID_REQUEST, ErrorCode.INVALID_VALUE)
         self.metrics.observe_error(body["error"]["code"])
         return JSONResponse(body, status_code=status, headers=getattr(err, "headers", None))
+
+
+def _engine_is_dead(err: BaseException) -> bool:
+    """True for failures after which the engine serves nothing more (closed, or vLLM's core died)."""
+    if isinstance(err, EngineUnavailableError):
+        return True
+    vllm_errors = sys.modules.get("vllm.v1.engine.exceptions")  # only when vLLM is in use
+    dead = getattr(vllm_errors, "EngineDeadError", None)
+    return isinstance(dead, type) and isinstance(err, dead)
 
 
 class _RequestMetrics:
@@ -459,8 +474,6 @@ def create_app(
 
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host:port`` (0: any free port); a one-line error when taken."""
-    from flowlane.runtime.errors import ConfigError
-
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -546,11 +559,9 @@ def serve(
     stream_steps: Annotated[str, typer.Option(
         help="Where streamed steps go: content, reasoning (reasoning_content) or none.")] = "content",
     temperature: Annotated[float, typer.Option(help="Planner sampling temperature.")] = 0.0,
-    log_level: Annotated[str, typer.Option(help="Server log level.")] = "info",
+    log_level: Annotated[str, typer.Option(help="Log level: critical, error, warning, info, debug.")] = "info",
 ) -> None:
     """Serve an agent behind an OpenAI-compatible API (POST /v1/chat/completions)."""
-    from flowlane.runtime.errors import FlowlaneError
-
     try:
         _serve(model=model, engine_kind=engine, tools=tools, host=host, port=port, api_key=api_key,
                max_turns=max_turns, max_time_s=max_time_s, served_model_name=served_model_name,
@@ -565,7 +576,6 @@ def _serve(*, model: str, engine_kind: str, tools: str, host: str, port: int, ap
            max_turns: int, max_time_s: float, served_model_name: str | None, max_content_chars: int,
            max_concurrent_runs: int, stream_steps: str, temperature: float, log_level: str) -> None:
     from flowlane.runtime.agent.commands import parse_tool_list
-    from flowlane.runtime.errors import ConfigError
     from flowlane.runtime.models import resolve_model
     from flowlane.runtime.tools.registry import check_tool_names
 
@@ -585,6 +595,8 @@ def _serve(*, model: str, engine_kind: str, tools: str, host: str, port: int, ap
         raise ConfigError(f"--max-turns must be >= 1, got {max_turns}")
     if temperature < 0:
         raise ConfigError(f"--temperature must be >= 0, got {temperature}")
+    if log_level.lower() not in LOG_LEVELS:
+        raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     model_dir = resolve_model(model)
     config = GatewayConfig(
         served_model_name=served_model_name or default_served_name(model, model_dir),
@@ -595,6 +607,7 @@ def _serve(*, model: str, engine_kind: str, tools: str, host: str, port: int, ap
         agent=_agent_defaults(temperature),
     )
     sock = bind_socket(host, port)
+    log_level = log_level.lower()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(_serve_async(config, sock, engine_kind=engine_kind, model_dir=model_dir,
@@ -613,41 +626,36 @@ def _agent_defaults(temperature: float) -> AgentConfig:
 async def _serve_async(config: GatewayConfig, sock: socket.socket, *, engine_kind: str, model_dir: Path,
                        tool_names: list[str], log_level: str) -> None:
     """Serve probes at once, load the engine in a thread, then answer; close everything on exit."""
-    from flowlane.runtime.errors import EngineUnavailableError
-
     gateway = Gateway(config)
     server = _uvicorn_server(gateway.app(), log_level=log_level, access_log=True, handle_signals=True)
     host, port = sock.getsockname()[:2]
     loading = asyncio.create_task(asyncio.to_thread(_load_engine, engine_kind, model_dir))
     served = asyncio.create_task(server.serve(sockets=[sock]))
-    log.info("gateway listening on http://%s:%s (model %s loading from %s)", host, port,
-             config.served_model_name, model_dir)
-    engine: LLMEngine | None = None
+    log.info("listening on http://%s:%s; loading %s from %s", host, port, config.served_model_name, model_dir)
     tool_objects: list[Tool] = []
     try:
         await asyncio.wait({loading, served}, return_when=asyncio.FIRST_COMPLETED)
         if loading.done():
             try:
-                engine, tool_objects = _with_tools(loading.result(), tool_names)
-                gateway.attach(engine, tool_objects)
-                log.info("model %s ready: POST http://%s:%s%s", config.served_model_name, host, port, CHAT_PATH)
+                metered, tool_objects = _with_tools(loading.result(), tool_names)
+                gateway.attach(metered, tool_objects)
             except Exception as err:
-                gateway.load_error = str(err).splitlines()[0] if str(err) else type(err).__name__
-                server.should_exit = True
-                await served
-                raise EngineUnavailableError(f"the {engine_kind} engine for {model_dir} failed to start: "
-                                             f"{gateway.load_error}") from None
+                gateway.engine_error = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise EngineUnavailableError(
+                    f"the {engine_kind} engine for {model_dir} failed to start: {gateway.engine_error}") from None
+            log.info("ready: POST http://%s:%s%s with model %r", host, port, CHAT_PATH, config.served_model_name)
         await served
     finally:
-        if not loading.done():
-            server.should_exit = True
-            with contextlib.suppress(Exception):
-                engine, tool_objects = _with_tools(await loading, tool_names)
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await served
+        with contextlib.suppress(Exception):
+            await loading  # a signal during start-up: let the load finish, then close what it made
         for tool in tool_objects:
             with contextlib.suppress(Exception):
                 await tool.close()
-        if engine is not None:
-            await engine.close()
+        if loading.done() and not loading.cancelled() and loading.exception() is None:
+            await loading.result().close()
 
 
 def _load_engine(kind: str, model_dir: Path) -> LLMEngine:

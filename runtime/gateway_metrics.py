@@ -20,10 +20,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
-from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings
-from flowlane.runtime.trajectory import Trajectory
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings
+from flowlane.runtime.trajectory import Trajectory
 
 PREFIX = "flowlane_gateway"
 # Agent runs on a CPU take seconds to minutes; generations on a GPU take well under a second.

@@ -17,6 +17,12 @@ I/O so that it can be read and tested on its own:
   sent events: every agent event becomes a readable text delta (in ``content`` by default, or in
   ``reasoning_content``, the field chat UIs show as "thinking") plus a structured ``agentflow``
   field; then the answer, a final chunk with the run summary, optional usage, and ``[DONE]``.
+
+Request fields beyond OpenAI's, all optional: ``max_turns`` and ``max_time_s`` (the agent's turn
+and agent-loop time budgets, clamped to the server's caps) and ``agentflow_steps`` (a
+``StepDisplay``). Of OpenAI's sampling fields, ``temperature`` sets the planner's and ``seed`` seeds
+the run; the others (``max_tokens``, ``stop``, ``tools``, ...) are accepted and ignored, because
+each agent module has its own token budget and output format.
 """
 
 from __future__ import annotations

@@ -14,18 +14,21 @@ worker (or to its own restarted process) and a unit is counted once, whoever fil
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import typer
 
 log = logging.getLogger("flowlane.rollout")
+T = TypeVar("T")
 
 
 @dataclass
@@ -47,6 +50,7 @@ class RolloutWorker:
         self.worker_id = f"{worker_id}/{uuid.uuid4().hex[:8]}"
         self.token = token
         self.stats = WorkerStats()
+        self.learner_wait_s = 600.0  # how long a restarting learner may stay unreachable
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
@@ -59,8 +63,7 @@ class RolloutWorker:
 
         spec = self.spec
         algo = spec.algorithm
-        engine = create_engine(spec.engine.kind.value, spec.model.planner,
-                               max_model_len=spec.engine.max_model_len, seed=algo.seed)
+        engine = create_engine(spec.engine.kind.value, spec.model.planner, **engine_options(spec))
         runner = self._code_runner()
         tools = build_tools([t.name for t in spec.tools], engine=engine, code_runner=runner)
         planner = SamplingSettings(max_tokens=algo.max_planner_tokens, temperature=algo.temperature)
@@ -73,7 +76,8 @@ class RolloutWorker:
         log.info("worker %s ready (engine %s, tools %s)", self.worker_id, engine.name, [t.name for t in tools])
         try:
             while not self._stopping.is_set():
-                batch = await stub.GetTasks(learner_pb2.TaskRequest(worker_id=self.worker_id, max_tasks=0))
+                batch = await self._call_learner(
+                    lambda: stub.GetTasks(learner_pb2.TaskRequest(worker_id=self.worker_id, max_tasks=0)))
                 if batch.done:
                     log.info("learner reports the run is done; exiting")
                     return
@@ -81,9 +85,10 @@ class RolloutWorker:
                     await asyncio.sleep(0.2)
                     continue
                 if batch.policy_version > engine.policy_version:
-                    await self._sync_weights(stub, engine, batch.policy_version)
+                    await self._call_learner(
+                        functools.partial(self._sync_weights, stub, engine, batch.policy_version))
                 records = await self._roll_out(agents, batch.tasks, engine.policy_version)
-                await self._submit(stub, records)
+                await self._call_learner(functools.partial(self._submit, stub, records))
         finally:
             await channel.close()
             for tool in tools:
@@ -92,6 +97,22 @@ class RolloutWorker:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    async def _call_learner(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Retry while the learner is unreachable (it restarts from its checkpoint after a crash)."""
+        import grpc
+
+        deadline = time.monotonic() + self.learner_wait_s
+        delay = 0.5
+        while True:
+            try:
+                return await call()
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+                log.warning("learner at %s unavailable; retrying in %.1fs", self.learner_address, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def _code_runner(self) -> Any:
         if self.sandbox_addresses:
@@ -146,6 +167,21 @@ class RolloutWorker:
             log.warning("learner rejected %d trajectories: %s", ack.rejected, "; ".join(ack.reasons[:3]))
 
 
+def engine_options(spec: Any) -> dict[str, Any]:
+    """Engine settings from the spec: on CPU a fixed KV-cache size, on GPU a memory fraction."""
+    import torch
+
+    options: dict[str, Any] = {"seed": spec.algorithm.seed}
+    if spec.engine.kind.value == "vllm":
+        options["max_model_len"] = spec.engine.max_model_len
+        if torch.cuda.is_available():
+            options["engine_args"] = {"gpu_memory_utilization": spec.engine.gpu_memory_utilization,
+                                      "tensor_parallel_size": spec.engine.tensor_parallel_size}
+        else:
+            options["kv_cache_gib"] = 1.0
+    return options
+
+
 async def _main(config: Path, learner: str, sandboxes: list[str], worker_id: str) -> None:
     from flowlane.api.flowrun import load_flowrun
     from flowlane.runtime.grpc_common import resolve_token
@@ -161,7 +197,8 @@ def rollout(
     config: Path = typer.Option(..., "--config", help="The rendered FlowRun (run config YAML)."),
     learner: str = typer.Option(..., "--learner", help="Learner gRPC address host:port."),
     sandbox: list[str] = typer.Option([], "--sandbox", help="Sandbox gRPC address; repeat for several."),
-    worker_id: str = typer.Option(os.environ.get("HOSTNAME", "rollout"), "--worker-id",
+    worker_id: str = typer.Option(os.environ.get("FLOWLANE_COMPONENT") or os.environ.get("HOSTNAME", "rollout"),
+                                  "--worker-id",
                                   help="Stable name of this worker (its pod or component name)."),
 ) -> None:
     """Run a rollout worker until the learner says the run is done."""

@@ -112,9 +112,11 @@ class SandboxServicer(sandbox_pb2_grpc.SandboxServicer):
                  ceiling: SandboxLimits = DEFAULT_CEILING) -> None:
         self.max_concurrency = max_concurrency
         self.defaults = defaults or SandboxLimits()
-        self.ceiling = ceiling
+        # The operator's configured defaults are always allowed, even above the built-in ceiling.
+        self.ceiling = SandboxLimits(**{name: max(getattr(ceiling, name), getattr(self.defaults, name))
+                                        for name in _LIMIT_FIELDS})
         self.runner = LocalCodeRunner(self.defaults, max_concurrency=max_concurrency)
-        self.active = 0
+        self.active = 0  # executions running or waiting for a slot
 
     async def Execute(
         self, request: sandbox_pb2.ExecuteRequest, context: grpc.aio.ServicerContext
@@ -156,15 +158,17 @@ async def start_sandbox_server(
 class RemoteCodeRunner:
     """A ``CodeRunner`` backed by a Sandbox server at ``address`` (``host:port``).
 
-    Never raises for a server problem: an unreachable, restarting or refusing server gives a
-    ``SandboxResult`` with ``ok=False``, kind ``error`` and a message naming the address.
+    Without ``limits`` (here or per call) the server's defaults apply: in a FlowRun those are the
+    spec's ``sandbox.limits``, configured where the code runs. Never raises for a server problem:
+    an unreachable, restarting or refusing server gives a ``SandboxResult`` with ``ok=False``, kind
+    ``error`` and a message naming the address.
     """
 
     def __init__(self, address: str, token: str | None = None, *, limits: SandboxLimits | None = None,
                  connect_timeout_s: float = CONNECT_TIMEOUT_S, rpc_margin_s: float = RPC_MARGIN_S) -> None:
         self.address = address
         self.token = token
-        self.limits = limits or SandboxLimits()
+        self.limits = limits
         self.connect_timeout_s = connect_timeout_s
         self.rpc_margin_s = rpc_margin_s
         self._channel: grpc.aio.Channel | None = None
@@ -189,12 +193,14 @@ class RemoteCodeRunner:
 
     async def run(self, code: str, limits: SandboxLimits | None = None) -> SandboxResult:
         limits = limits or self.limits
-        request = sandbox_pb2.ExecuteRequest(code=code, limits=limits_to_proto(limits))
+        request = sandbox_pb2.ExecuteRequest(
+            code=code, limits=limits_to_proto(limits) if limits else sandbox_pb2.ExecuteLimits())
+        wall_time_s = limits.wall_time_s if limits else DEFAULT_CEILING.wall_time_s
         channel, stub = self._client()
         if not await self._connected(channel):
             return self._failure(grpc.StatusCode.UNAVAILABLE, f"no connection within {self.connect_timeout_s:g}s")
         try:
-            reply = await stub.Execute(request, timeout=limits.wall_time_s + self.rpc_margin_s)
+            reply = await stub.Execute(request, timeout=wall_time_s + self.rpc_margin_s)
         except grpc.aio.AioRpcError as err:
             return self._failure(err.code(), err.details() or "")
         except (grpc.RpcError, OSError) as err:  # anything else from the transport

@@ -14,15 +14,15 @@ KMock, with a ``FakeProgress`` the test fills in place of the learner's gRPC sta
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
-import re
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import httpx
 import kmock
@@ -67,18 +67,44 @@ _VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
 
 
 _resource_versions = itertools.count(1)
+_event_seq = itertools.count(1)
+
+
+class _RecordingBus(kmock.Bus[Any]):
+    """KMock's event bus plus a bounded history, so watches can resume from a resourceVersion."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.history: collections.deque[tuple[int, Any]] = collections.deque(maxlen=20000)
+        self.last_seq = 0
+
+    async def put(self, *items: Any) -> None:
+        for item in items:
+            self.last_seq = next(_event_seq)
+            self.history.append((self.last_seq, item))
+        await super().put(*items)
 
 
 class ApiServerEmulator(kmock.KubernetesEmulator):
     """KMock plus the bookkeeping a real API server does on every write and kopf relies on.
 
-    A new object gets a uid, a creation time, generation 1 and a name from its ``generateName``
-    (kopf names its Kubernetes events that way); every write gets a fresh
+    Lists honour label selectors and watches lose no events. A new object gets a uid, a creation
+    time, generation 1 and a name from its ``generateName`` (kopf names its Kubernetes events that
+    way); every write gets a fresh
     resourceVersion (kopf uses it to tell its own patches from stale watch events); a change of
     ``spec`` bumps ``metadata.generation``.
     """
 
+    #: KMock matches each request against its reactions by scanning every request it recorded, so a
+    #: session-long server slows down quadratically; only the newest requests are kept.
+    keep_requests = 8
+
+    #: When each object was first stored: (plural, namespace, name) -> time.monotonic() (benchmarks).
+    created_at: dict[tuple[str, str, str], float] = {}  # noqa: RUF012  (one emulator per process)
+
     async def _handle(self, request: Any) -> Any:
+        if len(self._requests) > 4 * self.keep_requests:
+            del self._requests[: -self.keep_requests]
         data = request.data
         action = request.action
         if request.resource is not None and action in (kmock.action.CREATE, kmock.action.UPDATE):
@@ -89,6 +115,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
                 if action == kmock.action.CREATE:
                     if not meta.get("name") and meta.get("generateName"):
                         meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+                    key3 = (request.resource.plural, request.namespace or meta.get("namespace"), meta["name"])
+                    self.created_at.setdefault(key3, time.monotonic())
                     meta.setdefault("uid", str(uuid.uuid4()))
                     meta.setdefault("generation", 1)
                     meta.setdefault("creationTimestamp", datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
@@ -106,6 +134,62 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
                                                     message="the object has been modified; resourceVersion differs")
                 data.append({"op": "add", "path": "/metadata/resourceVersion", "value": version})
         return await super()._handle(request)
+
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self._buses = collections.defaultdict(_RecordingBus)
+
+    async def _serve_watch(self, request: Any) -> Any:
+        """A watch that resumes after the list it follows, without gaps or replays.
+
+        KMock answers every watch with the current objects and then new changes, whatever
+        ``resourceVersion`` the client passes. kopf lists, patches, then watches: the replay hands it
+        its own object as it was before the patch, and kopf gets stuck on a stale version. A real
+        API server sends exactly the changes after the given resourceVersion; so does this one.
+        """
+        yield b""
+        bus = cast(_RecordingBus, self._buses[request.resource])
+        since = request.params.get("resourceVersion", "")
+        async with self._lock:  # every put happens under this lock: the marker and history agree
+            marker = await bus.mark()
+            if since.isdigit():
+                events = [event for seq, event in bus.history if seq > int(since)]
+            else:
+                objs = [o for o in self._emulator_objects(request) if not o.deleted]
+                events = [{"type": "ADDED", "object": o.raw} for o in objs]
+        try:
+            for event in [*events, None]:
+                if event is None:
+                    break
+                if self._visible(request, event):
+                    yield event
+            async for event in bus.stream(since=marker):
+                if self._visible(request, event):
+                    yield event
+        finally:
+            await bus.unmark(marker)
+
+    # KMock keeps its object lookup private (name-mangled); the watch above needs it as it is.
+    def _emulator_objects(self, request: Any) -> list[Any]:
+        return cast(list[Any], self._KubernetesEmulator__get_objs(request, strict=False))  # type: ignore[attr-defined]
+
+    def _visible(self, request: Any, event: dict[str, Any]) -> bool:
+        meta = event.get("object", {}).get("metadata", {})
+        check = self._KubernetesEmulator__check  # type: ignore[attr-defined]
+        return bool(check(request, request.resource, meta.get("namespace"), meta.get("name"), strict=False))
+
+    async def _serve_list(self, request: Any) -> Any:
+        """Lists honour equality label selectors (``a=b,c=d``), as a real API server does."""
+        payload: dict[str, Any] = await super()._serve_list(request)  # type: ignore[assignment]
+        payload["metadata"] = {"resourceVersion": str(cast(_RecordingBus, self._buses[request.resource]).last_seq)}
+        selector = dict(
+            term.split("=", 1) for term in (request.params.get("labelSelector") or "").split(",") if "=" in term
+        )
+        if selector:
+            payload["items"] = [i for i in payload["items"] if all(
+                i.get("metadata", {}).get("labels", {}).get(k) == v for k, v in selector.items())]
+        return payload
 
 
 class KMockServer:
@@ -161,11 +245,8 @@ class KMockServer:
         event.wait(10)
         if "error" in done:
             raise done["error"]
-        return done["value"]  # type: ignore[no-any-return]
-
-    def requests(self) -> list[Any]:
-        assert self.emulator is not None
-        return list(self.emulator.requests)
+        value: T = done["value"]
+        return value
 
     def stop(self) -> None:
         if self._stop is not None:
@@ -188,14 +269,16 @@ class KubeApi:
         body["metadata"] = meta
         response = self.http.post(kind.path(meta["namespace"]), json=body)
         response.raise_for_status()
-        return response.json()  # type: ignore[no-any-return]
+        data: dict[str, Any] = response.json()
+        return data
 
     def get(self, kind: Kind, name: str) -> dict[str, Any] | None:
         response = self.http.get(kind.path(self.namespace, name))
         if response.status_code == 404:
             return None
         response.raise_for_status()
-        return response.json()  # type: ignore[no-any-return]
+        data: dict[str, Any] = response.json()
+        return data
 
     def patch(self, kind: Kind, name: str, patch: Mapping[str, Any], subresource: str | None = None) -> None:
         response = self.http.patch(kind.path(self.namespace, name, subresource), json=patch,
@@ -205,7 +288,7 @@ class KubeApi:
     def delete(self, kind: Kind, name: str) -> None:
         self.http.delete(kind.path(self.namespace, name)).raise_for_status()
 
-    def list(self, kind: Kind, labels: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    def objects(self, kind: Kind, labels: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
         response = self.http.get(kind.path(self.namespace))
         response.raise_for_status()
         items = response.json().get("items", [])
@@ -213,7 +296,7 @@ class KubeApi:
                 and all(i["metadata"].get("labels", {}).get(k) == v for k, v in (labels or {}).items())]
 
     def names(self, kind: Kind, labels: Mapping[str, str] | None = None) -> list[str]:
-        return sorted(i["metadata"]["name"] for i in self.list(kind, labels))
+        return sorted(i["metadata"]["name"] for i in self.objects(kind, labels))
 
     def set_pod_phase(self, name: str, phase: str, **status: Any) -> None:
         """Play the kubelet: move a pod to ``phase`` (Running, Succeeded, Failed)."""
@@ -224,7 +307,7 @@ class KubeApi:
             self.set_pod_phase(name, "Running")
 
 
-def wait_until(fn: Callable[[], T], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> T:
+def wait_until(fn: Callable[[], T | None], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> T:
     """Poll ``fn`` until it returns something truthy; fail with its last value after ``timeout``."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -327,11 +410,5 @@ def start_operator(kube: KubeApi, kmock_server: KMockServer) -> Iterator[Callabl
             operator.stop()
 
 
-def body_pattern(name: str) -> re.Pattern[bytes]:
-    """A KMock body criterion matching a request that carries ``metadata.name == name``."""
-    return re.compile(rb'"name":\s*"' + re.escape(name.encode()) + rb'"')
-
-
 __all__ = ["CONFIG_MAPS", "DEPLOYMENTS", "EVENTS", "FLOWRUNS", "FLOWSERVICES", "NETWORK_POLICIES", "PODS",
-           "SECRETS", "SERVICES", "FakeProgress", "KMockServer", "KubeApi", "OperatorThread", "body_pattern",
-           "wait_until"]
+           "SECRETS", "SERVICES", "FakeProgress", "KMockServer", "KubeApi", "OperatorThread", "wait_until"]

@@ -11,6 +11,7 @@ import random
 from pathlib import Path
 
 import torch
+
 from flowlane.runtime.trajectory import PlannerTurn, Trajectory
 
 TINY_VOCAB = 128

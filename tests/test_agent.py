@@ -12,24 +12,169 @@ And the ``solve`` command's bad-input errors through typer's CliRunner.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import math
+import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+import pytest_asyncio
 import typer
+from rich.console import Console
 from typer.testing import CliRunner
 
 from flowlane.runtime.agent.agent import Agent, AgentConfig, AgentRequest, EventKind
-from flowlane.runtime.agent.commands import solve
+from flowlane.runtime.agent.commands import StepPrinter, solve
 from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings
-from flowlane.runtime.errors import ConfigError
+from flowlane.runtime.errors import ConfigError, EngineUnavailableError
 from flowlane.runtime.tools.base import Tool, ToolResult
-from flowlane.runtime.trajectory import StopReason, Trajectory, Verdict
+from flowlane.runtime.trajectory import Step, StopReason, Trajectory, Verdict
+
+# ============================================================================ real model (vLLM, CPU)
+
+# Short fixed-module outputs keep each real trajectory to seconds; the planner keeps the
+# training setting (temperature 0.7, 256 tokens, 3 turns).
+REAL_CONFIG = AgentConfig.for_training(
+    analysis_max_tokens=48, executor_max_tokens=96, verifier_max_tokens=64, generator_max_tokens=48
+)
+REAL_QUESTION = "What is 123 * 456? Compute it with Python."
+real = pytest.mark.asyncio(loop_scope="session")
+
+
+@dataclass
+class RealRun:
+    trajectory: Trajectory
+    printed: str
+    policy_version: int
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def real_run(vllm_engine: LLMEngine) -> RealRun:
+    """One trajectory of the real agent: bundled model, real python and search tools."""
+    from flowlane.runtime.tools.registry import build_tools
+
+    tools = build_tools(["python", "search"], engine=vllm_engine)
+    printed = io.StringIO()
+    agent = Agent(vllm_engine, vllm_engine, tools, REAL_CONFIG)
+    trajectory = await agent.run(REAL_QUESTION, question_id="q-mul", gold_answer="56088", seed=0,
+                                 on_event=StepPrinter(Console(file=printed, width=200)))
+    return RealRun(trajectory, printed.getvalue(), vllm_engine.policy_version)
+
+
+@pytest.mark.vllm
+@real
+async def test_real_trajectory_executes_a_tool_and_records_its_result(real_run: RealRun) -> None:
+    traj = real_run.trajectory
+    assert 1 <= len(traj.steps) <= REAL_CONFIG.max_turns
+    assert sum(traj.tool_calls.values()) == len(traj.steps)
+    for step in traj.steps:
+        assert step.tool_name in ("python", "search")
+        assert step.sub_goal and step.command and step.result
+    assert traj.stop_reason in (StopReason.VERIFIER_STOP, StopReason.TURN_BUDGET)
+    assert (traj.question_id, traj.gold_answer) == ("q-mul", "56088")
+
+
+@pytest.mark.vllm
+@real
+async def test_real_planner_turns_hold_ids_logprobs_and_version(real_run: RealRun) -> None:
+    traj = real_run.trajectory
+    assert len(traj.planner_turns) == len(traj.steps)
+    for turn in traj.planner_turns:
+        assert turn.prompt_ids and turn.response_ids
+        assert len(turn.logprobs) == len(turn.response_ids)
+        assert all(math.isfinite(lp) and lp <= 0.0 for lp in turn.logprobs)
+        assert turn.policy_version == real_run.policy_version
+    # Later turns see earlier steps in their prompt: the prompt grows.
+    lengths = [len(t.prompt_ids) for t in traj.planner_turns]
+    assert lengths == sorted(lengths)
+
+
+@pytest.mark.vllm
+@real
+async def test_real_planner_output_parses_cleanly_under_the_schema(real_run: RealRun) -> None:
+    traj = real_run.trajectory
+    assert all(turn.parsed for turn in traj.planner_turns)
+    assert "planner" not in traj.parse_failures
+    assert json.loads(traj.planner_turns[0].text)["tool_name"] == traj.steps[0].tool_name
+
+
+@pytest.mark.vllm
+@real
+async def test_real_trajectory_has_an_answer_and_counts_tokens(real_run: RealRun) -> None:
+    traj = real_run.trajectory
+    assert traj.answer.strip()
+    assert traj.generated_tokens > sum(len(t.response_ids) for t in traj.planner_turns)
+    assert traj.duration_s > 0
+    assert Trajectory.from_dict(json.loads(json.dumps(traj.to_dict()))) == traj
+
+
+@pytest.mark.vllm
+@real
+async def test_step_printer_shows_plan_command_result_verdict_and_answer(real_run: RealRun) -> None:
+    printed, first = real_run.printed, real_run.trajectory.steps[0]
+    assert f"Turn 1 planner -> {first.tool_name}" in printed
+    assert "command: " in printed and "result" in printed and "verifier: " in printed
+    assert "Answer: " in printed
+
+
+@pytest.mark.vllm
+@real
+async def test_real_turn_budget_of_one_stops_after_one_step(vllm_engine: LLMEngine) -> None:
+    from flowlane.runtime.tools.registry import build_tools
+
+    config = AgentConfig.for_training(max_turns=1, analysis_max_tokens=32, executor_max_tokens=64,
+                                      generator_max_tokens=32)
+    agent = Agent(vllm_engine, vllm_engine, build_tools(["python"], engine=vllm_engine), config)
+    traj = await agent.run("What is 2 to the power of 10?", seed=1)
+    assert traj.stop_reason is StopReason.TURN_BUDGET
+    assert (len(traj.steps), len(traj.planner_turns), traj.tool_calls) == (1, 1, {"python": 1})
+    assert traj.answer.strip()
+
+
+@pytest.mark.vllm
+@real
+async def test_real_time_budget_cancels_the_loop_and_still_answers(vllm_engine: LLMEngine) -> None:
+    from flowlane.runtime.tools.registry import build_tools
+
+    config = AgentConfig.for_training(max_time_s=0.05, generator_max_tokens=16)
+    agent = Agent(vllm_engine, vllm_engine, build_tools(["python"], engine=vllm_engine), config)
+    traj = await agent.run("What is 2 to the power of 10?", seed=1)
+    assert traj.stop_reason is StopReason.TIME_BUDGET
+    assert traj.steps == [] and traj.planner_turns == []
+    assert traj.answer.strip()
+
+
+def test_planner_prompt_at_the_last_turn_with_five_tools_stays_under_1500_tokens(model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from flowlane.runtime.agent.memory import render_steps
+    from flowlane.runtime.agent.prompts import planner_messages
+    from flowlane.runtime.models import encode_chat
+    from flowlane.runtime.tools.registry import available_tools, build_tools
+
+    tools = build_tools(available_tools(), engine=scripted())
+    assert len(tools) == 5
+    steps = [Step(turn=i, tool_name="search", sub_goal="Find the administrative seat of Ardenmoor " * 3,
+                  command="Ardenmoor seat", result="Ardenmoor is a province with 7 towns. " * 40)
+             for i in range(1, 10)]
+    config = AgentConfig()
+    memory = render_steps(steps, max_result_chars=config.memory_result_chars,
+                          max_total_chars=config.memory_total_chars)
+    messages = planner_messages("In which province is the town where the author of The Long Ledger was born?",
+                                "A two-hop question: find the author, then the birthplace. " * 8,
+                                [t.card() for t in tools], memory, turn=10, max_turns=10)
+    tokens = encode_chat(AutoTokenizer.from_pretrained(model_dir), messages)
+    assert len(tokens) < 1500
+
 
 # ============================================================================ scripted control flow
 
 PLAN_JSON = '{"justification": "j", "context": "c", "sub_goal": "compute 6*7", "tool_name": "%s"}'
+VERDICT_JSON = '{{"reason": "r", "conclusion": "{}"}}'
 
 
 def module_of(messages: list[dict[str, str]]) -> str:
@@ -56,6 +201,7 @@ class ScriptedControlFlowEngine(LLMEngine):
         super().__init__()
         self.script = script
         self.delay_s = delay_s
+        self.module_delay_s: dict[str, float] = {}
         self.calls: dict[str, int] = {}
         self.settings_seen: dict[str, list[SamplingSettings]] = {}
         self.in_flight = 0
@@ -69,7 +215,7 @@ class ScriptedControlFlowEngine(LLMEngine):
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            await asyncio.sleep(self.delay_s)
+            await asyncio.sleep(self.module_delay_s.get(module, self.delay_s))
         finally:
             self.in_flight -= 1
         text = self.script.get(module, lambda i: "ok")(n)
@@ -104,7 +250,7 @@ def scripted(verdicts: str = "CONTINUE", tool: str = "python", **overrides: Call
         "analysis": lambda i: "Needs arithmetic.",
         "planner": lambda i: PLAN_JSON % tool,
         "executor": lambda i: '{"command": "print(6*7)"}',
-        "verifier": lambda i: '{"reason": "r", "conclusion": "%s"}' % verdicts.split(",")[min(i, verdicts.count(","))],
+        "verifier": lambda i: VERDICT_JSON.format(verdicts.split(",")[min(i, verdicts.count(","))]),
         "generator": lambda i: "42",
     }
     script.update(overrides)
@@ -155,6 +301,19 @@ async def test_time_budget_cuts_a_slow_engine_call() -> None:
     assert traj.stop_reason is StopReason.TIME_BUDGET
     assert 1 <= len(traj.steps) <= 2
     assert traj.answer == "42"
+
+
+async def test_time_budget_spent_while_writing_the_command_leaves_the_tool_unrun() -> None:
+    engine = scripted("CONTINUE")
+    engine.module_delay_s["executor"] = 5
+    tool = RecordingTool()
+    agent = Agent(engine, engine, [tool], AgentConfig(max_time_s=0.3))
+    traj = await agent.run("What is 6*7?")
+    assert traj.stop_reason is StopReason.TIME_BUDGET
+    assert (len(traj.planner_turns), tool.commands, traj.tool_calls) == (1, [], {})
+    (step,) = traj.steps
+    assert (step.tool_ok, step.result) == (False, "not run: the time budget was spent")
+    assert step.verifier_reason == "time budget spent (verifier not asked)"
 
 
 async def test_tool_timeout_is_a_tool_error_not_a_stop() -> None:
@@ -275,6 +434,32 @@ async def test_run_many_overlaps_trajectories_up_to_the_bound_and_keeps_order() 
     assert engine.max_in_flight == 3
 
 
+class FailingPlannerEngine(ScriptedControlFlowEngine):
+    """A scripted engine whose planner call raises ``error`` (control-flow test only)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__({})
+        self.error = error
+
+    async def chat(self, messages: list[dict[str, str]], settings: SamplingSettings) -> Generation:
+        raise self.error
+
+
+async def test_module_failure_ends_the_loop_with_error_and_still_answers() -> None:
+    fixed = scripted("STOP")
+    agent = Agent(FailingPlannerEngine(RuntimeError("kernel died")), fixed, [RecordingTool()], AgentConfig())
+    traj = await agent.run("What is 6*7?")
+    assert traj.stop_reason is StopReason.ERROR
+    assert (traj.steps, traj.answer) == ([], "42")
+
+
+async def test_unreachable_engine_error_reaches_the_caller() -> None:
+    fixed = scripted("STOP")
+    agent = Agent(FailingPlannerEngine(EngineUnavailableError("cannot reach it")), fixed, [RecordingTool()])
+    with pytest.raises(EngineUnavailableError, match="cannot reach it"):
+        await agent.run("What is 6*7?")
+
+
 async def test_empty_question_is_a_config_error() -> None:
     engine = scripted()
     agent = Agent(engine, engine, [RecordingTool()])
@@ -322,3 +507,14 @@ def test_solve_bad_input_is_a_one_line_error_with_exit_code_2(args: list[str], m
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
     assert "Traceback" not in result.output
+
+
+def test_solve_with_an_unreachable_engine_is_a_one_line_error() -> None:
+    with socket.socket() as sock:  # a loopback port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = ["What is 2+2?", "--engine", "openai", "--endpoint", f"http://127.0.0.1:{port}/v1", "--tools", "python"]
+    result = CliRunner().invoke(_cli(), args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot reach") and str(port) in lines[0]

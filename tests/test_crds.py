@@ -21,7 +21,8 @@ KUBERNETES = kubernetes_validate.latest_version()
 
 
 def schema_of(crd: dict[str, Any]) -> dict[str, Any]:
-    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]  # type: ignore[no-any-return]
+    schema: dict[str, Any] = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return schema
 
 
 def flowrun_schema() -> dict[str, Any]:

@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -29,20 +30,23 @@ import httpx
 import openai
 import pytest
 import pytest_asyncio
+import typer
+from openai import AsyncOpenAI
+from typer.testing import CliRunner
+
 from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings
-from flowlane.runtime.gateway import GatewayConfig, create_app, running_gateway
+from flowlane.runtime.errors import EngineUnavailableError
+from flowlane.runtime.gateway import GatewayConfig, create_app, running_gateway, serve
 from flowlane.runtime.gateway_protocol import (
     ApiError,
     ErrorCode,
     RequestLimits,
-    StepDisplay,
     event_text,
     parse_chat_request,
 )
 from flowlane.runtime.tools.base import Tool, ToolResult
 from flowlane.runtime.tools.registry import build_tools
 from flowlane.runtime.trajectory import Step, Trajectory, Verdict
-from openai import AsyncOpenAI
 
 in_session_loop = pytest.mark.asyncio(loop_scope="session")  # the loop the session vLLM engine runs in
 
@@ -93,6 +97,11 @@ async def metric(url: str, name: str, **labels: str) -> float:
     return 0.0
 
 
+def agentflow(reply: Any) -> dict[str, Any]:
+    """The gateway's extra ``agentflow`` field of a completion or chunk ({} when absent)."""
+    return dict((reply.model_extra or {}).get("agentflow") or {})
+
+
 async def still_serving(client: AsyncOpenAI) -> None:
     models = await client.models.list()
     assert [model.id for model in models.data] == [MODEL]
@@ -111,7 +120,7 @@ async def tool_completion(gateway_url: str) -> dict[str, Any]:
         model=MODEL, messages=[{"role": "user", "content": QUESTION}], extra_body={"max_turns": 1},
     )
     after = {key: await metric(gateway_url, name, **labels) for key, (name, labels) in series.items()}
-    tool = response.model_extra["agentflow"]["steps"][0]["tool"]
+    tool = agentflow(response)["steps"][0]["tool"]
     tool_calls = await metric(gateway_url, "flowlane_gateway_tool_calls_total", tool=tool)
     return {"response": response, "before": before, "after": after, "tool_calls_after": tool_calls}
 
@@ -128,13 +137,13 @@ async def test_completion_answers_with_the_agents_final_answer(tool_completion: 
     (choice,) = response.choices
     assert choice.message.role == "assistant"
     assert choice.finish_reason == "stop"
-    assert choice.message.content.strip()
+    assert (choice.message.content or "").strip()
     assert choice.message.content != QUESTION
 
 
 @in_session_loop
 async def test_completion_shows_the_tool_call_with_its_result(tool_completion: dict[str, Any]) -> None:
-    flow = tool_completion["response"].model_extra["agentflow"]
+    flow = agentflow(tool_completion["response"])
     (step,) = flow["steps"]  # max_turns=1: exactly one planner turn, one tool call
     assert step["turn"] == 1
     assert step["tool"] in {"python", "search", "generator"}
@@ -174,8 +183,7 @@ async def test_stream_sends_each_step_as_it_happens_then_the_answer(client: Asyn
     bodies = [chunk for _, chunk in chunks]
     assert all(chunk.object == "chat.completion.chunk" and chunk.model == MODEL for chunk in bodies)
     assert bodies[0].choices[0].delta.role == "assistant"
-    events = [(at, chunk.model_extra["agentflow"]) for at, chunk in chunks
-              if chunk.model_extra.get("agentflow", {}).get("event")]
+    events = [(at, agentflow(chunk)) for at, chunk in chunks if agentflow(chunk).get("event")]
     assert [flow["event"] for _, flow in events] == EVENT_ORDER
     # Steps arrive while the agent works: the plan long before the answer (which needs a generation).
     arrival = {flow["event"]: at for at, flow in events}
@@ -185,7 +193,7 @@ async def test_stream_sends_each_step_as_it_happens_then_the_answer(client: Asyn
     answer = events[-1][1]["answer"]
     assert text.index("Step 1 · tool: ") < text.index("Result") < text.index(f"Answer: {answer}")
     final = [chunk for chunk in bodies if chunk.choices and chunk.choices[0].finish_reason == "stop"]
-    assert len(final) == 1 and final[0].model_extra["agentflow"]["stop_reason"] == "turn_budget"
+    assert len(final) == 1 and agentflow(final[0])["stop_reason"] == "turn_budget"
     assert bodies[-1].choices == [] and bodies[-1].usage.completion_tokens > 0
 
 
@@ -194,10 +202,10 @@ async def test_time_budget_cuts_the_agent_loop_and_still_answers(client: AsyncOp
     response = await client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": QUESTION}], extra_body={"max_time_s": 0.001},
     )
-    flow = response.model_extra["agentflow"]
+    flow = agentflow(response)
     assert flow["stop_reason"] == "time_budget"
     assert flow["steps"] == []
-    assert response.choices[0].message.content.strip()
+    assert (response.choices[0].message.content or "").strip()
 
 
 @in_session_loop
@@ -305,7 +313,7 @@ async def test_unknown_route_is_an_openai_404(gateway_url: str) -> None:
     assert reply.json()["error"]["code"] == "not_found"
 
 
-# ============================================================================ engine failures, concurrency (fake engine)
+# ======================================================================= engine failures, concurrency (fake engine)
 
 CANNED_REPLY = json.dumps({
     "justification": "j", "context": "c", "sub_goal": "compute 17*23", "tool_name": "python",
@@ -328,6 +336,7 @@ class CannedEngine(LLMEngine):
         self.delay_s = delay_s
         self.failures_left = 0
         self.fail_on_call: int | None = None
+        self.failure: Exception = RuntimeError("device lost")
         self.calls = 0
         self.in_flight = 0
         self.max_in_flight = 0
@@ -342,7 +351,7 @@ class CannedEngine(LLMEngine):
             self.in_flight -= 1
         if self.failures_left > 0 or self.calls == self.fail_on_call:
             self.failures_left = max(0, self.failures_left - 1)
-            raise RuntimeError("device lost")
+            raise self.failure
         ids = list(range(len(CANNED_REPLY)))
         return Generation(prompt_ids=[1, 2, 3], token_ids=ids, logprobs=[-0.1] * len(ids), text=CANNED_REPLY)
 
@@ -374,7 +383,27 @@ async def test_engine_failure_is_an_openai_500_and_the_next_request_is_served(
     assert caught.value.code == "engine_error"
     assert "RuntimeError: device lost" in caught.value.message
     response = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}])
-    assert response.model_extra["agentflow"]["steps"][0]["result"] == "ran print(17*23)"
+    assert agentflow(response)["steps"][0]["result"] == "ran print(17*23)"
+
+
+@in_session_loop
+async def test_a_dead_engine_makes_readyz_fail_and_later_requests_a_503(
+    canned: tuple[CannedEngine, AsyncOpenAI, str],
+) -> None:
+    engine, client, url = canned
+    engine.failures_left, engine.failure = 10**6, EngineUnavailableError("the vLLM engine is closed")
+    with pytest.raises(openai.InternalServerError) as caught:
+        await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}])
+    assert caught.value.status_code == 500 and caught.value.code == "engine_error"
+    async with httpx.AsyncClient() as http:
+        ready = await http.get(f"{url}/readyz")
+        alive = await http.get(f"{url}/healthz")
+    assert ready.status_code == 503
+    assert ready.json() == {"status": "failed", "error": "EngineUnavailableError: the vLLM engine is closed"}
+    assert alive.status_code == 200
+    with pytest.raises(openai.InternalServerError) as caught:
+        await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}])
+    assert caught.value.status_code == 503 and caught.value.code == "not_ready"
 
 
 @in_session_loop
@@ -388,8 +417,27 @@ async def test_engine_failure_mid_stream_arrives_as_an_error_event(
     seen: list[str] = []
     with pytest.raises(openai.APIError, match="device lost"):
         async for chunk in stream:
-            seen.append((chunk.model_extra or {}).get("agentflow", {}).get("event", ""))
+            seen.append(agentflow(chunk).get("event", ""))
     assert [event for event in seen if event] == ["analysis", "plan", "command", "result", "verdict"]
+
+
+@in_session_loop
+async def test_a_client_that_leaves_mid_stream_stops_its_agent_run(
+    canned: tuple[CannedEngine, AsyncOpenAI, str],
+) -> None:
+    engine, client, url = canned
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": QUESTION}], stream=True)
+    async for chunk in stream:
+        if agentflow(chunk).get("event") == "plan":
+            break
+    await stream.close()
+    await asyncio.sleep(0.5)  # the server notices the closed connection and cancels the run
+    calls = engine.calls
+    await asyncio.sleep(0.6)  # three more engine calls' time: none may start
+    assert engine.calls == calls and engine.in_flight == 0
+    assert engine.calls < 5  # the answer was never generated
+    assert await metric(url, "flowlane_gateway_agent_runs_in_flight") == 0
 
 
 @in_session_loop
@@ -496,7 +544,7 @@ def test_serve_with_a_missing_checkpoint_exits_with_a_one_line_error(tmp_path: P
     missing = tmp_path / "does" / "not" / "exist"
     env = {**os.environ, "FLOWLANE_HOME": str(tmp_path / "home")}
     result = subprocess.run(
-        [sys.executable, "-m", "flowlane.cli", "serve", "--model", str(missing), "--port", "0"],
+        [str(Path(sys.executable).with_name("flowlane")), "serve", "--model", str(missing), "--port", "0"],
         capture_output=True, text=True, timeout=120, env=env,
     )
     assert result.returncode == 2
@@ -504,3 +552,41 @@ def test_serve_with_a_missing_checkpoint_exits_with_a_one_line_error(tmp_path: P
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ") and str(missing) in lines[0]
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def _serve_cli() -> typer.Typer:
+    app = typer.Typer()
+    app.command()(serve)
+    return app
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--engine", "tpu"], "unknown engine 'tpu'"),
+        (["--tools", "python,calculator"], "calculator"),
+        (["--stream-steps", "loud"], "--stream-steps"),
+        (["--max-turns", "0"], "--max-turns"),
+        (["--api-key", " "], "API key is empty"),
+    ],
+    ids=["bad-engine", "unknown-tool", "bad-steps-display", "zero-turns", "empty-api-key"],
+)
+def test_serve_bad_options_are_one_line_errors_before_any_engine_starts(
+    model_dir: Path, args: list[str], message: str
+) -> None:
+    result = CliRunner().invoke(_serve_cli(), ["--model", str(model_dir), "--port", "0", *args])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_serve_on_a_taken_port_is_a_one_line_error(model_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(_serve_cli(), ["--model", str(model_dir), "--port", str(port)])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"error: cannot listen on 127.0.0.1:{port} (Address already in use); pick another --port or --host")
+

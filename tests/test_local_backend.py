@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 from flowlane.api.common import Resources
 from flowlane.api.flowrun import load_flowrun
@@ -33,6 +34,7 @@ from flowlane.operator.local import (
     local_argv,
     render,
 )
+from flowlane.runtime.sandbox_server import RemoteCodeRunner
 
 PY = sys.executable
 
@@ -249,32 +251,48 @@ SUPERVISOR_SCRIPT = textwrap.dedent("""
         supervisor = LocalSupervisor(
             [Component(f"c{i}", Role.SANDBOX, i, (sys.executable, "-c", CHILD, "default"), {}, {}, (), Resources(),
                        service=True) for i in range(2)], Path(sys.argv[1]))
+        supervisor.install_signal_handlers()
         await supervisor.start()
         print(json.dumps([s.pid for s in supervisor.status.values()]), flush=True)
-        await supervisor.wait()
+        outcome = await supervisor.wait()
+        print(json.dumps([outcome, *(s.last_exit_code for s in supervisor.status.values())]), flush=True)
 
     asyncio.run(main())
 """)
 
 
-def test_killing_the_supervisor_leaves_no_orphans(tmp_path: Path) -> None:
-    supervisor = subprocess.Popen([PY, "-c", SUPERVISOR_SCRIPT, str(tmp_path), PARENT_WITH_CHILD],
+def start_supervisor_process(run_dir: Path) -> tuple[subprocess.Popen[str], list[psutil.Process]]:
+    """SUPERVISOR_SCRIPT running two components with a grandchild each; returns it and those 4 processes."""
+    supervisor = subprocess.Popen([PY, "-c", SUPERVISOR_SCRIPT, str(run_dir), PARENT_WITH_CHILD],
                                   stdout=subprocess.PIPE, text=True)
-    try:
-        assert supervisor.stdout is not None
-        pids = json.loads(supervisor.stdout.readline())
-        deadline = time.monotonic() + 10
-        while len(descendants(pids)) < 4:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        procs = descendants(pids)
-    finally:
-        supervisor.kill()
-        supervisor.wait()
+    assert supervisor.stdout is not None
+    pids = json.loads(supervisor.stdout.readline())
+    deadline = time.monotonic() + 10
+    while len(descendants(pids)) < 4:
+        assert time.monotonic() < deadline, "components did not start their children"
+        time.sleep(0.05)
+    return supervisor, descendants(pids)
+
+
+def test_killing_the_supervisor_leaves_no_orphans(tmp_path: Path) -> None:
+    supervisor, procs = start_supervisor_process(tmp_path)
+    supervisor.kill()
+    supervisor.wait()
 
     deadline = time.monotonic() + 10
     while alive(procs) and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert alive(procs) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_to_the_supervisor_stops_components_gracefully(tmp_path: Path, sig: signal.Signals) -> None:
+    supervisor, procs = start_supervisor_process(tmp_path)
+    supervisor.send_signal(sig)
+    out, _ = supervisor.communicate(timeout=20)
+
+    assert supervisor.returncode == 0
+    assert json.loads(out) == ["stopped", -signal.SIGTERM, -signal.SIGTERM]  # SIGTERM, not the SIGKILL fallback
     assert alive(procs) == []
 
 
@@ -331,3 +349,27 @@ async def test_graph_token_is_generated_and_shared_by_every_component(tmp_path: 
 
     tokens = {(tmp_path / "logs" / f"{c.name}.log").read_text().splitlines()[-1] for c in graph.components}
     assert len(tokens) == 1 and len(tokens.pop()) >= 32
+
+
+async def test_compiled_sandboxes_serve_grpc_and_come_back_after_kill_9(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FLOWLANE_GRPC_TOKEN", raising=False)
+    config = tmp_path / "run.yaml"
+    graph = compile_graph(load_flowrun(FLOWRUN), config_path=str(config))
+    config.write_text(yaml.safe_dump(graph.config))
+    sandboxes = dataclasses.replace(graph, components=tuple(graph.by_role(Role.SANDBOX)))  # the real commands
+    supervisor = LocalSupervisor.for_graph(sandboxes, tmp_path, fast_policy(backoff_initial_s=0.1), token="t0ken")
+    await supervisor.start()
+    client = RemoteCodeRunner(supervisor.address("sandbox-1", "grpc"), "t0ken", connect_timeout_s=10)
+    try:
+        before = await client.run("print(6 * 7)")
+        os.kill(supervisor.status["sandbox-1"].pid or 0, signal.SIGKILL)
+        await wait_for(lambda: supervisor.status["sandbox-1"].restarts == 1, timeout_s=20)
+        after = await client.run("print(6 * 7)")
+    finally:
+        await client.close()
+        await supervisor.stop()
+
+    assert (before.stdout, after.stdout) == ("42\n", "42\n")
+    assert [e.kind for e in supervisor.events if e.component == "sandbox-1"][:4] == [
+        EventKind.STARTED, EventKind.READY, EventKind.EXITED, EventKind.RESTARTING]

@@ -53,7 +53,8 @@ def test_json_after_braces_in_prose_is_found() -> None:
 
 
 def test_truncated_string_value_is_closed() -> None:
-    assert find_json_object('{"a": "x", "b": "half a sent') == ({"a": "x", "b": "half a sent"}, ParseMethod.REPAIRED_JSON)
+    expected = ({"a": "x", "b": "half a sent"}, ParseMethod.REPAIRED_JSON)
+    assert find_json_object('{"a": "x", "b": "half a sent') == expected
 
 
 def test_truncated_key_is_dropped_back_to_last_member() -> None:
@@ -277,14 +278,27 @@ def test_tool_card_renders_metadata_on_one_line() -> None:
     assert render_tool_card(card) == "- search: Find passages. (best for: facts; names)"
 
 
-def test_planner_prompt_contains_question_tools_memory_and_turn() -> None:
+def test_planner_prompt_has_tools_examples_then_the_request_with_question_last() -> None:
     cards = [{"name": n, "description": f"{n} tool"} for n in TOOLS]
     messages = planner_messages("What is 2+2?", "arithmetic", cards, "(no steps yet)", turn=2, max_turns=3)
-    user = messages[1]["content"]
-    assert [m["role"] for m in messages] == ["system", "user"]
-    for piece in ("What is 2+2?", "arithmetic", "- search: search tool", "(no steps yet)", "Turn 2 of 3",
-                  "one of: python, search, generator"):
-        assert piece in user
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert "- search: search tool" in messages[0]["content"]
+    assert "one of: python, search, generator" in messages[0]["content"]
+    assert messages[-1]["content"].splitlines() == [
+        "Analysis: arithmetic",
+        "Steps so far:",
+        "(no steps yet)",
+        "Question: What is 2+2?",
+        "Turn 2 of 3. Plan the next step in JSON.",
+    ]
+
+
+def test_planner_examples_are_valid_plans_for_tools_in_the_set_only() -> None:
+    cards = [{"name": "search", "description": "d"}, {"name": "calculator", "description": "d"}]
+    messages = planner_messages("q", "", cards, "(no steps yet)", turn=1, max_turns=3)
+    (example,) = [m["content"] for m in messages if m["role"] == "assistant"]
+    parsed = parse_plan(example, ["search", "calculator"])
+    assert (parsed.value.tool_name, parsed.clean) == ("search", True)
 
 
 def test_command_fields_put_required_first() -> None:

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
+import psutil
 import pytest
 
 from flowlane.api import sandbox_pb2
 from flowlane.runtime.sandbox import SandboxErrorKind, SandboxLimits
-from flowlane.runtime.sandbox_server import DEFAULT_CEILING, RemoteCodeRunner, limits_from_proto
+from flowlane.runtime.sandbox_server import DEFAULT_CEILING, RemoteCodeRunner, SandboxServicer, limits_from_proto
 
 TOKEN = "sandbox-test-token"
 MiB = 1024 * 1024
@@ -31,14 +36,23 @@ class ServerProcess:
         return f"127.0.0.1:{self.port}"
 
 
-def start_server(port: int = 0, max_concurrency: int = 2, env_token: str | None = TOKEN) -> ServerProcess:
+# The run config a FlowRun gives its sandboxes: its limits become the server's defaults.
+RUN_CONFIG = """
+apiVersion: flowlane.dev/v1alpha1
+kind: FlowRun
+metadata: {name: sandbox-test}
+spec:
+  sandbox: {limits: {wallTimeSeconds: 1.5, memoryMiB: 400}}
+"""
+
+
+def start_server(port: int = 0, max_concurrency: int = 2, config: Path | None = None) -> ServerProcess:
     """``python -m flowlane.runtime.sandbox_server`` as a real subprocess; waits for its ready line."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWLANE_GRPC_TOKEN")}
-    if env_token:
-        env["FLOWLANE_GRPC_TOKEN"] = env_token
+    env["FLOWLANE_GRPC_TOKEN"] = TOKEN
     process = subprocess.Popen(
         [sys.executable, "-m", "flowlane.runtime.sandbox_server", "--port", str(port),
-         "--max-concurrency", str(max_concurrency)],
+         "--max-concurrency", str(max_concurrency), *(["--config", str(config)] if config else [])],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     assert process.stdout is not None
@@ -57,15 +71,17 @@ def stop_server(server: ServerProcess) -> None:
 
 
 @pytest.fixture(scope="module")
-def sandbox_server() -> Iterator[ServerProcess]:
-    server = start_server(max_concurrency=2)
+def sandbox_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    config = tmp_path_factory.mktemp("sandbox") / "run.yaml"
+    config.write_text(RUN_CONFIG)
+    server = start_server(max_concurrency=2, config=config)
     yield server
     stop_server(server)
 
 
 @pytest.fixture
 async def runner(sandbox_server: ServerProcess) -> AsyncIterator[RemoteCodeRunner]:
-    client = RemoteCodeRunner(sandbox_server.address, TOKEN)
+    client = RemoteCodeRunner(sandbox_server.address, TOKEN, limits=SandboxLimits())  # 10 s, not the config's
     yield client
     await client.close()
 
@@ -84,6 +100,18 @@ async def test_wall_clock_limit_is_reported_as_timeout(runner: RemoteCodeRunner)
 
     assert (result.ok, result.error_kind, result.message) == (
         False, SandboxErrorKind.TIMEOUT, "timeout: wall-clock limit of 1s")
+
+
+async def test_runs_without_limits_get_the_run_configs_sandbox_limits(sandbox_server: ServerProcess) -> None:
+    client = RemoteCodeRunner(sandbox_server.address, TOKEN)
+    try:
+        timed_out = await client.run("while True:\n    pass")
+        out_of_memory = await client.run("x = bytearray(600 * 1024 * 1024)")
+    finally:
+        await client.close()
+
+    assert timed_out.message == "timeout: wall-clock limit of 1.5s"
+    assert out_of_memory.message == "memory_limit: memory limit of 400 MiB"
 
 
 async def test_memory_limit_is_reported(runner: RemoteCodeRunner) -> None:
@@ -144,13 +172,33 @@ def test_limits_above_the_ceiling_are_capped() -> None:
         DEFAULT_CEILING.wall_time_s, DEFAULT_CEILING.memory_bytes, DEFAULT_CEILING.max_processes)
 
 
+async def code_processes_of(server: ServerProcess, timeout_s: float = 10.0) -> list[psutil.Process]:
+    """The processes running code for ``server``, once the code itself runs (set-up done: the process
+    dropped root and sleeps in the code's ``time.sleep``)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        children = psutil.Process(server.process.pid).children(recursive=True)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if children and all(c.uids().real != 0 and c.status() == psutil.STATUS_SLEEPING for c in children):
+                return children
+        assert time.monotonic() < deadline, "the server never started the code"
+        await asyncio.sleep(0.05)
+
+
+def kill_all(processes: list[psutil.Process]) -> None:
+    for proc in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+
+
 async def test_killed_server_gives_a_tool_error_and_a_restarted_one_serves_again() -> None:
     server = start_server(max_concurrency=1)
-    client = RemoteCodeRunner(server.address, TOKEN, connect_timeout_s=1.0)
+    client = RemoteCodeRunner(server.address, TOKEN)  # waits up to 3 s: above the 2 s reconnect back-off
+    orphans: list[psutil.Process] = []
     try:
         assert (await client.run("print(1)")).ok
         in_flight = asyncio.create_task(client.run("import time\ntime.sleep(30)"))
-        await asyncio.sleep(1.0)
+        orphans = await code_processes_of(server)
         server.process.send_signal(signal.SIGKILL)
         server.process.wait()
         killed_mid_run = await asyncio.wait_for(in_flight, 15)
@@ -161,13 +209,33 @@ async def test_killed_server_gives_a_tool_error_and_a_restarted_one_serves_again
     finally:
         await client.close()
         stop_server(server)
+        kill_all(orphans)  # the sleeping code outlives its server (see the xfail test below)
 
     for result in (killed_mid_run, while_down):
         assert (result.ok, result.error_kind, result.exit_code) == (False, SandboxErrorKind.ERROR, None)
         assert result.message.startswith(f"error: sandbox server at {server.address} unreachable "
                                          "(down or restarting): UNAVAILABLE")
-    assert while_down.message.endswith("(no connection within 1s)")
-    assert after_restart.stdout == "3\n"
+    assert after_restart.stdout == "3\n", after_restart
+
+
+@pytest.mark.xfail(strict=True, reason="runtime/sandbox.py does not set PR_SET_PDEATHSIG on the code's process")
+async def test_code_in_flight_dies_with_a_killed_server() -> None:
+    server = start_server(max_concurrency=1)
+    client = RemoteCodeRunner(server.address, TOKEN)
+    code_processes: list[psutil.Process] = []
+    try:
+        in_flight = asyncio.create_task(client.run("import time\ntime.sleep(60)"))
+        code_processes = await code_processes_of(server)
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait()
+        await asyncio.wait_for(in_flight, 15)
+        _, alive = psutil.wait_procs(code_processes, timeout=3)
+    finally:
+        await client.close()
+        stop_server(server)
+        kill_all(code_processes)
+
+    assert alive == []
 
 
 async def test_wrong_token_gives_a_tool_error_naming_the_token(sandbox_server: ServerProcess) -> None:
@@ -203,3 +271,25 @@ def test_server_without_a_token_refuses_to_start() -> None:
     assert done.returncode == 2
     assert done.stderr == ("error: no gRPC token: set FLOWLANE_GRPC_TOKEN (or FLOWLANE_GRPC_TOKEN_FILE to a file "
                            "holding it); clients must send the same token\n")
+
+
+async def test_nothing_listening_gives_a_tool_error_after_the_connect_timeout() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"  # closed again: nothing listens there
+    client = RemoteCodeRunner(address, TOKEN, connect_timeout_s=0.5)
+    try:
+        result = await client.run("print(1)")
+    finally:
+        await client.close()
+
+    assert (result.ok, result.error_kind, result.exit_code) == (False, SandboxErrorKind.ERROR, None)
+    assert result.message == (f"error: sandbox server at {address} unreachable (down or restarting): "
+                              "UNAVAILABLE (no connection within 0.5s)")
+
+
+def test_configured_defaults_above_the_ceiling_are_allowed() -> None:
+    servicer = SandboxServicer(defaults=SandboxLimits(wall_time_s=600.0))
+    limits = limits_from_proto(sandbox_pb2.ExecuteLimits(), servicer.defaults, servicer.ceiling)
+
+    assert limits.wall_time_s == 600.0

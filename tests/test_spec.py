@@ -124,7 +124,8 @@ def test_wrong_kind_is_rejected() -> None:
 
 
 def test_yaml_syntax_error_names_line_and_column() -> None:
-    with pytest.raises(ConfigError, match=r"<text>: line 3, column 2: not valid YAML \(expected .,. or .\]., but got .:.\)"):
+    expected = r"<text>: line 3, column 2: not valid YAML \(expected .,. or .\]., but got .:.\)"
+    with pytest.raises(ConfigError, match=expected):
         load_flowrun("a: 1\nb: [1, 2\nc: 3\n")
 
 
@@ -144,7 +145,8 @@ def test_status_parses_phase_and_conditions() -> None:
     run = FlowRun.model_validate({
         "metadata": {"name": "x"},
         "status": {"phase": "Running", "restartCount": 2, "conditions": [
-            {"type": "Ready", "status": "True", "reason": "AllPodsRunning", "lastTransitionTime": "2025-01-01T00:00:00Z"}
+            {"type": "Ready", "status": "True", "reason": "AllPodsRunning",
+             "lastTransitionTime": "2025-01-01T00:00:00Z"},
         ]},
     })
     assert run.status is not None

@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from flowlane.runtime.errors import ConfigError, FlowlaneError
 from flowlane.runtime.trajectory import Trajectory
 from flowlane.trainer import flow_grpo
@@ -355,6 +356,13 @@ def ensure_distributed() -> None:
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if os.environ.get("WORLD_SIZE") == "1" and get_accelerator().device_name() == "cpu":
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce kernel on first use
+        # (minutes on a 2-core machine) that a single rank never calls; mark it unavailable.
+        # DeepSpeed keeps this probe result in one module-level dict meant to be edited.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(
         dist_backend=get_accelerator().communication_backend_name(), auto_mpi_discovery=False, verbose=False
     )
@@ -402,8 +410,9 @@ class Learner:
 
     def __init__(self, config: LearnerConfig) -> None:
         import deepspeed
-        from flowlane.runtime.models import resolve_model
         from transformers import AutoModelForCausalLM
+
+        from flowlane.runtime.models import resolve_model
 
         self.config = config
         self.model_dir = resolve_model(config.model_path)

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import statistics
 import tempfile
@@ -107,6 +108,7 @@ class LearnerRuntime:
         self.step_started = time.monotonic()
         self._stop_requested = False
         self._dirty_since_checkpoint = False
+        self.finished = False
 
     # -- set-up ---------------------------------------------------------------------------------
     def build(self) -> None:
@@ -145,12 +147,19 @@ class LearnerRuntime:
         self.progress.last_checkpoint = f"{self.store.location}/{ref.name}"
         self.progress.baseline_accuracy = ref.meta.get("baseline_accuracy")
         self.progress.held_out_accuracy = ref.meta.get("held_out_accuracy")
+        # A finished run resumed with more steps goes on training; one with as many is done.
+        self.finished = bool(ref.meta.get("finished")) and self.progress.step >= self.total_steps
         log.info("resumed from %s (step %d, policy version %d)", ref.name, self.progress.step,
                  self.learner.policy_version)
         return True
 
     # -- the loop -------------------------------------------------------------------------------
     async def train(self) -> None:
+        if self.finished:
+            # Restarted after the run had completed (the final checkpoint is written last).
+            self.progress.phase = "Succeeded"
+            self.done.set()
+            return
         self.progress.phase = "Running"
         await self._publish_weights()
         if self.progress.baseline_accuracy is None and self.progress.step == 0:
@@ -194,7 +203,7 @@ class LearnerRuntime:
             self.progress.phase = "Suspended"
             return
         self.progress.held_out_accuracy = await self._evaluate("final")
-        await self.checkpoint()
+        await self.checkpoint(final=True)
         await asyncio.to_thread(self._log_final_model)
         self.progress.phase = "Succeeded"
         self.tracker.end("FINISHED")
@@ -228,7 +237,7 @@ class LearnerRuntime:
         log.info("held-out accuracy (%s, %d questions): %.3f", label, len(round_.tasks), accuracy)
         return accuracy
 
-    async def checkpoint(self) -> None:
+    async def checkpoint(self, *, final: bool = False) -> None:
         from flowlane.trainer.checkpoint import CheckpointError
 
         step = self.coordinator.learned_step
@@ -237,7 +246,7 @@ class LearnerRuntime:
         meta = {"coordinator": self.coordinator.state_dict(), "run": self.flowrun.name,
                 "model": model_identity(self.learner.model_dir),
                 "baseline_accuracy": self.progress.baseline_accuracy,
-                "held_out_accuracy": self.progress.held_out_accuracy}
+                "held_out_accuracy": self.progress.held_out_accuracy, "finished": final}
 
         def save() -> Any:
             with tempfile.TemporaryDirectory(prefix="flowlane-ckpt-", dir=self.run_dir) as tmp:
@@ -257,9 +266,14 @@ class LearnerRuntime:
         log.info("checkpoint %s written", self.progress.last_checkpoint)
 
     def _log_final_model(self) -> None:
+        from flowlane.trainer.learner import DEEPSPEED_DIR, RNG_FILE
+
         with tempfile.TemporaryDirectory(prefix="flowlane-final-", dir=self.run_dir) as tmp:
-            self.learner.save_model(Path(tmp))
-            self.tracker.log_model(Path(tmp))
+            # The published planner is the checkpoint's model part (full weights, or the LoRA adapter).
+            self.learner.save_checkpoint_files(Path(tmp))
+            shutil.rmtree(Path(tmp) / DEEPSPEED_DIR)
+            (Path(tmp) / RNG_FILE).unlink()
+            self.tracker.log_model(Path(tmp), step=self.coordinator.learned_step)
 
     async def _publish_weights(self) -> None:
         version = self.learner.policy_version

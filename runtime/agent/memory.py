@@ -32,7 +32,7 @@ def render_step(step: Step, max_result_chars: int) -> str:
     return "\n".join(lines)
 
 
-def render_steps(steps: Sequence[Step], *, max_result_chars: int = 400, max_total_chars: int = 2400) -> str:
+def render_steps(steps: Sequence[Step], *, max_result_chars: int = 400, max_total_chars: int = 2000) -> str:
     """The steps as prompt text, newest in full, oldest squeezed to fit ``max_total_chars``."""
     if not steps:
         return "(no steps yet)"
@@ -41,7 +41,7 @@ def render_steps(steps: Sequence[Step], *, max_result_chars: int = 400, max_tota
     for step in reversed(steps):
         full = render_step(step, max_result_chars)
         if used + len(full) > max_total_chars and rendered:
-            full = f"Step {step.turn} [{step.tool_name}] sub-goal: {truncate(step.sub_goal, 80)} (details omitted)"
+            full = f"Step {step.turn} [{step.tool_name}] sub-goal: {truncate(step.sub_goal, 60)} (details omitted)"
         rendered.append(full)
         used += len(full) + 1
     return "\n".join(reversed(rendered))
@@ -53,7 +53,7 @@ class Memory:
 
     steps: list[Step] = field(default_factory=list)
     max_result_chars: int = 400
-    max_total_chars: int = 2400
+    max_total_chars: int = 2000
 
     def add(self, step: Step) -> None:
         self.steps.append(step)

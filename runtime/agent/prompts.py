@@ -35,7 +35,7 @@ def _messages(system: str, user: str) -> Messages:
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
-def render_tool_card(card: Mapping[str, Any], max_value_chars: int = 160) -> str:
+def render_tool_card(card: Mapping[str, Any], max_value_chars: int = 120) -> str:
     """One tool as a prompt line: ``- name: description (key: value; ...)``."""
     name = card.get("name", "?")
     description = truncate(str(card.get("description", "")), max_value_chars)
@@ -114,7 +114,7 @@ def _planner_request(question: str, memory_text: str, turn: int, max_turns: int,
     # a wandering analysis must not push the question out of view.
     lines = []
     if analysis is not None:
-        lines.append(f"Analysis: {truncate(analysis, 500) or '(none)'}")
+        lines.append(f"Analysis: {truncate(analysis, 300) or '(none)'}")
     lines += [f"Steps so far:\n{memory_text}", f"Question: {question}",
               f"Turn {turn} of {max_turns}. Plan the next step in JSON."]
     return "\n".join(lines)
@@ -186,7 +186,7 @@ def executor_messages(
 VERIFIER_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
-        "reason": {"type": "string"},
+        "reason": {"type": "string", "maxLength": PLANNER_FIELD_MAX_CHARS},
         "conclusion": {"type": "string", "enum": ["STOP", "CONTINUE"]},
     },
     "required": ["reason", "conclusion"],

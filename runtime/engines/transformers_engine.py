@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor
@@ -82,7 +82,7 @@ class _RowSampling(LogitsProcessor):
             eos_only[:, self.eos_id] = 0.0
             out = torch.where(spent[:, None], eos_only, out)
         self._last = logprobs
-        return out
+        return cast(torch.FloatTensor, out)
 
     def record(self, input_ids: torch.Tensor) -> None:
         """Gather the log-prob of the token just appended (call once more after ``generate``)."""
@@ -129,8 +129,8 @@ class TransformersEngine(LLMEngine):
         if not isinstance(torch_dtype, torch.dtype):
             raise ConfigError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
-        self.model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=torch_dtype).to(device)
-        self.model.eval()
+        model: Any = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=torch_dtype)
+        self.model = model.to(device).eval()
         eos = self.tokenizer.eos_token_id
         if eos is None:
             raise ConfigError(f"the tokenizer in {self.model_dir} has no eos token")

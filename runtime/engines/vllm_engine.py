@@ -58,10 +58,23 @@ class FlowlaneWorkerExtension:
         kernels), so a plain ``model.load_weights`` would not do. A layer must be given all of its
         tensors (a full state dict, or whole layers); layers not mentioned keep their weights.
         """
+        import logging
+
         from safetensors.torch import load_file
 
         tensors = load_file(path)
-        self.reload_weights(weights_iterator=iter(tensors.items()), is_checkpoint_format=True)
+        # vLLM warns once per untouched layer and lists every untouched parameter name; for a
+        # partial update (one layer, LoRA-merged subsets) that floods the log, so mute it here.
+        quiet = [logging.getLogger(f"vllm.model_executor.model_loader.reload.{name}") for name in ("inplace",
+                                                                                              "layerwise")]
+        levels = [log.level for log in quiet]
+        for log in quiet:
+            log.setLevel(logging.ERROR)
+        try:
+            self.reload_weights(weights_iterator=iter(tensors.items()), is_checkpoint_format=True)
+        finally:
+            for log, level in zip(quiet, levels, strict=True):
+                log.setLevel(level)
         return len(tensors)
 
 
@@ -218,11 +231,18 @@ class VLLMEngine(LLMEngine):
             finally:
                 gate.set()
 
+    def num_unfinished_requests(self) -> int:
+        """Requests in the engine now (running or waiting to be scheduled)."""
+        return int(self._llm.get_num_unfinished_requests())
+
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._llm.shutdown()
+        # Drop the engine now: vLLM's own finaliser would otherwise run again at interpreter exit,
+        # when the modules it needs are already torn down.
+        del self._llm
 
 
 def _sampled_logprobs(logprobs: Any, token_ids: list[int]) -> list[float]:

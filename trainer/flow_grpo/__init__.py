@@ -13,6 +13,7 @@ from enum import StrEnum
 from typing import TypeVar
 
 import torch
+
 from flowlane.runtime.errors import ConfigError
 from flowlane.trainer.flow_grpo.advantages import (
     ADVANTAGE_ESTIMATORS,

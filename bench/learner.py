@@ -1,0 +1,170 @@
+"""Learner throughput: the packed Flow-GRPO step vs one sample at a time, on the same data.
+
+A Flow-GRPO update trains on many planner turns of different lengths. The learner packs them end
+to end into micro-batches under a token budget (no padding; see ``flowlane.trainer.batching``);
+the naive alternative runs each turn through forward and backward on its own. Both modes here are
+the same ``Learner.step`` on the same synthetic trajectories with the real bundled model
+(SmolLM2-135M-Instruct, float32, full fine-tuning, KL to a reference model), differing only in
+``micro_batch_tokens``: the packed budget vs 1 (every turn alone). Reported per mode: packed
+forward passes per step, tokens per step (prompt + response, what the model computes on), the
+median step time and tokens/s (tokens / step time, forward + backward + reference + optimizer).
+
+Checkpoint save/load MB/s rows come from ``bench/checkpoint_io.py`` (the checkpoint store on local
+disk vs the S3 endpoint) and are appended when that module is present.
+
+On a shared 2-core machine the numbers move with the load other processes put on it: compare rows
+of one run. Run ``python bench/learner.py [--steps 2] [--questions 2] [--group-size 4]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import random
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flowlane.runtime.models import resolve_model
+from flowlane.runtime.trajectory import PlannerTurn, Trajectory
+from flowlane.trainer.learner import Learner, LearnerConfig
+
+
+def synthetic_trajectories(
+    seed: int,
+    vocab: int,
+    questions: int,
+    group_size: int,
+    max_turns: int,
+    prompt_tokens: tuple[int, int],
+    response_tokens: tuple[int, int],
+) -> list[Trajectory]:
+    """Scored groups with random token ids; half the trajectories of each group succeed."""
+    rng = random.Random(seed)
+    result = []
+    for q in range(questions):
+        for k in range(group_size):
+            turns = []
+            for _ in range(rng.randint(1, max_turns)):
+                response = [rng.randrange(vocab) for _ in range(rng.randint(*response_tokens))]
+                turns.append(
+                    PlannerTurn(
+                        prompt_ids=[rng.randrange(vocab) for _ in range(rng.randint(*prompt_tokens))],
+                        response_ids=response,
+                        logprobs=[-rng.uniform(8.0, 12.0) for _ in response],
+                        policy_version=0,
+                    )
+                )
+            result.append(
+                Trajectory(question=f"q{q}", question_id=f"q{q}", planner_turns=turns, reward=float(k % 2 == 0))
+            )
+    return result
+
+
+def bench_mode(
+    name: str, model_dir: Path, trajectories: list[Trajectory], micro_batch_tokens: int, steps: int
+) -> dict[str, Any]:
+    learner = Learner(
+        LearnerConfig(
+            model_path=str(model_dir), lr=1e-6, dtype="float32", kl_beta=0.001, micro_batch_tokens=micro_batch_tokens
+        )
+    )
+    try:
+        learner.step(trajectories)  # warm-up: allocator, optimizer state
+        runs = [learner.step(trajectories) for _ in range(steps)]
+    finally:
+        learner.close()
+    step_s = statistics.median(r["step_time_s"] for r in runs)
+    tokens = runs[0]["tokens_processed"]
+    return {
+        "mode": name,
+        "micro_batch_tokens": micro_batch_tokens,
+        "forward_passes": int(runs[0]["micro_batches"]),
+        "tokens_per_step": int(tokens),
+        "step_s": round(step_s, 2),
+        "tokens_per_s": round(tokens / step_s, 1),
+    }
+
+
+def format_table(rows: list[dict[str, Any]], headers: list[str]) -> str:
+    widths = {h: max(len(h), *(len(str(r[h])) for r in rows)) for h in headers}
+    lines = [" | ".join(h.ljust(widths[h]) for h in headers), "-|-".join("-" * widths[h] for h in headers)]
+    lines += [" | ".join(str(r[h]).ljust(widths[h]) for h in headers) for r in rows]
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (
+        f"{platform.node()} | {cpu} | {os.cpu_count()} cores, torch threads {torch.get_num_threads()} | "
+        f"load avg {load:.1f} | torch {torch.__version__}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="model directory or known name")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per mode (after one warm-up step)")
+    parser.add_argument("--questions", type=int, default=2)
+    parser.add_argument("--group-size", type=int, default=4)
+    parser.add_argument("--max-turns", type=int, default=3)
+    parser.add_argument("--prompt-tokens", type=int, nargs=2, default=(32, 160), metavar=("MIN", "MAX"))
+    parser.add_argument("--response-tokens", type=int, nargs=2, default=(16, 64), metavar=("MIN", "MAX"))
+    parser.add_argument("--micro-batch-tokens", type=int, default=2048, help="token budget of the packed mode")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
+    parser.add_argument("--checkpoint-mb", type=int, default=540, help="checkpoint I/O size; 0 skips those rows")
+    args = parser.parse_args(argv)
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    model_dir = resolve_model(args.model)
+    from transformers import AutoConfig
+
+    vocab = int(AutoConfig.from_pretrained(str(model_dir)).vocab_size)
+    prompt_tokens, response_tokens = tuple(args.prompt_tokens), tuple(args.response_tokens)
+    trajectories = synthetic_trajectories(
+        0, vocab, args.questions, args.group_size, args.max_turns, prompt_tokens, response_tokens
+    )
+    turns = sum(len(t.planner_turns) for t in trajectories)
+    print(f"# flowlane learner benchmark, {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(f"# machine: {machine()}")
+    print(
+        f"# model: {model_dir.name} (float32, full fine-tuning, KL reference); data: {len(trajectories)} "
+        f"trajectories, {turns} planner turns"
+    )
+    rows = [
+        bench_mode("packed (learner)", model_dir, trajectories, args.micro_batch_tokens, args.steps),
+        bench_mode("one sample at a time", model_dir, trajectories, 1, args.steps),
+    ]
+    base = rows[1]["tokens_per_s"]
+    for row in rows:
+        row["speedup"] = f"{row['tokens_per_s'] / base:.2f}x"
+    headers = ["mode", "micro_batch_tokens", "forward_passes", "tokens_per_step", "step_s", "tokens_per_s", "speedup"]
+    print(format_table(rows, headers))
+
+    if args.checkpoint_mb > 0:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        try:
+            import checkpoint_io
+        except ImportError:
+            print("\n# checkpoint I/O: bench/checkpoint_io.py not found, rows skipped")
+            return
+        print(f"\n# checkpoint I/O ({args.checkpoint_mb} MB, bench/checkpoint_io.py)")
+        print(checkpoint_io.format_table(checkpoint_io.run(args.checkpoint_mb, 1)))
+
+
+if __name__ == "__main__":
+    main()

