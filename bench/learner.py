@@ -5,9 +5,10 @@ to end into micro-batches under a token budget (no padding; see ``flowlane.train
 the naive alternative runs each turn through forward and backward on its own. Both modes here are
 the same ``Learner.step`` on the same synthetic trajectories with the real bundled model
 (SmolLM2-135M-Instruct, float32, full fine-tuning, KL to a reference model), differing only in
-``micro_batch_tokens``: the packed budget vs 1 (every turn alone). Reported per mode: packed
-forward passes per step, tokens per step (prompt + response, what the model computes on), the
-median step time and tokens/s (tokens / step time, forward + backward + reference + optimizer).
+``micro_batch_tokens``: packed budgets (default 1024, the learner's default, and 4096) vs 1
+(every turn alone). Reported per mode: forward passes per step, tokens per step (prompt +
+response, what the model computes on), the median step time and tokens/s (tokens / step time:
+forward, backward, reference forward and optimizer step).
 
 Checkpoint save/load MB/s rows come from ``bench/checkpoint_io.py`` (the checkpoint store on local
 disk vs the S3 endpoint) and are appended when that module is present.
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-turns", type=int, default=3)
     parser.add_argument("--prompt-tokens", type=int, nargs=2, default=(32, 160), metavar=("MIN", "MAX"))
     parser.add_argument("--response-tokens", type=int, nargs=2, default=(16, 64), metavar=("MIN", "MAX"))
-    parser.add_argument("--micro-batch-tokens", type=int, default=2048, help="token budget of the packed mode")
+    parser.add_argument("--micro-batch-tokens", type=int, nargs="+", default=[1024, 4096], help="packed budgets")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     parser.add_argument("--checkpoint-mb", type=int, default=540, help="checkpoint I/O size; 0 skips those rows")
     args = parser.parse_args(argv)
@@ -145,11 +146,9 @@ def main(argv: list[str] | None = None) -> None:
         f"# model: {model_dir.name} (float32, full fine-tuning, KL reference); data: {len(trajectories)} "
         f"trajectories, {turns} planner turns"
     )
-    rows = [
-        bench_mode("packed (learner)", model_dir, trajectories, args.micro_batch_tokens, args.steps),
-        bench_mode("one sample at a time", model_dir, trajectories, 1, args.steps),
-    ]
-    base = rows[1]["tokens_per_s"]
+    rows = [bench_mode("packed", model_dir, trajectories, budget, args.steps) for budget in args.micro_batch_tokens]
+    rows.append(bench_mode("one sample at a time", model_dir, trajectories, 1, args.steps))
+    base = rows[-1]["tokens_per_s"]
     for row in rows:
         row["speedup"] = f"{row['tokens_per_s'] / base:.2f}x"
     headers = ["mode", "micro_batch_tokens", "forward_passes", "tokens_per_step", "step_s", "tokens_per_s", "speedup"]

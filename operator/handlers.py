@@ -205,13 +205,13 @@ class KubeClient:
         return status != 409
 
     async def patch(self, kind: Kind, namespace: str, name: str, patch: Mapping[str, Any],
-                    subresource: str | None = None) -> bool:
-        """JSON-merge-patch an object; False when it does not exist."""
-        status, _ = await self._request(
+                    subresource: str | None = None) -> dict[str, Any] | None:
+        """JSON-merge-patch an object; its new state, or None when it does not exist."""
+        status, data = await self._request(
             "PATCH", kind.path(namespace, name, subresource), data=json.dumps(patch),
             headers={"Content-Type": "application/merge-patch+json"}, ok=(404,),
         )
-        return status != 404
+        return None if status == 404 else (data if isinstance(data, dict) else {})
 
     async def delete(self, kind: Kind, namespace: str, name: str) -> bool:
         """Delete an object (background propagation); False when it was already gone."""
@@ -395,7 +395,9 @@ class Reconciler:
         namespace, name = meta.get("namespace", "default"), meta["name"]
         patch = status_patch(body.get("status"), plan.status)
         if patch:
-            await self.client.patch(kind, namespace, name, {"status": patch}, subresource="status")
+            current = await self.client.patch(kind, namespace, name, {"status": patch}, subresource="status")
+            if current is None or current.get("metadata", {}).get("deletionTimestamp"):
+                return  # deleted meanwhile: creating children now would leave orphans behind
         if plan.status.get("restartCount", 0) > (body.get("status") or {}).get("restartCount", 0):
             self.metrics.group_restarts.inc()
         for event in plan.events:

@@ -39,6 +39,36 @@ def prepare_run_dir(flowrun: Any, run_dir: Path, *, resume: bool, restart: bool)
     return run_dir
 
 
+#: Learner memory per weight byte: policy + reference copy + gradients + two AdamW moments.
+LEARNER_BYTES_PER_WEIGHT_BYTE = 5
+#: Rollout engine memory per weight byte (weights + activations), plus its fixed KV cache.
+ROLLOUT_BYTES_PER_WEIGHT_BYTE = 1.5
+KV_CACHE_BYTES = 1 << 30
+
+
+def check_fits(flowrun: Any, available_bytes: int | None = None) -> None:
+    """Refuse a run whose planner cannot fit this machine's memory, before starting anything."""
+    import psutil
+
+    from flowlane.runtime.errors import ConfigError
+    from flowlane.runtime.models import resolve_model
+
+    spec = flowrun.spec
+    model_dir = resolve_model(spec.model.planner)
+    weight_bytes = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    learner_factor = 2 if spec.model.lora.enabled else LEARNER_BYTES_PER_WEIGHT_BYTE
+    needed = int(weight_bytes * learner_factor
+                 + spec.rollout.replicas * (weight_bytes * ROLLOUT_BYTES_PER_WEIGHT_BYTE + KV_CACHE_BYTES))
+    available = psutil.virtual_memory().available if available_bytes is None else available_bytes
+    if needed > available:
+        raise ConfigError(
+            f"spec.model.planner: {spec.model.planner} ({weight_bytes / 2**30:.1f} GiB of weights) needs about "
+            f"{needed / 2**30:.1f} GiB for the learner and {spec.rollout.replicas} rollout worker(s), but this "
+            f"machine has {available / 2**30:.1f} GiB available; enable spec.model.lora, lower "
+            "spec.rollout.replicas, or use a smaller planner"
+        )
+
+
 async def _status(address: str, token: str) -> Any | None:
     from flowlane.api import learner_pb2, learner_pb2_grpc
     from flowlane.runtime.grpc_common import open_channel
@@ -120,6 +150,7 @@ def run(
     if not config.is_file():
         raise ConfigError(f"{config}: no such FlowRun file")
     flowrun = load_flowrun(config)
+    check_fits(flowrun)
     directory = prepare_run_dir(flowrun, run_dir or DEFAULT_RUNS_DIR / flowrun.name, resume=resume,
                                 restart=restart)
     outcome, status = asyncio.run(drive(flowrun, directory))

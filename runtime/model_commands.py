@@ -46,3 +46,18 @@ def list_command(
     width = max(len(row["name"]) for row in rows) if rows else 0
     for row in rows:
         typer.echo(f"{row['name']:<{width}}  {row['status']:<12}  {row['path']}")
+
+
+@models_app.command("verify")
+def verify_command(
+    name: str = typer.Argument(..., help="Known model name or an imported model directory."),
+    cache_dir: Path | None = typer.Option(
+        None, "--cache-dir", help="Directory that holds imported models (default $FLOWLANE_HOME/models)."
+    ),
+) -> None:
+    """Check every file of an imported model against its manifest's sha256."""
+    from flowlane.runtime.models import KNOWN_MODELS, model_dir_for, verify_model_dir
+
+    path = model_dir_for(name, cache_dir) if name in KNOWN_MODELS else Path(name)
+    verify_model_dir(path)
+    typer.echo(f"ok: {path}")

@@ -569,6 +569,7 @@ _MS_BIND = 0x1000
 _MS_REC = 0x4000
 _MS_PRIVATE = 0x40000
 _PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_PDEATHSIG = 1
 
 _BLOCKED_EVENTS: dict[str, str] = {
     "subprocess.Popen": "starting processes",
@@ -731,6 +732,7 @@ def _enter_mount_namespace(libc: Any, scratch: str, private_tmp: bool) -> None:
 
 def _setup(config: dict[str, Any]) -> bytes:
     """Apply the isolation layers and report them; returns the user code read from stdin."""
+    parent = os.getppid()
     code = sys.stdin.buffer.read()
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
@@ -787,6 +789,11 @@ def _setup(config: dict[str, Any]) -> bytes:
             layers.append(IsolationLayer.UNPRIVILEGED_UID)
         else:
             raise OSError(errno.EPERM, "root privileges could be regained after the uid drop")
+        # Changing the uid clears the parent-death signal: set it now, so the code dies with a
+        # killed sandbox server instead of running on as an orphan.
+        _libc_call(libc, "prctl", _PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(137)  # the server died before the signal was armed
         unreadable = [p for p in sys.path if p and os.path.isdir(p) and not os.access(p, os.R_OK | os.X_OK)]
         if unreadable:
             raise OSError(

@@ -268,6 +268,14 @@ def test_token_ids_outside_the_vocabulary_are_an_error(make_learner) -> None:
         learner.step(trajectories)
 
 
+def test_a_turn_without_prompt_ids_is_an_error(make_learner) -> None:
+    learner = make_learner()
+    trajectories = synthetic_trajectories(7, questions=1, group_size=2, rewards=[[1, 0]])
+    trajectories[1].planner_turns[0].prompt_ids = []
+    with pytest.raises(FlowlaneError, match="no prompt ids"):
+        learner.step(trajectories)
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_stages_give_the_update_of_stage_0(make_learner, stage: int) -> None:
     trajectories = synthetic_trajectories(8, rewards=[[1, 0, 0], [0, 1, 1], [1, 0, 1]])

@@ -118,7 +118,7 @@ def test_resolve_model_missing_path_names_path_and_known_names(tmp_path: Path) -
 
 
 def test_resolve_model_directory_without_config_says_so(tmp_path: Path) -> None:
-    with pytest.raises(ModelNotFoundError, match="has no config.json"):
+    with pytest.raises(ModelNotFoundError, match=r"has no config\.json"):
         resolve_model(str(tmp_path))
 
 
@@ -143,3 +143,11 @@ def test_models_import_command_prints_model_directory(model_dir: Path) -> None:
     result = CliRunner().invoke(models_app, ["import", NAME, "--cache-dir", str(model_dir.parent)])
     assert result.exit_code == 0
     assert result.output.strip() == str(model_dir)
+
+
+def test_models_verify_command_reports_altered_file(model_dir: Path, tmp_path: Path) -> None:
+    copy = linked_copy(model_dir, tmp_path / NAME)
+    (copy / "generation_config.json").write_text("{}")
+    result = CliRunner().invoke(models_app, ["verify", str(copy)])
+    assert isinstance(result.exception, FlowlaneError)
+    assert "generation_config.json does not match its manifest sha256" in str(result.exception)

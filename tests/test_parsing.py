@@ -22,6 +22,7 @@ from flowlane.runtime.agent.prompts import (
     Module,
     call_seed,
     command_fields,
+    executor_messages,
     planner_messages,
     planner_schema,
     render_tool_card,
@@ -299,6 +300,20 @@ def test_planner_examples_are_valid_plans_for_tools_in_the_set_only() -> None:
     (example,) = [m["content"] for m in messages if m["role"] == "assistant"]
     parsed = parse_plan(example, ["search", "calculator"])
     assert (parsed.value.tool_name, parsed.clean) == ("search", True)
+
+
+def test_executor_prompt_names_the_tool_field_and_ends_with_the_sub_goal_and_format() -> None:
+    card = {"name": "python", "description": "Runs code and more words the model would copy."}
+    schema = {"properties": {"code": {"type": "string"}}, "required": ["code"]}
+    messages = executor_messages(
+        "What is 6*7?", card, "Write a program that prints the answer.", schema, sub_goal="Compute 6*7.", context=""
+    )
+    system, user = messages
+    assert system["content"] == "You write one command for the python tool. Write a program that prints the answer."
+    assert user["content"].splitlines() == [
+        "Question: What is 6*7?", "Sub-goal: Compute 6*7.", "", 'Reply with JSON only: {"code": "..."}'
+    ]
+    assert "more words" not in str(messages)
 
 
 def test_command_fields_put_required_first() -> None:

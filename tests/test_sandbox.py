@@ -63,9 +63,11 @@ async def test_exception_is_an_error_whose_traceback_shows_only_the_code() -> No
 
 
 async def test_infinite_loop_is_stopped_by_the_cpu_limit() -> None:
+    # The kind is the check: the wall clock (30 s) would report TIMEOUT. The duration bound is loose
+    # because 1 s of CPU can take many seconds of wall time on a loaded 2-core machine.
     result = await run_python("while True:\n    pass", SandboxLimits(cpu_time_s=1, wall_time_s=30))
     assert result.error_kind is SandboxErrorKind.CPU_LIMIT
-    assert result.duration_s < 10
+    assert result.duration_s < 25
 
 
 async def test_sleeping_code_is_stopped_by_the_wall_clock() -> None:

@@ -209,7 +209,7 @@ async def test_killed_server_gives_a_tool_error_and_a_restarted_one_serves_again
     finally:
         await client.close()
         stop_server(server)
-        kill_all(orphans)  # the sleeping code outlives its server (see the xfail test below)
+        kill_all(orphans)
 
     for result in (killed_mid_run, while_down):
         assert (result.ok, result.error_kind, result.exit_code) == (False, SandboxErrorKind.ERROR, None)
@@ -218,7 +218,6 @@ async def test_killed_server_gives_a_tool_error_and_a_restarted_one_serves_again
     assert after_restart.stdout == "3\n", after_restart
 
 
-@pytest.mark.xfail(strict=True, reason="runtime/sandbox.py does not set PR_SET_PDEATHSIG on the code's process")
 async def test_code_in_flight_dies_with_a_killed_server() -> None:
     server = start_server(max_concurrency=1)
     client = RemoteCodeRunner(server.address, TOKEN)

@@ -107,7 +107,14 @@ class LoraSettings:
 
 @dataclass
 class LearnerConfig:
-    """Everything the learner needs, as plain data. Defaults follow the paper where it says."""
+    """Everything the learner needs, as plain data. Defaults follow the paper where it says.
+
+    Gradient accumulation is by tokens, not by a fixed count: an update's turns are packed into
+    as many micro-batches as ``micro_batch_tokens`` requires and all of their gradients
+    accumulate into one optimizer step (each micro-batch's loss already carries its share of the
+    update's averaging weights, so the result does not depend on the packing).
+    ``mini_batches_per_step`` > 1 splits a step's groups into several such updates (PPO-style).
+    """
 
     model_path: str  # HF-layout model directory (or a name runtime.models.resolve_model knows)
     lr: float = 1e-6  # peak learning rate (paper: 1e-6), > 0
@@ -125,7 +132,11 @@ class LearnerConfig:
     advantage_eps: float = 1e-6  # added to the group std, > 0
     normalize_advantage_std: bool = True  # divide by the group std (False: mean-centred only)
     aggregation: flow_grpo.Aggregation = flow_grpo.Aggregation.PAPER
-    micro_batch_tokens: int = 4096  # packed tokens (prompt + response) per forward pass, >= 1
+    # Packed tokens (prompt + response) per forward pass, >= 1. Packed rows attend with a dense
+    # block-diagonal mask under sdpa, so very long rows pay quadratic attention on masked blocks;
+    # with flash-attention (attn_implementation) the packing is varlen and larger budgets pay off.
+    micro_batch_tokens: int = 1024
+    attn_implementation: str | None = None  # transformers attention backend; None: its default (sdpa)
     mini_batches_per_step: int = 1  # optimizer updates per step(); the groups are split evenly
     max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
     zero_stage: int = 0  # DeepSpeed ZeRO stage, 0-3
@@ -423,11 +434,14 @@ class Learner:
         ensure_distributed()
 
         self.dtype = _resolve_dtype(config.dtype)
-        policy: Any = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=self.dtype)
+        load_options: dict[str, Any] = {"dtype": self.dtype}
+        if config.attn_implementation:
+            load_options["attn_implementation"] = config.attn_implementation
+        policy: Any = AutoModelForCausalLM.from_pretrained(str(self.model_dir), **load_options)
         self.base_identity = _model_identity(policy)
         self.reference: torch.nn.Module | None = None
         if config.kl_beta > 0 and config.lora is None:
-            self.reference = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=self.dtype)
+            self.reference = AutoModelForCausalLM.from_pretrained(str(self.model_dir), **load_options)
             self.reference.requires_grad_(False).eval()
         if config.lora is not None:
             from peft import LoraConfig, get_peft_model
@@ -688,6 +702,11 @@ class Learner:
     def _check_token_ids(self, samples: Sequence[TurnSample]) -> None:
         vocab = int(self.base_identity.get("vocab_size") or 0)
         for s in samples:
+            if not s.prompt_ids:
+                raise FlowlaneError(
+                    "a planner turn has response tokens but no prompt ids; rollouts must record the exact "
+                    "prompt token ids the engine saw"
+                )
             largest = max(max(s.prompt_ids, default=0), max(s.response_ids, default=0))
             if vocab and largest >= vocab:
                 raise FlowlaneError(

@@ -18,7 +18,6 @@ checkpoint of the last completed step before the process exits, so ``--resume`` 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import os
@@ -123,9 +122,13 @@ class LearnerRuntime:
             uri, endpoint=spec.storage.s3_endpoint or os.environ.get("FLOWLANE_S3_ENDPOINT"),
             keep_last=spec.storage.keep_last)
         self.tracker = Tracker(spec.tracking.experiment, run_dir=self.run_dir, tracking_uri=spec.tracking.mlflow_uri)
+
+    def start_tracking(self) -> None:
+        """Open the MLflow run, or continue the one the restored checkpoint was logging to."""
         self.progress.mlflow_run_id = self.tracker.start_run(
-            self.flowrun.name, params=_flatten(self.flowrun.run_config()["spec"]),
+            self.flowrun.name, params=self.flowrun.run_config()["spec"],
             tags={"flowlane.run": self.flowrun.name, "flowlane.algorithm": "flow-grpo"},
+            resume_run_id=self.progress.mlflow_run_id or None,
         ) or ""
 
     def restore(self) -> bool:
@@ -146,6 +149,7 @@ class LearnerRuntime:
         self.progress.step = self.coordinator.learned_step
         self.progress.last_checkpoint = f"{self.store.location}/{ref.name}"
         self.progress.baseline_accuracy = ref.meta.get("baseline_accuracy")
+        self.progress.mlflow_run_id = ref.meta.get("mlflow_run_id") or ""
         self.progress.held_out_accuracy = ref.meta.get("held_out_accuracy")
         # A finished run resumed with more steps goes on training; one with as many is done.
         self.finished = bool(ref.meta.get("finished")) and self.progress.step >= self.total_steps
@@ -246,7 +250,8 @@ class LearnerRuntime:
         meta = {"coordinator": self.coordinator.state_dict(), "run": self.flowrun.name,
                 "model": model_identity(self.learner.model_dir),
                 "baseline_accuracy": self.progress.baseline_accuracy,
-                "held_out_accuracy": self.progress.held_out_accuracy, "finished": final}
+                "held_out_accuracy": self.progress.held_out_accuracy, "finished": final,
+                "mlflow_run_id": self.progress.mlflow_run_id}
 
         def save() -> Any:
             with tempfile.TemporaryDirectory(prefix="flowlane-ckpt-", dir=self.run_dir) as tmp:
@@ -377,6 +382,7 @@ def _rollout_metrics(trajectories: list[Any]) -> dict[str, float]:
     """Per-step agent statistics: turns, tool calls and errors per tool, parse failures, tokens."""
     count = max(len(trajectories), 1)
     out: dict[str, float] = {
+        "rollout/trajectories": float(len(trajectories)),
         "rollout/turns_per_trajectory": sum(len(t.steps) for t in trajectories) / count,
         "rollout/generated_tokens": float(sum(t.generated_tokens for t in trajectories)),
         "rollout/accuracy": sum(1.0 for t in trajectories if (t.reward or 0) > 0.5) / count,
@@ -392,17 +398,6 @@ def _rollout_metrics(trajectories: list[Any]) -> dict[str, float]:
     if versions:
         out["rollout/max_staleness"] = float(max(versions) - min(versions))
     return out
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    if isinstance(data, list):
-        return {prefix[:-1]: json.dumps(data)}
-    return {prefix[:-1]: data}
 
 
 # -- the gRPC adapter ---------------------------------------------------------------------------
@@ -503,6 +498,7 @@ async def serve_learner(flowrun: Any, run_dir: Path, host: str, port: int, resum
     runtime.progress.message = "loading the planner"
     await asyncio.to_thread(runtime.build)
     await asyncio.to_thread(runtime.restore)
+    await asyncio.to_thread(runtime.start_tracking)
     print(f"flowlane learner listening on {host}:{bound}", flush=True)
     try:
         await runtime.train()

@@ -192,14 +192,30 @@ class Tracker:
 
     # -- lifecycle
 
-    def start_run(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> str | None:
-        """Open the experiment (created if missing) and a run; returns the run id, or None offline."""
+    def start_run(
+        self,
+        run_name: str,
+        params: Mapping[str, Any],
+        tags: Mapping[str, str] | None = None,
+        *,
+        resume_run_id: str | None = None,
+    ) -> str | None:
+        """Open the experiment (created if missing) and a run; returns the run id, or None offline.
+
+        ``resume_run_id`` continues that run (a learner restarted from a checkpoint), so one
+        training run stays one MLflow run across restarts; params are not logged again.
+        """
         flat_params = to_params(params)
         all_tags = {"flowlane.flowrun": self.experiment, **(tags or {})}
 
         def start() -> str:
             client = self._connect()
             self.experiment_id = self._experiment_id(client)
+            if resume_run_id:
+                run = client.get_run(resume_run_id)
+                self.run_id = run.info.run_id
+                client.update_run(self.run_id, status="RUNNING")
+                return str(self.run_id)
             run = client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
             self.run_id = run.info.run_id
             self._log_batch(params=flat_params)

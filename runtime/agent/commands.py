@@ -25,7 +25,7 @@ import typer
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from flowlane.runtime.agent.agent import EventKind
+    from flowlane.runtime.agent.agent import AgentConfig, EventKind
     from flowlane.runtime.trajectory import Step, Trajectory
 
 DEFAULT_TOOLS = "python,search,generator"
@@ -119,7 +119,7 @@ async def _run(
     kind: str,
     model: str,
     endpoint: str | None,
-    config: Any,
+    config: AgentConfig,
     seed: int | None,
     show_on: TextIO | None,
 ) -> Trajectory:

@@ -169,11 +169,11 @@ def executor_messages(
     context: str,
 ) -> Messages:
     # No tool description here: small models copy it into the command. The sub-goal comes last.
-    fields = " and ".join(f'"{name}"' for name in command_fields(input_schema))
+    example = json.dumps({name: "..." for name in command_fields(input_schema)})
     lines = [f"Question: {question}"]
     if context.strip():
         lines.append(f"Context: {truncate(context, 600)}")
-    lines += [f"Sub-goal: {sub_goal}", "", f"Reply with JSON with the field {fields}."]
+    lines += [f"Sub-goal: {sub_goal}", "", f"Reply with JSON only: {example}"]
     return _messages(
         f"You write one command for the {card.get('name')} tool. {command_instruction}",
         "\n".join(lines),

@@ -78,6 +78,12 @@ class FlowlaneWorkerExtension:
         return len(tensors)
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 class VLLMEngine(LLMEngine):
     """An in-process vLLM ``AsyncLLM`` behind the ``LLMEngine`` interface.
 
@@ -106,6 +112,11 @@ class VLLMEngine(LLMEngine):
     ) -> None:
         super().__init__()
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        if not _cuda_available():
+            # vLLM torch.compiles a few sampler helpers even in eager mode; on CPU that runs the C++
+            # toolchain at the first request, and concurrent engines sharing the inductor cache
+            # have produced broken kernels. The eager versions are as fast for small batches.
+            os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 

@@ -1,0 +1,244 @@
+"""A FlowRun end to end: real processes, real gRPC, the bundled model on vLLM, real faults.
+
+One short run is driven through ``flowlane run`` while the test kills its components with
+SIGKILL: a rollout worker mid-step, the sandbox, and the learner right after a checkpoint. The
+run must still complete with every step built from exactly one trajectory per unit, the learner
+must resume from its checkpoint, weights must reach the rollout worker, and metrics must reach
+MLflow. A second invocation with ``--resume`` and more steps continues from the last checkpoint.
+The behaviours are asserted in separate tests over the shared runs (starting vLLM and DeepSpeed
+costs a minute per process on two cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
+
+FLOWLANE = [sys.executable, "-m", "flowlane.cli"]
+GROUP_SIZE = 2
+QUESTIONS = 2
+STEPS = 3
+
+
+def flowrun_yaml(name: str, steps: int) -> dict:
+    return {
+        "apiVersion": "flowlane.dev/v1alpha1",
+        "kind": "FlowRun",
+        "metadata": {"name": name},
+        "spec": {
+            "tools": [{"name": "python"}],
+            "tasks": {"dataset": "arithmetic"},
+            "algorithm": {"groupSize": GROUP_SIZE, "batchQuestions": QUESTIONS, "maxTurns": 1,
+                          "maxPlannerTokens": 96, "lr": 1e-4,
+                          # Every step updates the policy, even when a group's rewards are equal.
+                          "skipUniformGroups": False},
+            "schedule": {"steps": steps, "checkpointInterval": 1, "evalInterval": 0, "evalLimit": 2,
+                         "evalMaxTurns": 1},
+            "backoffLimit": 3,
+        },
+    }
+
+
+@dataclass
+class RunRecord:
+    run_dir: Path
+    returncode: int = -1
+    output: str = ""
+    killed: dict[str, int] = field(default_factory=dict)  # component -> pid killed
+
+    def log(self, component: str) -> str:
+        return (self.run_dir / "logs" / f"{component}.log").read_text(errors="replace")
+
+
+def component_pid(run_dir: Path, role: str) -> int | None:
+    config = str((run_dir / "run.yaml").resolve())
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if config in cmd and role in cmd:
+            return int(proc.info["pid"])
+    return None
+
+
+def wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def learner_log_has(run_dir: Path, pattern: str) -> bool:
+    path = run_dir / "logs" / "learner.log"
+    return path.exists() and re.search(pattern, path.read_text(errors="replace")) is not None
+
+
+def start(config: Path, run_dir: Path, *extra: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.Popen([*FLOWLANE, "run", str(config), "--run-dir", str(run_dir), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen[str], record: RunRecord, timeout_s: float) -> None:
+    try:
+        record.output, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGINT)
+        record.output, _ = proc.communicate(timeout=120)
+    record.returncode = proc.returncode
+
+
+@pytest.fixture(scope="module")
+def chaos_run(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[RunRecord]:
+    """A 3-step run whose rollout worker, sandbox and learner are each killed with SIGKILL once."""
+    base = tmp_path_factory.mktemp("flowrun")
+    config = base / "flowrun.yaml"
+    config.write_text(yaml.safe_dump(flowrun_yaml("chaos", STEPS)))
+    record = RunRecord(base / "run")
+    proc = start(config, record.run_dir)
+    try:
+        run_dir = record.run_dir
+        wait_for(lambda: learner_log_has(run_dir, r"step 1/3"), 900, "the first step")
+        for role in ("rollout", "sandbox"):
+            pid = component_pid(run_dir, role)
+            assert pid is not None, f"no {role} process found"
+            os.kill(pid, signal.SIGKILL)
+            record.killed[role] = pid
+        wait_for(lambda: learner_log_has(run_dir, r"checkpoint \S+step-00000002 written"), 900,
+                 "the step-2 checkpoint")
+        pid = component_pid(run_dir, "learner")
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        record.killed["learner"] = pid
+        finish(proc, record, 1200)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    yield record
+
+
+@pytest.fixture(scope="module")
+def resumed_run(chaos_run: RunRecord) -> RunRecord:
+    """The chaos run continued with --resume and one more step."""
+    assert chaos_run.returncode == 0, chaos_run.output[-3000:]
+    config = chaos_run.run_dir.parent / "flowrun-more.yaml"
+    config.write_text(yaml.safe_dump(flowrun_yaml("chaos", STEPS + 1)))
+    record = RunRecord(chaos_run.run_dir)
+    finish(start(config, record.run_dir, "--resume"), record, 900)
+    return record
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    root = run_dir / "checkpoints"
+    return sorted(int(p.name.split("-")[1]) for p in root.glob("step-*") if (p / "MANIFEST.json").is_file())
+
+
+def test_the_run_completes_despite_killed_components(chaos_run: RunRecord) -> None:
+    assert chaos_run.returncode == 0, chaos_run.output[-3000:]
+    assert set(chaos_run.killed) == {"rollout", "sandbox", "learner"}
+    assert f"steps {STEPS}/{STEPS}" in chaos_run.output
+
+
+def test_killed_components_are_restarted(chaos_run: RunRecord) -> None:
+    for component in ("rollout-0", "sandbox-0", "learner"):
+        assert f"{component}: restarting" in chaos_run.output, chaos_run.output[-3000:]
+        assert "--- flowlane: start 2 of" in chaos_run.log(component)
+
+
+def test_the_learner_resumes_from_its_last_checkpoint(chaos_run: RunRecord) -> None:
+    log = chaos_run.log("learner")
+    assert re.search(r"resumed from step-00000002 \(step 2, policy version 2\)", log), log[-3000:]
+    assert "step 3/3" in log
+    assert checkpoint_steps(chaos_run.run_dir)[-1] == STEPS
+
+
+def test_new_weights_reach_the_rollout_worker(chaos_run: RunRecord) -> None:
+    versions = [int(v) for v in re.findall(r"loaded policy version (\d+)", chaos_run.log("rollout-0"))]
+    assert versions and max(versions) >= 2
+
+
+def test_every_step_trains_on_exactly_one_trajectory_per_unit(chaos_run: RunRecord) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{chaos_run.run_dir / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    history = [m for r in runs for m in client.get_metric_history(r.info.run_id, "rollout/trajectories")]
+    by_step = {m.step: m.value for m in history}
+    assert sorted(by_step) == list(range(1, STEPS + 1))
+    assert set(by_step.values()) == {float(GROUP_SIZE * QUESTIONS)}
+
+
+def test_metrics_and_trajectories_reach_mlflow(chaos_run: RunRecord) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{chaos_run.run_dir / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    metrics = {key for r in runs for key in r.data.metrics}
+    assert {"loss", "eval/baseline_accuracy", "time/rollout_s", "time/learn_s"} <= metrics
+    samples = [(r.info.run_id, a.path) for r in runs
+               for a in client.list_artifacts(r.info.run_id, "trajectories") if a.path.endswith(".json")]
+    assert samples
+    run_id, path = samples[0]
+    local = client.download_artifacts(run_id, path, str(chaos_run.run_dir / "artifacts"))
+    trajectories = json.loads(Path(local).read_text())
+    assert trajectories[0]["planner_turns"][0]["response_ids"]
+
+
+def test_resume_continues_from_the_latest_checkpoint(resumed_run: RunRecord) -> None:
+    assert resumed_run.returncode == 0, resumed_run.output[-3000:]
+    log = resumed_run.log("learner")
+    assert "resumed from step-00000003 (step 3, policy version 3)" in log
+    assert checkpoint_steps(resumed_run.run_dir)[-1] == STEPS + 1
+
+
+# -- bad input: nothing is started ----------------------------------------------------------------
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*FLOWLANE, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_an_invalid_flowrun_names_every_bad_field(tmp_path: Path) -> None:
+    bad = flowrun_yaml("bad", 2)
+    bad["spec"]["rollout"] = {"replicas": 0}
+    bad["spec"]["algorithm"]["groupSize"] = 1
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    result = run_cli("run", "bad.yaml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "spec.rollout.replicas" in result.stderr and "spec.algorithm.groupSize" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_dir_with_checkpoints_needs_resume_or_restart(tmp_path: Path) -> None:
+    (tmp_path / "f.yaml").write_text(yaml.safe_dump(flowrun_yaml("again", 2)))
+    (tmp_path / "runs" / "again" / "checkpoints" / "step-00000001").mkdir(parents=True)
+    result = run_cli("run", "f.yaml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--resume" in result.stderr and "--restart" in result.stderr
+
+
+def test_a_model_that_does_not_fit_is_refused_before_anything_starts(tmp_path: Path, model_dir: Path) -> None:
+    from flowlane.api.flowrun import load_flowrun
+    from flowlane.operator.run_command import check_fits
+    from flowlane.runtime.errors import ConfigError
+
+    flowrun = load_flowrun(yaml.safe_dump(flowrun_yaml("big", 2)))
+    with pytest.raises(ConfigError, match=r"spec.model.planner: .* needs about .* GiB .* enable spec.model.lora"):
+        check_fits(flowrun, available_bytes=256 << 20)
+    check_fits(flowrun, available_bytes=64 << 30)
