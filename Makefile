@@ -28,7 +28,9 @@ run: $(STAMP)
 	$(BIN)/flowlane run examples/flowrun.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	# The pytest script, not `python -m pytest`: the latter puts the repository root on sys.path,
+	# where the operator/ folder would shadow the standard library's operator module.
+	$(BIN)/pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

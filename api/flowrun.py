@@ -45,7 +45,7 @@ KIND: Final = "FlowRun"
 PLURAL: Final = "flowruns"
 
 DEFAULT_PLANNER = "smollm2-135m-instruct"
-DEFAULT_TASKS = "math-mini"
+DEFAULT_TASKS = "arithmetic"
 # The longest suffix flowlane appends to a FlowRun's name for a child object ("-sandbox-NN").
 _CHILD_SUFFIXES = ("-learner", "-config", "-grpc-token", "-sandbox-policy")
 KUBERNETES_NAME_MAX = 63
@@ -102,6 +102,7 @@ class RewardKind(enum.StrEnum):
     EXACT = "exact"  # normalised string equality
     NUMERIC = "numeric"  # numbers equal within a tolerance (exact match for non-numbers)
     CHOICE = "choice"  # option letters (A/B/C/D) compared
+    GAME24 = "game24"  # a valid arithmetic expression over the question's four numbers that makes 24
     JUDGE = "judge"  # an LLM judge decides equivalence (needs a judge model)
 
 

@@ -13,8 +13,11 @@ forward, backward, reference forward and optimizer step).
 Checkpoint save/load MB/s rows come from ``bench/checkpoint_io.py`` (the checkpoint store on local
 disk vs the S3 endpoint) and are appended when that module is present.
 
-On a shared 2-core machine the numbers move with the load other processes put on it: compare rows
-of one run. Run ``python bench/learner.py [--steps 2] [--questions 2] [--group-size 4]``.
+On a shared machine wall time moves with the load other processes put on it, so each step's CPU
+time (``time.process_time``, this process only) is reported too and the speedup is computed from
+it; with one torch thread (``--threads 1``) CPU time is the work done, whatever the load.
+
+Run ``python bench/learner.py [--threads 1] [--steps 2] [--questions 2] [--group-size 4]``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import platform
 import random
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,12 +79,18 @@ def bench_mode(
             model_path=str(model_dir), lr=1e-6, dtype="float32", kl_beta=0.001, micro_batch_tokens=micro_batch_tokens
         )
     )
+    runs: list[dict[str, float]] = []
+    cpu_s: list[float] = []
     try:
         learner.step(trajectories)  # warm-up: allocator, optimizer state
-        runs = [learner.step(trajectories) for _ in range(steps)]
+        for _ in range(steps):
+            started = time.process_time()
+            runs.append(learner.step(trajectories))
+            cpu_s.append(time.process_time() - started)
     finally:
         learner.close()
     step_s = statistics.median(r["step_time_s"] for r in runs)
+    step_cpu_s = statistics.median(cpu_s)
     tokens = runs[0]["tokens_processed"]
     return {
         "mode": name,
@@ -89,6 +99,8 @@ def bench_mode(
         "tokens_per_step": int(tokens),
         "step_s": round(step_s, 2),
         "tokens_per_s": round(tokens / step_s, 1),
+        "step_cpu_s": round(step_cpu_s, 2),
+        "tokens_per_cpu_s": round(tokens / step_cpu_s, 1),
     }
 
 
@@ -148,10 +160,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     rows = [bench_mode("packed", model_dir, trajectories, budget, args.steps) for budget in args.micro_batch_tokens]
     rows.append(bench_mode("one sample at a time", model_dir, trajectories, 1, args.steps))
-    base = rows[-1]["tokens_per_s"]
+    base = rows[-1]["tokens_per_cpu_s"]
     for row in rows:
-        row["speedup"] = f"{row['tokens_per_s'] / base:.2f}x"
-    headers = ["mode", "micro_batch_tokens", "forward_passes", "tokens_per_step", "step_s", "tokens_per_s", "speedup"]
+        row["speedup"] = f"{row['tokens_per_cpu_s'] / base:.2f}x"
+    headers = ["mode", "micro_batch_tokens", "forward_passes", "tokens_per_step", "step_s", "tokens_per_s"]
+    headers += ["step_cpu_s", "tokens_per_cpu_s", "speedup"]
     print(format_table(rows, headers))
 
     if args.checkpoint_mb > 0:

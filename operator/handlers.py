@@ -250,24 +250,30 @@ class GrpcProgressSource:
         self.client = client
         self.timeout_s = timeout_s
 
+    async def token(self, run: RunRef) -> str | None:
+        secret = await self.client.get(SECRETS, run.namespace, run.token.secret) or {}
+        if run.token.key in (secret.get("stringData") or {}):  # not yet converted (emulators)
+            return str(secret["stringData"][run.token.key]).strip()
+        encoded = (secret.get("data") or {}).get(run.token.key)
+        return base64.b64decode(encoded).decode().strip() if encoded else None
+
     async def __call__(self, run: RunRef) -> Progress | None:
         try:
             import grpc.aio
 
             from flowlane.api import learner_pb2, learner_pb2_grpc
-        except ImportError:  # stubs not generated in this build
+            from flowlane.runtime.grpc_common import open_channel
+        except ImportError:  # a build without the gRPC stubs: no progress, the run goes on
             return None
-        secret = await self.client.get(SECRETS, run.namespace, run.token.secret)
-        encoded = (secret or {}).get("data", {}).get(run.token.key)
-        if not encoded:
+        token = await self.token(run)
+        if not token:
             return None
-        token = base64.b64decode(encoded).decode().strip()
-        async with grpc.aio.insecure_channel(run.learner_address) as channel:
-            stub = learner_pb2_grpc.LearnerStub(channel)
+        async with open_channel(run.learner_address, token) as channel:
             try:
-                status = await stub.GetStatus(learner_pb2.StatusRequest(), timeout=self.timeout_s,
-                                              metadata=(("authorization", f"Bearer {token}"),))
-            except grpc.aio.AioRpcError:
+                status = await learner_pb2_grpc.LearnerStub(channel).GetStatus(
+                    learner_pb2.StatusRequest(), timeout=self.timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                logger.info("learner %s: GetStatus failed: %s", run.learner_address, exc.code())
                 return None
         return Progress(
             step=status.step, total_steps=status.total_steps or None, policy_version=status.policy_version,
@@ -422,6 +428,13 @@ class Reconciler:
                 if obj.get("metadata", {}).get("labels", {}).get(LABEL_MANAGED_BY) == MANAGED_BY:
                     await self.client.delete(child_kind, namespace, object_name(obj))
 
+    async def cleanup_flowservice(self, namespace: str, name: str) -> None:
+        labels = {LABEL_FLOWSERVICE: name}
+        for child_kind in (DEPLOYMENTS, SERVICES):
+            for obj in await self.client.list(child_kind, namespace, labels):
+                if obj.get("metadata", {}).get("labels", {}).get(LABEL_MANAGED_BY) == MANAGED_BY:
+                    await self.client.delete(child_kind, namespace, object_name(obj))
+
     # -- FlowService ----------------------------------------------------------------------------
 
     async def _reconcile_flowservice(self, namespace: str, name: str) -> None:
@@ -429,13 +442,10 @@ class Reconciler:
         if body is None or body.get("metadata", {}).get("deletionTimestamp"):
             return
         labels = {LABEL_FLOWSERVICE: name}
-        deployments, services, config_maps = await asyncio.gather(
-            self.client.list(DEPLOYMENTS, namespace, labels), self.client.list(SERVICES, namespace, labels),
-            self.client.list(CONFIG_MAPS, namespace, labels),
-        )
+        deployments, services = await asyncio.gather(
+            self.client.list(DEPLOYMENTS, namespace, labels), self.client.list(SERVICES, namespace, labels))
         children = ServiceChildren(deployment=deployments[0] if deployments else None,
-                                   service=services[0] if services else None,
-                                   config_map=config_maps[0] if config_maps else None)
+                                   service=services[0] if services else None)
         spec = _mapping(body.get("spec"))
         ref = _mapping(_mapping(spec.get("model")).get("flowRun"))
         if isinstance(ref.get("name"), str):
@@ -539,6 +549,11 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
                 initial_delay=config.reconcile_interval_s, registry=registry, id="periodic")
     async def flowservice_timer(**kw: Any) -> None:
         await reconciler.poke(FLOWSERVICE_KIND, kw["namespace"], kw["name"])
+
+    if config.explicit_cleanup:
+        @kopf.on.delete(group, version, FLOWSERVICE_PLURAL, registry=registry, id="cleanup")
+        async def flowservice_deleted(**kw: Any) -> None:
+            await reconciler.cleanup_flowservice(kw["namespace"], kw["name"])
 
     @kopf.on.event("apps", "v1", "deployments",
                    labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_FLOWSERVICE: kopf.PRESENT}, registry=registry)

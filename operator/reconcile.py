@@ -466,7 +466,6 @@ def _apply_progress(status: FlowRunStatus, progress: Progress) -> None:
 class ServiceChildren:
     deployment: dict[str, Any] | None = None
     service: dict[str, Any] | None = None
-    config_map: dict[str, Any] | None = None
     flowrun: dict[str, Any] | None = None  # the FlowRun named by spec.model.flowRun, if any
     missing_secrets: list[str] = field(default_factory=list)
 
@@ -551,7 +550,7 @@ def plan_flowservice(body: Mapping[str, Any], children: ServiceChildren, now: da
     env = s3_env(storage.s3_endpoint, storage.credentials_secret) if storage and checkpoint.startswith("s3://") \
         else []
     rendered = render_flowservice(fsvc, checkpoint=checkpoint, storage_env=env, options=options)
-    observed = [o for o in (children.config_map, children.deployment, children.service) if o is not None]
+    observed = [o for o in (children.deployment, children.service) if o is not None]
     _sync_static(rendered.children(), observed, plan)
     new.desired_checkpoint = checkpoint
     if checkpoint != current_checkpoint and current is not None:
@@ -580,6 +579,11 @@ def plan_flowservice(body: Mapping[str, Any], children: ServiceChildren, now: da
     return phase(ServicePhase.PENDING if new.ready_replicas == 0 else ServicePhase.PROGRESSING, message, "Progressing")
 
 
+#: Fields the API server fills in and owns (a Service's cluster IPs): never nulled by an update.
+SERVER_OWNED_FIELDS = frozenset({"clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy", "internalTrafficPolicy",
+                                 "sessionAffinity", "healthCheckNodePort"})
+
+
 def merge_patch(observed: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
     """A JSON merge patch turning ``observed`` into ``desired`` for the fields flowlane renders.
 
@@ -591,7 +595,7 @@ def merge_patch(observed: Mapping[str, Any], desired: Mapping[str, Any]) -> dict
         if not isinstance(old, Mapping) or not isinstance(new, Mapping):
             return new
         out: dict[str, Any] = {k: diff(old.get(k), v) for k, v in new.items() if old.get(k) != v}
-        out.update({k: None for k in old if k not in new})
+        out.update({k: None for k in old if k not in new and k not in SERVER_OWNED_FIELDS})
         return out
 
     patch: dict[str, Any] = {"metadata": {

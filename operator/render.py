@@ -9,8 +9,10 @@ and a lost member leaves the rest inconsistent. The recovery that is always corr
 best training operators use (KubeRay's and Kubeflow's group restarts, LeaderWorkerSet's
 RecreateGroupOnPodRestart): stop the whole group and start it again from the latest checkpoint,
 counting the restart against ``backoffLimit``. StatefulSets and Jobs restart pods one at a time on
-their own and keep no group-wide budget; so the operator owns Pods with ``restartPolicy: Never``
-directly. Their names are deterministic (``<run>-learner``, ``<run>-rollout-0``, ...), which makes
+their own and keep no group-wide budget; so the operator owns learner and rollout Pods with
+``restartPolicy: Never`` directly. Sandboxes are the exception: stateless servers that the kubelet
+restarts in place (``Always``), while the rollout workers see tool errors meanwhile. Names are
+deterministic (``<run>-learner``, ``<run>-rollout-0``, ...), which makes
 every create idempotent, and each pod carries the group *epoch* (the restart count it was created
 for) and a hash of everything it was rendered from, so a stale pod is recognised after an operator
 restart and a spec change rolls exactly the pods it affects.
@@ -23,7 +25,7 @@ no token Secret, a generated one. Everything carries an owner reference to the F
 garbage collector removes it with the run.
 
 A FlowService renders to a Deployment of gateway pods (a rolling update with ``maxUnavailable: 0``
-gives a checkpoint change no downtime), a ClusterIP Service and a ConfigMap.
+gives a checkpoint change no downtime) and a ClusterIP Service in front of them.
 """
 
 from __future__ import annotations
@@ -75,8 +77,10 @@ _YAML_DUMPER: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 CONFIG_VOLUME = "run-config"
 CONFIG_FILE = "run.yaml"
-SERVICE_CONFIG_FILE = "service.yaml"
 SANDBOX_SCRATCH_LIMIT = "256Mi"
+# Local state of a component (default stores, temp files): the pod's scratch volume.
+ENV_RUN_DIR = "FLOWLANE_RUN_DIR"
+POD_RUN_DIR = "/tmp/flowlane-run"
 
 
 @dataclass(frozen=True)
@@ -327,8 +331,9 @@ def _pod(graph: ProcessGraph, component: Component, owner: Owner, flowrun: FlowR
         "name": component.role.value,
         "image": component.resources.image or options.image_for(component.role),
         "imagePullPolicy": options.image_pull_policy,
-        "command": [resolve_text(arg) for arg in component.argv],
-        "env": _env(component.env, component.secret_env, resolve_text),
+        # Servers bind every interface in a pod (the graph's commands default to loopback).
+        "command": [resolve_text(arg) for arg in component.argv] + (["--host", "0.0.0.0"] if component.ports else []),
+        "env": _env({**component.env, ENV_RUN_DIR: POD_RUN_DIR}, component.secret_env, resolve_text),
         "resources": _resources(component.resources, options.gpu_resource_name),
         "volumeMounts": mounts,
         "securityContext": dict(_DROP_ALL, runAsNonRoot=True)
@@ -367,7 +372,7 @@ def _pod(graph: ProcessGraph, component: Component, owner: Owner, flowrun: FlowR
 # -- FlowService -----------------------------------------------------------------------------------
 
 GATEWAY_COMPONENT = "gateway"
-ENV_GATEWAY_TOKEN = "FLOWLANE_GATEWAY_TOKEN"
+ENV_GATEWAY_API_KEY = "FLOWLANE_API_KEY"  # the bearer token runtime/gateway.py requires on /v1/*
 
 
 def gateway_name(service: str) -> str:
@@ -385,40 +390,36 @@ def service_endpoint(fsvc: FlowService) -> str:
 
 @dataclass
 class RenderedService:
-    config_map: dict[str, Any]
     deployment: dict[str, Any]
     service: dict[str, Any]
 
     def children(self) -> list[dict[str, Any]]:
-        return [self.config_map, self.deployment, self.service]
+        return [self.deployment, self.service]
 
 
-def service_config(fsvc: FlowService, checkpoint: str) -> dict[str, Any]:
-    """What the gateway reads: the FlowService spec with the model source resolved to a URI."""
-    spec = fsvc.spec.to_data()
-    spec["model"] = {k: v for k, v in spec["model"].items() if k != "flowRun"} | {"uri": checkpoint}
-    return {"apiVersion": GROUP_VERSION, "kind": FLOWSERVICE_KIND,
-            "metadata": {"name": fsvc.name, "namespace": fsvc.namespace}, "spec": spec}
+def gateway_command(fsvc: FlowService, checkpoint: str) -> list[str]:
+    """``flowlane serve`` for this FlowService (runtime/gateway.py's flags)."""
+    spec = fsvc.spec
+    return ["flowlane", "serve", "--model", checkpoint, "--served-model-name", fsvc.name,
+            "--engine", spec.engine.kind.value, "--tools", ",".join(t.name for t in spec.tools),
+            "--host", "0.0.0.0", "--port", str(spec.port), "--max-turns", str(spec.agent.max_turns),
+            "--max-time-s", f"{spec.agent.timeout_seconds:g}",
+            "--max-concurrent-runs", str(spec.agent.max_concurrent_requests)]
 
 
 def render_flowservice(fsvc: FlowService, *, checkpoint: str, storage_env: Sequence[dict[str, Any]] = (),
                        options: RenderOptions | None = None) -> RenderedService:
-    """Children of ``fsvc`` serving ``checkpoint``; ``storage_env`` carries S3 settings for it."""
+    """Children of ``fsvc`` serving ``checkpoint``; ``storage_env`` carries S3 settings for it.
+
+    The model id clients send is the FlowService's name, so it stays the same across checkpoints.
+    """
     options = options or RenderOptions()
     owner = Owner(FLOWSERVICE_KIND, fsvc.name, fsvc.namespace, fsvc.metadata.uid)
     labels = service_labels(fsvc.name)
     selector = {LABEL_FLOWSERVICE: fsvc.name, LABEL_COMPONENT: GATEWAY_COMPONENT}
-    config_text = _dump_yaml(service_config(fsvc, checkpoint))
-    config_map: dict[str, Any] = {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _meta(f"{fsvc.name}-config", owner, labels),
-        "data": {SERVICE_CONFIG_FILE: config_text},
-    }
-    config_map["metadata"]["annotations"] = {ANNOTATION_HASH: content_hash(config_map["data"])}
     env: list[dict[str, Any]] = [{"name": "FLOWLANE_SERVICE", "value": fsvc.name}, *storage_env]
     if fsvc.spec.auth is not None:
-        env.append({"name": ENV_GATEWAY_TOKEN,
+        env.append({"name": ENV_GATEWAY_API_KEY,
                     "valueFrom": {"secretKeyRef": {"name": fsvc.spec.auth.name, "key": fsvc.spec.auth.key}}})
     for tool in fsvc.spec.tools:
         if tool.credentials_secret is not None:
@@ -429,8 +430,7 @@ def render_flowservice(fsvc: FlowService, *, checkpoint: str, storage_env: Seque
         "name": GATEWAY_COMPONENT,
         "image": fsvc.spec.resources.image or options.gateway_image,
         "imagePullPolicy": options.image_pull_policy,
-        "command": ["flowlane", "serve", "--config", f"/etc/flowlane/{SERVICE_CONFIG_FILE}", "--model", checkpoint,
-                    "--host", "0.0.0.0", "--port", str(port)],
+        "command": gateway_command(fsvc, checkpoint),
         "env": env,
         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
         "resources": _resources(fsvc.spec.resources, options.gpu_resource_name),
@@ -438,11 +438,9 @@ def render_flowservice(fsvc: FlowService, *, checkpoint: str, storage_env: Seque
                            "failureThreshold": 3},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 20,
                           "failureThreshold": 3, "initialDelaySeconds": 30},
-        "volumeMounts": [{"name": CONFIG_VOLUME, "mountPath": "/etc/flowlane", "readOnly": True},
-                         {"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
         "securityContext": dict(_DROP_ALL, runAsNonRoot=True),
     }
-    template_annotations = {ANNOTATION_CHECKPOINT: checkpoint, ANNOTATION_HASH: content_hash(config_text)}
     deployment: dict[str, Any] = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -454,14 +452,13 @@ def render_flowservice(fsvc: FlowService, *, checkpoint: str, storage_env: Seque
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "revisionHistoryLimit": 3,
             "template": {
-                "metadata": {"labels": labels, "annotations": template_annotations},
+                "metadata": {"labels": labels, "annotations": {ANNOTATION_CHECKPOINT: checkpoint}},
                 "spec": {
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
                     "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
                     "containers": [container],
-                    "volumes": [{"name": CONFIG_VOLUME, "configMap": {"name": f"{fsvc.name}-config"}},
-                                {"name": "tmp", "emptyDir": {}}],
+                    "volumes": [{"name": "tmp", "emptyDir": {}}],
                     **_scheduling(fsvc.spec.resources),
                 },
             },
@@ -480,7 +477,7 @@ def render_flowservice(fsvc: FlowService, *, checkpoint: str, storage_env: Seque
         },
     }
     service["metadata"]["annotations"] = {ANNOTATION_HASH: content_hash(service["spec"])}
-    return RenderedService(config_map=config_map, deployment=deployment, service=service)
+    return RenderedService(deployment=deployment, service=service)
 
 
 def s3_env(endpoint: str | None, secret: Any) -> list[dict[str, Any]]:

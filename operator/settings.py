@@ -124,6 +124,9 @@ def kopf_settings(config: OperatorConfig) -> kopf.OperatorSettings:
     )
     # Only explicit kopf.event() calls become Kubernetes events, not every log line.
     settings.posting.loggers = False
+    # A deletion waits for the resource's timer to exit; when the timer is mid-reconcile (or is the
+    # one deleting the resource, for ttlSecondsAfterFinished) kopf re-checks after this long.
+    settings.background.cancellation_polling = 1.0
     settings.peering.standalone = config.standalone
     settings.scanning.disabled = not config.scanning
     settings.watching.server_timeout = 300

@@ -21,7 +21,9 @@ Design points:
   that request and the server keeps serving the next one.
 - **Operations.** ``/healthz`` answers as soon as the process serves HTTP; ``/readyz`` only once
   the engine is loaded (``flowlane serve`` binds the port first and loads the model in the
-  background, so a Kubernetes probe can tell "starting" from "dead"); ``/metrics`` is Prometheus
+  background, so a Kubernetes probe can tell "starting" from "dead"), and no longer once the
+  engine has died (vLLM's core process gone: every later request would fail, so the pod should be
+  taken out of the Service and restarted); ``/metrics`` is Prometheus
   (``gateway_metrics``). Optional bearer-token auth guards ``/v1/*``; probes and metrics stay open
   to the cluster.
 
@@ -173,6 +175,7 @@ class Gateway:
             source = factory
         source(self._agent_config(turns=1, time_s=1.0, temperature=None))
         self._factory = source
+        self.engine_error = None
 
     # ------------------------------------------------------------------------------- the app
 

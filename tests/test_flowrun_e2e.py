@@ -28,7 +28,8 @@ import yaml
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
-FLOWLANE = [sys.executable, "-m", "flowlane.cli"]
+# The console script, as users run it (`python -m` would put the cwd, the repo root, on sys.path).
+FLOWLANE = [str(Path(sys.executable).parent / "flowlane")]
 GROUP_SIZE = 2
 QUESTIONS = 2
 STEPS = 3

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import kmock
+import kopf
 import yaml
 from fixtures_kube import (
     CONFIG_MAPS,
@@ -337,6 +338,38 @@ def _get_json(httpx: Any, url: str) -> Any:
         return None
 
 
+async def test_grpc_progress_source_reads_the_learners_status_rpc(kube: KubeApi, kmock_server: KMockServer) -> None:
+    from flowlane.api import learner_pb2, learner_pb2_grpc
+    from flowlane.operator.graph import SecretEnv
+    from flowlane.operator.handlers import GrpcProgressSource, KubeClient
+    from flowlane.operator.reconcile import RunRef
+    from flowlane.runtime.grpc_common import bind_port, create_server
+
+    class Learner(learner_pb2_grpc.LearnerServicer):
+        async def GetStatus(self, request: Any, context: Any) -> Any:
+            return learner_pb2.LearnerStatus(step=12, policy_version=12, reward_mean=0.75, held_out_accuracy=0.4,
+                                             last_checkpoint="s3://b/step-10", mlflow_run_id="run-1",
+                                             phase="Running", total_steps=40)
+
+    for name, token in (("tok", b"s3cret"), ("wrong", b"guess")):
+        kube.create(SECRETS, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
+                              "data": {"token": base64.b64encode(token).decode()}})
+    server = create_server("s3cret")
+    learner_pb2_grpc.add_LearnerServicer_to_server(Learner(), server)
+    address = f"127.0.0.1:{bind_port(server, '127.0.0.1', 0)}"
+    await server.start()
+    client = KubeClient(kopf.ConnectionInfo(server=kmock_server.url, insecure=True))
+    try:
+        source = GrpcProgressSource(client)
+        assert await source(RunRef(kube.namespace, "demo", address, SecretEnv("tok", "token"))) == Progress(
+            step=12, total_steps=40, policy_version=12, reward=0.75, held_out_accuracy=0.4,
+            last_checkpoint="s3://b/step-10", mlflow_run_id="run-1", finished=False)
+        assert await source(RunRef(kube.namespace, "demo", address, SecretEnv("wrong", "token"))) is None
+    finally:
+        await client.close()
+        await server.stop(None)
+
+
 # -- FlowService against KMock ----------------------------------------------------------------------
 
 
@@ -391,6 +424,26 @@ def test_flowservice_serves_the_latest_checkpoint_and_rolls_to_a_new_one(
     play_deployment_controller(kube, "agent-gateway", 2)
     wait_until(lambda: service_status(kube).get("servedCheckpoint") == "s3://ckpt/demo/step-20",
                what="the new checkpoint served")
+
+
+def test_deleting_a_flowservice_removes_its_children(kube: KubeApi, start_operator: Any) -> None:
+    start_operator()
+    kube.create(FLOWSERVICES, flowservice(model={"uri": "s3://models/planner"}))
+    wait_until(lambda: kube.get(DEPLOYMENTS, "agent-gateway"), what="the gateway Deployment")
+    kube.delete(FLOWSERVICES, "agent")
+    wait_until(lambda: kube.get(FLOWSERVICES, "agent") is None, what="the FlowService gone")
+    for kind in (DEPLOYMENTS, SERVICES):
+        assert kube.names(kind) == [], kind
+
+
+def test_update_never_nulls_fields_the_api_server_owns() -> None:
+    from flowlane.operator.reconcile import merge_patch
+
+    observed = {"metadata": {"name": "s"}, "spec": {"clusterIP": "10.0.0.7", "clusterIPs": ["10.0.0.7"],
+                                                   "selector": {"a": "b"}, "ports": [], "extra": 1}}
+    desired = {"metadata": {"name": "s", "labels": {"x": "y"}}, "spec": {"selector": {"a": "c"}, "ports": []}}
+    assert merge_patch(observed, desired) == {"metadata": {"labels": {"x": "y"}, "annotations": {}},
+                                              "spec": {"selector": {"a": "c"}, "extra": None}}
 
 
 def test_flowservice_waits_for_a_checkpoint(kube: KubeApi, start_operator: Any) -> None:

@@ -148,10 +148,14 @@ def test_pods_reach_each_other_through_headless_services() -> None:
     assert services["demo-learner"]["spec"]["clusterIP"] == "None"
     assert services["demo-learner"]["spec"]["selector"] == {
         "flowlane.dev/flowrun": "demo", "flowlane.dev/component": "learner"}
-    rollout = by_name(rendered.pods)["demo-rollout-1"]
-    assert rollout["spec"]["containers"][0]["command"] == [
+    pods = by_name(rendered.pods)
+    assert pods["demo-rollout-1"]["spec"]["containers"][0]["command"] == [
         "flowlane", "rollout", "--config", POD_CONFIG_PATH, "--learner", "demo-learner.ml.svc:50051",
         "--sandbox", "demo-sandbox-0.ml.svc:50052", "--sandbox", "demo-sandbox-1.ml.svc:50052"]
+    # servers listen on every interface of their pod, not on the graph's loopback default
+    assert pods["demo-learner"]["spec"]["containers"][0]["command"] == [
+        "flowlane", "learner", "--config", POD_CONFIG_PATH, "--port", "50051", "--host", "0.0.0.0"]
+    assert pods["demo-sandbox-1"]["spec"]["containers"][0]["command"][-4:] == ["--port", "50052", "--host", "0.0.0.0"]
 
 
 def test_secrets_reach_pods_only_as_secret_key_refs() -> None:
@@ -230,9 +234,10 @@ def test_flowservice_deployment_rolls_without_downtime_to_the_checkpoint() -> No
                                          "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
     template = second["spec"]["template"]
     assert template["metadata"]["annotations"][ANNOTATION_CHECKPOINT] == "s3://b/step-20"
-    assert "--model" in template["spec"]["containers"][0]["command"]
-    assert template["spec"]["containers"][0]["command"][-5:] == ["s3://b/step-20", "--host", "0.0.0.0",
-                                                                  "--port", "8000"]
+    assert template["spec"]["containers"][0]["command"] == [
+        "flowlane", "serve", "--model", "s3://b/step-20", "--served-model-name", "math-agent", "--engine", "vllm",
+        "--tools", "python,generator", "--host", "0.0.0.0", "--port", "8000", "--max-turns", "10",
+        "--max-time-s", "120", "--max-concurrent-runs", "16"]
     assert first["metadata"]["annotations"][ANNOTATION_HASH] != second["metadata"]["annotations"][ANNOTATION_HASH]
     env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
-    assert env["FLOWLANE_GATEWAY_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "agent-api", "key": "token"}}
+    assert env["FLOWLANE_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "agent-api", "key": "token"}}

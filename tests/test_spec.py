@@ -27,7 +27,7 @@ def test_minimal_flowrun_gets_the_default_two_core_run() -> None:
     spec = run.spec
     assert spec.model.planner == "smollm2-135m-instruct"
     assert [t.name for t in spec.tools] == ["python", "generator"]
-    assert spec.tasks.dataset == "math-mini"
+    assert spec.tasks.dataset == "arithmetic"
     assert (spec.algorithm.group_size, spec.algorithm.batch_questions) == (4, 4)
     assert spec.algorithm.kl_estimator is KlEstimator.K3
     assert spec.algorithm.advantage_mode is AdvantageMode.TRAJECTORY

@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import gc
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -306,15 +307,13 @@ def prepare_batch(
     n_updates = max(1, min(mini_batches, len(keep)))
     chunks = [keep[i * len(keep) // n_updates : (i + 1) * len(keep) // n_updates] for i in range(n_updates)]
     kept_advantages: list[float] = []
-    offsets = torch.cumsum(torch.bincount(group_index, minlength=len(ordered)), 0) - torch.bincount(
-        group_index, minlength=len(ordered)
-    )
+    starts = list(itertools.accumulate((len(group) for group in ordered), initial=0))  # group -> first in flat
     for chunk in chunks:
         samples: list[TurnSample] = []
         trajectory_in_update = 0
         for g in chunk:
             for k, trajectory in enumerate(ordered[g]):
-                advantage = float(advantages[int(offsets[g]) + k].item())
+                advantage = float(advantages[starts[g] + k].item())
                 kept_advantages.append(advantage)
                 trained = [turn for turn in trajectory.planner_turns if turn.response_ids]
                 for turn in trained:

@@ -76,7 +76,6 @@ class LearnerRuntime:
     """The training loop and the state the gRPC service exposes."""
 
     def __init__(self, flowrun: Any, run_dir: Path, *, resume: bool = True) -> None:
-        from flowlane.runtime.tasks import load_tasks
         from flowlane.trainer.coordinator import StepCoordinator
 
         self.flowrun = flowrun
@@ -85,12 +84,12 @@ class LearnerRuntime:
         self.resume = resume
         self.progress = Progress()
         self.total_steps = spec.schedule.steps
-        train = load_tasks(spec.tasks.dataset, spec.tasks.split)
+        train = _load_tasks(spec.tasks.dataset, spec.tasks.split, spec.tasks.reward.value)
         if spec.tasks.limit:
             train = train[: spec.tasks.limit]
         self.train_tasks = train
         eval_set = spec.schedule.eval_tasks or spec.tasks.dataset
-        held_out = load_tasks(eval_set, spec.schedule.eval_split)
+        held_out = _load_tasks(eval_set, spec.schedule.eval_split, spec.tasks.reward.value)
         self.eval_tasks = held_out[: spec.schedule.eval_limit] if spec.schedule.eval_limit else held_out
         self.coordinator: StepCoordinator[Any] = StepCoordinator(
             train, questions_per_step=spec.algorithm.batch_questions, group_size=spec.algorithm.group_size,
@@ -350,6 +349,18 @@ class LearnerRuntime:
         return outcome.value
 
 
+def _load_tasks(dataset: str, split: str, reward: str) -> list[Any]:
+    """Bundled sets score each task with its own reward; user data with the spec's ``tasks.reward``."""
+    import dataclasses
+
+    from flowlane.runtime.tasks import bundled_task_sets, load_tasks
+
+    tasks = load_tasks(dataset, split)
+    if dataset in bundled_task_sets():
+        return tasks
+    return [dataclasses.replace(task, reward=reward) for task in tasks]
+
+
 def learner_config(spec: Any) -> Any:
     """The learner's plain-data config from a FlowRun spec (the one place the two meet)."""
     from flowlane.trainer.learner import LearnerConfig, LoraSettings
@@ -405,7 +416,11 @@ def _rollout_metrics(trajectories: list[Any]) -> dict[str, float]:
 
 def make_servicer(runtime: LearnerRuntime) -> Any:
     from flowlane.api import learner_pb2, learner_pb2_grpc
-    from flowlane.runtime.grpc_common import iter_weight_chunks, trajectory_from_record
+    from flowlane.runtime.grpc_common import (
+        DEFAULT_WEIGHT_CHUNK_BYTES,
+        iter_weight_chunks,
+        trajectory_from_record,
+    )
 
     class LearnerServicer(learner_pb2_grpc.LearnerServicer):
         async def GetTasks(self, request: Any, context: Any) -> Any:
@@ -447,7 +462,8 @@ def make_servicer(runtime: LearnerRuntime) -> Any:
                 async with runtime.version_changed:
                     await runtime.version_changed.wait()
             version, tensors = runtime.weights_cache
-            for chunk in iter_weight_chunks(tensors, version, request.chunk_bytes or None):
+            chunk_bytes = min(request.chunk_bytes or DEFAULT_WEIGHT_CHUNK_BYTES, DEFAULT_WEIGHT_CHUNK_BYTES)
+            for chunk in iter_weight_chunks(tensors, version, chunk_bytes):
                 yield chunk
 
         async def WatchVersion(self, request: Any, context: Any) -> AsyncIterator[Any]:
