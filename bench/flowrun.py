@@ -106,6 +106,9 @@ def run_flowrun(label: str, config: Path, run_dir: Path, timeout_s: float) -> Fl
     wall = time.monotonic() - started
     result = FlowRunResult(label, run_dir, proc.returncode, wall, output)
     result.metrics = read_mlflow_metrics(run_dir, config)
+    if not result.metrics:
+        print(f"[{label}] no metrics in the run's MLflow store (see {run_dir}/mlflow-offline.jsonl if the "
+              "tracker fell back to it; pass --keep to keep run directories)", flush=True)
     result.worker_syncs = read_worker_syncs(run_dir)
     tail = [line for line in output.splitlines() if line.strip()][-6:]
     print(f"[{label}] exit {proc.returncode} after {wall:.0f} s; " + " | ".join(s.strip() for s in tail), flush=True)
@@ -187,8 +190,31 @@ def tiny_flowrun(name: str, steps: int, max_staleness: int, group_size: int, que
 # --- parts -------------------------------------------------------------------------------------
 
 
+def check_runnable(config: Path) -> str | None:
+    """Why ``config`` cannot run (an invalid file, a task set that does not load), or None.
+
+    Checked here because ``flowlane run`` would only find out inside the learner process, after
+    starting every component and retrying it ``backoffLimit`` times.
+    """
+    from flowlane.api.flowrun import load_flowrun
+    from flowlane.runtime.errors import FlowlaneError
+    from flowlane.runtime.tasks import load_tasks
+
+    try:
+        spec = load_flowrun(config).spec
+        load_tasks(spec.tasks.dataset, spec.tasks.split)
+        load_tasks(spec.schedule.eval_tasks or spec.tasks.dataset, spec.schedule.eval_split)
+    except FlowlaneError as err:
+        return str(err)
+    return None
+
+
 def part_learning(args: argparse.Namespace, workdir: Path) -> list[FlowRunResult]:
     config = Path(args.config).resolve()
+    problem = check_runnable(config)
+    if problem is not None:
+        print(f"\n### Learning result ({config.name})\n\nnot run: {config}: {problem}")
+        return []
     result = run_flowrun("learning", config, workdir / "learning", args.learning_timeout_s)
     base, final = result.last("eval/baseline_accuracy"), result.last("eval/accuracy")
     gain = None if base is None or final is None else 100 * (final - base)
@@ -270,7 +296,8 @@ def _send_raw(model_dir: str, port: int) -> None:
     tensors = {}
     for path in sorted(Path(model_dir).glob("*.safetensors")):
         tensors.update(load_file(str(path)))
-    views = [memoryview(t.float().contiguous().reshape(-1).view(torch.uint8).numpy()) for t in tensors.values()]
+    views = [memoryview(t.float().contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
+             for t in tensors.values()]
     with socket.create_connection(("127.0.0.1", port)) as conn:
         conn.sendall(sum(len(v) for v in views).to_bytes(8, "little"))
         for view in views:
@@ -339,7 +366,7 @@ def part_sync(args: argparse.Namespace) -> list[dict[str, Any]]:
          "median s": statistics.median(raw_times), "MB/s (median)": raw_bytes / 1e6 / statistics.median(raw_times),
          "MB/s (best)": raw_bytes / 1e6 / min(raw_times)},
     ]
-    ratio = rows[0]["MB/s (median)"] / rows[1]["MB/s (median)"]
+    ratio = statistics.median(raw_times) / statistics.median(grpc_times) * nbytes / max(raw_bytes, 1)
     print(f"\n### Weight-sync throughput ({Path(model_dir).name}, float32; {args.sync_repeats} timed pulls each "
           "after one warm-up; server and client in separate processes)\n")
     print(common.markdown_table(rows, ["transport", "MB", "tensors", "median s", "MB/s (median)", "MB/s (best)"],

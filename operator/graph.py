@@ -131,19 +131,6 @@ class ProcessGraph:
     def by_role(self, role: Role) -> list[Component]:
         return [c for c in self.components if c.role is role]
 
-    def start_order(self) -> list[list[str]]:
-        """Component names in groups; each group depends only on earlier ones."""
-        placed: set[str] = set()
-        levels: list[list[str]] = []
-        remaining = [c.name for c in self.components]
-        while remaining:
-            level = [n for n in remaining if set(self.component(n).depends_on) <= placed]
-            if not level:
-                raise ValueError(f"dependency cycle among {remaining}")
-            levels.append(level)
-            placed.update(level)
-            remaining = [n for n in remaining if n not in placed]
-        return levels
 
 
 def address(component: str, port: str) -> str:

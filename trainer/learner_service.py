@@ -180,8 +180,9 @@ class LearnerRuntime:
             learn_s = time.monotonic() - started
             self.coordinator.policy_version = self.learner.policy_version
             sync_started = time.monotonic()
-            await self._publish_weights()
+            await self._publish_weights()  # before the next step opens: workers must see the new version
             publish_s = time.monotonic() - sync_started
+            self.coordinator.mark_updated()
             step = index + 1
             rewards = [t.reward or 0.0 for t in trajectories]
             self.progress.step = step

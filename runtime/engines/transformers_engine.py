@@ -120,10 +120,18 @@ class TransformersEngine(LLMEngine):
         max_batch_size: int = 32,
         batch_window_ms: float = 10.0,
         device: str = "cpu",
+        num_threads: int | None = None,
     ) -> None:
         super().__init__()
         if max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if num_threads is not None:
+            if num_threads < 1:
+                raise ConfigError(f"num_threads must be >= 1, got {num_threads}")
+            # Process-wide. vLLM-CPU computes on all cores but one (kept for its serving loop);
+            # num_threads=cores-1 gives this baseline the same compute. More OpenMP threads than
+            # free cores is far worse than fewer: spinning threads wait on descheduled ones.
+            torch.set_num_threads(num_threads)
         self.model_dir = Path(model_dir)
         torch_dtype = getattr(torch, dtype, None)
         if not isinstance(torch_dtype, torch.dtype):
