@@ -1,14 +1,14 @@
-"""Learner throughput: the packed Flow-GRPO step vs one sample at a time, on the same data.
+"""Learner throughput: the batched Flow-GRPO step vs one turn at a time, on the same data.
 
-A Flow-GRPO update trains on many planner turns of different lengths. The learner packs them end
-to end into micro-batches under a token budget (no padding; see ``flowlane.trainer.batching``);
-the naive alternative runs each turn through forward and backward on its own. Both modes here are
-the same ``Learner.step`` on the same synthetic trajectories with the real bundled model
-(SmolLM2-135M-Instruct, float32, full fine-tuning, KL to a reference model), differing only in
-``micro_batch_tokens``: packed budgets (default 1024, the learner's default, and 4096) vs 1
-(every turn alone). Reported per mode: forward passes per step, tokens per step (prompt +
-response, what the model computes on), the median step time and tokens/s (tokens / step time:
-forward, backward, reference forward and optimizer step).
+A Flow-GRPO update trains on many planner turns of different lengths. The learner lays them out in
+micro-batches under a token budget, as length-sorted padded rows (the default) or packed end to
+end in one row (see ``flowlane.trainer.batching``); the naive alternative runs each turn through
+forward and backward on its own. All modes here are the same ``Learner.step`` on the same
+synthetic trajectories with the real bundled model (SmolLM2-135M-Instruct, float32, full
+fine-tuning, KL to a reference model), differing only in the layout and ``micro_batch_tokens``
+(1 puts every turn alone). Reported per mode: forward passes per step, padding share, tokens per
+step (prompt + response), the median step time and tokens/s (tokens / step time: forward,
+backward, reference forward and optimizer step).
 
 Checkpoint save/load MB/s rows come from ``bench/checkpoint_io.py`` (the checkpoint store on local
 disk vs the S3 endpoint) and are appended when that module is present.
@@ -37,6 +37,7 @@ import torch
 
 from flowlane.runtime.models import resolve_model
 from flowlane.runtime.trajectory import PlannerTurn, Trajectory
+from flowlane.trainer.batching import BatchLayout
 from flowlane.trainer.learner import Learner, LearnerConfig
 
 
@@ -72,13 +73,17 @@ def synthetic_trajectories(
 
 
 def bench_mode(
-    name: str, model_dir: Path, trajectories: list[Trajectory], micro_batch_tokens: int, steps: int
+    layout: BatchLayout, model_dir: Path, trajectories: list[Trajectory], micro_batch_tokens: int, steps: int
 ) -> dict[str, Any]:
-    learner = Learner(
-        LearnerConfig(
-            model_path=str(model_dir), lr=1e-6, dtype="float32", kl_beta=0.001, micro_batch_tokens=micro_batch_tokens
-        )
+    config = LearnerConfig(
+        model_path=str(model_dir),
+        lr=1e-6,
+        dtype="float32",
+        kl_beta=0.001,
+        micro_batch_tokens=micro_batch_tokens,
+        batch_layout=layout,
     )
+    learner = Learner(config)
     runs: list[dict[str, float]] = []
     cpu_s: list[float] = []
     try:
@@ -93,9 +98,10 @@ def bench_mode(
     step_cpu_s = statistics.median(cpu_s)
     tokens = runs[0]["tokens_processed"]
     return {
-        "mode": name,
+        "mode": "one turn at a time" if micro_batch_tokens == 1 else f"{layout.value} micro-batches",
         "micro_batch_tokens": micro_batch_tokens,
         "forward_passes": int(runs[0]["micro_batches"]),
+        "padding": f"{100 * runs[0]['padding_frac']:.1f}%",
         "tokens_per_step": int(tokens),
         "step_s": round(step_s, 2),
         "tokens_per_s": round(tokens / step_s, 1),
@@ -136,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-turns", type=int, default=3)
     parser.add_argument("--prompt-tokens", type=int, nargs=2, default=(32, 160), metavar=("MIN", "MAX"))
     parser.add_argument("--response-tokens", type=int, nargs=2, default=(16, 64), metavar=("MIN", "MAX"))
-    parser.add_argument("--micro-batch-tokens", type=int, nargs="+", default=[1024, 4096], help="packed budgets")
+    parser.add_argument("--micro-batch-tokens", type=int, default=2048, help="token budget of the batched modes")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     parser.add_argument("--checkpoint-mb", type=int, default=540, help="checkpoint I/O size; 0 skips those rows")
     args = parser.parse_args(argv)
@@ -158,12 +164,12 @@ def main(argv: list[str] | None = None) -> None:
         f"# model: {model_dir.name} (float32, full fine-tuning, KL reference); data: {len(trajectories)} "
         f"trajectories, {turns} planner turns"
     )
-    rows = [bench_mode("packed", model_dir, trajectories, budget, args.steps) for budget in args.micro_batch_tokens]
-    rows.append(bench_mode("one sample at a time", model_dir, trajectories, 1, args.steps))
+    rows = [bench_mode(layout, model_dir, trajectories, args.micro_batch_tokens, args.steps) for layout in BatchLayout]
+    rows.append(bench_mode(BatchLayout.PADDED, model_dir, trajectories, 1, args.steps))
     base = rows[-1]["tokens_per_cpu_s"]
     for row in rows:
         row["speedup"] = f"{row['tokens_per_cpu_s'] / base:.2f}x"
-    headers = ["mode", "micro_batch_tokens", "forward_passes", "tokens_per_step", "step_s", "tokens_per_s"]
+    headers = ["mode", "micro_batch_tokens", "forward_passes", "padding", "tokens_per_step", "step_s", "tokens_per_s"]
     headers += ["step_cpu_s", "tokens_per_cpu_s", "speedup"]
     print(format_table(rows, headers))
 

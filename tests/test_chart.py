@@ -200,6 +200,7 @@ def test_operator_args_are_accepted_by_flowlane_operator_run(
     rendered: dict[str, list[dict[str, Any]]], values: str
 ) -> None:
     import typer.main
+
     from flowlane.operator.commands import operator_app
 
     container = _operator_container(rendered[values])

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from flowlane.runtime.errors import ConfigError
 from flowlane.trainer.checkpoint import (
     MANIFEST_NAME,

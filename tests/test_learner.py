@@ -18,7 +18,7 @@ from learner_helpers import TINY_VOCAB, make_tiny_model_dir, synthetic_trajector
 
 from flowlane.runtime.errors import ConfigError, FlowlaneError
 from flowlane.runtime.trajectory import PlannerTurn, Trajectory
-from flowlane.trainer.batching import pack_sequences, plan_micro_batches
+from flowlane.trainer.batching import BatchLayout, pack_sequences, pad_sequences, plan_micro_batches
 from flowlane.trainer.flow_grpo import AdvantageMode, Aggregation
 from flowlane.trainer.learner import (
     Learner,
@@ -81,27 +81,55 @@ def weights(learner: Learner) -> dict[str, torch.Tensor]:
 # --- pure pieces -----------------------------------------------------------------------------------
 
 
-def test_micro_batches_stay_within_the_token_budget_and_cover_every_sequence() -> None:
+@pytest.mark.parametrize("layout", list(BatchLayout))
+def test_micro_batches_stay_within_the_token_budget_and_cover_every_sequence(layout: BatchLayout) -> None:
     lengths = [7, 3, 9, 2, 5, 5, 1, 8]
-    plan = plan_micro_batches(lengths, token_budget=10)
+    plan = plan_micro_batches(lengths, 10, layout)
     assert sorted(i for batch in plan for i in batch) == list(range(len(lengths)))
-    assert all(sum(lengths[i] for i in batch) <= 10 for batch in plan)
-    # first-fit decreasing: 9+1, 8+2, 7+3, 5+5
-    assert plan == [[2, 6], [7, 3], [0, 1], [4, 5]]
+    if layout == BatchLayout.PACKED:  # total length
+        assert all(sum(lengths[i] for i in batch) <= 10 for batch in plan)
+    else:  # rows * longest row, i.e. counting the padding
+        assert all(len(batch) * max(lengths[i] for i in batch) <= 10 for batch in plan)
 
 
-def test_a_sequence_longer_than_the_budget_gets_its_own_micro_batch() -> None:
-    assert plan_micro_batches([12, 3, 4], token_budget=10) == [[0], [2, 1]]
+def test_packed_plan_is_first_fit_decreasing() -> None:
+    # 9+1, 8+2, 7+3, 5+5
+    assert plan_micro_batches([7, 3, 9, 2, 5, 5, 1, 8], 10, BatchLayout.PACKED) == [[2, 6], [7, 3], [0, 1], [4, 5]]
+
+
+def test_padded_plan_groups_similar_lengths_longest_first() -> None:
+    # sorted: 9, 8, 7, 5, 5, 3, 2, 1 -> [9], [8], [7], [5, 5], [3, 2, 1] (3 rows * 3 <= 10)
+    assert plan_micro_batches([7, 3, 9, 2, 5, 5, 1, 8], 10, BatchLayout.PADDED) == [[2], [7], [0], [4, 5], [1, 3, 6]]
+
+
+@pytest.mark.parametrize("layout", list(BatchLayout))
+def test_a_sequence_longer_than_the_budget_gets_its_own_micro_batch(layout: BatchLayout) -> None:
+    assert plan_micro_batches([12, 3, 4], 10, layout)[0] == [0]
 
 
 def test_packing_restarts_positions_and_scores_response_tokens_from_the_previous_position() -> None:
-    packed = pack_sequences([([10, 11], [12, 13]), ([20], [21])])
-    assert packed.input_ids.tolist() == [[10, 11, 12, 13, 20, 21]]
-    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 0, 1]]
+    batch = pack_sequences([([10, 11], [12, 13]), ([20], [21])])
+    assert batch.input_ids.tolist() == [[10, 11, 12, 13, 20, 21]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 0, 1]]
+    assert batch.attention_mask is None
     # token 12 is predicted at position 1 (after 11), 13 at 2, 21 at 4 (after 20)
-    assert packed.logit_positions.tolist() == [1, 2, 4]
-    assert packed.target_ids.tolist() == [12, 13, 21]
-    assert packed.token_sequence.tolist() == [0, 0, 1]
+    assert isinstance(batch.logits_to_keep, torch.Tensor) and batch.logits_to_keep.tolist() == [1, 2, 4]
+    assert batch.target_ids.tolist() == [12, 13, 21]
+    assert batch.token_sequence.tolist() == [0, 0, 1]
+    assert (batch.real_tokens, batch.computed_tokens) == (6, 6)
+
+
+def test_padding_aligns_row_ends_and_scores_only_response_tokens() -> None:
+    batch = pad_sequences([([10, 11], [12, 13]), ([20], [21])], pad_id=0)
+    assert batch.input_ids.tolist() == [[10, 11, 12, 13], [0, 0, 20, 21]]
+    assert batch.attention_mask is not None and batch.attention_mask.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3], [0, 0, 0, 1]]
+    # K = longest response + 1 = 3 kept columns (1, 2, 3) per row; flattened rows: 0-2 and 3-5.
+    # row 0: 12 from column 1 (kept 0), 13 from column 2 (kept 1); row 1: 21 from column 2 (kept 4).
+    assert batch.logits_to_keep == 3
+    assert batch.logit_index.tolist() == [0, 1, 4]
+    assert batch.target_ids.tolist() == [12, 13, 21]
+    assert (batch.real_tokens, batch.computed_tokens) == (6, 8)
 
 
 def _turn(n_response: int, version: int = 0) -> PlannerTurn:
@@ -216,8 +244,9 @@ def test_a_batch_of_only_uniform_groups_changes_nothing(make_learner) -> None:
     assert all(torch.equal(before[name], tensor) for name, tensor in learner.export_weights())
 
 
-def test_packed_micro_batches_give_the_loss_and_gradients_of_one_sample_at_a_time(make_learner) -> None:
-    learner = make_learner(kl_beta=0.01, micro_batch_tokens=4096)
+@pytest.mark.parametrize("layout", list(BatchLayout))
+def test_micro_batches_give_the_loss_and_gradients_of_one_sample_at_a_time(make_learner, layout: BatchLayout) -> None:
+    learner = make_learner(kl_beta=0.01, micro_batch_tokens=4096, batch_layout=layout)
     trajectories = synthetic_trajectories(3, questions=3, group_size=3, max_turns=3)
     packed_loss, packed_grads = learner.compute_gradients(trajectories)
     learner.config.micro_batch_tokens = 1  # every turn alone in its micro-batch

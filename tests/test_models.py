@@ -63,7 +63,7 @@ def test_imported_model_is_float32_safetensors_with_chat_template(model_dir: Pat
     rendered = tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
     )
-    assert rendered.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    assert str(rendered).endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_imported_model_passes_sha256_verification(model_dir: Path) -> None:

@@ -16,6 +16,10 @@ from typing import Any
 import numpy as np
 import pytest
 from fixtures_services import free_port
+from mlflow import MlflowClient
+from mlflow.artifacts import download_artifacts
+from safetensors.numpy import load_file, save_file
+
 from flowlane.runtime.trajectory import PlannerTurn, Step, StopReason, Trajectory, Verdict
 from flowlane.trainer.tracking import (
     MODEL_TYPE,
@@ -26,9 +30,6 @@ from flowlane.trainer.tracking import (
     to_metrics,
     to_params,
 )
-from mlflow import MlflowClient
-from mlflow.artifacts import download_artifacts
-from safetensors.numpy import load_file, save_file
 
 SPEC = {"model": {"name": "smollm2-135m"}, "training": {"lr": 1e-6, "groupSize": 8}, "tools": ["python", "search"]}
 

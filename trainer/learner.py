@@ -8,7 +8,8 @@ stamped with. One ``step(trajectories)`` call is one update:
 1. group the trajectories by question and set aside groups whose rewards are all equal (they
    carry no signal; counted, and skipped unless configured otherwise);
 2. compute group advantages and broadcast each trajectory's value to all its planner turns;
-3. pack the turns into micro-batches under a token budget (no padding, see ``batching``);
+3. lay the turns out in micro-batches under a token budget (length-sorted rows or packed rows,
+   see ``batching``; the learner never computes logits for prompt or pad positions);
 4. per micro-batch: recompute log-probs with ``logits / temperature``, the reference log-probs,
    the clipped loss with truncated importance weights against the sampling-time log-probs, and
    backpropagate its share of the loss (gradients accumulate across micro-batches);
@@ -51,7 +52,7 @@ import torch
 from flowlane.runtime.errors import ConfigError, FlowlaneError
 from flowlane.runtime.trajectory import Trajectory
 from flowlane.trainer import flow_grpo
-from flowlane.trainer.batching import PackedBatch, pack_sequences, plan_micro_batches
+from flowlane.trainer.batching import BatchLayout, MicroBatch, lay_out, plan_micro_batches
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class LoraSettings:
 class LearnerConfig:
     """Everything the learner needs, as plain data. Defaults follow the paper where it says.
 
-    Gradient accumulation is by tokens, not by a fixed count: an update's turns are packed into
+    Gradient accumulation is by tokens, not by a fixed count: an update's turns are laid out in
     as many micro-batches as ``micro_batch_tokens`` requires and all of their gradients
     accumulate into one optimizer step (each micro-batch's loss already carries its share of the
     update's averaging weights, so the result does not depend on the packing).
@@ -133,10 +134,11 @@ class LearnerConfig:
     advantage_eps: float = 1e-6  # added to the group std, > 0
     normalize_advantage_std: bool = True  # divide by the group std (False: mean-centred only)
     aggregation: flow_grpo.Aggregation = flow_grpo.Aggregation.PAPER
-    # Packed tokens (prompt + response) per forward pass, >= 1. Packed rows attend with a dense
-    # block-diagonal mask under sdpa, so very long rows pay quadratic attention on masked blocks;
-    # with flash-attention (attn_implementation) the packing is varlen and larger budgets pay off.
-    micro_batch_tokens: int = 1024
+    # Tokens (prompt + response, padding included) per forward pass, >= 1; raise it on GPUs.
+    micro_batch_tokens: int = 2048
+    # padded: length-sorted rows (any attention backend); packed: one row of turns laid end to end
+    # (zero padding; best with a varlen flash-attention backend, see flowlane.trainer.batching).
+    batch_layout: BatchLayout = BatchLayout.PADDED
     attn_implementation: str | None = None  # transformers attention backend; None: its default (sdpa)
     mini_batches_per_step: int = 1  # optimizer updates per step(); the groups are split evenly
     max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
@@ -157,6 +159,7 @@ class LearnerConfig:
             ("advantage_mode", flow_grpo.AdvantageMode),
             ("aggregation", flow_grpo.Aggregation),
             ("dtype", Dtype),
+            ("batch_layout", BatchLayout),
         ):
             value = getattr(self, name)
             try:
@@ -567,11 +570,11 @@ class Learner:
         """Forward + backward of every micro-batch of one update; gradients accumulate."""
         config = self.config
         weights = token_weights(samples, config.aggregation)
-        plan = plan_micro_batches([s.length for s in samples], config.micro_batch_tokens)
+        plan = plan_micro_batches([s.length for s in samples], config.micro_batch_tokens, config.batch_layout)
         for indices in plan:
             chosen = [samples[i] for i in indices]
-            packed = pack_sequences([(s.prompt_ids, s.response_ids) for s in chosen])
-            log_prob, entropy = self._log_probs(packed, with_entropy=True)
+            batch = lay_out([(s.prompt_ids, s.response_ids) for s in chosen], config.batch_layout)
+            log_prob, entropy = self._log_probs(batch, with_entropy=True)
             weight = torch.cat([weights[i] for i in indices]).to(self.device)
             advantage = torch.cat(
                 [torch.full((len(s.response_ids),), s.advantage, dtype=torch.float32) for s in chosen]
@@ -593,7 +596,7 @@ class Learner:
             kl_value = 0.0
             if self._has_reference:
                 with torch.no_grad():
-                    ref_log_prob, _ = self._log_probs(packed, with_entropy=False, reference=True)
+                    ref_log_prob, _ = self._log_probs(batch, with_entropy=False, reference=True)
                 kl = flow_grpo.aggregate(self._kl(log_prob, ref_log_prob), weight)
                 loss = loss + config.kl_beta * kl
                 kl_value = float(kl.item())
@@ -603,7 +606,8 @@ class Learner:
             totals.policy_loss += float(policy_loss.item())
             totals.kl += kl_value
             totals.tokens += n
-            totals.tokens_processed += packed.total_tokens
+            totals.tokens_processed += batch.real_tokens
+            totals.tokens_computed += batch.computed_tokens
             totals.micro_batches += 1
             totals.clipped_low += int(terms.clipped_low.sum().item())
             totals.clipped_high += int(terms.clipped_high.sum().item())
@@ -657,25 +661,31 @@ class Learner:
         return self.config.kl_beta > 0
 
     def _log_probs(
-        self, packed: PackedBatch, with_entropy: bool, reference: bool = False
+        self, batch: MicroBatch, with_entropy: bool, reference: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probs (R,) of the packed response tokens under logits / temperature, and entropies."""
-        inputs = {
-            "input_ids": packed.input_ids.to(self.device),
-            "position_ids": packed.position_ids.to(self.device),
-            "logits_to_keep": packed.logit_positions.to(self.device),
+        """Log-probs (R,) of the batch's response tokens under logits / temperature, and entropies."""
+        keep = batch.logits_to_keep
+        inputs: dict[str, Any] = {
+            "input_ids": batch.input_ids.to(self.device),
+            "position_ids": batch.position_ids.to(self.device),
+            "logits_to_keep": keep.to(self.device) if isinstance(keep, torch.Tensor) else keep,
             "use_cache": False,
         }
+        if batch.attention_mask is not None:
+            inputs["attention_mask"] = batch.attention_mask.to(self.device)
         if not reference:
-            logits = self.engine(**inputs).logits[0]
+            logits = self.engine(**inputs).logits
         elif self.reference is not None:
-            logits = self.reference(**inputs).logits[0]
+            logits = self.reference(**inputs).logits
         else:  # LoRA: the reference policy is the base model, i.e. the adapter switched off
             with self.engine.module.disable_adapter():
-                logits = self.engine.module(**inputs).logits[0]
+                logits = self.engine.module(**inputs).logits
+        logits = logits.reshape(-1, logits.shape[-1])
+        if batch.attention_mask is not None:  # padded rows keep a few positions per row that are not scored
+            logits = logits.index_select(0, batch.logit_index.to(self.device))
         logits = logits.float() / self.config.temperature
         log_softmax = torch.log_softmax(logits, dim=-1)
-        log_prob = log_softmax.gather(-1, packed.target_ids.to(self.device).unsqueeze(-1)).squeeze(-1)
+        log_prob = log_softmax.gather(-1, batch.target_ids.to(self.device).unsqueeze(-1)).squeeze(-1)
         entropy = flow_grpo.entropy_from_log_probs(log_softmax.detach()) if with_entropy else None
         return log_prob, entropy
 
@@ -683,9 +693,10 @@ class Learner:
     def _score(self, samples: Sequence[TurnSample]) -> list[torch.Tensor]:
         """Current-policy log-probs of every sample, one tensor per sample (no gradient)."""
         result: list[torch.Tensor | None] = [None] * len(samples)
-        for indices in plan_micro_batches([s.length for s in samples], self.config.micro_batch_tokens):
-            packed = pack_sequences([(samples[i].prompt_ids, samples[i].response_ids) for i in indices])
-            log_prob, _ = self._log_probs(packed, with_entropy=False)
+        layout = self.config.batch_layout
+        for indices in plan_micro_batches([s.length for s in samples], self.config.micro_batch_tokens, layout):
+            batch = lay_out([(samples[i].prompt_ids, samples[i].response_ids) for i in indices], layout)
+            log_prob, _ = self._log_probs(batch, with_entropy=False)
             pieces = torch.split(log_prob.detach(), [len(samples[i].response_ids) for i in indices])
             for i, piece in zip(indices, pieces, strict=True):
                 result[i] = piece
@@ -694,8 +705,8 @@ class Learner:
     def log_probs(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> torch.Tensor:
         """Current log-probs of one response given its prompt (under logits / temperature)."""
         with torch.no_grad():
-            packed = pack_sequences([(prompt_ids, response_ids)])
-            log_prob, _ = self._log_probs(packed, with_entropy=False)
+            batch = lay_out([(prompt_ids, response_ids)], self.config.batch_layout)
+            log_prob, _ = self._log_probs(batch, with_entropy=False)
         return log_prob.cpu()
 
     def _check_token_ids(self, samples: Sequence[TurnSample]) -> None:
@@ -878,7 +889,8 @@ class _Totals:
     policy_loss: float = 0.0
     kl: float = 0.0
     tokens: int = 0
-    tokens_processed: int = 0
+    tokens_processed: int = 0  # prompt + response tokens run through the model
+    tokens_computed: int = 0  # the same plus padding
     micro_batches: int = 0
     clipped_low: int = 0
     clipped_high: int = 0
@@ -897,6 +909,7 @@ class _Totals:
             "kl": self.kl / updates,
             "tokens": float(self.tokens),
             "tokens_processed": float(self.tokens_processed),
+            "padding_frac": 1.0 - self.tokens_processed / self.tokens_computed if self.tokens_computed else 0.0,
             "micro_batches": float(self.micro_batches),
             "clip_frac_low": self.clipped_low / n,
             "clip_frac_high": self.clipped_high / n,
