@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
 import platform
 import random
@@ -94,6 +95,8 @@ def bench_mode(
             cpu_s.append(time.process_time() - started)
     finally:
         learner.close()
+        del learner
+        gc.collect()
     step_s = statistics.median(r["step_time_s"] for r in runs)
     step_cpu_s = statistics.median(cpu_s)
     tokens = runs[0]["tokens_processed"]
