@@ -54,6 +54,7 @@ from flowlane.runtime.tasks import Task
 
 AGENT_OVERHEAD_TARGET = 0.15  # the agent may take at most 15% longer than raw generation
 VLLM_SPEEDUP_TARGET = 2.0  # the vLLM agent must be at least 2x the transformers agent
+FEW_IN_FLIGHT = 8  # below this many concurrent calls, batches are small (the agent's ramp-down tail)
 
 
 @dataclass
@@ -100,6 +101,7 @@ class RunResult:
     note: str = ""
     cpu_s: float = 0.0  # CPU seconds of this process and the engine's processes during the run
     llm_busy_s: float = 0.0  # wall time with at least one engine call in flight
+    few_in_flight_s: float = 0.0  # wall time with fewer than FEW_IN_FLIGHT engine calls in flight
     mean_in_flight: float = 0.0  # engine calls in flight, averaged over the wall time
     tool_calls: int = 0
     tool_s: float = 0.0  # summed over concurrent calls
@@ -132,19 +134,16 @@ def cpu_seconds() -> float:
     return total
 
 
-def union_seconds(intervals: Iterable[tuple[float, float]]) -> float:
-    """Length of the union of [start, end) intervals."""
-    total, current_start, current_end = 0.0, None, None
-    for start, end in sorted(intervals):
-        if current_end is None or start > current_end:
-            if current_end is not None and current_start is not None:
-                total += current_end - current_start
-            current_start, current_end = start, end
-        else:
-            current_end = max(current_end, end)
-    if current_end is not None and current_start is not None:
-        total += current_end - current_start
-    return total
+def seconds_at_concurrency(intervals: Iterable[tuple[float, float]], start: float, end: float) -> dict[int, float]:
+    """Seconds of [start, end) spent with k intervals open, for each k (a sweep over the events)."""
+    events = sorted([(t0, 1) for t0, _ in intervals] + [(t1, -1) for _, t1 in intervals])
+    spent: dict[int, float] = {}
+    open_now, last = 0, start
+    for moment, delta in events:
+        spent[open_now] = spent.get(open_now, 0.0) + max(0.0, moment - last)
+        open_now, last = open_now + delta, max(last, moment)
+    spent[open_now] = spent.get(open_now, 0.0) + max(0.0, end - last)
+    return spent
 
 
 def time_tools(tools: list[Any]) -> list[tuple[float, float]]:
@@ -200,14 +199,16 @@ async def run_agent(label: str, inner: LLMEngine, tasks: list[Task], args: argpa
         await tool.close()
     calls = list(engine.calls)
     rewards = [score(t.reward, traj.answer, t) for t, traj in zip(tasks, trajectories, strict=True)]
-    busy = union_seconds((c.started, c.ended) for c in calls)
+    profile = seconds_at_concurrency([(c.started, c.ended) for c in calls], started, started + wall)
     in_flight = sum(c.ended - c.started for c in calls) / wall
     turns = [len(traj.planner_turns) for traj in trajectories]
     result = RunResult(
         label=label, wall_s=wall, generated_tokens=sum(c.generated for c in calls),
         prompt_tokens=sum(len(c.prompt_ids) for c in calls), requests=len(calls),
         trajectories=len(trajectories), accuracy=statistics.fmean(rewards), note=note, cpu_s=cpu,
-        llm_busy_s=busy, mean_in_flight=in_flight, tool_calls=len(tool_spans),
+        llm_busy_s=sum(v for k, v in profile.items() if k > 0),
+        few_in_flight_s=sum(v for k, v in profile.items() if k < FEW_IN_FLIGHT), mean_in_flight=in_flight,
+        tool_calls=len(tool_spans),
         tool_s=sum(end - start for start, end in tool_spans),
         extras={"planner_turns_mean": statistics.fmean(turns),
                 "parse_failures": sum(sum(traj.parse_failures.values()) for traj in trajectories),
@@ -349,6 +350,7 @@ def report(rows: list[RunResult], questions: int) -> None:
             "wall s": row.wall_s,
             "engine busy s": row.llm_busy_s,
             "engine idle s": row.wall_s - row.llm_busy_s,
+            f"s with < {FEW_IN_FLIGHT} calls in flight": row.few_in_flight_s,
             "calls in flight (mean)": row.mean_in_flight,
             "tool calls": row.tool_calls,
             "tool s (sum)": row.tool_s,
@@ -369,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-turns", type=int, default=3, help="planner turn budget (3: the training setting)")
     parser.add_argument("--tools", default="python,generator", help="comma-separated tool names")
     parser.add_argument("--skip-transformers", action="store_true", help="skip the transformers engine row")
-    parser.add_argument("--transformers-questions", type=int, default=16,
+    parser.add_argument("--transformers-questions", type=int, default=8,
                         help="questions for the transformers row (0: all); rates are per second either way")
     parser.add_argument("--transformers-batch", type=int, default=32, help="transformers engine max batch size")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="model directory or known name")
