@@ -27,7 +27,6 @@ import datetime
 import gc
 import os
 import platform
-import random
 import statistics
 import sys
 import time
@@ -37,40 +36,10 @@ from typing import Any
 import torch
 
 from flowlane.runtime.models import resolve_model
-from flowlane.runtime.trajectory import PlannerTurn, Trajectory
+from flowlane.runtime.trajectory import Trajectory
 from flowlane.trainer.batching import BatchLayout
 from flowlane.trainer.learner import Learner, LearnerConfig
-
-
-def synthetic_trajectories(
-    seed: int,
-    vocab: int,
-    questions: int,
-    group_size: int,
-    max_turns: int,
-    prompt_tokens: tuple[int, int],
-    response_tokens: tuple[int, int],
-) -> list[Trajectory]:
-    """Scored groups with random token ids; half the trajectories of each group succeed."""
-    rng = random.Random(seed)
-    result = []
-    for q in range(questions):
-        for k in range(group_size):
-            turns = []
-            for _ in range(rng.randint(1, max_turns)):
-                response = [rng.randrange(vocab) for _ in range(rng.randint(*response_tokens))]
-                turns.append(
-                    PlannerTurn(
-                        prompt_ids=[rng.randrange(vocab) for _ in range(rng.randint(*prompt_tokens))],
-                        response_ids=response,
-                        logprobs=[-rng.uniform(8.0, 12.0) for _ in response],
-                        policy_version=0,
-                    )
-                )
-            result.append(
-                Trajectory(question=f"q{q}", question_id=f"q{q}", planner_turns=turns, reward=float(k % 2 == 0))
-            )
-    return result
+from flowlane.trainer.synthetic import synthetic_trajectories
 
 
 def bench_mode(
@@ -105,6 +74,7 @@ def bench_mode(
         "micro_batch_tokens": micro_batch_tokens,
         "forward_passes": int(runs[0]["micro_batches"]),
         "padding": f"{100 * runs[0]['padding_frac']:.1f}%",
+        "computed": f"{100 * runs[0]['computed_frac']:.0f}%",
         "tokens_per_step": int(tokens),
         "step_s": round(step_s, 2),
         "tokens_per_s": round(tokens / step_s, 1),
@@ -145,6 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-turns", type=int, default=3)
     parser.add_argument("--prompt-tokens", type=int, nargs=2, default=(32, 160), metavar=("MIN", "MAX"))
     parser.add_argument("--response-tokens", type=int, nargs=2, default=(16, 64), metavar=("MIN", "MAX"))
+    parser.add_argument("--system-tokens", type=int, default=0,
+                        help="tokens every prompt starts with (the planner's system prompt: ~330); > 0 also "
+                             "gives a group's trajectories the same first-turn prompt, as real rollouts do")
     parser.add_argument("--micro-batch-tokens", type=int, default=2048, help="token budget of the batched modes")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     parser.add_argument("--checkpoint-mb", type=int, default=540, help="checkpoint I/O size; 0 skips those rows")
@@ -158,7 +131,10 @@ def main(argv: list[str] | None = None) -> None:
     vocab = int(AutoConfig.from_pretrained(str(model_dir)).vocab_size)
     prompt_tokens, response_tokens = tuple(args.prompt_tokens), tuple(args.response_tokens)
     trajectories = synthetic_trajectories(
-        0, vocab, args.questions, args.group_size, args.max_turns, prompt_tokens, response_tokens
+        0, args.questions, args.group_size, vocab, max_turns=args.max_turns, prompt_len=prompt_tokens,
+        response_len=response_tokens, logprob_range=(8.0, 12.0),
+        rewards=[[float(k % 2 == 0) for k in range(args.group_size)] for _ in range(args.questions)],
+        system_tokens=args.system_tokens, shared_first_prompt=args.system_tokens > 0,
     )
     turns = sum(len(t.planner_turns) for t in trajectories)
     print(f"# flowlane learner benchmark, {datetime.datetime.now().isoformat(timespec='seconds')}")
@@ -172,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     base = rows[-1]["tokens_per_cpu_s"]
     for row in rows:
         row["speedup"] = f"{row['tokens_per_cpu_s'] / base:.2f}x"
-    headers = ["mode", "micro_batch_tokens", "forward_passes", "padding", "tokens_per_step", "step_s", "tokens_per_s"]
+    headers = ["mode", "micro_batch_tokens", "forward_passes", "padding", "computed", "tokens_per_step", "step_s"]
+    headers += ["tokens_per_s"]
     headers += ["step_cpu_s", "tokens_per_cpu_s", "speedup"]
     print(format_table(rows, headers))
 

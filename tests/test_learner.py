@@ -18,7 +18,14 @@ from learner_helpers import TINY_VOCAB, make_tiny_model_dir, synthetic_trajector
 
 from flowlane.runtime.errors import ConfigError, FlowlaneError
 from flowlane.runtime.trajectory import PlannerTurn, Trajectory
-from flowlane.trainer.batching import BatchLayout, pack_sequences, pad_sequences, plan_micro_batches
+from flowlane.trainer.batching import (
+    BatchLayout,
+    pack_sequences,
+    pad_sequences,
+    plan_micro_batches,
+    plan_sequences,
+    share_prefixes,
+)
 from flowlane.trainer.flow_grpo import AdvantageMode, Aggregation
 from flowlane.trainer.learner import (
     Learner,
@@ -81,7 +88,10 @@ def weights(learner: Learner) -> dict[str, torch.Tensor]:
 # --- pure pieces -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layout", list(BatchLayout))
+LENGTH_LAYOUTS = [BatchLayout.PADDED, BatchLayout.PACKED]
+
+
+@pytest.mark.parametrize("layout", LENGTH_LAYOUTS)
 def test_micro_batches_stay_within_the_token_budget_and_cover_every_sequence(layout: BatchLayout) -> None:
     lengths = [7, 3, 9, 2, 5, 5, 1, 8]
     plan = plan_micro_batches(lengths, 10, layout)
@@ -104,7 +114,42 @@ def test_padded_plan_groups_similar_lengths_longest_first() -> None:
 
 @pytest.mark.parametrize("layout", list(BatchLayout))
 def test_a_sequence_longer_than_the_budget_gets_its_own_micro_batch(layout: BatchLayout) -> None:
-    assert plan_micro_batches([12, 3, 4], 10, layout)[0] == [0]
+    sequences = [([1] * 11, [2]), ([3, 4], [5]), ([6, 7, 8], [9])]
+    plan = plan_sequences(sequences, 10, layout)
+    assert [0] in plan and sorted(i for batch in plan for i in batch) == [0, 1, 2]
+
+
+def test_shared_plan_counts_prefix_tree_nodes_in_lexicographic_order() -> None:
+    # sorted: [1,2,3,4] (4 nodes), [1,2,3,5] (+1), [1,2,9] (+1) = 6; [7,8,9] (+3) = 9; [7,8,9,9,9] (+2) > 10
+    sequences = [([7, 8], [9]), ([1, 2, 3], [5]), ([1, 2], [9]), ([1, 2, 3], [4]), ([7, 8, 9, 9], [9])]
+    assert plan_sequences(sequences, 10, BatchLayout.SHARED) == [[3, 1, 2, 0], [4]]
+    with pytest.raises(ValueError, match="plan_sequences"):
+        plan_micro_batches([1, 2], 10, BatchLayout.SHARED)
+
+
+def test_shared_prefixes_run_once_and_each_token_attends_to_its_own_ancestors() -> None:
+    # prompts [5, 6, 7] and [5, 6, 8] share [5, 6]; responses [1, 2] and [1]
+    batch = share_prefixes([([5, 6, 7], [1, 2]), ([5, 6, 8], [1])])
+    assert batch.input_ids.tolist() == [[5, 6, 7, 1, 2, 8, 1]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3]]
+    assert batch.attention_mask is not None
+    assert batch.attention_mask[0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 1, 0, 0],
+        [1, 1, 0, 0, 0, 1, 0],
+        [1, 1, 0, 0, 0, 1, 1],
+    ]
+    # sequence 0 is scored at nodes 2 (predicts 1) and 3 (predicts 2); sequence 1 at node 5 (predicts 1)
+    assert batch.logits_to_keep.tolist() == [2, 3, 5]  # type: ignore[union-attr]
+    assert batch.logit_index.tolist() == [0, 1, 2]
+    assert batch.target_ids.tolist() == [1, 2, 1] and batch.token_sequence.tolist() == [0, 0, 1]
+    assert batch.real_tokens == 9 and batch.computed_tokens == 7
+    # identical turns (a group's shared first turn with the same sampled plan) share every node
+    twice = share_prefixes([([5, 6], [1]), ([5, 6], [1])])
+    assert twice.input_ids.tolist() == [[5, 6, 1]] and twice.logit_index.tolist() == [0, 0]
 
 
 def test_packing_restarts_positions_and_scores_response_tokens_from_the_previous_position() -> None:
@@ -247,7 +292,9 @@ def test_a_batch_of_only_uniform_groups_changes_nothing(make_learner) -> None:
 @pytest.mark.parametrize("layout", list(BatchLayout))
 def test_micro_batches_give_the_loss_and_gradients_of_one_sample_at_a_time(make_learner, layout: BatchLayout) -> None:
     learner = make_learner(kl_beta=0.01, micro_batch_tokens=4096, batch_layout=layout)
-    trajectories = synthetic_trajectories(3, questions=3, group_size=3, max_turns=3)
+    # Prompts share a system prefix and each group its first prompt, as real planner turns do.
+    trajectories = synthetic_trajectories(3, questions=3, group_size=3, max_turns=3, system_tokens=6,
+                                          shared_first_prompt=True)
     packed_loss, packed_grads = learner.compute_gradients(trajectories)
     learner.config.micro_batch_tokens = 1  # every turn alone in its micro-batch
     single_loss, single_grads = learner.compute_gradients(trajectories)
@@ -399,3 +446,17 @@ def test_full_checkpoint_is_refused_by_a_lora_learner(make_learner, tmp_path: Pa
 def test_a_directory_without_learner_state_is_not_a_checkpoint(make_learner, tmp_path: Path) -> None:
     with pytest.raises(FlowlaneError, match="is not a learner checkpoint"):
         make_learner().load_checkpoint_files(tmp_path)
+
+
+def test_the_shared_layout_computes_each_common_prefix_once(make_learner) -> None:
+    trajectories = synthetic_trajectories(5, questions=2, group_size=4, max_turns=1, system_tokens=12,
+                                          shared_first_prompt=True, rewards=[[1, 0, 0, 0], [0, 1, 1, 0]])
+    shared = make_learner(batch_layout=BatchLayout.SHARED, kl_beta=0.0).step(trajectories)
+    padded = make_learner(batch_layout=BatchLayout.PADDED, kl_beta=0.0).step(trajectories)
+    assert shared["tokens_processed"] == padded["tokens_processed"]
+    # one system prefix, one first prompt per question (its part after the prefix), every response
+    turns = [t.planner_turns[0] for t in trajectories]
+    tree = 12 + sum(len(turns[4 * q].prompt_ids) - 12 for q in range(2)) + sum(len(t.response_ids) for t in turns)
+    assert shared["computed_frac"] * shared["tokens_processed"] <= tree
+    assert shared["computed_frac"] < 0.6 and shared["padding_frac"] == 0.0
+    assert shared["loss"] == pytest.approx(padded["loss"], abs=1e-6)

@@ -16,6 +16,14 @@ the response tokens:
   block-diagonal causal mask from the position ids. Zero padding, and with flash-attention the
   kernels are varlen so no attention is spent across turns; under sdpa (CPU) the mask is dense,
   so long packed rows pay quadratic attention on masked blocks.
+- ``shared``: turns are merged into a prefix tree (a trie over token ids) laid out in one row:
+  a token sequence that several turns start with is run through the model once, and each token
+  attends exactly to its own ancestors in the tree (a custom 4D boolean mask; position ids are
+  depths). The log-probs and gradients are the same as running every turn alone, but planner
+  turns share a lot: every turn starts with the same system prompt and worked examples, and the
+  G trajectories of a group see the same first-turn prompt. On the planner's real turns this
+  computes a fraction of the tokens (``bench/learner.py``); the dense mask costs quadratic
+  attention in the number of tree nodes, so its token budget should stay around 1-2k.
 
 A turn longer than the budget gets a micro-batch of its own (never dropped).
 """
@@ -32,6 +40,7 @@ import torch
 class BatchLayout(StrEnum):
     PADDED = "padded"
     PACKED = "packed"
+    SHARED = "shared"
 
 
 def plan_packed(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
@@ -66,9 +75,55 @@ def plan_padded(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
     return batches
 
 
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def plan_shared(sequences: Sequence[Sequence[int]], token_budget: int) -> list[list[int]]:
+    """Shared-prefix layout: sequences in lexicographic order fill a micro-batch while its prefix
+    tree has at most ``token_budget`` nodes.
+
+    In lexicographic order a sequence's longest common prefix with all earlier ones is the one
+    with its predecessor, so each sequence adds ``len - common prefix`` nodes to the tree.
+    """
+    _check_budget(token_budget)
+    order = sorted(range(len(sequences)), key=lambda i: (tuple(sequences[i]), i))
+    batches: list[list[int]] = []
+    nodes = 0
+    previous: Sequence[int] = ()
+    for index in order:
+        sequence = sequences[index]
+        added = len(sequence) - _common_prefix(previous, sequence)
+        if batches and nodes + added <= token_budget:
+            batches[-1].append(index)
+            nodes += added
+        else:
+            batches.append([index])
+            nodes = len(sequence)
+        previous = sequence
+    return batches
+
+
 def plan_micro_batches(lengths: Sequence[int], token_budget: int, layout: BatchLayout) -> list[list[int]]:
-    """Indices into ``lengths`` per micro-batch; every index appears exactly once."""
+    """Indices into ``lengths`` per micro-batch for the layouts that look only at lengths."""
+    if layout == BatchLayout.SHARED:
+        raise ValueError("the shared layout plans on token ids: use plan_sequences")
     return plan_packed(lengths, token_budget) if layout == BatchLayout.PACKED else plan_padded(lengths, token_budget)
+
+
+def plan_sequences(
+    sequences: Sequence[tuple[Sequence[int], Sequence[int]]], token_budget: int, layout: BatchLayout
+) -> list[list[int]]:
+    """Indices into ``sequences`` (``(prompt_ids, response_ids)`` pairs) per micro-batch; every
+    index appears exactly once."""
+    if layout == BatchLayout.SHARED:
+        return plan_shared([[*prompt, *response] for prompt, response in sequences], token_budget)
+    return plan_micro_batches([len(p) + len(r) for p, r in sequences], token_budget, layout)
 
 
 def _check_budget(token_budget: int) -> None:
@@ -80,11 +135,13 @@ def _check_budget(token_budget: int) -> None:
 class MicroBatch:
     """Model inputs for some turns, plus where their response tokens are scored.
 
-    Shapes: input_ids, position_ids (B, L); attention_mask (B, L) or None; logit_index,
+    Shapes: input_ids, position_ids (B, L); attention_mask (B, L), (1, 1, L, L) (shared layout,
+    True where a position may attend) or None; logit_index,
     target_ids, token_sequence (R,) with R the response tokens. Run the model with
     ``logits_to_keep``; flatten its logits to (B * K, vocab); row ``logit_index[k]`` predicts
     ``target_ids[k]``, which belongs to sequence ``token_sequence[k]`` (an index into the list
-    that was laid out). ``real_tokens`` counts non-pad tokens, ``input_ids.numel()`` all of them.
+    that was laid out). ``real_tokens`` counts the prompt and response tokens of the sequences,
+    ``input_ids.numel()`` the positions run through the model (with padding, without sharing).
     """
 
     input_ids: torch.Tensor
@@ -172,8 +229,63 @@ def pad_sequences(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_
     )
 
 
+def share_prefixes(sequences: Sequence[tuple[Sequence[int], Sequence[int]]]) -> MicroBatch:
+    """Shared-prefix layout: one row holding the prefix tree of the ``(prompt_ids, response_ids)`` pairs.
+
+    Tree nodes are numbered in insertion order, so a node's ancestors come before it and the
+    mask is lower triangular; row ``i`` of the mask is its parent's row plus ``i`` itself.
+    """
+    _check_prompts(sequences)
+    tokens: list[int] = []
+    parent: list[int] = []
+    depth: list[int] = []
+    children: list[dict[int, int]] = [{}]  # children[0] is the root's; node i's are children[i + 1]
+    paths: list[list[int]] = []
+    for prompt, response in sequences:
+        node, path = -1, []
+        for token in (*prompt, *response):
+            known = children[node + 1].get(token)
+            if known is None:
+                known = len(tokens)
+                children[node + 1][token] = known
+                tokens.append(token)
+                parent.append(node)
+                depth.append(depth[node] + 1 if node >= 0 else 0)
+                children.append({})
+            node = known
+            path.append(node)
+        paths.append(path)
+    size = len(tokens)
+    mask = torch.zeros((size, size), dtype=torch.bool)
+    for node, up in enumerate(parent):
+        if up >= 0:
+            mask[node, : up + 1] = mask[up, : up + 1]
+        mask[node, node] = True
+    scored: list[int] = []
+    target_ids: list[int] = []
+    token_sequence: list[int] = []
+    for index, ((prompt, response), path) in enumerate(zip(sequences, paths, strict=True)):
+        scored.extend(path[len(prompt) - 1 : len(prompt) + len(response) - 1])
+        target_ids.extend(response)
+        token_sequence.extend([index] * len(response))
+    keep = sorted(set(scored))
+    column = {node: k for k, node in enumerate(keep)}
+    return MicroBatch(
+        input_ids=torch.tensor([tokens], dtype=torch.long),
+        position_ids=torch.tensor([depth], dtype=torch.long),
+        attention_mask=mask.view(1, 1, size, size),
+        logits_to_keep=torch.tensor(keep, dtype=torch.long),
+        logit_index=torch.tensor([column[node] for node in scored], dtype=torch.long),
+        target_ids=torch.tensor(target_ids, dtype=torch.long),
+        token_sequence=torch.tensor(token_sequence, dtype=torch.long),
+        real_tokens=sum(len(p) + len(r) for p, r in sequences),
+    )
+
+
 def lay_out(
     sequences: Sequence[tuple[Sequence[int], Sequence[int]]], layout: BatchLayout, pad_id: int = 0
 ) -> MicroBatch:
     """The micro-batch of ``sequences`` in ``layout``."""
+    if layout == BatchLayout.SHARED:
+        return share_prefixes(sequences)
     return pack_sequences(sequences) if layout == BatchLayout.PACKED else pad_sequences(sequences, pad_id)

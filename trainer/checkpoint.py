@@ -50,6 +50,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any, BinaryIO, TypeVar, cast
 from urllib.parse import urlparse
 
+from flowlane.runtime import s3
 from flowlane.runtime.errors import ConfigError, FlowlaneError
 
 log = logging.getLogger(__name__)
@@ -57,10 +58,9 @@ log = logging.getLogger(__name__)
 MANIFEST_NAME = "MANIFEST.json"
 POINTER_NAME = "latest"
 MANIFEST_FORMAT = "flowlane-checkpoint/1"
-ENDPOINT_ENV = "FLOWLANE_S3_ENDPOINT"
-ACCESS_KEY_ENV = "AWS_ACCESS_KEY_ID"
-SECRET_KEY_ENV = "AWS_SECRET_ACCESS_KEY"
-REGION_ENVS = ("AWS_REGION", "AWS_DEFAULT_REGION")
+ENDPOINT_ENV = s3.ENDPOINT_ENV
+ACCESS_KEY_ENV = s3.ACCESS_KEY_ENV
+SECRET_KEY_ENV = s3.SECRET_KEY_ENV
 URI_FIELD = "spec.storage.checkpointUri"
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -469,23 +469,15 @@ class _S3Backend(_Backend):
         retry: RetryPolicy,
     ) -> None:
         import urllib3
-        from minio import Minio
 
         self.bucket, self.prefix, self.endpoint, self.retry = bucket, prefix, endpoint, retry
         self.location = f"s3://{bucket}/{prefix}".rstrip("/")
         # Our RetryPolicy is the only retry layer: urllib3's own retries would multiply it.
-        http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=retry.connect_timeout_s, read=retry.read_timeout_s),
-            retries=urllib3.Retry(total=0, connect=0, read=0, redirect=3, status=0, raise_on_status=False),
-            maxsize=8,
-        )
-        self.client = Minio(
-            endpoint,
-            access_key=access_key,
-            secret_key=secret_key,
-            secure=secure,
-            region=region,
-            http_client=http,
+        no_retries = urllib3.Retry(total=0, connect=0, read=0, redirect=3, status=0, raise_on_status=False)
+        self.client = s3.open_client(
+            endpoint, access_key, secret_key, secure=secure, region=region,
+            connect_timeout_s=retry.connect_timeout_s, read_timeout_s=retry.read_timeout_s,
+            retries=no_retries, pool_size=8,
         )
 
     def _key(self, key: str) -> str:
@@ -910,11 +902,8 @@ def _backend_for(
         raise StoreConfigError(
             f"{URI_FIELD} {uri!r} needs an S3 endpoint: pass endpoint= or set {ENDPOINT_ENV}=host:port"
         )
-    if "://" in endpoint:
-        scheme, _, endpoint = endpoint.partition("://")
-        secure = scheme == "https"
-    endpoint = endpoint.rstrip("/")
-    region = region or next((os.environ[e] for e in REGION_ENVS if os.environ.get(e)), None)
+    endpoint, secure = s3.split_endpoint(endpoint, secure)
+    region = region or s3.env_region()
     return _S3Backend(
         bucket=bucket,
         prefix=prefix,

@@ -52,7 +52,7 @@ import torch
 from flowlane.runtime.errors import ConfigError, FlowlaneError
 from flowlane.runtime.trajectory import Trajectory
 from flowlane.trainer import flow_grpo
-from flowlane.trainer.batching import BatchLayout, MicroBatch, lay_out, plan_micro_batches
+from flowlane.trainer.batching import BatchLayout, MicroBatch, lay_out, plan_sequences
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +136,10 @@ class LearnerConfig:
     aggregation: flow_grpo.Aggregation = flow_grpo.Aggregation.PAPER
     # Tokens (prompt + response, padding included) per forward pass, >= 1; raise it on GPUs.
     micro_batch_tokens: int = 2048
-    # padded: length-sorted rows (any attention backend); packed: one row of turns laid end to end
-    # (zero padding; best with a varlen flash-attention backend, see flowlane.trainer.batching).
-    batch_layout: BatchLayout = BatchLayout.PADDED
+    # shared: turns merged into a prefix tree, common prompt prefixes computed once (2.5x padded on
+    # real-shaped planner turns, bench/learner.py); padded: length-sorted rows; packed: turns end
+    # to end (best with a varlen flash-attention backend). See flowlane.trainer.batching.
+    batch_layout: BatchLayout = BatchLayout.SHARED
     attn_implementation: str | None = None  # transformers attention backend; None: its default (sdpa)
     mini_batches_per_step: int = 1  # optimizer updates per step(); the groups are split evenly
     max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
@@ -570,10 +571,10 @@ class Learner:
         """Forward + backward of every micro-batch of one update; gradients accumulate."""
         config = self.config
         weights = token_weights(samples, config.aggregation)
-        plan = plan_micro_batches([s.length for s in samples], config.micro_batch_tokens, config.batch_layout)
-        for indices in plan:
+        pairs = [(s.prompt_ids, s.response_ids) for s in samples]
+        for indices in plan_sequences(pairs, config.micro_batch_tokens, config.batch_layout):
             chosen = [samples[i] for i in indices]
-            batch = lay_out([(s.prompt_ids, s.response_ids) for s in chosen], config.batch_layout)
+            batch = lay_out([pairs[i] for i in indices], config.batch_layout)
             log_prob, entropy = self._log_probs(batch, with_entropy=True)
             weight = torch.cat([weights[i] for i in indices]).to(self.device)
             advantage = torch.cat(
@@ -694,8 +695,9 @@ class Learner:
         """Current-policy log-probs of every sample, one tensor per sample (no gradient)."""
         result: list[torch.Tensor | None] = [None] * len(samples)
         layout = self.config.batch_layout
-        for indices in plan_micro_batches([s.length for s in samples], self.config.micro_batch_tokens, layout):
-            batch = lay_out([(samples[i].prompt_ids, samples[i].response_ids) for i in indices], layout)
+        pairs = [(s.prompt_ids, s.response_ids) for s in samples]
+        for indices in plan_sequences(pairs, self.config.micro_batch_tokens, layout):
+            batch = lay_out([pairs[i] for i in indices], layout)
             log_prob, _ = self._log_probs(batch, with_entropy=False)
             pieces = torch.split(log_prob.detach(), [len(samples[i].response_ids) for i in indices])
             for i, piece in zip(indices, pieces, strict=True):
@@ -890,7 +892,7 @@ class _Totals:
     kl: float = 0.0
     tokens: int = 0
     tokens_processed: int = 0  # prompt + response tokens run through the model
-    tokens_computed: int = 0  # the same plus padding
+    tokens_computed: int = 0  # positions run through the model: plus padding, minus shared prefixes
     micro_batches: int = 0
     clipped_low: int = 0
     clipped_high: int = 0
@@ -909,7 +911,9 @@ class _Totals:
             "kl": self.kl / updates,
             "tokens": float(self.tokens),
             "tokens_processed": float(self.tokens_processed),
-            "padding_frac": 1.0 - self.tokens_processed / self.tokens_computed if self.tokens_computed else 0.0,
+            # Padding adds computed positions, the shared layout's prefix tree removes them.
+            "padding_frac": max(0.0, 1.0 - self.tokens_processed / max(self.tokens_computed, 1)),
+            "computed_frac": self.tokens_computed / self.tokens_processed if self.tokens_processed else 0.0,
             "micro_batches": float(self.micro_batches),
             "clip_frac_low": self.clipped_low / n,
             "clip_frac_high": self.clipped_high / n,

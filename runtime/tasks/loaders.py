@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from flowlane.runtime import s3
 from flowlane.runtime.errors import ConfigError
 from flowlane.runtime.rewards import RewardKind, resolve_kind
 from flowlane.runtime.tasks.generators import arithmetic_tasks, game24_tasks
@@ -41,9 +42,9 @@ _NUMBER_ANSWER = re.compile(r"\s*[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?\s*")
 _TEST_SHARE = 10  # one row in ten goes to test when a file has no split column
 _MAX_OBJECT_BYTES = 1 << 30
 
-S3_ENDPOINT_ENV = "FLOWLANE_S3_ENDPOINT"
-S3_ACCESS_KEY_ENV = "AWS_ACCESS_KEY_ID"
-S3_SECRET_KEY_ENV = "AWS_SECRET_ACCESS_KEY"
+S3_ENDPOINT_ENV = s3.ENDPOINT_ENV
+S3_ACCESS_KEY_ENV = s3.ACCESS_KEY_ENV
+S3_SECRET_KEY_ENV = s3.SECRET_KEY_ENV
 
 
 def multihop_tasks(split: Split) -> list[Task]:
@@ -214,7 +215,6 @@ def _tasks_from_rows(
 
 def _s3_client(uri: str) -> Any:
     import urllib3
-    from minio import Minio
 
     endpoint = os.environ.get(S3_ENDPOINT_ENV, "").strip()
     access_key = os.environ.get(S3_ACCESS_KEY_ENV, "").strip()
@@ -225,13 +225,8 @@ def _s3_client(uri: str) -> Any:
                                      (S3_SECRET_KEY_ENV, secret_key)) if not value
         ]  # fmt: skip
         raise ConfigError(f"task set {uri}: set {', '.join(missing)} to read tasks from S3")
-    secure = endpoint.startswith("https://")
-    endpoint = re.sub(r"^https?://", "", endpoint).rstrip("/")
-    http = urllib3.PoolManager(
-        timeout=urllib3.Timeout(connect=5.0, read=60.0),
-        retries=urllib3.Retry(total=2, connect=1, read=1, backoff_factor=0.2),
-    )
-    return Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure, http_client=http)
+    retries = urllib3.Retry(total=2, connect=1, read=1, backoff_factor=0.2)
+    return s3.open_client(endpoint, access_key, secret_key, region=s3.env_region(), retries=retries)
 
 
 def _s3_call(uri: str, fn: Callable[[], Any]) -> Any:
