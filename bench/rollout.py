@@ -49,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # bench scripts run as files: see bench/common.py
 
-from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings
+from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings, WrappedEngine
 from flowlane.runtime.tasks import Task
 
 AGENT_OVERHEAD_TARGET = 0.15  # the agent may take at most 15% longer than raw generation
@@ -68,15 +68,11 @@ class RecordedCall:
     ended: float
 
 
-class RecordingEngine(LLMEngine):
+class RecordingEngine(WrappedEngine):
     """Passes every call through to ``inner`` and records it (prompt ids, tokens, timing)."""
 
     def __init__(self, inner: LLMEngine) -> None:
-        super().__init__()
-        self.inner = inner
-        self.name = inner.name
-        self.reports_token_ids = inner.reports_token_ids
-        self.supports_structured_output = inner.supports_structured_output
+        super().__init__(inner)
         self.calls: list[RecordedCall] = []
 
     async def chat(self, messages: list[dict[str, str]], settings: SamplingSettings) -> Generation:

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings
+from flowlane.runtime.engines.base import Generation, SamplingSettings, WrappedEngine
 from flowlane.runtime.trajectory import Trajectory
 
 PREFIX = "flowlane_gateway"
@@ -99,25 +98,8 @@ def metering(usage: Usage) -> Iterator[Usage]:
         _current_usage.reset(token)
 
 
-class MeteredEngine(LLMEngine):
+class MeteredEngine(WrappedEngine):
     """An engine that adds each generation's token counts to the current request's ``Usage``."""
-
-    def __init__(self, inner: LLMEngine) -> None:
-        super().__init__()
-        self.inner = inner
-        self.name = inner.name
-        self.reports_token_ids = inner.reports_token_ids
-        self.supports_structured_output = inner.supports_structured_output
-
-    @property
-    def policy_version(self) -> int:
-        return self.inner.policy_version
-
-    @policy_version.setter
-    def policy_version(self, value: int) -> None:
-        # LLMEngine.__init__ assigns 0; the version always lives on the inner engine.
-        if hasattr(self, "inner"):
-            self.inner.policy_version = value
 
     async def chat(self, messages: list[dict[str, str]], settings: SamplingSettings) -> Generation:
         generation = await self.inner.chat(messages, settings)
@@ -127,9 +109,3 @@ class MeteredEngine(LLMEngine):
             usage.completion_tokens += len(generation.token_ids)
             usage.calls += 1
         return generation
-
-    async def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], policy_version: int) -> None:
-        await self.inner.load_weights(weights, policy_version)
-
-    async def close(self) -> None:
-        await self.inner.close()

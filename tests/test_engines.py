@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flowlane.runtime.engines.base import Generation, SamplingSettings
+from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings, WrappedEngine
 from flowlane.runtime.engines.factory import create_engine
 from flowlane.runtime.engines.openai_engine import OpenAIEngine
 from flowlane.runtime.engines.transformers_engine import TransformersEngine, _top_p_mask
@@ -374,3 +374,38 @@ async def test_create_engine_builds_openai_engine() -> None:
         assert engine.url == "http://127.0.0.1:1/v1/chat/completions"
     finally:
         await engine.close()
+
+
+class _VersionedEngine(LLMEngine):
+    name = "versioned"
+    supports_structured_output = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loaded: list[int] = []
+        self.closed = False
+
+    async def chat(self, messages: list[dict[str, str]], settings: SamplingSettings) -> Generation:
+        return Generation(text=messages[-1]["content"].upper(), prompt_ids=[1], token_ids=[2], logprobs=[-0.5])
+
+    async def load_weights(self, weights, policy_version: int) -> None:  # type: ignore[no-untyped-def]
+        self.loaded.append(policy_version)
+        self.policy_version = policy_version
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_wrapped_engine_passes_calls_through_and_shares_the_policy_version() -> None:
+    inner = _VersionedEngine()
+    inner.policy_version = 7
+    wrapper = WrappedEngine(inner)  # wrapping does not reset the inner engine's version
+    assert wrapper.policy_version == 7 and wrapper.name == "versioned" and wrapper.supports_structured_output
+    generation = await wrapper.chat([{"role": "user", "content": "hi"}], SamplingSettings(max_tokens=4))
+    assert generation.text == "HI"
+    await wrapper.load_weights([], 8)
+    assert inner.loaded == [8] and wrapper.policy_version == 8
+    wrapper.policy_version = 9
+    assert inner.policy_version == 9
+    await wrapper.close()
+    assert inner.closed

@@ -65,3 +65,37 @@ class LLMEngine(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook, remote engines hold nothing
         """Release processes and memory. Safe to call twice."""
+
+
+class WrappedEngine(LLMEngine):
+    """An engine in front of another: same capabilities and policy version, every call passed on.
+
+    Subclasses override ``chat`` to observe or meter the calls (the gateway's token accounting,
+    the rollout benchmark's request recorder).
+    """
+
+    def __init__(self, inner: LLMEngine) -> None:
+        super().__init__()  # its policy_version = 0 is ignored: there is no inner engine yet
+        self.inner = inner
+        self.name = inner.name
+        self.reports_token_ids = inner.reports_token_ids
+        self.supports_structured_output = inner.supports_structured_output
+
+    @property
+    def policy_version(self) -> int:
+        return self.inner.policy_version
+
+    @policy_version.setter
+    def policy_version(self, value: int) -> None:
+        # LLMEngine.__init__ assigns 0 before a wrapper is complete; the version lives on the inner engine.
+        if "inner" in self.__dict__:
+            self.inner.policy_version = value
+
+    async def chat(self, messages: list[dict[str, str]], settings: SamplingSettings) -> Generation:
+        return await self.inner.chat(messages, settings)
+
+    async def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], policy_version: int) -> None:
+        await self.inner.load_weights(weights, policy_version)
+
+    async def close(self) -> None:
+        await self.inner.close()
