@@ -151,8 +151,9 @@ class ModelSpec(SpecModel):
     fixed: str | None = Field(
         None,
         min_length=1,
-        description="The frozen model behind the executor, verifier and generator; "
-        "default: the planner's initial weights (as in the paper).",
+        description="A frozen model for the executor, verifier and generator (a second engine per rollout "
+        "worker, never updated), e.g. the planner's base model as in the paper; default: none, those modules "
+        "share the planner's engine and so follow its updates (one engine per worker).",
     )
     dtype: Dtype = Field(Dtype.AUTO, description="Weight dtype for engines and the learner.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA options for the planner.")

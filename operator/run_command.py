@@ -54,11 +54,16 @@ def check_fits(flowrun: Any, available_bytes: int | None = None) -> None:
     from flowlane.runtime.models import resolve_model
 
     spec = flowrun.spec
-    model_dir = resolve_model(spec.model.planner)
-    weight_bytes = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+
+    def weights_of(model: str) -> int:
+        return sum(p.stat().st_size for p in resolve_model(model).glob("*.safetensors"))
+
+    weight_bytes = weights_of(spec.model.planner)
+    engine_bytes = weight_bytes * ROLLOUT_BYTES_PER_WEIGHT_BYTE + KV_CACHE_BYTES
+    if spec.model.fixed:  # a second, frozen engine in every rollout worker
+        engine_bytes += weights_of(spec.model.fixed) * ROLLOUT_BYTES_PER_WEIGHT_BYTE + KV_CACHE_BYTES
     learner_factor = 2 if spec.model.lora.enabled else LEARNER_BYTES_PER_WEIGHT_BYTE
-    needed = int(weight_bytes * learner_factor
-                 + spec.rollout.replicas * (weight_bytes * ROLLOUT_BYTES_PER_WEIGHT_BYTE + KV_CACHE_BYTES))
+    needed = int(weight_bytes * learner_factor + spec.rollout.replicas * engine_bytes)
     available = psutil.virtual_memory().available if available_bytes is None else available_bytes
     if needed > available:
         raise ConfigError(

@@ -63,14 +63,14 @@ class RolloutWorker:
 
         spec = self.spec
         algo = spec.algorithm
-        engine = create_engine(spec.engine.kind.value, spec.model.planner, **engine_options(spec))
+        engine, fixed = await create_engines(spec, create_engine)
         runner = self._code_runner()
-        tools = build_tools([t.name for t in spec.tools], engine=engine, code_runner=runner)
+        tools = build_tools([t.name for t in spec.tools], engine=fixed, code_runner=runner)
         planner = SamplingSettings(max_tokens=algo.max_planner_tokens, temperature=algo.temperature)
         train_cfg = AgentConfig.for_training(max_turns=algo.max_turns, planner=planner)
         eval_cfg = replace(train_cfg, max_turns=spec.schedule.eval_max_turns,
                            planner=SamplingSettings(max_tokens=algo.max_planner_tokens, temperature=0.0))
-        agents = {False: Agent(engine, engine, tools, train_cfg), True: Agent(engine, engine, tools, eval_cfg)}
+        agents = {False: Agent(engine, fixed, tools, train_cfg), True: Agent(engine, fixed, tools, eval_cfg)}
         channel = open_channel(self.learner_address, self.token)
         stub = learner_pb2_grpc.LearnerStub(channel)
         log.info("worker %s ready (engine %s, tools %s)", self.worker_id, engine.name, [t.name for t in tools])
@@ -94,6 +94,8 @@ class RolloutWorker:
             for tool in tools:
                 await tool.close()
             await engine.close()
+            if fixed is not engine:
+                await fixed.close()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -165,6 +167,21 @@ class RolloutWorker:
         ack = await stub.SubmitTrajectories(chunks())
         if ack.rejected:
             log.warning("learner rejected %d trajectories: %s", ack.rejected, "; ".join(ack.reasons[:3]))
+
+
+async def create_engines(spec: Any, create: Callable[..., Any]) -> tuple[Any, Any]:
+    """The planner's engine (weights synced every step) and the engine of the executor, verifier,
+    generator and generator tool: a second, frozen one when ``spec.model.fixed`` names a model,
+    otherwise the planner's own engine."""
+    options = engine_options(spec)
+    planner = create(spec.engine.kind.value, spec.model.planner, **options)
+    if not spec.model.fixed:
+        return planner, planner
+    try:
+        return planner, create(spec.engine.kind.value, spec.model.fixed, **options)
+    except BaseException:
+        await planner.close()
+        raise
 
 
 def engine_options(spec: Any) -> dict[str, Any]:

@@ -243,3 +243,53 @@ def test_a_model_that_does_not_fit_is_refused_before_anything_starts(tmp_path: P
     with pytest.raises(ConfigError, match=r"spec.model.planner: .* needs about .* GiB .* enable spec.model.lora"):
         check_fits(flowrun, available_bytes=256 << 20)
     check_fits(flowrun, available_bytes=64 << 30)
+
+
+def test_a_fixed_model_counts_as_a_second_engine_per_rollout_worker(model_dir: Path) -> None:
+    from flowlane.api.flowrun import load_flowrun
+    from flowlane.operator.run_command import check_fits
+    from flowlane.runtime.errors import ConfigError
+
+    shared = load_flowrun(yaml.safe_dump(flowrun_yaml("shared", 2)))
+    document = flowrun_yaml("frozen", 2)
+    document["spec"]["model"] = {"fixed": "smollm2-135m-instruct"}
+    frozen = load_flowrun(yaml.safe_dump(document))
+    # planner ~0.54 GB: learner 5x + one engine (1.5x + 1 GiB KV) ~ 4.5 GB; the fixed engine adds ~1.9 GB
+    check_fits(shared, available_bytes=5_500 << 20)
+    with pytest.raises(ConfigError, match="needs about"):
+        check_fits(frozen, available_bytes=5_500 << 20)
+    check_fits(frozen, available_bytes=7_000 << 20)
+
+
+async def test_the_executor_verifier_and_generator_get_their_own_engine_only_when_fixed_is_set() -> None:
+    from flowlane.api.flowrun import load_flowrun
+    from flowlane.runtime.rollout_worker import create_engines
+
+    class Engine:
+        def __init__(self, kind: str, model: str, **options: object) -> None:
+            self.model, self.closed = model, False
+
+        async def close(self) -> None:
+            self.closed = True
+
+    shared = load_flowrun(yaml.safe_dump(flowrun_yaml("shared", 2))).spec
+    planner, fixed = await create_engines(shared, Engine)
+    assert fixed is planner and planner.model == shared.model.planner
+
+    document = flowrun_yaml("frozen", 2)
+    document["spec"]["model"] = {"fixed": "/models/base"}
+    frozen = load_flowrun(yaml.safe_dump(document)).spec
+    planner, fixed = await create_engines(frozen, Engine)
+    assert fixed is not planner and (planner.model, fixed.model) == (frozen.model.planner, "/models/base")
+
+    started: list[Engine] = []
+
+    def failing(kind: str, model: str, **options: object) -> Engine:
+        if model == "/models/base":
+            raise RuntimeError("no such model")
+        started.append(Engine(kind, model))
+        return started[-1]
+
+    with pytest.raises(RuntimeError, match="no such model"):
+        await create_engines(frozen, failing)
+    assert started and started[0].closed  # the planner's engine is not left running
