@@ -73,7 +73,9 @@ class RolloutWorker:
         agents = {False: Agent(engine, fixed, tools, train_cfg), True: Agent(engine, fixed, tools, eval_cfg)}
         channel = open_channel(self.learner_address, self.token)
         stub = learner_pb2_grpc.LearnerStub(channel)
-        log.info("worker %s ready (engine %s, tools %s)", self.worker_id, engine.name, [t.name for t in tools])
+        log.info("worker %s ready (engine %s, fixed modules on %s, tools %s)", self.worker_id, engine.name,
+                 f"a frozen {spec.model.fixed}" if fixed is not engine else "the planner's engine",
+                 [t.name for t in tools])
         try:
             while not self._stopping.is_set():
                 batch = await self._call_learner(
