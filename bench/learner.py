@@ -1,14 +1,16 @@
 """Learner throughput: the batched Flow-GRPO step vs one turn at a time, on the same data.
 
 A Flow-GRPO update trains on many planner turns of different lengths. The learner lays them out in
-micro-batches under a token budget, as length-sorted padded rows (the default) or packed end to
+micro-batches under a token budget: as a prefix tree in one row, so prompt prefixes that turns
+share are computed once (``shared``, the default), as length-sorted padded rows, or packed end to
 end in one row (see ``flowlane.trainer.batching``); the naive alternative runs each turn through
-forward and backward on its own. All modes here are the same ``Learner.step`` on the same
+forward and backward on its own. ``--system-tokens 290`` gives the synthetic turns the prefix
+structure of real planner turns (the README's table). All modes here are the same ``Learner.step`` on the same
 synthetic trajectories with the real bundled model (SmolLM2-135M-Instruct, float32, full
 fine-tuning, KL to a reference model), differing only in the layout and ``micro_batch_tokens``
-(1 puts every turn alone). Reported per mode: forward passes per step, padding share, tokens per
-step (prompt + response), the median step time and tokens/s (tokens / step time: forward,
-backward, reference forward and optimizer step).
+(1 puts every turn alone). Reported per mode: forward passes per step, padding share, the share
+of positions actually computed, tokens per step (prompt + response), the median step time and
+tokens/s (tokens / step time: forward, backward, reference forward and optimizer step).
 
 Checkpoint save/load MB/s rows come from ``bench/checkpoint_io.py`` (the checkpoint store on local
 disk vs the S3 endpoint) and are appended when that module is present.
@@ -17,7 +19,7 @@ On a shared machine wall time moves with the load other processes put on it, so 
 time (``time.process_time``, this process only) is reported too and the speedup is computed from
 it; with one torch thread (``--threads 1``) CPU time is the work done, whatever the load.
 
-Run ``python bench/learner.py [--threads 1] [--steps 2] [--questions 2] [--group-size 4]``.
+Run ``python bench/learner.py [--threads 1] [--steps 2] [--questions 2] [--group-size 4] [--system-tokens 290]``.
 """
 
 from __future__ import annotations
