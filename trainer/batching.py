@@ -1,22 +1,22 @@
 """Laying planner turns out in micro-batches without spending compute on padding.
 
 A Flow-GRPO update trains on many planner turns of very different lengths (a short first plan, a
-long third one that carries the whole memory). Two layouts are supported; both are pure,
-deterministic functions (a resumed run lays out the same data the same way) and both score only
+long third one that carries the whole memory). Three layouts are supported; all are pure,
+deterministic functions (a resumed run lays out the same data the same way) and all score only
 the response tokens:
 
-- ``padded`` (default): turns sorted by length, longest first, fill micro-batches of rows while
+- ``padded``: turns sorted by length, longest first, fill micro-batches of rows while
   ``rows * longest <= token_budget``; each row is one turn, left-padded so all rows end together
   (the pad is masked). Sorting keeps the padding to a few percent, every row attends only over
   its own length, and the logits are computed only for the last ``longest response + 1``
   positions (``logits_to_keep``), i.e. for the response tokens, not the prompts. Works with every
-  attention backend and was the fastest layout measured on CPU (``bench/learner.py``).
+  attention backend; the fastest on CPU when turns share no prefix (``bench/learner.py``).
 - ``packed``: turns are laid end to end in one row (first-fit decreasing under the budget) with
   position ids restarting at 0 per turn and no attention mask; transformers derives a
   block-diagonal causal mask from the position ids. Zero padding, and with flash-attention the
   kernels are varlen so no attention is spent across turns; under sdpa (CPU) the mask is dense,
   so long packed rows pay quadratic attention on masked blocks.
-- ``shared``: turns are merged into a prefix tree (a trie over token ids) laid out in one row:
+- ``shared`` (the learner's default): turns are merged into a prefix tree (a trie over token ids) laid out in one row:
   a token sequence that several turns start with is run through the model once, and each token
   attends exactly to its own ancestors in the tree (a custom 4D boolean mask; position ids are
   depths). The log-probs and gradients are the same as running every turn alone, but planner

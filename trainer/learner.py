@@ -256,10 +256,6 @@ class TurnSample:
     advantage: float
     trajectory: int  # index of its trajectory within the update
 
-    @property
-    def length(self) -> int:
-        return len(self.prompt_ids) + len(self.response_ids)
-
 
 @dataclass
 class PreparedBatch:
