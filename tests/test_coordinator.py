@@ -115,3 +115,27 @@ def test_resume_draws_the_same_questions(steps_done):
     restored.load_state_dict(resumed.state_dict())
     expected = [u.key for u, _ in straight.lease("w", 100, now=0.0)]
     assert [u.key for u, _ in restored.lease("w", 100, now=0.0)] == expected
+
+
+@pytest.mark.parametrize(("replicas", "first", "second"), [(1, 64, 36), (2, 50, 50), (4, 25, 25)])
+def test_evaluation_is_leased_in_few_large_waves(tmp_path, replicas, first, second) -> None:
+    """A worker runs each lease as one wave, so the 100 held-out questions go out in waves of up
+    to 64 (what one engine batches), split evenly over the replicas, not 16 (the training batch)."""
+    from types import SimpleNamespace
+
+    from flowlane.api.flowrun import FlowRun
+    from flowlane.trainer.learner_service import EvalRound, LearnerRuntime
+
+    run = FlowRun.model_validate({"metadata": {"name": "x"}, "spec": {
+        "rollout": {"replicas": replicas}, "algorithm": {"groupSize": 4, "batchQuestions": 4}}})
+    runtime = LearnerRuntime(run, tmp_path)
+    runtime.learner, runtime.weights_cache = SimpleNamespace(policy_version=3), (3, [])
+    runtime.eval_round = EvalRound("baseline", 3, list(runtime.eval_tasks))
+    assert len(runtime.eval_tasks) == 100
+    units, version = runtime.lease("w0/a", 0)
+    more, _ = runtime.lease("w1/a", 0)
+    assert (len(units), len(more), version) == (first, second, 3)
+    assert all(u["eval"] and u["seed"] == 0 for u in units + more)
+    assert not {u["unit_id"] for u in units} & {u["unit_id"] for u in more}
+    runtime.eval_round = None  # training units keep the step's size: questions x group
+    assert len(runtime.lease("w0/a", 0)[0]) == 16

@@ -35,6 +35,11 @@ import typer
 
 log = logging.getLogger("flowlane.learner")
 
+#: Most evaluation units one worker takes at once. A worker runs what it leased as one concurrent
+#: wave and asks again when the whole wave is done, so a wave's slowest trajectory sets its time:
+#: few large waves (its engine batches up to 64 sequences) beat many training-batch-sized ones.
+EVAL_LEASE_MAX = 64
+
 
 @dataclass
 class EvalRound:
@@ -303,6 +308,8 @@ class LearnerRuntime:
         limit = max_tasks or max(self.spec.algorithm.batch_questions * self.spec.algorithm.group_size, 1)
         round_ = self.eval_round
         if round_ is not None:
+            per_worker = math.ceil(len(round_.tasks) / max(self.spec.rollout.replicas, 1))
+            limit = max(limit, min(EVAL_LEASE_MAX, per_worker))
             out = []
             for task in round_.tasks:
                 unit = round_.unit_id(task)

@@ -84,6 +84,10 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+#: KV cache when the caller names none on CPU: ample for the bundled 135M model at 64 sequences.
+CPU_DEFAULT_KV_CACHE_GIB = 2.0
+
+
 class VLLMEngine(LLMEngine):
     """An in-process vLLM ``AsyncLLM`` behind the ``LLMEngine`` interface.
 
@@ -132,6 +136,10 @@ class VLLMEngine(LLMEngine):
             "worker_extension_cls": WORKER_EXTENSION,
             "disable_log_stats": True,
         }
+        if kv_cache_gib is None and not _cuda_available():
+            # Without an explicit size vLLM-CPU reserves 92% of the NUMA node and refuses to start
+            # when the page cache has eaten into "available" memory (as after a large pip install).
+            kv_cache_gib = CPU_DEFAULT_KV_CACHE_GIB
         if kv_cache_gib is not None:
             args["kv_cache_memory_bytes"] = int(kv_cache_gib * GIB)
         args.update(engine_args or {})
