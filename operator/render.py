@@ -400,7 +400,9 @@ class RenderedService:
 def gateway_command(fsvc: FlowService, checkpoint: str) -> list[str]:
     """``flowlane serve`` for this FlowService (runtime/gateway.py's flags)."""
     spec = fsvc.spec
-    return ["flowlane", "serve", "--model", checkpoint, "--served-model-name", fsvc.name,
+    fixed = ["--fixed", spec.model.fixed] if spec.model.fixed else []
+    return ["flowlane", "serve", "--model", checkpoint, *fixed, "--dtype", spec.model.dtype.value,
+            "--served-model-name", fsvc.name,
             "--engine", spec.engine.kind.value, "--tools", ",".join(t.name for t in spec.tools),
             "--host", "0.0.0.0", "--port", str(spec.port), "--max-turns", str(spec.agent.max_turns),
             "--max-time-s", f"{spec.agent.timeout_seconds:g}",

@@ -154,23 +154,30 @@ class Gateway:
     def ready(self) -> bool:
         return self._factory is not None and self.engine_error is None
 
-    def attach(self, source: LLMEngine | AgentFactory, tools: Sequence[Tool] = ()) -> None:
-        """Start answering with ``source``: an engine (the agent's modules all use it) or a factory.
+    def attach(self, source: LLMEngine | AgentFactory, tools: Sequence[Tool] = (),
+               fixed: LLMEngine | None = None) -> None:
+        """Start answering with ``source``: the planner's engine or an agent factory.
 
-        An engine is wrapped in a ``MeteredEngine`` so responses report token usage; build the
-        tools with the same metered engine to count the generator tool's tokens too. One agent is
-        built at once so that a bad tool list fails here, not on the first request.
+        With an engine, ``fixed`` runs the executor, verifier and generator (default: the
+        planner's engine). Engines are wrapped in ``MeteredEngine`` so responses report token
+        usage; build the tools on the same metered fixed engine to count the generator tool's
+        tokens too. One agent is built at once so that a bad tool list fails here, not on the
+        first request.
         """
         from flowlane.runtime.agent.agent import Agent
         from flowlane.runtime.engines.base import LLMEngine
         from flowlane.runtime.gateway_metrics import MeteredEngine
 
         if isinstance(source, LLMEngine):
-            engine = source if isinstance(source, MeteredEngine) else MeteredEngine(source)
+            def metered(engine: LLMEngine) -> LLMEngine:
+                return engine if isinstance(engine, MeteredEngine) else MeteredEngine(engine)
+
+            planner = metered(source)
+            frozen = planner if fixed is None or fixed is source else metered(fixed)
             tool_list = list(tools)
 
             def factory(config: AgentConfig) -> Agent:
-                return Agent(engine, engine, tool_list, config)
+                return Agent(planner, frozen, tool_list, config)
 
             source = factory
         source(self._agent_config(turns=1, time_s=1.0, temperature=None))
@@ -538,16 +545,21 @@ async def running_gateway(app: Starlette, host: str = "127.0.0.1", port: int = 0
         sock.close()
 
 
-def default_served_name(model: str, model_dir: Path) -> str:
+def default_served_name(model: str, model_dir: Path | str) -> str:
     """The model id clients use: a known name as given, else the checkpoint directory's name."""
     from flowlane.runtime.models import KNOWN_MODELS
 
-    return model.strip() if model.strip() in KNOWN_MODELS else model_dir.name
+    return model.strip() if model.strip() in KNOWN_MODELS else str(model_dir).rstrip("/").rsplit("/", 1)[-1]
 
 
 def serve(
     model: Annotated[str, typer.Option(help="Checkpoint directory (HF layout) or known model name.")] = DEFAULT_MODEL,
     engine: Annotated[str, typer.Option(help="LLM engine: vllm or transformers.")] = "vllm",
+    fixed: Annotated[str | None, typer.Option(
+        help="A frozen model for the executor, verifier and generator, on a second engine (a FlowRun's "
+             "spec.model.fixed); default: the planner's model and engine.")] = None,
+    dtype: Annotated[str, typer.Option(
+        help="Weight dtype: auto (bfloat16 on a GPU, float32 on CPU), float32, bfloat16 or float16.")] = "auto",
     tools: Annotated[str, typer.Option(help="Comma-separated tool names.")] = DEFAULT_TOOLS,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8000,
@@ -566,7 +578,8 @@ def serve(
 ) -> None:
     """Serve an agent behind an OpenAI-compatible API (POST /v1/chat/completions)."""
     try:
-        _serve(model=model, engine_kind=engine, tools=tools, host=host, port=port, api_key=api_key,
+        _serve(model=model, engine_kind=engine, fixed=fixed, dtype=dtype, tools=tools, host=host, port=port,
+               api_key=api_key,
                max_turns=max_turns, max_time_s=max_time_s, served_model_name=served_model_name,
                max_content_chars=max_content_chars, max_concurrent_runs=max_concurrent_runs,
                stream_steps=stream_steps, temperature=temperature, log_level=log_level)
@@ -575,11 +588,13 @@ def serve(
         raise typer.Exit(2) from None
 
 
-def _serve(*, model: str, engine_kind: str, tools: str, host: str, port: int, api_key: str | None,
-           max_turns: int, max_time_s: float, served_model_name: str | None, max_content_chars: int,
-           max_concurrent_runs: int, stream_steps: str, temperature: float, log_level: str) -> None:
+def _serve(*, model: str, engine_kind: str, fixed: str | None, dtype: str, tools: str, host: str, port: int,
+           api_key: str | None, max_turns: int, max_time_s: float, served_model_name: str | None,
+           max_content_chars: int, max_concurrent_runs: int, stream_steps: str, temperature: float,
+           log_level: str) -> None:
     from flowlane.runtime.agent.commands import parse_tool_list
-    from flowlane.runtime.models import resolve_model
+    from flowlane.runtime.engines.base import resolve_dtype
+    from flowlane.runtime.models import CHECKPOINT_SCHEMES, resolve_model
     from flowlane.runtime.tools.registry import check_tool_names
 
     # Every cheap check first: a typo must not cost a model load.
@@ -600,7 +615,14 @@ def _serve(*, model: str, engine_kind: str, tools: str, host: str, port: int, ap
         raise ConfigError(f"--temperature must be >= 0, got {temperature}")
     if log_level.lower() not in LOG_LEVELS:
         raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
-    model_dir = resolve_model(model)
+    resolve_dtype(dtype)
+
+    def local(name: str) -> str:
+        """A local model now (a typo must fail fast); a checkpoint URI is fetched while probes answer."""
+        return name.strip() if name.strip().startswith(CHECKPOINT_SCHEMES) else str(resolve_model(name))
+
+    model_dir = local(model)
+    fixed_dir = local(fixed) if fixed else None
     config = GatewayConfig(
         served_model_name=served_model_name or default_served_name(model, model_dir),
         api_key=api_key,
@@ -613,8 +635,8 @@ def _serve(*, model: str, engine_kind: str, tools: str, host: str, port: int, ap
     log_level = log_level.lower()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(_serve_async(config, sock, engine_kind=engine_kind, model_dir=model_dir,
-                                 tool_names=tool_names, log_level=log_level))
+        asyncio.run(_serve_async(config, sock, engine_kind=engine_kind, model_dir=model_dir, fixed_dir=fixed_dir,
+                                 dtype=dtype, tool_names=tool_names, log_level=log_level))
     finally:
         sock.close()
 
@@ -626,13 +648,17 @@ def _agent_defaults(temperature: float) -> AgentConfig:
     return AgentConfig(planner=SamplingSettings(max_tokens=256, temperature=temperature))
 
 
-async def _serve_async(config: GatewayConfig, sock: socket.socket, *, engine_kind: str, model_dir: Path,
-                       tool_names: list[str], log_level: str) -> None:
-    """Serve probes at once, load the engine in a thread, then answer; close everything on exit."""
+async def _serve_async(config: GatewayConfig, sock: socket.socket, *, engine_kind: str, model_dir: str,
+                       fixed_dir: str | None, dtype: str, tool_names: list[str], log_level: str) -> None:
+    """Serve probes at once, load the engines in threads, then answer; close everything on exit."""
+    from flowlane.runtime.engines.factory import close_engines, open_engines
+    from flowlane.runtime.gateway_metrics import MeteredEngine
+    from flowlane.runtime.tools.registry import build_tools
+
     gateway = Gateway(config)
     server = _uvicorn_server(gateway.app(), log_level=log_level, access_log=True, handle_signals=True)
     host, port = sock.getsockname()[:2]
-    loading = asyncio.create_task(asyncio.to_thread(_load_engine, engine_kind, model_dir))
+    loading = asyncio.create_task(open_engines(engine_kind, model_dir, fixed_dir, dtype=dtype))
     served = asyncio.create_task(server.serve(sockets=[sock]))
     log.info("listening on http://%s:%s; loading %s from %s", host, port, config.served_model_name, model_dir)
     tool_objects: list[Tool] = []
@@ -640,12 +666,16 @@ async def _serve_async(config: GatewayConfig, sock: socket.socket, *, engine_kin
         await asyncio.wait({loading, served}, return_when=asyncio.FIRST_COMPLETED)
         if loading.done():
             try:
-                metered, tool_objects = _with_tools(loading.result(), tool_names)
-                gateway.attach(metered, tool_objects)
+                planner, fixed = loading.result()
+                fixed = MeteredEngine(fixed)  # the planner's engine is metered by attach
+                tool_objects = build_tools(tool_names, engine=fixed)
+                gateway.attach(planner, tool_objects, fixed=fixed)
             except Exception as err:
                 gateway.engine_error = (str(err).strip().splitlines() or [type(err).__name__])[0]
                 raise EngineUnavailableError(
                     f"the {engine_kind} engine for {model_dir} failed to start: {gateway.engine_error}") from None
+            log.info("planner from %s; executor, verifier and generator on %s", model_dir,
+                     f"a second engine with {fixed_dir}" if fixed_dir else "the planner's engine")
             log.info("ready: POST http://%s:%s%s with model %r", host, port, CHAT_PATH, config.served_model_name)
         await served
     finally:
@@ -658,19 +688,4 @@ async def _serve_async(config: GatewayConfig, sock: socket.socket, *, engine_kin
             with contextlib.suppress(Exception):
                 await tool.close()
         if loading.done() and not loading.cancelled() and loading.exception() is None:
-            await loading.result().close()
-
-
-def _load_engine(kind: str, model_dir: Path) -> LLMEngine:
-    from flowlane.runtime.engines.factory import create_engine
-
-    return create_engine(kind, str(model_dir))
-
-
-def _with_tools(engine: LLMEngine, tool_names: list[str]) -> tuple[LLMEngine, list[Tool]]:
-    """The engine wrapped for token accounting, and the tools built on it."""
-    from flowlane.runtime.gateway_metrics import MeteredEngine
-    from flowlane.runtime.tools.registry import build_tools
-
-    metered = MeteredEngine(engine)
-    return metered, build_tools(tool_names, engine=metered)
+            await close_engines(*loading.result())

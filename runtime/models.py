@@ -41,6 +41,7 @@ import os
 import shutil
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,21 +122,33 @@ def is_model_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
+#: URI schemes of flowlane checkpoints (``CheckpointStore``), fetched by ``fetch_checkpoint_model``.
+CHECKPOINT_SCHEMES = ("s3://", "file://")
+#: The file naming a checkpoint root's latest checkpoint (``trainer.checkpoint.POINTER_NAME``).
+CHECKPOINT_POINTER = "latest"
+
+
 def resolve_model(name_or_path: str) -> Path:
-    """Turn a model directory or a known model name into a local HF-layout model directory.
+    """Turn a model directory, a known model name or a checkpoint URI into a local HF-layout
+    model directory.
 
     A directory with ``config.json`` is returned as is; a known name is imported on first use
-    (see ``import_model``); anything else raises ``ModelNotFoundError`` naming the path tried and
-    the known names.
+    (see ``import_model``); an ``s3://`` or ``file://`` checkpoint URI, or a run's
+    ``checkpoints/`` directory (meaning its latest), goes to ``fetch_checkpoint_model``; anything
+    else raises ``ModelNotFoundError`` naming the path tried and the known names.
     """
     text = str(name_or_path).strip()
     if not text:
         raise ModelNotFoundError(
             f"empty model name; give a model directory or one of: {', '.join(sorted(KNOWN_MODELS))}"
         )
+    if text.startswith(CHECKPOINT_SCHEMES):
+        return fetch_checkpoint_model(text)
     path = Path(text).expanduser()
     if is_model_dir(path):
         return path.resolve()
+    if path.is_dir() and (path / CHECKPOINT_POINTER).is_file():  # a run's checkpoints/ directory
+        return fetch_checkpoint_model(path.resolve().as_uri())
     if text in KNOWN_MODELS:
         return import_model(text)
     known = ", ".join(sorted(KNOWN_MODELS))
@@ -175,6 +188,50 @@ def import_model(name: str, cache_dir: Path | None = None, force: bool = False) 
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+    return target
+
+
+def fetch_checkpoint_model(uri: str, cache_dir: Path | None = None) -> Path:
+    """The model in a flowlane checkpoint (``s3://bucket/run/step-NNNNNNNN``, ``file://...``, or a
+    checkpoint root for its latest), as a local model directory: a full-weights checkpoint on this
+    machine's disk is used where it is; others are fetched into ``<cache_dir>/checkpoints``.
+
+    Only the model part is downloaded (not the optimizer state), every byte checked against the
+    checkpoint's manifest; a LoRA checkpoint is merged into its base model. The directory is keyed
+    by the checkpoint's own URI (checkpoints never change once written), so a second call, or a
+    restarted serving pod with the same cache, reuses it. S3 settings come from the environment
+    (``FLOWLANE_S3_ENDPOINT``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``).
+    """
+    from flowlane.trainer.checkpoint import is_training_state, open_checkpoint
+
+    store, ref = open_checkpoint(uri)
+    if ref.uri.startswith("file://"):
+        in_place = Path(urllib.parse.urlparse(ref.uri).path)
+        if is_model_dir(in_place):  # a full model on this machine's disk: nothing to copy
+            return in_place
+    root = (cache_dir or default_models_dir()).expanduser() / "checkpoints"
+    target = root / hashlib.sha256(ref.uri.encode()).hexdigest()[:16]
+    if is_model_dir(target):
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(root / f".{target.name}.lock"):
+        if is_model_dir(target):  # another process fetched it while we waited
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=root))
+        try:
+            fetched = store.download(ref, staging / "checkpoint", skip=is_training_state)
+            if is_model_dir(fetched):
+                fetched.rename(staging / "model")
+            elif (fetched / "adapter_config.json").is_file():
+                from flowlane.trainer.learner import merge_lora_checkpoint
+
+                merge_lora_checkpoint(fetched, staging / "model")
+            else:
+                raise ModelNotFoundError(f"checkpoint {ref.uri} holds neither a model (config.json) nor a LoRA "
+                                         "adapter (adapter_config.json); is it a flowlane learner checkpoint?")
+            _publish(staging / "model", target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

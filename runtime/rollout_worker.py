@@ -57,13 +57,14 @@ class RolloutWorker:
         from flowlane.api import learner_pb2, learner_pb2_grpc
         from flowlane.runtime.agent.agent import Agent, AgentConfig
         from flowlane.runtime.engines.base import SamplingSettings
-        from flowlane.runtime.engines.factory import create_engine
+        from flowlane.runtime.engines.factory import close_engines, open_engines
         from flowlane.runtime.grpc_common import open_channel
         from flowlane.runtime.tools.registry import build_tools
 
         spec = self.spec
         algo = spec.algorithm
-        engine, fixed = await create_engines(spec, create_engine)
+        engine, fixed = await open_engines(spec.engine.kind.value, spec.model.planner, spec.model.fixed,
+                                           **engine_options(spec))
         runner = self._code_runner()
         tools = build_tools([t.name for t in spec.tools], engine=fixed, code_runner=runner)
         planner = SamplingSettings(max_tokens=algo.max_planner_tokens, temperature=algo.temperature)
@@ -95,9 +96,7 @@ class RolloutWorker:
             await channel.close()
             for tool in tools:
                 await tool.close()
-            await engine.close()
-            if fixed is not engine:
-                await fixed.close()
+            await close_engines(engine, fixed)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -171,27 +170,14 @@ class RolloutWorker:
             log.warning("learner rejected %d trajectories: %s", ack.rejected, "; ".join(ack.reasons[:3]))
 
 
-async def create_engines(spec: Any, create: Callable[..., Any]) -> tuple[Any, Any]:
-    """The planner's engine (weights synced every step) and the engine of the executor, verifier,
-    generator and generator tool: a second, frozen one when ``spec.model.fixed`` names a model,
-    otherwise the planner's own engine."""
-    options = engine_options(spec)
-    planner = create(spec.engine.kind.value, spec.model.planner, **options)
-    if not spec.model.fixed:
-        return planner, planner
-    try:
-        return planner, create(spec.engine.kind.value, spec.model.fixed, **options)
-    except BaseException:
-        await planner.close()
-        raise
-
-
 def engine_options(spec: Any) -> dict[str, Any]:
-    """Engine settings from the spec: on CPU a fixed KV-cache size, on GPU a memory fraction."""
+    """Engine settings from the spec: the weight dtype; for vLLM the seed, the context length and,
+    on CPU, a fixed KV-cache size, on GPU a memory fraction (transformers seeds each request)."""
     import torch
 
-    options: dict[str, Any] = {"seed": spec.algorithm.seed}
+    options: dict[str, Any] = {"dtype": spec.model.dtype.value}
     if spec.engine.kind.value == "vllm":
+        options["seed"] = spec.algorithm.seed
         options["max_model_len"] = spec.engine.max_model_len
         if torch.cuda.is_available():
             options["engine_args"] = {"gpu_memory_utilization": spec.engine.gpu_memory_utilization,

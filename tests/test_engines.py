@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings, WrappedEngine
+from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings, WrappedEngine, resolve_dtype
 from flowlane.runtime.engines.factory import create_engine
 from flowlane.runtime.engines.openai_engine import OpenAIEngine
 from flowlane.runtime.engines.transformers_engine import TransformersEngine, _top_p_mask
@@ -409,3 +409,11 @@ async def test_a_wrapped_engine_passes_calls_through_and_shares_the_policy_versi
     assert inner.policy_version == 9
     await wrapper.close()
     assert inner.closed
+
+
+def test_auto_dtype_is_bfloat16_only_on_a_gpu_that_has_it() -> None:
+    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    assert resolve_dtype("auto") == ("bfloat16" if gpu_bf16 else "float32")
+    assert [resolve_dtype(d) for d in ("float32", " BFloat16", "float16")] == ["float32", "bfloat16", "float16"]
+    with pytest.raises(ConfigError, match="unknown dtype 'fp8'; choose one of: auto, float32"):
+        resolve_dtype("fp8")

@@ -262,25 +262,25 @@ def test_a_fixed_model_counts_as_a_second_engine_per_rollout_worker(model_dir: P
 
 
 async def test_the_executor_verifier_and_generator_get_their_own_engine_only_when_fixed_is_set() -> None:
-    from flowlane.api.flowrun import load_flowrun
-    from flowlane.runtime.rollout_worker import create_engines
+    from flowlane.runtime.engines.factory import close_engines, open_engines
 
     class Engine:
         def __init__(self, kind: str, model: str, **options: object) -> None:
-            self.model, self.closed = model, False
+            self.model, self.options, self.closed = model, options, False
 
         async def close(self) -> None:
             self.closed = True
 
-    shared = load_flowrun(yaml.safe_dump(flowrun_yaml("shared", 2))).spec
-    planner, fixed = await create_engines(shared, Engine)
-    assert fixed is planner and planner.model == shared.model.planner
+    planner, fixed = await open_engines("vllm", "/models/run", None, create=Engine, seed=3)
+    assert fixed is planner and (planner.model, planner.options) == ("/models/run", {"seed": 3})
+    await close_engines(planner, fixed)
+    assert planner.closed
 
-    document = flowrun_yaml("frozen", 2)
-    document["spec"]["model"] = {"fixed": "/models/base"}
-    frozen = load_flowrun(yaml.safe_dump(document)).spec
-    planner, fixed = await create_engines(frozen, Engine)
-    assert fixed is not planner and (planner.model, fixed.model) == (frozen.model.planner, "/models/base")
+    planner, fixed = await open_engines("vllm", "/models/run", "/models/base", create=Engine, seed=3)
+    assert fixed is not planner and (planner.model, fixed.model, fixed.options) == (
+        "/models/run", "/models/base", {"seed": 3})
+    await close_engines(planner, fixed)
+    assert planner.closed and fixed.closed
 
     started: list[Engine] = []
 
@@ -291,5 +291,25 @@ async def test_the_executor_verifier_and_generator_get_their_own_engine_only_whe
         return started[-1]
 
     with pytest.raises(RuntimeError, match="no such model"):
-        await create_engines(frozen, failing)
+        await open_engines("vllm", "/models/run", "/models/base", create=failing)
     assert started and started[0].closed  # the planner's engine is not left running
+
+
+@pytest.mark.parametrize(("kind", "dtype"), [("vllm", "auto"), ("vllm", "bfloat16"), ("transformers", "float32")])
+def test_engine_options_from_the_spec_are_ones_the_engine_takes(kind: str, dtype: str) -> None:
+    """Every option the rollout worker derives from a spec is a keyword of that engine's
+    constructor (create_engine refuses anything else), and model.dtype reaches the engine."""
+    import inspect
+
+    from flowlane.api.flowrun import load_flowrun
+    from flowlane.runtime.engines.factory import engine_class, parse_kind
+    from flowlane.runtime.rollout_worker import engine_options
+
+    document = flowrun_yaml("opts", 2)
+    document["spec"]["engine"] = {"kind": kind}
+    document["spec"]["model"] = {"dtype": dtype}
+    options = engine_options(load_flowrun(yaml.safe_dump(document)).spec)
+    parameters = inspect.signature(engine_class(parse_kind(kind)).__init__).parameters
+    accepted = {n for n, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert set(options) <= accepted, sorted(set(options) - accepted)
+    assert options["dtype"] == dtype

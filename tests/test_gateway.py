@@ -568,8 +568,11 @@ def _serve_cli() -> typer.Typer:
         (["--stream-steps", "loud"], "--stream-steps"),
         (["--max-turns", "0"], "--max-turns"),
         (["--api-key", " "], "API key is empty"),
+        (["--dtype", "fp8"], "unknown dtype 'fp8'"),
+        (["--fixed", "/no/such/model"], "/no/such/model"),
     ],
-    ids=["bad-engine", "unknown-tool", "bad-steps-display", "zero-turns", "empty-api-key"],
+    ids=["bad-engine", "unknown-tool", "bad-steps-display", "zero-turns", "empty-api-key", "bad-dtype",
+         "missing-fixed"],
 )
 def test_serve_bad_options_are_one_line_errors_before_any_engine_starts(
     model_dir: Path, args: list[str], message: str
@@ -590,3 +593,42 @@ def test_serve_on_a_taken_port_is_a_one_line_error(model_dir: Path) -> None:
     assert result.stderr.strip() == (
         f"error: cannot listen on 127.0.0.1:{port} (Address already in use); pick another --port or --host")
 
+
+
+def test_serve_fetches_a_checkpoint_uri_and_runs_the_fixed_modules_on_their_own_engine(
+        model_dir: Path, tmp_path: Path) -> None:
+    """`flowlane serve` as a FlowService pod runs it: the planner from a FlowRun checkpoint URI
+    (resolved while the probes already answer), the executor/verifier/generator on --fixed."""
+    from flowlane.trainer.checkpoint import CheckpointStore
+
+    store = CheckpointStore.from_uri((tmp_path / "store").as_uri())
+    uri = store.save(7, model_dir, meta={}).uri
+    env = {**os.environ, "FLOWLANE_HOME": str(tmp_path / "home")}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("flowlane")), "serve", "--model", uri, "--fixed", str(model_dir),
+             "--engine", "transformers", "--dtype", "float32", "--port", str(port), "--log-level", "debug"],
+            stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 180
+        ready = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+                if ready.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        assert ready is not None and ready.status_code == 200, log.read_text()[-3000:]
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()
+        assert [m["id"] for m in models["data"]] == ["step-00000007"]
+    finally:
+        proc.terminate()
+        returncode = proc.wait(timeout=60)
+    assert returncode == 0, log.read_text()[-3000:]
+    assert f"executor, verifier and generator on a second engine with {model_dir}" in log.read_text()

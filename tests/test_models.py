@@ -151,3 +151,96 @@ def test_models_verify_command_reports_altered_file(model_dir: Path, tmp_path: P
     result = CliRunner().invoke(models_app, ["verify", str(copy)])
     assert isinstance(result.exception, FlowlaneError)
     assert "generation_config.json does not match its manifest sha256" in str(result.exception)
+
+
+# --- checkpoint URIs ---------------------------------------------------------------------------
+
+
+def _checkpoint_source(model_dir: Path, dest: Path) -> Path:
+    """A learner-checkpoint-shaped directory: the model, plus training state serving never needs."""
+    src = linked_copy(model_dir, dest)
+    (src / "deepspeed").mkdir()
+    (src / "deepspeed" / "optim_states.pt").write_bytes(os.urandom(4096))
+    (src / "rng_state.pt").write_bytes(b"rng")
+    return src
+
+
+def test_an_s3_checkpoint_resolves_to_its_model_fetched_once_without_the_training_state(
+        s3_server, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a FlowService pod and `flowlane serve --model s3://...` do with a FlowRun's
+    status.lastCheckpoint: fetch the model part once into the cache, verified, and reuse it."""
+    from flowlane.trainer.checkpoint import CheckpointStore
+
+    monkeypatch.setenv("FLOWLANE_HOME", str(tmp_path / "home"))
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    root = f"s3://{s3_server.make_bucket('serve')}/runs/math"
+    store = CheckpointStore.from_uri(root)
+    store.save(2, _checkpoint_source(model_dir, tmp_path / "two"), meta={})
+    store.save(3, _checkpoint_source(model_dir, tmp_path / "three"), meta={})
+
+    fetched = resolve_model(f"{root}/step-00000002")
+    assert sorted(p.name for p in fetched.iterdir()) == sorted(p.name for p in model_dir.iterdir())
+    assert (fetched / "model.safetensors").read_bytes() == (model_dir / "model.safetensors").read_bytes()
+    assert fetched.parent == tmp_path / "home" / "models" / "checkpoints"
+    assert resolve_model(f"{root}/step-00000002/") == fetched  # cached: the same directory
+    latest = resolve_model(root)  # a checkpoint root means its latest checkpoint
+    assert latest != fetched and (latest / "config.json").is_file()
+    with pytest.raises(FlowlaneError, match="no complete checkpoint at step 9"):
+        resolve_model(f"{root}/step-00000009")
+
+
+def test_a_local_checkpoint_is_used_where_it_is(model_dir: Path, tmp_path: Path) -> None:
+    """`flowlane eval --model runs/<run>/checkpoints` (the latest) or a file:// URI: no copy."""
+    from flowlane.trainer.checkpoint import CheckpointStore
+
+    store = CheckpointStore.from_uri((tmp_path / "checkpoints").as_uri())
+    store.save(2, _checkpoint_source(model_dir, tmp_path / "two"), meta={})
+    store.save(3, _checkpoint_source(model_dir, tmp_path / "three"), meta={})
+    assert resolve_model(str(tmp_path / "checkpoints")) == tmp_path / "checkpoints" / "step-00000003"
+    assert resolve_model(f"{store.location}/step-00000002") == tmp_path / "checkpoints" / "step-00000002"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FlowlaneError, match="no complete checkpoint under"):
+        resolve_model((tmp_path / "empty").as_uri())
+
+
+def test_a_lora_checkpoint_is_served_merged_into_its_base_model(model_dir: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from flowlane.trainer.checkpoint import CheckpointStore
+    from flowlane.trainer.learner import STATE_FILE, TOKENIZER_FILES, _model_identity
+
+    monkeypatch.setenv("FLOWLANE_HOME", str(tmp_path / "home"))
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    identity = _model_identity(base)
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    tuned = get_peft_model(base, config)
+    adapter = tmp_path / "adapter"
+    tuned.save_pretrained(str(adapter))
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, adapter / name)
+
+    def save(step: int, base_identity: dict) -> str:
+        state = {"config": {"model_path": str(model_dir)}, "base_model": {"path": "/elsewhere", **base_identity}}
+        (adapter / STATE_FILE).write_text(json.dumps(state))
+        store = CheckpointStore.from_uri((tmp_path / "store").as_uri())
+        return store.save(step, adapter, meta={}).uri
+
+    merged_dir = resolve_model(save(1, identity))
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
+    ids = torch.tensor([[1, 9690, 198, 2683, 359, 260, 34830]])
+    with torch.no_grad():
+        want, got = tuned(input_ids=ids).logits, merged(input_ids=ids).logits
+        with tuned.disable_adapter():
+            plain = tuned(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    assert not torch.allclose(plain, got, atol=1e-3)  # the adapter does change the model
+    assert (merged_dir / "tokenizer.json").is_file() and not (merged_dir / "adapter_config.json").exists()
+
+    with pytest.raises(FlowlaneError, match=r"was trained on .* install the same base model"):
+        resolve_model(save(2, {**identity, "hidden_size": 1}))

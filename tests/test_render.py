@@ -9,7 +9,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from flowlane.api.flowrun import FlowRun, load_flowrun
+from flowlane.api.flowrun import Dtype, FlowRun, load_flowrun
 from flowlane.api.flowservice import load_flowservice
 from flowlane.operator.graph import POD_CONFIG_PATH, Role, SecretEnv, compile_graph, resolve
 from flowlane.operator.local import dependency_levels
@@ -236,9 +236,27 @@ def test_flowservice_deployment_rolls_without_downtime_to_the_checkpoint() -> No
     template = second["spec"]["template"]
     assert template["metadata"]["annotations"][ANNOTATION_CHECKPOINT] == "s3://b/step-20"
     assert template["spec"]["containers"][0]["command"] == [
-        "flowlane", "serve", "--model", "s3://b/step-20", "--served-model-name", "math-agent", "--engine", "vllm",
+        "flowlane", "serve", "--model", "s3://b/step-20", "--dtype", "auto", "--served-model-name", "math-agent",
+        "--engine", "vllm",
         "--tools", "python,generator", "--host", "0.0.0.0", "--port", "8000", "--max-turns", "10",
         "--max-time-s", "120", "--max-concurrent-runs", "16"]
     assert first["metadata"]["annotations"][ANNOTATION_HASH] != second["metadata"]["annotations"][ANNOTATION_HASH]
     env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
     assert env["FLOWLANE_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "agent-api", "key": "token"}}
+
+
+def test_flowservice_fixed_model_and_dtype_reach_the_gateway_command_flowlane_serve_parses() -> None:
+    import typer
+
+    from flowlane.runtime.gateway import serve
+
+    fsvc = load_flowservice(REPO / "examples" / "flowservice.yaml")
+    fsvc.spec.model.fixed, fsvc.spec.model.dtype = "smollm2-135m-instruct", Dtype.BFLOAT16
+    argv = render_flowservice(fsvc, checkpoint="s3://b/step-20").deployment[
+        "spec"]["template"]["spec"]["containers"][0]["command"]
+    app = typer.Typer()
+    app.command()(serve)
+    params = typer.main.get_command(app).make_context("serve", list(argv[2:])).params
+    assert (params["model"], params["fixed"], params["dtype"]) == ("s3://b/step-20", "smollm2-135m-instruct",
+                                                                   "bfloat16")
+    assert (params["served_model_name"], params["port"], params["max_concurrent_runs"]) == ("math-agent", 8000, 16)

@@ -52,11 +52,12 @@ from urllib.parse import urlparse
 
 from flowlane.runtime import s3
 from flowlane.runtime.errors import ConfigError, FlowlaneError
+from flowlane.runtime.models import CHECKPOINT_POINTER
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "MANIFEST.json"
-POINTER_NAME = "latest"
+POINTER_NAME = CHECKPOINT_POINTER
 MANIFEST_FORMAT = "flowlane-checkpoint/1"
 ENDPOINT_ENV = s3.ENDPOINT_ENV
 ACCESS_KEY_ENV = s3.ACCESS_KEY_ENV
@@ -69,6 +70,18 @@ _CHUNK_BYTES = 1 << 20
 _S3_PART_BYTES = 64 << 20
 
 T = TypeVar("T")
+
+
+#: The parts of a learner checkpoint that only resuming training reads: DeepSpeed's optimizer and
+#: lr-scheduler state (twice the weights' size with Adam) and the RNG states. Serving and
+#: evaluating a checkpoint need the rest: weights, config and tokenizer.
+DEEPSPEED_DIR = "deepspeed"
+RNG_FILE = "rng_state.pt"
+
+
+def is_training_state(path: str) -> bool:
+    """True for a checkpoint file (manifest path) that only resuming training needs."""
+    return path == RNG_FILE or path.startswith(f"{DEEPSPEED_DIR}/")
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -825,8 +838,10 @@ class CheckpointStore:
         """Raise :class:`IncompatibleCheckpointError` if ``ref`` was saved for another model."""
         check_compatible(ref, expected_model_meta)
 
-    def download(self, ref: CheckpointRef, dest_dir: Path, *, expected_meta: Mapping[str, Any] | None = None) -> Path:
-        """Fetch ``ref`` into ``dest_dir`` (absent or empty), verifying every file's sha256.
+    def download(self, ref: CheckpointRef, dest_dir: Path, *, expected_meta: Mapping[str, Any] | None = None,
+                 skip: Callable[[str], bool] | None = None) -> Path:
+        """Fetch ``ref`` into ``dest_dir`` (absent or empty), verifying every file's sha256;
+        files whose manifest path ``skip`` is true for are left out (``is_training_state``).
 
         Files land in a hidden sibling directory first and are renamed into place only when all
         of them verified, so ``dest_dir`` never holds a partial or corrupt checkpoint.
@@ -839,7 +854,10 @@ class CheckpointStore:
         dest_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = dest_dir.parent / f".{dest_dir.name}.partial-{uuid.uuid4().hex[:8]}"
         try:
+            staging.mkdir()
             for entry in ref.files:
+                if skip is not None and skip(entry.path):
+                    continue
                 target = staging / entry.path
                 target.parent.mkdir(parents=True, exist_ok=True)
                 size, digest = self._backend.fetch(f"{ref.name}/{entry.path}", target)
@@ -854,6 +872,22 @@ class CheckpointStore:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return dest_dir
+
+
+def open_checkpoint(uri: str, **store_options: Any) -> tuple[CheckpointStore, CheckpointRef]:
+    """The checkpoint ``uri`` names, with its store: ``<root>/step-NNNNNNNN`` (what a FlowRun's
+    ``status.lastCheckpoint`` reports), or a checkpoint root, meaning its latest complete one."""
+    root, _, last = uri.rstrip("/").rpartition("/")
+    match = _STEP_DIR.match(last)
+    if match and root and not root.endswith(":/"):
+        store = CheckpointStore.from_uri(root, **store_options)
+        return store, store.get(int(match.group(1)))
+    store = CheckpointStore.from_uri(uri, **store_options)
+    ref = store.latest()
+    if ref is None:
+        raise CheckpointError(f"no complete checkpoint under {uri}; name a checkpoint (<root>/step-NNNNNNNN) "
+                              "or a root a FlowRun has written to")
+    return store, ref
 
 
 def _collect_sources(source_dir: Path) -> list[tuple[str, Path]]:

@@ -50,21 +50,21 @@ def score_trajectories(trajectories: Sequence[Any], tasks: Sequence[Any]) -> dic
 async def evaluate(model: str, tasks_spec: str, split: str, *, engine_kind: str = "vllm",
                    tools: Sequence[str] = ("python", "generator"), max_turns: int = 10,
                    limit: int | None = None, concurrency: int = 32, seed: int = 0,
-                   fixed: str | None = None) -> tuple[EvalResult, list[Any]]:
+                   fixed: str | None = None, dtype: str = "auto") -> tuple[EvalResult, list[Any]]:
     from flowlane.runtime.agent.agent import Agent, AgentConfig, AgentRequest
-    from flowlane.runtime.engines.factory import create_engine
+    from flowlane.runtime.engines.factory import close_engines, open_engines
     from flowlane.runtime.tasks import load_tasks
     from flowlane.runtime.tools.registry import build_tools
 
     tasks = load_tasks(tasks_spec, split)
     if limit:
         tasks = tasks[:limit]
-    options = {"seed": seed} if engine_kind == "vllm" else {}  # transformers seeds each request instead
-    engine = create_engine(engine_kind, model, **options)
-    fixed_engine = engine
+    options: dict[str, Any] = {"dtype": dtype}
+    if engine_kind == "vllm":
+        options["seed"] = seed  # transformers seeds each request instead
+    # a frozen model for the executor, verifier and generator (spec.model.fixed) when given
+    engine, fixed_engine = await open_engines(engine_kind, model, fixed, **options)
     try:
-        if fixed:  # a frozen model for the executor, verifier and generator (spec.model.fixed)
-            fixed_engine = create_engine(engine_kind, fixed, **options)
         agent = Agent(engine, fixed_engine, build_tools(list(tools), engine=fixed_engine),
                       AgentConfig(max_turns=max_turns))
         started = time.monotonic()
@@ -72,9 +72,7 @@ async def evaluate(model: str, tasks_spec: str, split: str, *, engine_kind: str 
         trajectories = await agent.run_many(requests, concurrency=concurrency)
         duration = time.monotonic() - started
     finally:
-        await engine.close()
-        if fixed_engine is not engine:
-            await fixed_engine.close()
+        await close_engines(engine, fixed_engine)
     per_source = score_trajectories(trajectories, tasks)
     correct = sum(good for good, _ in per_source.values())
     return EvalResult(tasks_spec, split, model, len(tasks), correct, duration, per_source), trajectories
@@ -91,6 +89,8 @@ def eval_command(
     limit: int | None = typer.Option(None, "--limit", min=1, help="Score at most this many questions."),
     fixed: str | None = typer.Option(None, "--fixed", help="A frozen model for the executor, verifier and "
                                      "generator (a FlowRun's spec.model.fixed); default: the planner's model."),
+    dtype: str = typer.Option("auto", "--dtype", help="Weight dtype: auto (bfloat16 on a GPU, float32 on "
+                              "CPU), float32, bfloat16 or float16."),
     track: bool = typer.Option(True, "--track/--no-track", help="Log the result to MLflow."),
     mlflow_uri: str | None = typer.Option(None, "--mlflow-uri", envvar="MLFLOW_TRACKING_URI",
                                           help="MLflow tracking URI (default: a local store in ./runs/eval)."),
@@ -102,7 +102,7 @@ def eval_command(
 
     result, trajectories = asyncio.run(
         evaluate(model, tasks, split, engine_kind=engine, tools=[t for t in tools.split(",") if t],
-                 max_turns=max_turns, limit=limit, fixed=fixed)
+                 max_turns=max_turns, limit=limit, fixed=fixed, dtype=dtype)
     )
     table = Table(title=f"{result.model} on {result.tasks}/{result.split}")
     for column in ("source", "correct", "total", "accuracy"):
@@ -117,7 +117,8 @@ def eval_command(
         tracker = Tracker(experiment, run_dir=Path("runs/eval"), tracking_uri=mlflow_uri)
         tracker.start_run(f"eval-{Path(model).name}-{tasks}",
                           params={"model": model, "tasks": tasks, "split": split, "max_turns": max_turns,
-                                  "engine": engine, "tools": tools, "fixed": fixed or model})
+                                  "engine": engine, "tools": tools, "fixed": fixed or model,
+                                  "dtype": dtype})
         tracker.log_metrics(0, {"eval/accuracy": result.accuracy, "eval/time_s": result.duration_s,
                                 **{f"eval/accuracy/{s}": g / max(n, 1) for s, (g, n) in result.per_source.items()}})
         tracker.log_trajectories(0, trajectories[:8])

@@ -53,13 +53,12 @@ from flowlane.runtime.errors import ConfigError, FlowlaneError
 from flowlane.runtime.trajectory import Trajectory
 from flowlane.trainer import flow_grpo
 from flowlane.trainer.batching import BatchLayout, MicroBatch, lay_out, plan_sequences
+from flowlane.trainer.checkpoint import DEEPSPEED_DIR, RNG_FILE
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 STATE_FILE = "learner_state.json"
-RNG_FILE = "rng_state.pt"
-DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "state"
 # Files copied from the base model directory so a checkpoint is a complete model directory.
 TOKENIZER_FILES = (
@@ -379,13 +378,10 @@ def ensure_distributed() -> None:
 
 
 def _resolve_dtype(dtype: Dtype) -> torch.dtype:
-    if dtype == Dtype.FLOAT32:
-        return torch.float32
-    if dtype == Dtype.BFLOAT16:
-        return torch.bfloat16
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    from flowlane.runtime.engines.base import resolve_dtype
+
+    resolved: torch.dtype = getattr(torch, resolve_dtype(dtype.value))
+    return resolved
 
 
 def _model_identity(model: Any) -> dict[str, Any]:
@@ -413,6 +409,32 @@ def _describe(identity: dict[str, Any]) -> str:
         f"{identity.get('model_type')} with {identity.get('num_hidden_layers')} layers, hidden "
         f"{identity.get('hidden_size')}, vocab {identity.get('vocab_size')}"
     )
+
+
+def merge_lora_checkpoint(checkpoint_dir: Path, out_dir: Path) -> None:
+    """Write a full model directory (float32 safetensors, config, tokenizer) into ``out_dir`` from
+    a LoRA checkpoint: the run's base model (its ``model_path``, resolved on this machine) with the
+    adapter merged in, so that any engine loads it. Refuses a base that is not the one trained on."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from flowlane.runtime.models import resolve_model
+
+    try:
+        meta = json.loads((checkpoint_dir / STATE_FILE).read_text())
+        model_path, recorded = meta["config"]["model_path"], dict(meta["base_model"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise FlowlaneError(f"{checkpoint_dir} is not a readable LoRA checkpoint ({STATE_FILE}: {err})") from None
+    base = AutoModelForCausalLM.from_pretrained(str(resolve_model(model_path)), dtype=torch.float32)
+    theirs = {k: v for k, v in recorded.items() if k != "path"}
+    if _model_identity(base) != theirs:
+        raise FlowlaneError(f"the LoRA checkpoint {checkpoint_dir} was trained on {_describe(theirs)}, but "
+                            f"{model_path!r} here is {_describe(_model_identity(base))}; install the same base model")
+    merged = PeftModel.from_pretrained(base, str(checkpoint_dir)).merge_and_unload()
+    merged.save_pretrained(str(out_dir), safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (checkpoint_dir / name).is_file():
+            shutil.copy2(checkpoint_dir / name, out_dir / name)
 
 
 class Learner:

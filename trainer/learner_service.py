@@ -276,7 +276,7 @@ class LearnerRuntime:
         log.info("checkpoint %s written", self.progress.last_checkpoint)
 
     def _log_final_model(self) -> None:
-        from flowlane.trainer.learner import DEEPSPEED_DIR, RNG_FILE
+        from flowlane.trainer.checkpoint import DEEPSPEED_DIR, RNG_FILE
 
         with tempfile.TemporaryDirectory(prefix="flowlane-final-", dir=self.run_dir) as tmp:
             # The published planner is the checkpoint's model part (full weights, or the LoRA adapter).

@@ -8,8 +8,10 @@ naming the accepted options, not a ``TypeError`` from deep inside.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import inspect
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
@@ -67,3 +69,31 @@ def create_engine(kind: str, model: str, **options: Any) -> LLMEngine:
 
         return cls(resolve_model(model), **options)
     return cls(model, **options)
+
+
+async def open_engines(kind: str, planner: str, fixed: str | None = None, *,
+                       create: Callable[..., Any] = create_engine,
+                       **options: Any) -> tuple[LLMEngine, LLMEngine]:
+    """The planner's engine and the engine of the frozen modules (executor, verifier, generator):
+    a second engine when ``fixed`` names a model, else the planner's own.
+
+    Each is built in a worker thread (engines take seconds to minutes to start), so the caller's
+    event loop keeps answering meanwhile; if the second fails, the first is closed, not leaked.
+    """
+    planner_engine = await asyncio.to_thread(create, kind, planner, **options)
+    if not fixed:
+        return planner_engine, planner_engine
+    try:
+        return planner_engine, await asyncio.to_thread(create, kind, fixed, **options)
+    except BaseException:
+        await planner_engine.close()
+        raise
+
+
+async def close_engines(planner: LLMEngine, fixed: LLMEngine) -> None:
+    """Close what ``open_engines`` returned (the fixed engine may be the planner's)."""
+    try:
+        await planner.close()
+    finally:
+        if fixed is not planner:
+            await fixed.close()

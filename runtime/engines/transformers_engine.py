@@ -32,7 +32,7 @@ from typing import Any, cast
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor
 
-from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings
+from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings, resolve_dtype
 from flowlane.runtime.errors import ConfigError, EngineUnavailableError
 from flowlane.runtime.models import encode_chat
 
@@ -116,7 +116,7 @@ class TransformersEngine(LLMEngine):
         self,
         model_dir: str | Path,
         *,
-        dtype: str = "float32",
+        dtype: str = "auto",
         max_batch_size: int = 32,
         batch_window_ms: float = 10.0,
         device: str = "cpu",
@@ -133,9 +133,9 @@ class TransformersEngine(LLMEngine):
             # free cores is far worse than fewer: spinning threads wait on descheduled ones.
             torch.set_num_threads(num_threads)
         self.model_dir = Path(model_dir)
-        torch_dtype = getattr(torch, dtype, None)
-        if not isinstance(torch_dtype, torch.dtype):
-            raise ConfigError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+        # "auto" means bfloat16 only when this engine runs on a GPU that has it.
+        cpu_auto = dtype == "auto" and device == "cpu"
+        torch_dtype = torch.float32 if cpu_auto else getattr(torch, resolve_dtype(dtype))
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         model: Any = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=torch_dtype)
         self.model = model.to(device).eval()

