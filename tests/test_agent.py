@@ -498,8 +498,9 @@ def _cli() -> typer.Typer:
         (["What is 2+2?", "--engine", "tpu"], "tpu"),
         (["What is 2+2?", "--model", "/nonexistent/model-dir"], "/nonexistent/model-dir"),
         (["What is 2+2?", "--max-turns", "0"], "max_turns"),
+        (["What is 2+2?", "--fixed", "/nonexistent/fixed-dir"], "/nonexistent/fixed-dir"),
     ],
-    ids=["empty-question", "unknown-tool", "no-tools", "bad-engine", "missing-model", "zero-turns"],
+    ids=["empty-question", "unknown-tool", "no-tools", "bad-engine", "missing-model", "zero-turns", "missing-fixed"],
 )
 def test_solve_bad_input_is_a_one_line_error_with_exit_code_2(args: list[str], message: str) -> None:
     result = CliRunner().invoke(_cli(), args)

@@ -50,6 +50,9 @@ def solve(
     tools: Annotated[str, typer.Option(help="Comma-separated tool names.")] = DEFAULT_TOOLS,
     engine: Annotated[str, typer.Option(help="LLM engine kind: vllm, transformers or openai.")] = "vllm",
     model: Annotated[str, typer.Option(help="Model directory or known model name.")] = "smollm2-135m-instruct",
+    fixed: Annotated[str | None, typer.Option(
+        help="A frozen model for the executor, verifier and generator, on a second engine (a FlowRun's "
+             "spec.model.fixed); default: the planner's model and engine.")] = None,
     endpoint: Annotated[
         str | None, typer.Option(help="Base URL of an OpenAI-compatible server (engine openai).")
     ] = None,
@@ -63,7 +66,7 @@ def solve(
     from flowlane.runtime.errors import FlowlaneError
 
     try:
-        _solve(question, tools=tools, engine_kind=engine, model=model, endpoint=endpoint,
+        _solve(question, tools=tools, engine_kind=engine, model=model, fixed=fixed, endpoint=endpoint,
                max_turns=max_turns, max_time_s=max_time_s, temperature=temperature, seed=seed,
                json_output=json_output)
     except FlowlaneError as err:
@@ -77,6 +80,7 @@ def _solve(
     tools: str,
     engine_kind: str,
     model: str,
+    fixed: str | None,
     endpoint: str | None,
     max_turns: int,
     max_time_s: float,
@@ -96,15 +100,17 @@ def _solve(
     kind = parse_kind(engine_kind)
     config = AgentConfig(max_turns=max_turns, max_time_s=max_time_s,
                          planner=SamplingSettings(max_tokens=256, temperature=temperature))
-    model_ref = model
+    model_ref, fixed_ref = model, fixed
     if kind in LOCAL_KINDS:
         from flowlane.runtime.models import resolve_model
 
         model_ref = str(resolve_model(model))
+        fixed_ref = str(resolve_model(fixed)) if fixed else None
 
     with _stdout_to_stderr() as out:
         trajectory = asyncio.run(
-            _run(question, tool_names, kind.value, model_ref, endpoint, config, seed, None if json_output else out)
+            _run(question, tool_names, kind.value, model_ref, fixed_ref, endpoint, config, seed,
+                 None if json_output else out)
         )
         # Collect the closed engine now, while the interpreter is whole: vLLM's finalizer run at
         # interpreter exit prints an ignored-exception traceback.
@@ -118,29 +124,30 @@ async def _run(
     tool_names: list[str],
     kind: str,
     model: str,
+    fixed: str | None,
     endpoint: str | None,
     config: AgentConfig,
     seed: int | None,
     show_on: TextIO | None,
 ) -> Trajectory:
     from flowlane.runtime.agent.agent import Agent
-    from flowlane.runtime.engines.factory import create_engine
+    from flowlane.runtime.engines.factory import close_engines, open_engines
     from flowlane.runtime.tools.registry import build_tools
 
     options: dict[str, Any] = dict(ENGINE_OPTIONS.get(kind, {}))
     if endpoint:
         options["base_url"] = endpoint
-    engine = create_engine(kind, model, **options)
+    engine, fixed_engine = await open_engines(kind, model, fixed, **options)
     tool_objects = []
     try:
-        tool_objects = build_tools(tool_names, engine=engine)
-        agent = Agent(engine, engine, tool_objects, config)
+        tool_objects = build_tools(tool_names, engine=fixed_engine)
+        agent = Agent(engine, fixed_engine, tool_objects, config)
         printer = StepPrinter(_console(show_on)) if show_on is not None else None
         return await agent.run(question, seed=seed, on_event=printer)
     finally:
         for tool in tool_objects:
             await tool.close()
-        await engine.close()
+        await close_engines(engine, fixed_engine)
 
 
 @contextlib.contextmanager
