@@ -230,7 +230,8 @@ class EngineSpec(SpecModel):
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage of the learner (0 disables).")
     max_model_len: int = Field(4096, ge=256, le=1048576, description="Context length of engine sequences.")
     gpu_memory_utilization: float = Field(
-        0.85, gt=0.0, le=1.0, description="Fraction of GPU memory vLLM may use (GPU rollouts only)."
+        0.85, gt=0.0, le=1.0, description="Fraction of GPU memory vLLM may use (GPU rollouts only); with "
+        "model.fixed the planner's and the fixed engine share it, half each.",
     )
     tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs one vLLM engine is sharded over.")
     weight_sync: WeightSync = Field(WeightSync.GRPC, description="How new policy weights reach rollout workers.")

@@ -180,7 +180,8 @@ def engine_options(spec: Any) -> dict[str, Any]:
         options["seed"] = spec.algorithm.seed
         options["max_model_len"] = spec.engine.max_model_len
         if torch.cuda.is_available():
-            options["engine_args"] = {"gpu_memory_utilization": spec.engine.gpu_memory_utilization,
+            engines = 2 if spec.model.fixed else 1  # both engines of a worker share its GPUs
+            options["engine_args"] = {"gpu_memory_utilization": spec.engine.gpu_memory_utilization / engines,
                                       "tensor_parallel_size": spec.engine.tensor_parallel_size}
         else:
             options["kv_cache_gib"] = 1.0

@@ -313,3 +313,20 @@ def test_engine_options_from_the_spec_are_ones_the_engine_takes(kind: str, dtype
     accepted = {n for n, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
     assert set(options) <= accepted, sorted(set(options) - accepted)
     assert options["dtype"] == dtype
+
+
+@pytest.mark.parametrize(("fixed", "fraction"), [(None, 0.8), ("smollm2-135m-instruct", 0.4)])
+def test_on_a_gpu_the_fixed_engine_halves_each_engines_memory_fraction(
+        fixed: str | None, fraction: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from flowlane.api.flowrun import load_flowrun
+    from flowlane.runtime.rollout_worker import engine_options
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    document = flowrun_yaml("gpu", 2)
+    document["spec"]["engine"] = {"gpuMemoryUtilization": 0.8}
+    document["spec"]["model"] = {"fixed": fixed} if fixed else {}
+    options = engine_options(load_flowrun(yaml.safe_dump(document)).spec)
+    assert options["engine_args"]["gpu_memory_utilization"] == pytest.approx(fraction)
+    assert "kv_cache_gib" not in options

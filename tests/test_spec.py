@@ -174,6 +174,8 @@ def test_default_example_differs_from_the_model_defaults_only_where_it_says_so()
     example = load_flowrun(REPO / "examples" / "flowrun.yaml")
     text = (REPO / "examples" / "flowrun.yaml").read_text()
     shortened = {  # the fields the file marks "(default: ...)": a run that fits a 2-core machine
+        ("model", "fixed"): "smollm2-135m-instruct",
+        ("algorithm", "batch_questions"): 8,
         ("algorithm", "lr"): 2e-5,
         ("schedule", "steps"): 12,
         ("schedule", "checkpoint_interval"): 4,
