@@ -553,7 +553,9 @@ def default_served_name(model: str, model_dir: Path | str) -> str:
 
 
 def serve(
-    model: Annotated[str, typer.Option(help="Checkpoint directory (HF layout) or known model name.")] = DEFAULT_MODEL,
+    model: Annotated[str, typer.Option(
+        help="A model directory, a known model name, a run's checkpoints/ directory (its latest) or a "
+             "checkpoint URI (s3://bucket/run/step-NNNNNNNN).")] = DEFAULT_MODEL,
     engine: Annotated[str, typer.Option(help="LLM engine: vllm or transformers.")] = "vllm",
     fixed: Annotated[str | None, typer.Option(
         help="A frozen model for the executor, verifier and generator, on a second engine (a FlowRun's "
@@ -579,8 +581,7 @@ def serve(
     """Serve an agent behind an OpenAI-compatible API (POST /v1/chat/completions)."""
     try:
         _serve(model=model, engine_kind=engine, fixed=fixed, dtype=dtype, tools=tools, host=host, port=port,
-               api_key=api_key,
-               max_turns=max_turns, max_time_s=max_time_s, served_model_name=served_model_name,
+               api_key=api_key, max_turns=max_turns, max_time_s=max_time_s, served_model_name=served_model_name,
                max_content_chars=max_content_chars, max_concurrent_runs=max_concurrent_runs,
                stream_steps=stream_steps, temperature=temperature, log_level=log_level)
     except FlowlaneError as err:

@@ -80,7 +80,8 @@ async def evaluate(model: str, tasks_spec: str, split: str, *, engine_kind: str 
 
 def eval_command(
     model: str = typer.Option("smollm2-135m-instruct", "--model",
-                              help="A checkpoint directory, a model directory or a known model name."),
+                              help="A model directory, a known model name, a run's checkpoints/ "
+                              "directory (its latest) or a checkpoint URI (s3://bucket/run/step-NNNNNNNN)."),
     tasks: str = typer.Option("arithmetic", "--tasks", help="A bundled task set, a file or an s3:// URI."),
     split: str = typer.Option("test", "--split", help="The held-out split to score."),
     engine: str = typer.Option("vllm", "--engine", help="vllm or transformers."),

@@ -28,7 +28,7 @@ def resolve_dtype(dtype: str) -> str:
     """A dtype name to a concrete one: "auto" is bfloat16 on a GPU that has it, else float32.
 
     float32 on CPU keeps rollout log-probs within ~1e-5 of the learner's float32 re-scoring;
-    bfloat16 there is about twice as fast and is asked for explicitly.
+    bfloat16 there is faster (README, engine table) but must be asked for.
     """
     from flowlane.runtime.errors import ConfigError
 
