@@ -171,13 +171,12 @@ class RolloutWorker:
 
 
 def engine_options(spec: Any) -> dict[str, Any]:
-    """Engine settings from the spec: the weight dtype; for vLLM the seed, the context length and,
-    on CPU, a fixed KV-cache size, on GPU a memory fraction (transformers seeds each request)."""
+    """Engine settings from the spec: the weight dtype and seed; for vLLM the context length and,
+    on CPU, a fixed KV-cache size, on GPU a memory fraction."""
     import torch
 
-    options: dict[str, Any] = {"dtype": spec.model.dtype.value}
+    options: dict[str, Any] = {"dtype": spec.model.dtype.value, "seed": spec.algorithm.seed}
     if spec.engine.kind.value == "vllm":
-        options["seed"] = spec.algorithm.seed
         options["max_model_len"] = spec.engine.max_model_len
         if torch.cuda.is_available():
             engines = 2 if spec.model.fixed else 1  # both engines of a worker share its GPUs

@@ -417,3 +417,17 @@ def test_auto_dtype_is_bfloat16_only_on_a_gpu_that_has_it() -> None:
     assert [resolve_dtype(d) for d in ("float32", " BFloat16", "float16")] == ["float32", "bfloat16", "float16"]
     with pytest.raises(ConfigError, match="unknown dtype 'fp8'; choose one of: auto, float32"):
         resolve_dtype("fp8")
+
+
+async def test_transformers_engine_seed_makes_unseeded_requests_reproducible(model_dir: Path) -> None:
+    """``seed`` is the engine-wide default (as for vLLM), so a FlowRun or `flowlane eval` can pass
+    the same options to either engine."""
+    settings = SamplingSettings(max_tokens=12, temperature=1.0)
+    runs = []
+    for _ in range(2):
+        engine = TransformersEngine(model_dir, seed=11, max_batch_size=1)
+        try:
+            runs.append((await engine.chat(QUESTION, settings)).token_ids)
+        finally:
+            await engine.close()
+    assert runs[0] == runs[1] and len(runs[0]) > 0

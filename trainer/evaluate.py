@@ -59,9 +59,7 @@ async def evaluate(model: str, tasks_spec: str, split: str, *, engine_kind: str 
     tasks = load_tasks(tasks_spec, split)
     if limit:
         tasks = tasks[:limit]
-    options: dict[str, Any] = {"dtype": dtype}
-    if engine_kind == "vllm":
-        options["seed"] = seed  # transformers seeds each request instead
+    options: dict[str, Any] = {"dtype": dtype, "seed": seed}
     # a frozen model for the executor, verifier and generator (spec.model.fixed) when given
     engine, fixed_engine = await open_engines(engine_kind, model, fixed, **options)
     try:

@@ -121,8 +121,11 @@ class TransformersEngine(LLMEngine):
         batch_window_ms: float = 10.0,
         device: str = "cpu",
         num_threads: int | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
+        if seed is not None:  # the engine-wide default, like vLLM's seed; a request's own seed wins
+            torch.manual_seed(seed)
         if max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if num_threads is not None:
