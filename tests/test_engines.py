@@ -431,3 +431,38 @@ async def test_transformers_engine_seed_makes_unseeded_requests_reproducible(mod
         finally:
             await engine.close()
     assert runs[0] == runs[1] and len(runs[0]) > 0
+
+
+def test_weight_buckets_keep_each_layer_whole_and_stay_under_the_bound() -> None:
+    from flowlane.runtime.engines.vllm_engine import weight_buckets
+
+    def t(n: int) -> torch.Tensor:
+        return torch.zeros(n, dtype=torch.float32)  # 4 bytes per element
+
+    tensors = {
+        "model.embed_tokens.weight": t(100),                 # 400 B
+        "model.layers.0.self_attn.q_proj.weight": t(50),     # layer 0: 400 B in all
+        "model.layers.0.mlp.up_proj.weight": t(50),
+        "model.layers.1.self_attn.q_proj.weight": t(50),     # layer 1: 400 B
+        "model.layers.1.mlp.up_proj.weight": t(50),
+        "model.layers.10.mlp.up_proj.weight": t(300),        # layer 10: 1200 B, over the bound
+        "model.norm.weight": t(10),                          # 40 B
+    }
+    assert weight_buckets(tensors, 800) == [
+        ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"],
+        ["model.layers.1.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight"],
+        ["model.layers.10.mlp.up_proj.weight"],
+        ["model.norm.weight"],
+    ]
+
+
+def test_weights_stage_in_shm_only_when_it_holds_two_buckets(tmp_path: Path) -> None:
+    import os
+
+    from flowlane.runtime.engines.vllm_engine import staging_dir
+
+    stat = os.statvfs(tmp_path)
+    free = stat.f_bavail * stat.f_frsize
+    assert staging_dir(free // 2 - 1, shm=tmp_path) == str(tmp_path)
+    assert staging_dir(free, shm=tmp_path) is None
+    assert staging_dir(1, shm=tmp_path / "missing") is None

@@ -14,12 +14,15 @@ What this adapter adds on top of ``vllm.v1.engine.async_llm.AsyncLLM``:
   (greedy) it is the log-prob under the unscaled distribution. With a JSON schema, the grammar
   mask is applied before sampling, so the log-prob is under the schema-constrained distribution.
 - **Structured output.** ``SamplingSettings.json_schema`` becomes vLLM structured outputs.
-- **Weight sync without restart.** ``load_weights`` writes the new tensors to one safetensors file
-  (in ``/dev/shm`` when it exists) and asks the worker, through ``collective_rpc`` and the worker
-  extension below, to load them into the running model. Generation is paused first in ``wait``
-  mode, so in-flight requests finish under the old weights, and new ``chat`` calls wait until the
-  version is bumped: every ``Generation`` was produced by exactly the ``policy_version`` it
-  carries. A file keeps the transport simple and bounded in memory; NCCL is the GPU-cluster path.
+- **Weight sync without restart.** ``load_weights`` writes the new tensors in buckets of whole
+  layers (``WEIGHT_BUCKET_BYTES``), one safetensors file at a time, and asks the worker, through
+  ``collective_rpc`` and the worker extension below, to load each into the running model; so
+  staging never holds more than one bucket, whatever the model's size. Buckets go to
+  ``/dev/shm`` when it has room for them (a pod's default ``/dev/shm`` is only 64 MiB) and to
+  the temporary directory otherwise. Generation is paused first in ``wait`` mode, so in-flight
+  requests finish under the old weights, and new ``chat`` calls wait until the version is
+  bumped: every ``Generation`` was produced by exactly the ``policy_version`` it carries. NCCL is
+  the GPU-cluster path.
 
 vLLM on CPU starts its engine core in a *spawned* process: a script that creates this engine must
 guard its entry point with ``if __name__ == "__main__":``.
@@ -29,9 +32,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import tempfile
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -232,18 +236,22 @@ class VLLMEngine(LLMEngine):
         tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in weights}
         if not tensors:
             raise ConfigError("load_weights got no tensors")
+        buckets = weight_buckets(tensors, WEIGHT_BUCKET_BYTES)
+        largest = max(sum(tensors[n].numel() * tensors[n].element_size() for n in b) for b in buckets)
         gate = self._gate()
         async with self._weights_lock:
             gate.clear()
             try:
-                scratch = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
-                with tempfile.TemporaryDirectory(prefix="flowlane-weights-", dir=scratch) as tmp:
-                    path = Path(tmp) / "weights.safetensors"
-                    await asyncio.to_thread(save_file, tensors, str(path))
-                    del tensors
+                with tempfile.TemporaryDirectory(prefix="flowlane-weights-", dir=staging_dir(largest)) as tmp:
+                    path = Path(tmp) / "bucket.safetensors"
                     await self._llm.pause_generation(mode="wait", clear_cache=True)
                     try:
-                        await self._llm.collective_rpc("flowlane_load_weights_file", args=(str(path),))
+                        for bucket in buckets:
+                            part = {name: tensors.pop(name) for name in bucket}
+                            await asyncio.to_thread(save_file, part, str(path))
+                            del part
+                            await self._llm.collective_rpc("flowlane_load_weights_file", args=(str(path),))
+                            path.unlink()
                         await self._llm.reset_prefix_cache()
                     finally:
                         await self._llm.resume_generation()
@@ -263,6 +271,45 @@ class VLLMEngine(LLMEngine):
         # Drop the engine now: vLLM's own finaliser would otherwise run again at interpreter exit,
         # when the modules it needs are already torn down.
         del self._llm
+
+
+#: Upper bound of one staged weight bucket; a single layer larger than this is staged alone.
+WEIGHT_BUCKET_BYTES = 32 * 1024 * 1024
+
+_LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
+
+
+def weight_buckets(tensors: Mapping[str, torch.Tensor], bucket_bytes: int) -> list[list[str]]:
+    """Tensor names in load order, grouped into buckets of whole layers of at most ``bucket_bytes``.
+
+    vLLM's in-place reload needs every tensor of a layer in one call, so a transformer block
+    (``...layers.N.*``) is never split; other tensors (embeddings, final norm, head) group by
+    their module. A group larger than ``bucket_bytes`` becomes a bucket of its own.
+    """
+    groups: dict[str, list[str]] = {}
+    for name in tensors:
+        match = _LAYER.match(name)
+        groups.setdefault(match.group(1) if match else name.rsplit(".", 1)[0], []).append(name)
+    buckets: list[list[str]] = []
+    size = 0
+    for names in groups.values():
+        group_bytes = sum(tensors[n].numel() * tensors[n].element_size() for n in names)
+        if buckets and size + group_bytes <= bucket_bytes:
+            buckets[-1].extend(names)
+            size += group_bytes
+        else:
+            buckets.append(list(names))
+            size = group_bytes
+    return buckets
+
+
+def staging_dir(bucket_bytes: int, shm: Path = Path("/dev/shm")) -> str | None:
+    """``/dev/shm`` when it has room for two buckets (RAM-backed, fastest), else the temp dir."""
+    try:
+        stat = os.statvfs(shm)
+    except OSError:
+        return None
+    return str(shm) if stat.f_bavail * stat.f_frsize >= 2 * bucket_bytes else None
 
 
 def _sampled_logprobs(logprobs: Any, token_ids: list[int]) -> list[float]:
