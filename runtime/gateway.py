@@ -10,12 +10,20 @@ Design points:
 
 - **Concurrency through the engine, not around it.** Every request is one asyncio task running
   ``Agent.run`` against one shared engine; vLLM's continuous batching merges the generations of
-  all requests in flight. Nothing serialises requests (a semaphore only caps how many agent runs
-  are in flight at once, ``max_concurrent_runs``; more wait for a slot).
-- **Budgets per request.** A request may ask for ``max_turns`` and ``max_time_s`` (agent-loop
-  wall-clock); the server clamps both to its caps. The agent turns a spent budget into a
-  ``stop_reason`` and still answers; a hard ceiling (loop budget plus ``answer_grace_s``) ends a
-  request that still runs with a 504.
+  all requests in flight, and its prefix cache reuses the module prompts' shared beginnings.
+  Nothing serialises requests; at ``max_concurrent_runs`` agent runs in flight a new request gets
+  a 429 with ``Retry-After`` (when a slot is likely free) instead of waiting unseen.
+- **The whole conversation.** Earlier turns and system messages reach the agent as a
+  ``Conversation``, capped at ``history_max_tokens`` (oldest turns dropped) so that every module
+  prompt stays inside the engine's ``max_model_len`` (checked when an engine is attached).
+- **Budgets per request.** A request may ask for ``max_turns`` and ``max_time_s`` (its time
+  limit); the server clamps both to its caps. The agent loop gets the time minus an answer reserve,
+  the answer gets the reserve; when time runs out the agent still answers with what it found and
+  ``finish_reason`` is ``time_limit``. A client that disconnects cancels its run, and with it the
+  run's engine requests (non-streaming requests too: the connection is watched while the agent
+  works).
+- **No model code in this process.** The python tool runs in a sandbox server child with none of
+  the gateway's secrets, or on sandbox pods (``gateway_sandbox``).
 - **Errors in OpenAI's shape** (``{"error": {"message", "type", "param", "code"}}``, see
   ``gateway_protocol``), so clients raise their usual exceptions; an engine failure is a 500 for
   that request and the server keeps serving the next one.
@@ -41,6 +49,7 @@ import contextlib
 import dataclasses
 import hmac
 import logging
+import math
 import signal
 import socket
 import sys
@@ -68,6 +77,7 @@ from flowlane.runtime.gateway_protocol import (
     error_body,
     event_record,
     event_text,
+    finish_reason_of,
     model_card,
     models_body,
     parse_chat_request,
@@ -86,6 +96,7 @@ if TYPE_CHECKING:
     from starlette.responses import Response
 
     from flowlane.runtime.agent.agent import Agent, AgentConfig, EventKind
+    from flowlane.runtime.agent.conversation import Conversation, TokenCounter
     from flowlane.runtime.engines.base import LLMEngine
     from flowlane.runtime.gateway_metrics import GatewayMetrics
     from flowlane.runtime.tools.base import Tool
@@ -101,6 +112,16 @@ SERVE_ENGINES = ("vllm", "transformers")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 CHAT_PATH = "/v1/chat/completions"
 ENDPOINTS = (CHAT_PATH, "/v1/models", "/healthz", "/readyz", "/metrics")  # metric labels; the rest is "other"
+#: Tokens of a module prompt besides the conversation: instructions, tool cards, worked examples,
+#: a full memory (``memory_total_chars`` plus the newest step in full) and the longest output (the
+#: planner's 256). The planner's prompt is the longest: ~1,300 tokens with the bundled tools and a
+#: full memory, measured with SmolLM2's tokenizer (tests/test_gateway.py checks this bound).
+PROMPT_RESERVE_TOKENS = 2048
+#: Past a request's own time limit, how long the gateway waits for a run that ignores it (a hung
+#: tool, an engine that never answers) before giving up with a 504.
+HARD_CEILING_MARGIN_S = 15.0
+#: Share of a request's time kept for the answer, at most ``answer_reserve_s``.
+ANSWER_SHARE = 1 / 3
 
 
 @dataclass(frozen=True)
@@ -110,10 +131,11 @@ class GatewayConfig:
     served_model_name: str
     api_key: str | None = None  # bearer token required on /v1/*; None: no auth
     limits: RequestLimits = field(default_factory=RequestLimits)
-    answer_grace_s: float = 120.0  # after the agent-loop budget, time left for the answer before a 504
-    max_concurrent_runs: int = 64
+    answer_reserve_s: float = 30.0  # of a request's time, kept for the answer (at most ANSWER_SHARE of it)
+    max_concurrent_runs: int = 64  # agent runs in flight; one more request gets a 429
+    history_max_tokens: int = 1024  # the conversation's tokens in each module prompt; oldest turns dropped
     max_body_bytes: int = 1 << 20
-    steps: StepDisplay = StepDisplay.CONTENT  # where streamed step text goes unless a request says
+    steps: StepDisplay = StepDisplay.NONE  # where streamed step text goes unless a request says
     agent: AgentConfig | None = None  # sampling and token budgets; turns and time are set per request
 
     def __post_init__(self) -> None:
@@ -127,14 +149,16 @@ class GatewayConfig:
             "max_messages": (self.limits.max_messages, 1),
             "max_concurrent_runs": (self.max_concurrent_runs, 1),
             "max_body_bytes": (self.max_body_bytes, 1024),
+            "history_max_tokens": (self.history_max_tokens, 16),
+            "max_answer_tokens": (self.limits.max_answer_tokens, 1),
         }
         for name, (value, least) in checks.items():
             if value < least:
                 raise ConfigError(f"{name} must be >= {least}, got {value}")
         if not self.limits.max_time_s > 0:
             raise ConfigError(f"max_time_s must be > 0, got {self.limits.max_time_s}")
-        if not self.answer_grace_s > 0:
-            raise ConfigError(f"answer_grace_s must be > 0, got {self.answer_grace_s}")
+        if not self.answer_reserve_s > 0:
+            raise ConfigError(f"answer_reserve_s must be > 0, got {self.answer_reserve_s}")
 
 
 class Gateway:
@@ -148,7 +172,9 @@ class Gateway:
         self.created = int(time.time())
         self.engine_error: str | None = None  # why the engine is unusable: it failed to load, or died
         self._factory: AgentFactory | None = None
-        self._slots: asyncio.Semaphore | None = None  # created in the serving loop
+        self._count_tokens: TokenCounter | None = None
+        self.runs_in_flight = 0
+        self._mean_run_s = 0.0  # moving average of finished runs' durations, for Retry-After
 
     @property
     def ready(self) -> bool:
@@ -162,13 +188,27 @@ class Gateway:
         planner's engine). Engines are wrapped in ``MeteredEngine`` so responses report token
         usage; build the tools on the same metered fixed engine to count the generator tool's
         tokens too. One agent is built at once so that a bad tool list fails here, not on the
-        first request.
+        first request. Conversations are counted with the engine's tokenizer (an agent factory's
+        with an estimate), and ``history_max_tokens`` must leave room for the module prompts
+        inside the engine's ``max_model_len``.
         """
         from flowlane.runtime.agent.agent import Agent
+        from flowlane.runtime.agent.conversation import estimate_tokens
         from flowlane.runtime.engines.base import LLMEngine
         from flowlane.runtime.gateway_metrics import MeteredEngine
 
+        self._count_tokens = estimate_tokens
         if isinstance(source, LLMEngine):
+            self._count_tokens = token_counter(source)
+            for engine in {id(e): e for e in (source, fixed or source)}.values():
+                max_model_len = _unwrapped_attribute(engine, "max_model_len")
+                if isinstance(max_model_len, int) and \
+                        self.config.history_max_tokens + PROMPT_RESERVE_TOKENS > max_model_len:
+                    raise ConfigError(
+                        f"history_max_tokens {self.config.history_max_tokens} does not fit the engine's "
+                        f"max_model_len {max_model_len} (module prompts need {PROMPT_RESERVE_TOKENS} more); use "
+                        f"--history-max-tokens {max(16, max_model_len - PROMPT_RESERVE_TOKENS)} or less")
+
             def metered(engine: LLMEngine) -> LLMEngine:
                 return engine if isinstance(engine, MeteredEngine) else MeteredEngine(engine)
 
@@ -180,7 +220,7 @@ class Gateway:
                 return Agent(planner, frozen, tool_list, config)
 
             source = factory
-        source(self._agent_config(turns=1, time_s=1.0, temperature=None))
+        source(self._agent_config())
         self._factory = source
         self.engine_error = None
 
@@ -219,19 +259,26 @@ class Gateway:
                            code=ErrorCode.MODEL_NOT_FOUND, param="model")
         if not self.ready:
             raise self._not_ready_error()
+        conversation = self._fit(chat.conversation)
+        slot = self._take_slot()  # a 429 now, before a stream's 200 is sent
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         display = chat.steps or self.config.steps
         headers = {"x-request-id": request_id}
         if chat.stream:
+            from starlette.background import BackgroundTask
+
             headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
-            return StreamingResponse(self._stream(chat, request_id, created, display),
-                                     media_type="text/event-stream", headers=headers)
-        traj, usage = await self._run(chat)
+            # The background task frees the slot even if the client left before the body started.
+            return StreamingResponse(self._stream(chat, conversation, slot, request_id, created, display),
+                                     media_type="text/event-stream", headers=headers,
+                                     background=BackgroundTask(slot.release))
+        traj, usage = await self._run_watching(request, chat, conversation, slot)
         body = completion_body(
             request_id=request_id, created=created, model=chat.model, answer=traj.answer,
-            agentflow=run_summary(traj, max_turns=chat.max_turns), usage=usage,
+            agentflow=run_summary(traj, max_turns=chat.max_turns, conversation=conversation), usage=usage,
             reasoning=steps_text(traj) if display is StepDisplay.REASONING else None,
+            finish_reason=finish_reason_of(traj),
         )
         return JSONResponse(body, headers=headers)
 
@@ -272,43 +319,91 @@ class Gateway:
 
     # ------------------------------------------------------------------------------- running
 
-    async def _run(self, chat: ChatRequest, on_event: Callable[..., None] | None = None
-                   ) -> tuple[Trajectory, dict[str, int]]:
-        """One agent run for ``chat``, bounded by the request's budgets; (trajectory, usage)."""
+    def _fit(self, conversation: Conversation) -> Conversation:
+        """The conversation inside ``history_max_tokens`` (oldest turns dropped), or a 400."""
+        from flowlane.runtime.agent.conversation import ConversationTooLong, estimate_tokens, fit_conversation
+
+        try:
+            return fit_conversation(conversation, self.config.history_max_tokens,
+                                    self._count_tokens or estimate_tokens)
+        except ConversationTooLong as err:
+            raise ApiError(400, f"{err}; this server's history cap is {err.max_tokens} tokens "
+                           "(flowlane serve --history-max-tokens)",
+                           code=ErrorCode.CONTEXT_LENGTH_EXCEEDED, param="messages") from None
+
+    def _take_slot(self) -> _Slot:
+        """One of ``max_concurrent_runs`` agent-run slots, or a 429 saying when to retry."""
+        limit = self.config.max_concurrent_runs
+        if self.runs_in_flight >= limit:
+            # With every slot busy, a run ends about every mean_run_s / limit seconds.
+            retry_after = max(1, math.ceil(self._mean_run_s / limit))
+            raise ApiError(429, f"the server is running {limit} agent runs, its limit; retry in {retry_after} s",
+                           type=ErrorType.RATE_LIMIT, code=ErrorCode.RATE_LIMITED,
+                           headers={"retry-after": str(retry_after)})
+        self.runs_in_flight += 1
+        self.metrics.in_flight.inc()
+        return _Slot(self)
+
+    def _slot_freed(self) -> None:
+        self.runs_in_flight -= 1
+        self.metrics.in_flight.dec()
+
+    async def _run_watching(self, request: Request, chat: ChatRequest, conversation: Conversation, slot: _Slot
+                            ) -> tuple[Trajectory, dict[str, int]]:
+        """``_run``, cancelled (with its engine requests) if the client disconnects meanwhile."""
+        run = asyncio.create_task(self._run(chat, conversation, slot))
+        gone = asyncio.create_task(_disconnected(request))
+        try:
+            await asyncio.wait({run, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (run, gone):
+                if not task.done():
+                    task.cancel()
+            with contextlib.suppress(BaseException):
+                await gone
+        if run.cancelled() or not run.done():
+            with contextlib.suppress(BaseException):
+                await run
+            raise ApiError(499, "the client closed the connection; the agent run was cancelled",
+                           code=ErrorCode.CLIENT_CLOSED)
+        return run.result()
+
+    async def _run(self, chat: ChatRequest, conversation: Conversation, slot: _Slot,
+                   on_event: Callable[..., None] | None = None) -> tuple[Trajectory, dict[str, int]]:
+        """One agent run for ``chat`` in ``slot``, bounded by the request's budgets; (trajectory, usage)."""
         from flowlane.runtime.gateway_metrics import Usage, metering
 
         assert self._factory is not None
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.config.max_concurrent_runs)
-        config = self._agent_config(turns=chat.max_turns, time_s=chat.max_time_s, temperature=chat.temperature)
+        config = self._agent_config(chat)
         usage = Usage()
-        async with self._slots:
-            self.metrics.in_flight.inc()
-            try:
-                with metering(usage):
-                    async with asyncio.timeout(chat.max_time_s + self.config.answer_grace_s) as deadline:
-                        traj = await self._factory(config).run(chat.question, seed=chat.seed, on_event=on_event)
-            except TimeoutError:
-                if not deadline.expired():
-                    raise self._engine_error(TimeoutError("an engine call timed out")) from None
-                raise ApiError(504, f"the agent did not finish within {chat.max_time_s + self.config.answer_grace_s:g}"
-                               " s; ask for fewer turns (max_turns) or a shorter max_time_s",
-                               type=ErrorType.TIMEOUT, code=ErrorCode.TIMEOUT) from None
-            except ApiError:
-                raise
-            except ConfigError as err:  # e.g. the question makes a prompt longer than the model's context
-                raise ApiError(400, f"the request cannot be served: {err}", code=ErrorCode.INVALID_VALUE) from None
-            except Exception as err:
-                raise self._engine_error(err) from err
-            finally:
-                self.metrics.in_flight.dec()
+        ceiling_s = chat.max_time_s + HARD_CEILING_MARGIN_S
+        started = time.monotonic()
+        try:
+            with metering(usage):
+                async with asyncio.timeout(ceiling_s) as deadline:
+                    traj = await self._factory(config).run(conversation, seed=chat.seed, on_event=on_event)
+        except TimeoutError:
+            if not deadline.expired():
+                raise self._engine_error(TimeoutError("an engine call timed out")) from None
+            raise ApiError(504, f"the agent did not finish within {ceiling_s:g} s, past its time limit; ask "
+                           "for fewer turns (max_turns) or a shorter max_time_s",
+                           type=ErrorType.TIMEOUT, code=ErrorCode.TIMEOUT) from None
+        except ApiError:
+            raise
+        except ConfigError as err:  # e.g. the question makes a prompt longer than the model's context
+            raise ApiError(400, f"the request cannot be served: {err}", code=ErrorCode.INVALID_VALUE) from None
+        except Exception as err:
+            raise self._engine_error(err) from err
+        finally:
+            slot.release()
+        self._mean_run_s += 0.2 * ((time.monotonic() - started) - self._mean_run_s)
         if not usage.calls:  # a factory whose engine is not metered: count what the trajectory knows
             usage.completion_tokens = traj.generated_tokens
         self.metrics.observe_run(traj, usage.prompt_tokens, usage.completion_tokens)
         return traj, usage_body(usage.prompt_tokens, usage.completion_tokens)
 
-    async def _stream(self, chat: ChatRequest, request_id: str, created: int, display: StepDisplay
-                      ) -> AsyncIterator[bytes]:
+    async def _stream(self, chat: ChatRequest, conversation: Conversation, slot: _Slot, request_id: str,
+                      created: int, display: StepDisplay) -> AsyncIterator[bytes]:
         """The SSE body: a role chunk, one chunk per agent event as it happens, the summary, [DONE]."""
         from flowlane.runtime.agent.agent import EventKind
 
@@ -326,7 +421,7 @@ class Gateway:
                 delta = step_delta(display, text) if text else {}
             queue.put_nowait(chunk(delta, agentflow=event_record(kind.value, traj, step)))
 
-        task = asyncio.create_task(self._run(chat, on_event))
+        task = asyncio.create_task(self._run(chat, conversation, slot, on_event))
         task.add_done_callback(lambda _: queue.put_nowait(None))
         try:
             yield sse_event(chunk({"role": "assistant", "content": ""}))
@@ -341,7 +436,8 @@ class Gateway:
                 yield sse_event(err.body())
                 yield sse_event("[DONE]")
                 return
-            yield sse_event(chunk({}, finish_reason="stop", agentflow=run_summary(traj, max_turns=chat.max_turns)))
+            summary = run_summary(traj, max_turns=chat.max_turns, conversation=conversation)
+            yield sse_event(chunk({}, finish_reason=finish_reason_of(traj).value, agentflow=summary))
             if chat.include_usage:
                 yield sse_event(usage_chunk(request_id=request_id, created=created, model=chat.model, usage=usage))
             yield sse_event("[DONE]")
@@ -350,13 +446,28 @@ class Gateway:
                 task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+            slot.release()
 
-    def _agent_config(self, *, turns: int, time_s: float, temperature: float | None) -> AgentConfig:
+    def _agent_config(self, chat: ChatRequest | None = None) -> AgentConfig:
+        """The agent's budgets and sampling for ``chat`` (the server's defaults without one).
+
+        The request's time limit is split: the answer keeps ``answer_reserve_s`` (at most
+        ``ANSWER_SHARE`` of it), the loop gets the rest.
+        """
         from flowlane.runtime.agent.agent import AgentConfig
 
         base = self.config.agent or AgentConfig()
-        planner = base.planner if temperature is None else dataclasses.replace(base.planner, temperature=temperature)
-        return dataclasses.replace(base, max_turns=turns, max_time_s=time_s, planner=planner)
+        if chat is None:
+            return dataclasses.replace(base, max_turns=1, max_time_s=1.0)
+        sampling = {key: value for key, value in (("temperature", chat.temperature), ("top_p", chat.top_p))
+                    if value is not None}
+        answer_s = min(self.config.answer_reserve_s, chat.max_time_s * ANSWER_SHARE)
+        return dataclasses.replace(
+            base, max_turns=chat.max_turns, max_time_s=chat.max_time_s - answer_s, answer_time_s=answer_s,
+            planner=dataclasses.replace(base.planner, **sampling),
+            generator_max_tokens=chat.answer_max_tokens or base.generator_max_tokens,
+            generator_stop=chat.stop or base.generator_stop,
+        )
 
     # ------------------------------------------------------------------------------- checks
 
@@ -406,7 +517,9 @@ class Gateway:
         from starlette.responses import JSONResponse
 
         self.metrics.observe_error(err.code.value)
-        headers = {"www-authenticate": "Bearer"} if err.status == 401 else None
+        headers = dict(err.headers)
+        if err.status == 401:
+            headers["www-authenticate"] = "Bearer"
         return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
     async def _http_error_response(self, request: Request, err: Any) -> Response:
@@ -423,6 +536,47 @@ class Gateway:
             body = error_body(str(err.detail), ErrorType.INVALID_REQUEST, ErrorCode.INVALID_VALUE)
         self.metrics.observe_error(body["error"]["code"])
         return JSONResponse(body, status_code=status, headers=getattr(err, "headers", None))
+
+
+class _Slot:
+    """One agent run's place under ``max_concurrent_runs``; ``release`` may be called more than once."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway: Gateway | None = gateway
+
+    def release(self) -> None:
+        if self._gateway is not None:
+            self._gateway._slot_freed()
+            self._gateway = None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body is already read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _unwrapped_attribute(engine: Any, name: str) -> Any:
+    """``name`` of ``engine`` or of the first engine it wraps that has it (None if none does)."""
+    while engine is not None:
+        if name in getattr(engine, "__dict__", {}) or hasattr(type(engine), name):
+            return getattr(engine, name)
+        engine = getattr(engine, "inner", None)
+    return None
+
+
+def token_counter(engine: LLMEngine) -> TokenCounter:
+    """Counts text tokens with ``engine``'s tokenizer (through wrappers); an estimate without one."""
+    from flowlane.runtime.agent.conversation import estimate_tokens
+
+    tokenizer = _unwrapped_attribute(engine, "tokenizer")
+    if tokenizer is None or not hasattr(tokenizer, "encode"):
+        return estimate_tokens
+
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False)) if text else 0
+
+    return count
 
 
 def _engine_is_dead(err: BaseException) -> bool:
@@ -572,9 +726,18 @@ def serve(
     served_model_name: Annotated[str | None, typer.Option(
         help="Model id clients send (default: the model name, or the checkpoint directory's name).")] = None,
     max_content_chars: Annotated[int, typer.Option(help="Most message characters one request may send.")] = 4000,
-    max_concurrent_runs: Annotated[int, typer.Option(help="Agent runs in flight at once; more wait.")] = 64,
+    max_concurrent_runs: Annotated[int, typer.Option(
+        help="Agent runs in flight at once; a request over it gets 429 with Retry-After.")] = 64,
+    history_max_tokens: Annotated[int, typer.Option(
+        help="Tokens of the conversation (system message, earlier turns, question) in each module prompt; "
+             "the oldest turns are dropped to fit.")] = 1024,
+    max_model_len: Annotated[int, typer.Option(help="The vLLM engine's context length (tokens).")] = 4096,
+    sandbox_address: Annotated[str | None, typer.Option(
+        help="HOST:PORT of sandbox pods for the python tool (token: FLOWLANE_GRPC_TOKEN); default: a sandbox "
+             "server child process without the gateway's secrets.")] = None,
     stream_steps: Annotated[str, typer.Option(
-        help="Where streamed steps go: content, reasoning (reasoning_content) or none.")] = "content",
+        help="Where streamed steps go besides the agentflow field: content, reasoning (reasoning_content) "
+             "or none (the content is the answer alone).")] = "none",
     temperature: Annotated[float, typer.Option(help="Planner sampling temperature.")] = 0.0,
     log_level: Annotated[str, typer.Option(help="Log level: critical, error, warning, info, debug.")] = "info",
 ) -> None:
@@ -583,7 +746,9 @@ def serve(
         _serve(model=model, engine_kind=engine, fixed=fixed, dtype=dtype, tools=tools, host=host, port=port,
                api_key=api_key, max_turns=max_turns, max_time_s=max_time_s, served_model_name=served_model_name,
                max_content_chars=max_content_chars, max_concurrent_runs=max_concurrent_runs,
-               stream_steps=stream_steps, temperature=temperature, log_level=log_level)
+               history_max_tokens=history_max_tokens, max_model_len=max_model_len,
+               sandbox_address=sandbox_address, stream_steps=stream_steps, temperature=temperature,
+               log_level=log_level)
     except FlowlaneError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
@@ -591,8 +756,8 @@ def serve(
 
 def _serve(*, model: str, engine_kind: str, fixed: str | None, dtype: str, tools: str, host: str, port: int,
            api_key: str | None, max_turns: int, max_time_s: float, served_model_name: str | None,
-           max_content_chars: int, max_concurrent_runs: int, stream_steps: str, temperature: float,
-           log_level: str) -> None:
+           max_content_chars: int, max_concurrent_runs: int, history_max_tokens: int, max_model_len: int,
+           sandbox_address: str | None, stream_steps: str, temperature: float, log_level: str) -> None:
     from flowlane.runtime.agent.commands import parse_tool_list
     from flowlane.runtime.engines.base import resolve_dtype
     from flowlane.runtime.models import CHECKPOINT_SCHEMES, resolve_model
@@ -614,6 +779,13 @@ def _serve(*, model: str, engine_kind: str, fixed: str | None, dtype: str, tools
         raise ConfigError(f"--max-turns must be >= 1, got {max_turns}")
     if temperature < 0:
         raise ConfigError(f"--temperature must be >= 0, got {temperature}")
+    if max_model_len < history_max_tokens + PROMPT_RESERVE_TOKENS:
+        raise ConfigError(f"--history-max-tokens {history_max_tokens} does not fit --max-model-len {max_model_len}: "
+                          f"module prompts need {PROMPT_RESERVE_TOKENS} more tokens; lower one or raise the other")
+    if sandbox_address is not None:
+        from flowlane.runtime.gateway_sandbox import remote_runner
+
+        remote_runner(sandbox_address)  # a bad address or a missing token fails before any model load
     if log_level.lower() not in LOG_LEVELS:
         raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     resolve_dtype(dtype)
@@ -629,6 +801,7 @@ def _serve(*, model: str, engine_kind: str, fixed: str | None, dtype: str, tools
         api_key=api_key,
         limits=RequestLimits(max_content_chars=max_content_chars, max_turns=max_turns, max_time_s=max_time_s),
         max_concurrent_runs=max_concurrent_runs,
+        history_max_tokens=history_max_tokens,
         steps=steps,
         agent=_agent_defaults(temperature),
     )
@@ -637,7 +810,8 @@ def _serve(*, model: str, engine_kind: str, fixed: str | None, dtype: str, tools
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(_serve_async(config, sock, engine_kind=engine_kind, model_dir=model_dir, fixed_dir=fixed_dir,
-                                 dtype=dtype, tool_names=tool_names, log_level=log_level))
+                                 dtype=dtype, tool_names=tool_names, log_level=log_level,
+                                 max_model_len=max_model_len, sandbox_address=sandbox_address))
     finally:
         sock.close()
 
@@ -650,26 +824,38 @@ def _agent_defaults(temperature: float) -> AgentConfig:
 
 
 async def _serve_async(config: GatewayConfig, sock: socket.socket, *, engine_kind: str, model_dir: str,
-                       fixed_dir: str | None, dtype: str, tool_names: list[str], log_level: str) -> None:
+                       fixed_dir: str | None, dtype: str, tool_names: list[str], log_level: str,
+                       max_model_len: int = 4096, sandbox_address: str | None = None) -> None:
     """Serve probes at once, load the engines in threads, then answer; close everything on exit."""
     from flowlane.runtime.engines.factory import close_engines, open_engines
     from flowlane.runtime.gateway_metrics import MeteredEngine
-    from flowlane.runtime.tools.registry import build_tools
+    from flowlane.runtime.gateway_sandbox import SandboxChild, remote_runner
+    from flowlane.runtime.sandbox_server import RemoteCodeRunner
+    from flowlane.runtime.tools.registry import ToolName, build_tools
 
     gateway = Gateway(config)
     server = _uvicorn_server(gateway.app(), log_level=log_level, access_log=True, handle_signals=True)
     host, port = sock.getsockname()[:2]
-    loading = asyncio.create_task(open_engines(engine_kind, model_dir, fixed_dir, dtype=dtype))
+    options: dict[str, Any] = {"dtype": dtype}
+    if engine_kind == "vllm":
+        options["max_model_len"] = max_model_len
+    loading = asyncio.create_task(open_engines(engine_kind, model_dir, fixed_dir, **options))
     served = asyncio.create_task(server.serve(sockets=[sock]))
     log.info("listening on http://%s:%s; loading %s from %s", host, port, config.served_model_name, model_dir)
     tool_objects: list[Tool] = []
+    # The python tool's code never runs here: a sandbox child without our secrets, or sandbox pods.
+    runner: SandboxChild | RemoteCodeRunner | None = None
+    if ToolName.PYTHON.value in tool_names:
+        runner = remote_runner(sandbox_address) if sandbox_address else SandboxChild()
     try:
+        if isinstance(runner, SandboxChild):
+            await runner.start()
         await asyncio.wait({loading, served}, return_when=asyncio.FIRST_COMPLETED)
         if loading.done():
             try:
                 planner, fixed = loading.result()
                 fixed = MeteredEngine(fixed)  # the planner's engine is metered by attach
-                tool_objects = build_tools(tool_names, engine=fixed)
+                tool_objects = build_tools(tool_names, engine=fixed, code_runner=runner)
                 gateway.attach(planner, tool_objects, fixed=fixed)
             except Exception as err:
                 gateway.engine_error = (str(err).strip().splitlines() or [type(err).__name__])[0]
@@ -688,5 +874,8 @@ async def _serve_async(config: GatewayConfig, sock: socket.socket, *, engine_kin
         for tool in tool_objects:
             with contextlib.suppress(Exception):
                 await tool.close()
+        if runner is not None:
+            with contextlib.suppress(Exception):
+                await runner.close()
         if loading.done() and not loading.cancelled() and loading.exception() is None:
             await close_engines(*loading.result())

@@ -78,6 +78,7 @@ class Trajectory:
     tool_errors: dict[str, int] = field(default_factory=dict)  # tool name -> count
     duration_s: float = 0.0
     generated_tokens: int = 0  # all modules, for throughput accounting
+    answer_finish_reason: str = "stop"  # the answer's generation: "length" at its token cap, "time_limit" if cut
 
     def count_parse_failure(self, module: str) -> None:
         self.parse_failures[module] = self.parse_failures.get(module, 0) + 1

@@ -4,7 +4,11 @@
 planner engine generated it, parse-failure and tool counters, and the final answer. Two budgets
 bound a run: a number of turns (3 in training, 10 at evaluation, as in the paper) and a wall-clock
 time; whichever ends the loop is recorded as the ``StopReason``, and the solution generator still
-writes an answer so that every trajectory can be scored.
+writes an answer so that every trajectory can be scored. A served request also bounds the answer's
+generation (``answer_time_s``): when that runs out too, the answer is the last tool result.
+
+A run answers a question or a chat ``Conversation`` (``conversation.py``): earlier turns seed the
+memory as context for every module, instructions go to the planner and the generator.
 
 The planner engine (the policy being trained) and the fixed engine (frozen modules: analysis,
 executor, verifier, generator) may be different objects; on one machine they are usually the
@@ -23,6 +27,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TypeVar
 
+from flowlane.runtime.agent.conversation import Conversation
 from flowlane.runtime.agent.executor import Executor
 from flowlane.runtime.agent.generator import SolutionGenerator
 from flowlane.runtime.agent.memory import Memory
@@ -37,6 +42,8 @@ from flowlane.runtime.trajectory import Step, StopReason, Trajectory, Verdict
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+#: ``Trajectory.answer_finish_reason`` when the time budget ended the answer's generation.
+ANSWER_CUT_BY_TIME = "time_limit"
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class AgentConfig:
 
     max_turns: int = 10
     max_time_s: float = 300.0  # wall-clock budget of one trajectory, answer generation excluded
+    answer_time_s: float | None = None  # the answer generation's own budget; None: unbounded
     tool_timeout_s: float = 30.0
     planner: SamplingSettings = field(default_factory=lambda: SamplingSettings(max_tokens=256, temperature=0.0))
     fixed_temperature: float = 0.0
@@ -52,6 +60,7 @@ class AgentConfig:
     executor_max_tokens: int = 192
     verifier_max_tokens: int = 96
     generator_max_tokens: int = 192
+    generator_stop: tuple[str, ...] = ()  # the answer ends at the first of these (a chat request's stop)
     memory_result_chars: int = 400  # per tool result, in prompts
     memory_total_chars: int = 2000  # all steps, in prompts (older steps shrink to one line)
     max_concurrency: int = 64  # trajectories in flight in run_many
@@ -61,6 +70,8 @@ class AgentConfig:
             raise ConfigError(f"max_turns must be >= 1, got {self.max_turns}")
         if self.max_time_s <= 0:
             raise ConfigError(f"max_time_s must be > 0, got {self.max_time_s}")
+        if self.answer_time_s is not None and self.answer_time_s <= 0:
+            raise ConfigError(f"answer_time_s must be > 0, got {self.answer_time_s}")
         if self.tool_timeout_s <= 0:
             raise ConfigError(f"tool_timeout_s must be > 0, got {self.tool_timeout_s}")
         if self.max_concurrency < 1:
@@ -132,27 +143,32 @@ class Agent:
 
     async def run(
         self,
-        question: str,
+        question: str | Conversation,
         *,
         question_id: str = "",
         gold_answer: str | None = None,
         seed: int | None = None,
         on_event: EventCallback | None = None,
     ) -> Trajectory:
-        question = check_question(question)
+        """One trajectory for ``question``, or for a chat ``Conversation`` ending in one.
+
+        A conversation's earlier turns seed the memory and its instructions reach the planner and
+        the generator (``conversation`` module); the trajectory records the last question only.
+        """
+        conversation = question if isinstance(question, Conversation) else Conversation(question)
+        text = check_question(conversation.question)
         started = time.monotonic()
         deadline = started + self.config.max_time_s
         memory = Memory(max_result_chars=self.config.memory_result_chars,
-                        max_total_chars=self.config.memory_total_chars)
-        traj = Trajectory(question=question, question_id=question_id, gold_answer=gold_answer,
-                          steps=memory.steps)
+                        max_total_chars=self.config.memory_total_chars, history=conversation.history)
+        traj = Trajectory(question=text, question_id=question_id, gold_answer=gold_answer, steps=memory.steps)
 
         def emit(kind: EventKind, step: Step | None = None) -> None:
             if on_event is not None:
                 on_event(kind, traj, step)
 
         try:
-            await self._loop(traj, memory, deadline, seed, emit)
+            await self._loop(traj, memory, conversation.instructions, deadline, seed, emit)
         except _TimeBudgetSpent:
             traj.stop_reason = StopReason.TIME_BUDGET
         except FlowlaneError:
@@ -163,11 +179,24 @@ class Agent:
             log.exception("agent loop failed for question %r", question_id or question[:60])
             traj.stop_reason = StopReason.ERROR
 
-        generation = await self.generator.answer(question, memory.render(), seed=seed)
-        self._count(traj, generation)
-        traj.answer = generation.text.strip() or _fallback_answer(memory)
-        if not generation.text.strip():
-            traj.count_parse_failure(Module.GENERATOR)
+        answer = self.generator.answer(text, memory.render(), seed=seed, history=memory.render_history(),
+                                       instructions=conversation.instructions, stop=self.config.generator_stop)
+        try:
+            if self.config.answer_time_s is None:
+                generation = await answer
+            else:
+                generation = await _within(deadline + self.config.answer_time_s, answer)
+        except _TimeBudgetSpent:
+            # The whole run's time is spent: answer with what the steps found, and say so.
+            traj.stop_reason = StopReason.TIME_BUDGET
+            traj.answer_finish_reason = ANSWER_CUT_BY_TIME
+            traj.answer = _fallback_answer(memory, "(no answer: the time ran out before any step finished)")
+        else:
+            self._count(traj, generation)
+            traj.answer_finish_reason = generation.finish_reason
+            traj.answer = generation.text.strip() or _fallback_answer(memory)
+            if not generation.text.strip():
+                traj.count_parse_failure(Module.GENERATOR)
         traj.duration_s = time.monotonic() - started
         emit(EventKind.ANSWER)
         return traj
@@ -194,13 +223,15 @@ class Agent:
         self,
         traj: Trajectory,
         memory: Memory,
+        instructions: str,
         deadline: float,
         seed: int | None,
         emit: Callable[[EventKind, Step | None], None],
     ) -> None:
         cfg = self.config
         question = traj.question
-        analysis = await _within(deadline, self.analyzer.analyze(question, self.cards, seed=seed))
+        history = memory.render_history()
+        analysis = await _within(deadline, self.analyzer.analyze(question, self.cards, seed=seed, history=history))
         self._count(traj, analysis)
         traj.query_analysis = analysis.text.strip()
         emit(EventKind.ANALYSIS, None)
@@ -209,7 +240,7 @@ class Agent:
             turn_started = time.monotonic()
             plan = await _within(deadline, self.planner.plan(
                 question, traj.query_analysis, self.cards, memory.render(),
-                turn=turn, max_turns=cfg.max_turns, seed=seed,
+                turn=turn, max_turns=cfg.max_turns, seed=seed, history=history, instructions=instructions,
             ))
             self._count(traj, plan.generation)
             traj.planner_turns.append(plan.turn)
@@ -246,6 +277,7 @@ class Agent:
         tool = self.tools[step.tool_name]
         command = await _within(deadline, self.executor.command_for(
             tool, traj.question, sub_goal=step.sub_goal, context=step.context, turn=step.turn, seed=seed,
+            history=memory.render_history(),
         ))
         if command.generation is not None:
             self._count(traj, command.generation)
@@ -267,6 +299,7 @@ class Agent:
             return StopReason.TURN_BUDGET
         verdict = await _within(deadline, self.verifier.verify(
             traj.question, traj.query_analysis, memory.render(), turn=step.turn, seed=seed,
+            history=memory.render_history(),
         ))
         self._count(traj, verdict.generation)
         self._note_parse(traj, Module.VERIFIER, verdict.parsed)
@@ -316,9 +349,9 @@ def check_question(question: str) -> str:
     return question.strip()
 
 
-def _fallback_answer(memory: Memory) -> str:
-    """The last successful tool result, when the generator wrote nothing."""
+def _fallback_answer(memory: Memory, nothing: str = "(no answer)") -> str:
+    """The last successful tool result, when the generator wrote nothing (or had no time to)."""
     for step in reversed(memory.steps):
         if step.tool_ok and step.result.strip():
             return step.result.strip()
-    return "(no answer)"
+    return nothing

@@ -50,13 +50,14 @@ class Executor:
         self.settings = settings
 
     async def command_for(
-        self, tool: Tool, question: str, *, sub_goal: str, context: str, turn: int, seed: int | None = None
+        self, tool: Tool, question: str, *, sub_goal: str, context: str, turn: int, seed: int | None = None,
+        history: str = "",
     ) -> CommandOutput:
         if not tool.needs_command:
             return CommandOutput(sub_goal, None, None)
         messages = executor_messages(
             question, tool.card(), tool.command_instruction, tool.input_schema,
-            sub_goal=sub_goal, context=context,
+            sub_goal=sub_goal, context=context, history=history,
         )
         settings = request_settings(
             self.settings,

@@ -8,6 +8,8 @@ without making it more correct.
 
 from __future__ import annotations
 
+import dataclasses
+
 from flowlane.runtime.agent.prompts import Module, call_seed, generator_messages, request_settings
 from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings
 
@@ -17,8 +19,13 @@ class SolutionGenerator:
         self.engine = engine
         self.settings = settings
 
-    async def answer(self, question: str, memory_text: str, *, seed: int | None = None) -> Generation:
+    async def answer(self, question: str, memory_text: str, *, seed: int | None = None, history: str = "",
+                     instructions: str = "", stop: tuple[str, ...] = ()) -> Generation:
+        """The answer; ``stop`` ends it at the first of these strings (a chat request's ``stop``)."""
         settings = request_settings(
             self.settings, schema=None, structured=False, seed=call_seed(seed, Module.GENERATOR, 0)
         )
-        return await self.engine.chat(generator_messages(question, memory_text), settings)
+        if stop:
+            settings = dataclasses.replace(settings, stop=stop)
+        messages = generator_messages(question, memory_text, history=history, instructions=instructions)
+        return await self.engine.chat(messages, settings)

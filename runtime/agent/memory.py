@@ -5,6 +5,10 @@ must stay small for small planners (SmolLM2-135M has a few thousand tokens of co
 long prompt also slows every turn), so ``render_steps`` shows the most recent steps in full,
 truncates long tool results, and shrinks older steps to one line once a character budget is
 spent.
+
+In a conversation the memory starts out *seeded* with the earlier chat turns (``history``): they
+are context every module reads (``render_history``), not steps the agent took, so they are never
+squeezed by the step budget; ``conversation.fit_conversation`` has already capped them.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from flowlane.runtime.agent.conversation import ChatTurn, render_history
 from flowlane.runtime.trajectory import Step
 
 
@@ -49,11 +54,12 @@ def render_steps(steps: Sequence[Step], *, max_result_chars: int = 400, max_tota
 
 @dataclass
 class Memory:
-    """The ordered record of steps one trajectory has taken."""
+    """The ordered record of steps one trajectory has taken, after the conversation it started in."""
 
     steps: list[Step] = field(default_factory=list)
     max_result_chars: int = 400
     max_total_chars: int = 2000
+    history: tuple[ChatTurn, ...] = ()  # earlier chat turns, oldest first
 
     def add(self, step: Step) -> None:
         self.steps.append(step)
@@ -61,6 +67,10 @@ class Memory:
     def render(self) -> str:
         return render_steps(self.steps, max_result_chars=self.max_result_chars,
                             max_total_chars=self.max_total_chars)
+
+    def render_history(self) -> str:
+        """The earlier turns as prompt text; "" outside a conversation."""
+        return render_history(self.history)
 
     def __len__(self) -> int:
         return len(self.steps)

@@ -75,9 +75,12 @@ class Planner:
         turn: int,
         max_turns: int,
         seed: int | None = None,
+        history: str = "",
+        instructions: str = "",
     ) -> PlannerOutput:
         names = [str(card["name"]) for card in cards]
-        messages = planner_messages(question, analysis, cards, memory_text, turn=turn, max_turns=max_turns)
+        messages = planner_messages(question, analysis, cards, memory_text, turn=turn, max_turns=max_turns,
+                                    history=history, instructions=instructions)
         settings = request_settings(
             self.settings,
             schema=planner_schema(names),
@@ -98,9 +101,9 @@ class QueryAnalyzer:
         self.settings = settings
 
     async def analyze(
-        self, question: str, cards: Sequence[Mapping[str, Any]], *, seed: int | None = None
+        self, question: str, cards: Sequence[Mapping[str, Any]], *, seed: int | None = None, history: str = ""
     ) -> Generation:
         settings = request_settings(
             self.settings, schema=None, structured=False, seed=call_seed(seed, Module.ANALYSIS, 0)
         )
-        return await self.engine.chat(query_analysis_messages(question, cards), settings)
+        return await self.engine.chat(query_analysis_messages(question, cards, history=history), settings)

@@ -57,10 +57,20 @@ def render_tool_cards(cards: Sequence[Mapping[str, Any]]) -> str:
 # query analysis (fixed LLM, once per trajectory)
 
 
-def query_analysis_messages(question: str, cards: Sequence[Mapping[str, Any]]) -> Messages:
+def _history_block(history: str) -> str:
+    """The earlier turns of a conversation ahead of a prompt's question ("" outside a chat)."""
+    return f"Conversation so far:\n{history}\n" if history.strip() else ""
+
+
+def _instructions_line(instructions: str) -> str:
+    return f"\n\nThe user's instructions: {instructions.strip()}" if instructions.strip() else ""
+
+
+def query_analysis_messages(question: str, cards: Sequence[Mapping[str, Any]], *, history: str = "") -> Messages:
     names = ", ".join(str(card.get("name")) for card in cards)
     return _messages(
         "You analyze questions for an assistant that can use tools. Be brief and do not answer.",
+        f"{_history_block(history)}"
         f"Question: {question}\n"
         f"Available tools: {names}\n"
         "In one or two sentences: what does the question ask for, and does it need a "
@@ -109,10 +119,11 @@ def planner_schema(tool_names: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def _planner_request(question: str, memory_text: str, turn: int, max_turns: int, analysis: str | None) -> str:
+def _planner_request(question: str, memory_text: str, turn: int, max_turns: int, analysis: str | None,
+                     history: str = "") -> str:
     # The question comes last, next to the instruction: small models weigh recent text most, and
     # a wandering analysis must not push the question out of view.
-    lines = []
+    lines = [_history_block(history).rstrip("\n")] if history.strip() else []
     if analysis is not None:
         lines.append(f"Analysis: {truncate(analysis, 300) or '(none)'}")
     lines += [f"Steps so far:\n{memory_text}", f"Question: {question}",
@@ -128,15 +139,17 @@ def planner_messages(
     *,
     turn: int,
     max_turns: int,
+    history: str = "",
+    instructions: str = "",
 ) -> Messages:
-    """System (role and tools), up to two worked examples for tools in the set, the request."""
+    """System (role, tools, the user's instructions), up to two worked examples, the request."""
     names = [str(card.get("name")) for card in cards]
     messages = [{
         "role": "system",
         "content": "You are the planner of an assistant that answers questions with tools. Each turn "
         "you choose ONE tool and give it one small, concrete sub-goal. Reply with JSON: "
         "justification, context (facts from earlier steps the tool needs), sub_goal, tool_name "
-        f"(one of: {', '.join(names)}).\n\nTools:\n{render_tool_cards(cards)}",
+        f"(one of: {', '.join(names)}).\n\nTools:\n{render_tool_cards(cards)}{_instructions_line(instructions)}",
     }]
     examples = [PLANNER_EXAMPLES[name] for name in names if name in PLANNER_EXAMPLES][:MAX_PLANNER_EXAMPLES]
     for example_question, example_step in examples:
@@ -144,7 +157,7 @@ def planner_messages(
             example_question, "(no steps yet)", 1, max_turns, None)})
         messages.append({"role": "assistant", "content": json.dumps(example_step)})
     messages.append({"role": "user", "content": _planner_request(
-        question, memory_text, turn, max_turns, analysis)})
+        question, memory_text, turn, max_turns, analysis, history)})
     return messages
 
 
@@ -167,10 +180,11 @@ def executor_messages(
     *,
     sub_goal: str,
     context: str,
+    history: str = "",
 ) -> Messages:
     # No tool description here: small models copy it into the command. The sub-goal comes last.
     example = json.dumps({name: "..." for name in command_fields(input_schema)})
-    lines = [f"Question: {question}"]
+    lines = [f"{_history_block(history)}Question: {question}"]
     if context.strip():
         lines.append(f"Context: {truncate(context, 600)}")
     lines += [f"Sub-goal: {sub_goal}", "", f"Reply with JSON only: {example}"]
@@ -194,9 +208,10 @@ VERIFIER_SCHEMA: dict[str, Any] = {
 }
 
 
-def verifier_messages(question: str, analysis: str, memory_text: str) -> Messages:
+def verifier_messages(question: str, analysis: str, memory_text: str, *, history: str = "") -> Messages:
     return _messages(
         "You check whether the steps taken so far are enough to answer a question.",
+        f"{_history_block(history)}"
         f"Question: {question}\n"
         f"Analysis: {truncate(analysis, 400) or '(none)'}\n\n"
         f"Steps so far:\n{memory_text}\n\n"
@@ -210,12 +225,19 @@ def verifier_messages(question: str, analysis: str, memory_text: str) -> Message
 # solution generator (fixed LLM)
 
 
-def generator_messages(question: str, memory_text: str) -> Messages:
+def generator_messages(question: str, memory_text: str, *, history: str = "", instructions: str = "") -> Messages:
+    # The user's instructions come twice: in the system message, where chat models look for them,
+    # and as the last line, which a small model weighs most.
+    closing = ("Answer the question using these results. Be concise and end with the final answer."
+               if not instructions.strip() else
+               f"Answer the question using these results. Follow these instructions: {instructions.strip()}")
     return _messages(
-        "You answer questions using the results of the steps an assistant took.",
+        "You answer questions using the results of the steps an assistant took."
+        + _instructions_line(instructions),
+        f"{_history_block(history)}"
         f"Question: {question}\n\n"
         f"Steps and results:\n{memory_text}\n\n"
-        "Answer the question using these results. Be concise and end with the final answer.",
+        f"{closing}",
     )
 
 

@@ -37,7 +37,8 @@ class Verifier:
         self.settings = settings
 
     async def verify(
-        self, question: str, analysis: str, memory_text: str, *, turn: int, seed: int | None = None
+        self, question: str, analysis: str, memory_text: str, *, turn: int, seed: int | None = None,
+        history: str = "",
     ) -> VerifierOutput:
         settings = request_settings(
             self.settings,
@@ -45,5 +46,6 @@ class Verifier:
             structured=self.engine.supports_structured_output,
             seed=call_seed(seed, Module.VERIFIER, turn),
         )
-        generation = await self.engine.chat(verifier_messages(question, analysis, memory_text), settings)
+        generation = await self.engine.chat(verifier_messages(question, analysis, memory_text, history=history),
+                                            settings)
         return VerifierOutput(parse_verdict(generation.text, default=Verdict.CONTINUE), generation)
