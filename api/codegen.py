@@ -13,7 +13,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-from flowlane.runtime.errors import FlowlaneError
+from flowlane.api.errors import FlowlaneError
 
 API_DIR = Path(__file__).resolve().parent
 

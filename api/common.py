@@ -37,7 +37,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
-from flowlane.runtime.errors import ConfigError
+from flowlane.api.errors import ConfigError
 
 API_GROUP = "flowlane.dev"
 API_VERSION = "v1alpha1"

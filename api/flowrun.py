@@ -40,6 +40,15 @@ from flowlane.api.common import (
     field_error,
     load_resource,
 )
+from flowlane.api.enums import (
+    AdvantageMode,
+    Aggregation,
+    Dtype,
+    EngineKind,
+    KLEstimator,
+    LocalEngineKind,
+    RewardKind,
+)
 
 KIND: Final = "FlowRun"
 PLURAL: Final = "flowruns"
@@ -74,41 +83,6 @@ class ConditionType(enum.StrEnum):
     SUSPENDED = "Suspended"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
-
-
-class Dtype(enum.StrEnum):
-    AUTO = "auto"  # bfloat16 on GPUs that support it, float32 on CPU
-    FLOAT32 = "float32"
-    BFLOAT16 = "bfloat16"
-    FLOAT16 = "float16"
-
-
-class KlEstimator(enum.StrEnum):
-    K1 = "k1"  # log(pi/pi_ref): unbiased, high variance, can go negative
-    K3 = "k3"  # pi_ref/pi - log(pi_ref/pi) - 1: unbiased, non-negative, lower variance
-
-
-class AdvantageMode(enum.StrEnum):
-    TRAJECTORY = "trajectory"  # the paper: normalise final rewards over the G trajectories of a question
-    TURN = "turn"  # the reference code: normalise over all planner-turn samples of a question
-
-
-class LossAggregation(enum.StrEnum):
-    PAPER = "paper"  # mean over tokens, then turns, then trajectories (the paper's formula)
-    TOKEN_MEAN = "tokenMean"  # one mean over every response token of the batch (the reference code)
-
-
-class RewardKind(enum.StrEnum):
-    EXACT = "exact"  # normalised string equality
-    NUMERIC = "numeric"  # numbers equal within a tolerance (exact match for non-numbers)
-    CHOICE = "choice"  # option letters (A/B/C/D) compared
-    GAME24 = "game24"  # a valid arithmetic expression over the question's four numbers that makes 24
-    JUDGE = "judge"  # an LLM judge decides equivalence (needs a judge model)
-
-
-class EngineKind(enum.StrEnum):
-    VLLM = "vllm"  # vLLM in-process (CPU or CUDA build): batched, fast; the default
-    TRANSFORMERS = "transformers"  # plain transformers: slow, for reference and debugging
 
 
 class WeightSync(enum.StrEnum):
@@ -201,14 +175,14 @@ class AlgorithmSpec(SpecModel):
     batch_questions: int = Field(4, ge=1, le=4096, description="Questions per training step.")
     lr: float = Field(1e-5, gt=0.0, le=1.0, description="Learning rate of the planner optimizer.")
     kl_beta: float = Field(0.001, ge=0.0, le=10.0, description="beta: weight of the KL(pi || pi_ref) loss term.")
-    kl_estimator: KlEstimator = Field(KlEstimator.K3, description="Per-token KL estimator: k1 or k3.")
+    kl_estimator: KLEstimator = Field(KLEstimator.K3, description="Per-token KL estimator: k1 or k3.")
     clip_low: float = Field(0.2, gt=0.0, lt=1.0, description="epsilon_low: ratios below 1 - clipLow are clipped.")
     clip_high: float = Field(0.3, gt=0.0, le=10.0, description="epsilon_high: ratios above 1 + clipHigh are clipped.")
     advantage_mode: AdvantageMode = Field(
         AdvantageMode.TRAJECTORY, description="trajectory (the paper) or turn (the reference code)."
     )
-    loss_aggregation: LossAggregation = Field(
-        LossAggregation.PAPER, description="paper (per-token, per-turn, per-trajectory means) or tokenMean."
+    loss_aggregation: Aggregation = Field(
+        Aggregation.PAPER, description="paper (per-token, per-turn, per-trajectory means) or tokenMean."
     )
     temperature: float = Field(0.7, ge=0.0, le=2.0, description="Planner sampling temperature during rollout.")
     max_turns: int = Field(3, ge=1, le=64, description="Planner turn budget per trajectory in training.")
@@ -226,7 +200,7 @@ class AlgorithmSpec(SpecModel):
 class EngineSpec(SpecModel):
     """Inference engine of rollout workers and training engine settings of the learner."""
 
-    kind: EngineKind = Field(EngineKind.VLLM, description="Rollout inference engine: vllm or transformers.")
+    kind: LocalEngineKind = Field(EngineKind.VLLM, description="Rollout inference engine: vllm or transformers.")
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage of the learner (0 disables).")
     max_model_len: int = Field(4096, ge=256, le=1048576, description="Context length of engine sequences.")
     gpu_memory_utilization: float = Field(

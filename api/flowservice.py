@@ -29,7 +29,8 @@ from flowlane.api.common import (
     field_error,
     load_resource,
 )
-from flowlane.api.flowrun import Dtype, EngineKind, StorageSpec, ToolSpec, default_tools
+from flowlane.api.enums import Dtype, EngineKind, LocalEngineKind
+from flowlane.api.flowrun import StorageSpec, ToolSpec, default_tools
 
 KIND: Final = "FlowService"
 PLURAL: Final = "flowservices"
@@ -91,7 +92,7 @@ class ModelSource(SpecModel):
 class GatewayEngineSpec(SpecModel):
     """Inference engine of the gateway pods."""
 
-    kind: EngineKind = Field(EngineKind.VLLM, description="vllm or transformers.")
+    kind: LocalEngineKind = Field(EngineKind.VLLM, description="vllm or transformers.")
     max_model_len: int = Field(4096, ge=256, le=1048576, description="Context length.")
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="GPU memory fraction for vLLM.")
     tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs one engine is sharded over.")

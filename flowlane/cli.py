@@ -76,7 +76,7 @@ def _register(wanted: str | None) -> None:
 
 
 def main() -> None:
-    from flowlane.runtime.errors import FlowlaneError
+    from flowlane.api.errors import FlowlaneError
 
     _register(sys.argv[1] if len(sys.argv) > 1 else None)
     try:

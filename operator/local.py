@@ -49,9 +49,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import IO, Any
 
+from flowlane.api.errors import FlowlaneError
 from flowlane.operator.graph import ENV_GRPC_TOKEN, Component, ProcessGraph, resolve
 from flowlane.operator.graph import Protocol as PortProtocol
-from flowlane.runtime.errors import FlowlaneError
 
 LOOPBACK = "127.0.0.1"
 _PR_SET_PDEATHSIG = 1

@@ -33,7 +33,7 @@ import grpc
 import grpc.aio
 
 from flowlane.api import learner_pb2
-from flowlane.runtime.errors import ConfigError, FlowlaneError
+from flowlane.api.errors import ConfigError, FlowlaneError
 from flowlane.runtime.trajectory import Trajectory
 
 if TYPE_CHECKING:

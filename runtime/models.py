@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flowlane.runtime.errors import FlowlaneError, ModelNotFoundError
+from flowlane.api.errors import FlowlaneError, ModelNotFoundError
 
 MANIFEST_NAME = "flowlane-manifest.json"
 MANIFEST_FORMAT = 1

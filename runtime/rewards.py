@@ -4,7 +4,7 @@ Flow-GRPO gives every planner turn of a trajectory the trajectory's final outcom
 must be cheap, deterministic and hard to game. The paper uses an LLM judge; here the offline
 checkers are the default and the judge is an option:
 
-- ``exact_match``: the answers are equal after normalising case, whitespace, punctuation and
+- ``exact`` (also ``exact_match``): the answers are equal after normalising case, whitespace, punctuation and
   English articles ("The Sallow." == "sallow").
 - ``numeric``: the first number after an answer marker (or the last number in the text) equals
   the gold number within a tolerance; thousands separators are understood ("1,234").
@@ -13,7 +13,7 @@ checkers are the default and the judge is an option:
   ``ast`` and walked node by node: nothing is ever evaluated by Python, so "__import__('os')"
   is just an invalid answer. Division by zero is an invalid answer too; the checker never raises.
 - ``choice``: the option letter (A-E) of a multiple-choice answer.
-- ``llm_judge``: an ``LLMEngine`` decides whether the prediction means the same as the gold
+- ``judge`` (also ``llm_judge``): an ``LLMEngine`` decides whether the prediction means the same as the gold
   answer (async; use ``LLMJudge`` or ``ascore``).
 
 Predictions are usually a generator's whole text; ``extract_final_answer`` finds the answer in
@@ -32,11 +32,11 @@ import string
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any, Protocol
 
-from flowlane.runtime.errors import ConfigError
+from flowlane.api.enums import RewardKind
+from flowlane.api.errors import ConfigError
 
 if TYPE_CHECKING:  # the engine module imports torch; offline rewards must load without it
     from flowlane.runtime.engines.base import LLMEngine, SamplingSettings
@@ -55,18 +55,6 @@ __all__ = [
 ]
 
 
-class RewardKind(StrEnum):
-    EXACT_MATCH = "exact_match"
-    NUMERIC = "numeric"
-    GAME24 = "game24"
-    CHOICE = "choice"
-    LLM_JUDGE = "llm_judge"
-
-
-# Other spellings accepted for a kind (the FlowRun API says "exact" and "judge").
-_ALIASES = {"exact": RewardKind.EXACT_MATCH, "judge": RewardKind.LLM_JUDGE}
-
-
 class TaskLike(Protocol):
     question: str
     answer: str
@@ -78,11 +66,8 @@ def reward_kinds() -> list[str]:
 
 def resolve_kind(kind: str | RewardKind) -> RewardKind:
     """The reward kind for a name or alias; a ConfigError naming the choices otherwise."""
-    name = str(kind).strip().lower()
-    if name in _ALIASES:
-        return _ALIASES[name]
     try:
-        return RewardKind(name)
+        return RewardKind(str(kind).strip().lower())
     except ValueError:
         raise ConfigError(f"unknown reward '{kind}'; available: {', '.join(reward_kinds())}") from None
 
@@ -266,7 +251,7 @@ def _choice(prediction: str, task: TaskLike) -> float:
 # the registry
 
 _SCORERS: dict[RewardKind, Callable[[str, TaskLike], float]] = {
-    RewardKind.EXACT_MATCH: _exact_match,
+    RewardKind.EXACT: _exact_match,
     RewardKind.NUMERIC: _numeric,
     RewardKind.GAME24: _game24,
     RewardKind.CHOICE: _choice,
@@ -276,11 +261,11 @@ _SCORERS: dict[RewardKind, Callable[[str, TaskLike], float]] = {
 def score(kind: str | RewardKind, prediction: str | None, task: TaskLike) -> float:
     """1.0 when ``prediction`` answers ``task`` correctly under reward ``kind``, else 0.0.
 
-    Offline kinds only; ``llm_judge`` needs an engine: use ``ascore`` with an ``LLMJudge``.
+    Offline kinds only; ``judge`` needs an engine: use ``ascore`` with an ``LLMJudge``.
     """
     resolved = resolve_kind(kind)
-    if resolved is RewardKind.LLM_JUDGE:
-        raise ConfigError("reward 'llm_judge' needs a judge model: call ascore(..., judge=LLMJudge(engine))")
+    if resolved is RewardKind.JUDGE:
+        raise ConfigError("reward 'judge' needs a judge model: call ascore(..., judge=LLMJudge(engine))")
     if not prediction or not prediction.strip():
         return 0.0
     return _SCORERS[resolved](prediction, task)
@@ -340,12 +325,12 @@ def _parse_verdict(text: str) -> bool:
 async def ascore(
     kind: str | RewardKind, prediction: str | None, task: TaskLike, *, judge: LLMJudge | None = None
 ) -> float:
-    """``score`` for every kind, ``llm_judge`` included (it needs ``judge``)."""
+    """``score`` for every kind, ``judge`` included (it needs ``judge``)."""
     resolved = resolve_kind(kind)
-    if resolved is not RewardKind.LLM_JUDGE:
+    if resolved is not RewardKind.JUDGE:
         return score(resolved, prediction, task)
     if judge is None:
-        raise ConfigError("reward 'llm_judge' needs a judge model: pass judge=LLMJudge(engine)")
+        raise ConfigError("reward 'judge' needs a judge model: pass judge=LLMJudge(engine)")
     if not prediction or not prediction.strip():
         return 0.0
     return await judge(prediction, task)

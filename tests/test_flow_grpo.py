@@ -213,7 +213,8 @@ def test_registries_select_functions_by_name() -> None:
     assert flow_grpo.get_advantage_estimator("trajectory") is trajectory_advantages
     assert flow_grpo.get_advantage_estimator("turn") is turn_advantages
     assert flow_grpo.get_aggregation("paper") is paper_weights
-    assert flow_grpo.get_aggregation("token_mean") is token_mean_weights
+    assert flow_grpo.get_aggregation("tokenMean") is token_mean_weights
+    assert flow_grpo.get_aggregation("token_mean") is token_mean_weights  # the spelling older configs use
     assert flow_grpo.get_kl_estimator("k1") is kl_k1
     assert flow_grpo.get_kl_estimator("k3") is kl_k3
 
@@ -221,7 +222,7 @@ def test_registries_select_functions_by_name() -> None:
 def test_unknown_registry_name_is_a_config_error_listing_the_choices() -> None:
     with pytest.raises(ConfigError, match=r"unknown KL estimator 'k2'; choose one of: k1, k3"):
         flow_grpo.get_kl_estimator("k2")
-    with pytest.raises(ConfigError, match="paper, token_mean"):
+    with pytest.raises(ConfigError, match="paper, tokenMean"):
         flow_grpo.get_aggregation("seq_mean")
 
 

@@ -102,12 +102,12 @@ def test_reward_aliases_from_the_flowrun_api_resolve() -> None:
 
 
 def test_unknown_reward_names_the_choices() -> None:
-    with pytest.raises(ConfigError, match="unknown reward 'fuzzy'; available: exact_match, numeric, game24"):
+    with pytest.raises(ConfigError, match="unknown reward 'fuzzy'; available: exact, numeric, choice, game24"):
         score("fuzzy", "x", task("x"))
 
 
 def test_reward_kinds_lists_the_registry() -> None:
-    assert reward_kinds() == ["exact_match", "numeric", "game24", "choice", "llm_judge"]
+    assert reward_kinds() == ["exact", "numeric", "choice", "game24", "judge"]
 
 
 # -- game24 ------------------------------------------------------------------------------------
@@ -210,4 +210,4 @@ async def test_llm_judge_asks_for_a_schema_when_the_engine_enforces_one() -> Non
 
 def test_llm_judge_is_refused_by_the_sync_score() -> None:
     with pytest.raises(ConfigError, match="needs a judge model"):
-        score(RewardKind.LLM_JUDGE, "x", task("x"))
+        score(RewardKind.JUDGE, "x", task("x"))

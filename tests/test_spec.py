@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from flowlane.api.common import InvalidResourceError, set_condition
-from flowlane.api.flowrun import AdvantageMode, FlowRun, KlEstimator, LossAggregation, Phase, load_flowrun
+from flowlane.api.enums import AdvantageMode, Aggregation, KLEstimator
+from flowlane.api.flowrun import FlowRun, Phase, load_flowrun
 from flowlane.api.flowservice import CheckpointChoice, load_flowservice
 from flowlane.runtime.errors import ConfigError
 
@@ -29,9 +30,9 @@ def test_minimal_flowrun_gets_the_default_two_core_run() -> None:
     assert [t.name for t in spec.tools] == ["python", "generator"]
     assert spec.tasks.dataset == "arithmetic"
     assert (spec.algorithm.group_size, spec.algorithm.batch_questions) == (4, 4)
-    assert spec.algorithm.kl_estimator is KlEstimator.K3
+    assert spec.algorithm.kl_estimator is KLEstimator.K3
     assert spec.algorithm.advantage_mode is AdvantageMode.TRAJECTORY
-    assert spec.algorithm.loss_aggregation is LossAggregation.PAPER
+    assert spec.algorithm.loss_aggregation is Aggregation.PAPER
     assert (spec.algorithm.clip_low, spec.algorithm.clip_high) == (0.2, 0.3)
     assert (spec.rollout.replicas, spec.sandbox.replicas, spec.learner.replicas) == (1, 1, 1)
     assert (spec.rollout.resources.cpu, spec.rollout.resources.memory, spec.rollout.resources.gpu) == ("1", "6Gi", 0)

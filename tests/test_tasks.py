@@ -152,7 +152,7 @@ def test_jsonl_rows_become_tasks(tmp_path: Path) -> None:
     tasks = load_tasks(str(write_jsonl(tmp_path / "mine.jsonl", ROWS)), "all")
     assert tasks == [
         Task("mine-00000", "What is 2 + 2?", "4", "mine", "numeric"),
-        Task("mine-00001", "Capital of Calvessa?", "Ardenmoor", "mine", "exact_match"),
+        Task("mine-00001", "Capital of Calvessa?", "Ardenmoor", "mine", "exact"),
     ]
     assert tasks[1].meta == {"level": 3}
 
@@ -161,7 +161,7 @@ def test_parquet_rows_become_tasks(tmp_path: Path) -> None:
     path = tmp_path / "mine.parquet"
     path.write_bytes(parquet_bytes([{**r, "answer": str(r["answer"])} for r in ROWS]))
     assert [(t.question, t.answer, t.reward) for t in load_tasks(str(path), "all")] == [
-        ("What is 2 + 2?", "4", "numeric"), ("Capital of Calvessa?", "Ardenmoor", "exact_match"),
+        ("What is 2 + 2?", "4", "numeric"), ("Capital of Calvessa?", "Ardenmoor", "exact"),
     ]  # fmt: skip
 
 

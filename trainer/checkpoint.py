@@ -50,8 +50,8 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any, BinaryIO, TypeVar, cast
 from urllib.parse import urlparse
 
+from flowlane.api.errors import ConfigError, FlowlaneError
 from flowlane.runtime import s3
-from flowlane.runtime.errors import ConfigError, FlowlaneError
 from flowlane.runtime.models import CHECKPOINT_POINTER
 
 log = logging.getLogger(__name__)

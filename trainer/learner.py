@@ -49,7 +49,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from flowlane.runtime.errors import ConfigError, FlowlaneError
+from flowlane.api.enums import Dtype
+from flowlane.api.errors import ConfigError, FlowlaneError
 from flowlane.runtime.trajectory import Trajectory
 from flowlane.trainer import flow_grpo
 from flowlane.trainer.batching import BatchLayout, MicroBatch, lay_out, plan_sequences
@@ -72,12 +73,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
-
-
-class Dtype(StrEnum):
-    AUTO = "auto"  # bfloat16 where the accelerator supports it, float32 otherwise
-    FLOAT32 = "float32"
-    BFLOAT16 = "bfloat16"
 
 
 class LRSchedule(StrEnum):
@@ -171,6 +166,9 @@ class LearnerConfig:
             self.lora = LoraSettings(**self.lora)
         if self.lora is not None:
             self.lora.target_modules = tuple(self.lora.target_modules)
+        if self.dtype is Dtype.FLOAT16:
+            # float16 training needs loss scaling, which this learner does not do.
+            raise ConfigError("dtype: float16 is not supported by the learner; choose one of: auto, float32, bfloat16")
         self.betas = (float(self.betas[0]), float(self.betas[1]))
         self.validate()
 

@@ -33,6 +33,8 @@ from typing import Any
 
 import typer
 
+from flowlane.api.enums import Dtype
+
 log = logging.getLogger("flowlane.learner")
 
 #: Most evaluation units one worker takes at once. A worker runs what it leased as one concurrent
@@ -375,7 +377,7 @@ def learner_config(spec: Any) -> Any:
 
     algo = spec.algorithm
     lora = spec.model.lora
-    dtype = spec.model.dtype.value
+    dtype = spec.model.dtype
     return LearnerConfig(
         model_path=spec.model.planner,
         lr=algo.lr,
@@ -383,12 +385,13 @@ def learner_config(spec: Any) -> Any:
         clip_eps_low=algo.clip_low,
         clip_eps_high=algo.clip_high,
         kl_beta=algo.kl_beta,
-        kl_estimator=algo.kl_estimator.value,
-        advantage_mode=algo.advantage_mode.value,
-        aggregation="token_mean" if algo.loss_aggregation.value == "tokenMean" else "paper",
+        kl_estimator=algo.kl_estimator,
+        advantage_mode=algo.advantage_mode,
+        aggregation=algo.loss_aggregation,
         zero_stage=spec.engine.zero_stage,
-        dtype="float32" if dtype == "float16" else dtype,
-        lora=LoraSettings(r=lora.rank, alpha=float(lora.alpha), dropout=lora.dropout,
+        # float16 training would need loss scaling: the learner keeps float32 where engines run float16
+        dtype=Dtype.FLOAT32 if dtype is Dtype.FLOAT16 else dtype,
+        lora=LoraSettings(r=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
                           target_modules=tuple(lora.target_modules)) if lora.enabled else None,
         temperature=max(algo.temperature, 1e-3),
         tis_cap=algo.tis_cap,

@@ -12,18 +12,11 @@ import asyncio
 import importlib
 import inspect
 from collections.abc import Callable
-from enum import StrEnum
 from typing import Any
 
+from flowlane.api.enums import LOCAL_ENGINE_KINDS, EngineKind
 from flowlane.runtime.engines.base import LLMEngine
 from flowlane.runtime.errors import ConfigError
-
-
-class EngineKind(StrEnum):
-    VLLM = "vllm"
-    TRANSFORMERS = "transformers"
-    OPENAI = "openai"
-
 
 _CLASSES: dict[EngineKind, tuple[str, str]] = {
     EngineKind.VLLM: ("flowlane.runtime.engines.vllm_engine", "VLLMEngine"),
@@ -31,7 +24,7 @@ _CLASSES: dict[EngineKind, tuple[str, str]] = {
     EngineKind.OPENAI: ("flowlane.runtime.engines.openai_engine", "OpenAIEngine"),
 }
 # Kinds that load weights from a local model directory (resolved with resolve_model).
-LOCAL_KINDS = frozenset({EngineKind.VLLM, EngineKind.TRANSFORMERS})
+LOCAL_KINDS = LOCAL_ENGINE_KINDS
 
 
 def parse_kind(kind: str) -> EngineKind:

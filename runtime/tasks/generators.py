@@ -17,7 +17,7 @@ import random
 from fractions import Fraction
 from functools import cache
 
-from flowlane.runtime.rewards import RewardKind
+from flowlane.api.enums import RewardKind
 from flowlane.runtime.tasks.task import Split, Task
 
 ARITHMETIC_SIZES = {Split.TRAIN: 400, Split.TEST: 100}

@@ -10,7 +10,7 @@
 - a local ``.jsonl`` / ``.parquet`` file, or a directory holding one file per split.
 
 User rows need ``question``, ``answer`` and ``source``. Optional: ``id``; ``reward`` (a reward
-name; default ``numeric`` when the answer is a number, else ``exact_match``); ``split``. Any other
+name; default ``numeric`` when the answer is a number, else ``exact``); ``split``. Any other
 column is kept in ``Task.meta`` (``numbers`` for a game24 row, for instance). A file with a
 ``split`` column is filtered by it; a file without one is split deterministically by a hash of
 the question (one row in ten is ``test``), so the same file can serve training and evaluation
@@ -28,9 +28,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from flowlane.api.enums import RewardKind
 from flowlane.runtime import s3
 from flowlane.runtime.errors import ConfigError
-from flowlane.runtime.rewards import RewardKind, resolve_kind
+from flowlane.runtime.rewards import resolve_kind
 from flowlane.runtime.tasks.generators import arithmetic_tasks, game24_tasks
 from flowlane.runtime.tasks.multihop import QUESTION_FILES
 from flowlane.runtime.tasks.task import Split, Task, resolve_split
@@ -170,7 +171,7 @@ def _parquet_rows(origin: Path | str, data: bytes) -> list[tuple[str, dict[str, 
 
 
 def _default_reward(answer: str) -> str:
-    return (RewardKind.NUMERIC if _NUMBER_ANSWER.fullmatch(answer) else RewardKind.EXACT_MATCH).value
+    return (RewardKind.NUMERIC if _NUMBER_ANSWER.fullmatch(answer) else RewardKind.EXACT).value
 
 
 def _hash_split(question: str) -> Split:

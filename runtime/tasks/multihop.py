@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flowlane.runtime.rewards import RewardKind
+from flowlane.api.enums import RewardKind
 from flowlane.runtime.tasks.task import Split
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -275,7 +275,7 @@ def _candidates(world: World, ids: dict[str, str]) -> Iterator[dict[str, Any]]:
     """Every two-hop question the world supports: hop 1 names the bridge, hop 2 holds the answer."""
 
     def make(kind: str, question: str, answer: Any, first: str, bridge: str, half: Split) -> dict[str, Any]:
-        reward = RewardKind.NUMERIC if isinstance(answer, int) else RewardKind.EXACT_MATCH
+        reward = RewardKind.NUMERIC if isinstance(answer, int) else RewardKind.EXACT
         return {"type": kind, "question": question, "answer": str(answer), "reward": reward.value,
                 "bridge": bridge, "gold_passages": [ids[first], ids[bridge]], "half": half}  # fmt: skip
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from flowlane.api.enums import RewardKind
 from flowlane.runtime.errors import ConfigError
-from flowlane.runtime.rewards import RewardKind
 
 
 class Split(StrEnum):
@@ -43,7 +43,7 @@ class Task:
     question: str
     answer: str  # the gold answer; for game24 one valid expression (any valid one scores)
     source: str  # the task set it came from (per-source metrics)
-    reward: str = RewardKind.EXACT_MATCH.value  # a reward registry name (flowlane.runtime.rewards)
+    reward: str = RewardKind.EXACT.value  # a reward registry name (flowlane.runtime.rewards)
     #: Extra facts a checker or test may use (game24 numbers, multihop gold passages).
     meta: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 

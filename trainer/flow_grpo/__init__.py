@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import torch
 
-from flowlane.runtime.errors import ConfigError
+from flowlane.api.errors import ConfigError
 from flowlane.trainer.flow_grpo.advantages import (
     ADVANTAGE_ESTIMATORS,
     AdvantageEstimator,
@@ -89,7 +89,7 @@ def get_advantage_estimator(name: str) -> AdvantageEstimator:
 
 
 def get_aggregation(name: str) -> AggregationWeights:
-    """The token-weight function registered as ``name`` (``paper`` or ``token_mean``)."""
+    """The token-weight function registered as ``name`` (``paper`` or ``tokenMean``)."""
     return _lookup(AGGREGATIONS, Aggregation, name, "loss aggregation")
 
 

@@ -20,14 +20,10 @@ Pure tensor functions; no I/O, no config objects.
 from __future__ import annotations
 
 from collections.abc import Callable
-from enum import StrEnum
 
 import torch
 
-
-class AdvantageMode(StrEnum):
-    TRAJECTORY = "trajectory"
-    TURN = "turn"
+from flowlane.api.enums import AdvantageMode
 
 
 def _normalise_in_groups(

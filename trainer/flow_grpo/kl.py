@@ -14,16 +14,12 @@ The log-ratio is clamped to [-20, 20] before the exponential so one wild token c
 from __future__ import annotations
 
 from collections.abc import Callable
-from enum import StrEnum
 
 import torch
 
+from flowlane.api.enums import KLEstimator
+
 LOG_RATIO_LIMIT = 20.0
-
-
-class KLEstimator(StrEnum):
-    K1 = "k1"
-    K3 = "k3"
 
 
 def kl_k1(log_prob: torch.Tensor, ref_log_prob: torch.Tensor) -> torch.Tensor:

@@ -13,21 +13,17 @@ each micro-batch contributes its slice, whatever the packing.
 - ``paper``: mean over tokens within a turn, over turns within a trajectory, over trajectories:
   w = 1 / (|a_it| * T_i * N), with T_i the turns of trajectory i that have tokens and N the
   trajectories that have tokens. With equal group sizes this is the paper's E_q[(1/G) sum_i ...].
-- ``token_mean`` (the reference code): every token counts the same: w = 1 / n_tokens.
+- ``tokenMean`` (the reference code): every token counts the same: w = 1 / n_tokens.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 
 import torch
 
-
-class Aggregation(StrEnum):
-    PAPER = "paper"
-    TOKEN_MEAN = "token_mean"
+from flowlane.api.enums import Aggregation
 
 
 @dataclass(frozen=True)
