@@ -93,9 +93,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from flowlane.runtime.errors import ConfigError
+from flowlane.api.errors import ConfigError
 
 __all__ = [
+    "MANDATORY_LAYERS",
     "CodeRunner",
     "Isolation",
     "IsolationLayer",
@@ -103,6 +104,8 @@ __all__ = [
     "SandboxErrorKind",
     "SandboxLimits",
     "SandboxResult",
+    "make_non_dumpable",
+    "missing_mandatory_layers",
     "probe_isolation",
     "run_python",
 ]
@@ -132,6 +135,27 @@ class IsolationLayer(StrEnum):
     NETWORK_NAMESPACE = "network_namespace"
     PRIVATE_TMP = "private_tmp"
     AUDIT_HOOK = "audit_hook"
+    SECCOMP = "seccomp"
+    LANDLOCK = "landlock"
+    PROCESS_TRACKING = "process_tracking"
+    NON_DUMPABLE_CALLER = "non_dumpable_caller"
+
+
+#: Layers a run that executes model code for a FlowRun or FlowService must have, wherever it runs
+#: (they need no privileges); ``unprivileged_uid`` joins them when the caller is root. The sandbox
+#: server refuses to start without them unless told otherwise (``allowWeakIsolation``).
+MANDATORY_LAYERS = frozenset({
+    IsolationLayer.RLIMITS, IsolationLayer.NO_NEW_PRIVS, IsolationLayer.SECCOMP, IsolationLayer.LANDLOCK,
+    IsolationLayer.PROCESS_TRACKING, IsolationLayer.NON_DUMPABLE_CALLER,
+})
+
+
+def missing_mandatory_layers(layers: tuple[IsolationLayer, ...], *, as_root: bool | None = None) -> list[str]:
+    """The mandatory layers not in ``layers``, by name, in a stable order."""
+    needed = set(MANDATORY_LAYERS)
+    if os.geteuid() == 0 if as_root is None else as_root:
+        needed.add(IsolationLayer.UNPRIVILEGED_UID)
+    return sorted(layer.value for layer in needed - set(layers))
 
 
 @dataclass(frozen=True)
@@ -166,6 +190,8 @@ class Isolation:
     private_tmp: bool = True
     audit_hook: bool = True
     no_new_privs: bool = True
+    seccomp: bool = True
+    landlock: bool = True
     #: Refuse to run (kind ``error``) when a requested layer cannot be applied on this machine.
     strict: bool = False
 
@@ -374,6 +400,38 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
+_PR_GET_DUMPABLE = 3
+_PR_SET_DUMPABLE = 4
+
+
+def make_non_dumpable() -> None:
+    """PR_SET_DUMPABLE 0 for this process: its ``/proc/<pid>`` files (environ, mem, maps, fd) then
+    belong to root, and ptrace and process_vm_* refuse it, even for processes of its own uid.
+
+    The sandbox server calls this first thing: as the pod's uid, code it runs shares that uid.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    _libc_call(libc, "prctl", _PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+def _is_non_dumpable() -> bool:
+    return int(ctypes.CDLL(None).prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0)) == 0
+
+
+async def _stop_tracker(proc: asyncio.subprocess.Process) -> None:
+    """Ask the run's tracker to kill every process of the run (SIGTERM), then kill its group."""
+    exited = _exit_of(proc.pid)  # a fresh one: the deadline cancelled the first
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(proc.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(exited, timeout=2)
+    except TimeoutError:
+        pass
+    finally:
+        exited.cancel()
+    _kill_group(proc.pid)
+
+
 def _classify(
     returncode: int | None, timed_out: bool, limits: SandboxLimits, stderr: str
 ) -> tuple[SandboxErrorKind | None, str]:
@@ -425,6 +483,10 @@ async def run_python(
         return SandboxResult(
             "", "", None, False, SandboxErrorKind.ERROR, f"error: code is over {_MAX_CODE_BYTES} bytes"
         )
+    if isolation.strict and not _is_non_dumpable():
+        return SandboxResult("", "", None, False, SandboxErrorKind.ERROR,
+                             "error: strict isolation: unavailable layers: non_dumpable_caller (the calling "
+                             "process is dumpable: call make_non_dumpable() first)")
     as_root = os.geteuid() == 0
     lease = _UidLease() if as_root else None
     uid = lease.uid if lease else None
@@ -448,6 +510,8 @@ async def run_python(
             "private_tmp": isolation.private_tmp,
             "audit_hook": isolation.audit_hook,
             "no_new_privs": isolation.no_new_privs,
+            "seccomp": isolation.seccomp,
+            "landlock": isolation.landlock,
             "strict": isolation.strict,
         }
         env = {
@@ -496,9 +560,9 @@ async def run_python(
         except TimeoutError:
             timed_out = True
         finally:
-            # The group first (cheap, covers the non-root case), then everything the run's uid
-            # still has, wherever it moved (setsid escapes the group, not the uid).
-            _kill_group(proc.pid)
+            # The tracker first (it kills every process of the run, wherever it moved), then the
+            # group, then everything the run's uid still has.
+            await _stop_tracker(proc) if timed_out else _kill_group(proc.pid)
             leftovers = await _kill_all_of_uid(uid) if uid is not None else 0
             exited.cancel()
             with contextlib.suppress(TimeoutError):  # a pipe held by a process we could not kill
@@ -507,7 +571,9 @@ async def run_python(
             (out, out_over), (err, err_over) = await asyncio.wait_for(gathered, timeout=5)
         except TimeoutError:  # a pipe held open by a process we could not kill (non-root)
             (out, out_over), (err, err_over) = (b"", True), (b"", True)
-        layers = _read_control(control_r)
+        layers, missing = _read_control(control_r)
+        if layers and _is_non_dumpable():
+            layers += (IsolationLayer.NON_DUMPABLE_CALLER,)
         stdout = out.decode("utf-8", errors="replace")
         stderr = err.decode("utf-8", errors="replace")
         kind, message = _classify(proc.returncode, timed_out, limits, stderr)
@@ -522,7 +588,7 @@ async def run_python(
             duration_s=time.monotonic() - started,
             isolation=layers,
             sandbox_uid=uid,
-            details={"leftover_processes_killed": leftovers},
+            details={"leftover_processes_killed": leftovers, **({"missing_layers": missing} if missing else {})},
         )
     finally:
         if readers is not None and not readers.done():
@@ -537,16 +603,17 @@ async def run_python(
             lease.release()
 
 
-def _read_control(fd: int) -> tuple[IsolationLayer, ...]:
+def _read_control(fd: int) -> tuple[tuple[IsolationLayer, ...], list[str]]:
+    """The layers the run reported, and why each requested one that is missing is missing."""
     data = b""
     with contextlib.suppress(BlockingIOError, OSError):
         while chunk := os.read(fd, 4096):
             data += chunk
     try:
         report = json.loads(data.decode() or "{}")
-        return tuple(IsolationLayer(name) for name in report.get("layers", ()))
+        return tuple(IsolationLayer(name) for name in report.get("layers", ())), list(report.get("missing", ()))
     except (ValueError, UnicodeDecodeError):
-        return ()
+        return (), []
 
 
 async def probe_isolation(isolation: Isolation = Isolation()) -> tuple[IsolationLayer, ...]:
@@ -570,6 +637,7 @@ _MS_REC = 0x4000
 _MS_PRIVATE = 0x40000
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
 
 _BLOCKED_EVENTS: dict[str, str] = {
     "subprocess.Popen": "starting processes",
@@ -730,8 +798,18 @@ def _enter_mount_namespace(libc: Any, scratch: str, private_tmp: bool) -> None:
             os.close(fd)
 
 
-def _setup(config: dict[str, Any]) -> bytes:
-    """Apply the isolation layers and report them; returns the user code read from stdin."""
+def _landlock_paths(scratch: str) -> tuple[list[str], list[str]]:
+    """What a run may read (the interpreter, its libraries, the dynamic loader's cache) and write."""
+    read = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    read |= {p for p in sys.path if p}
+    read |= {"/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib", "/etc/ld.so.cache",
+             "/etc/localtime", "/usr/share/zoneinfo", "/dev/urandom", "/dev/zero"}
+    return sorted(read), [scratch, "/dev/null"]
+
+
+def _setup_tracker(config: dict[str, Any], libc: Any) -> tuple[bytes, list[IsolationLayer], list[str]]:
+    """The layers every process of the run shares, applied in the tracker before it forks the run:
+    namespaces and mounts (root only), rlimits, no_new_privs, the uid drop, the subreaper."""
     parent = os.getppid()
     code = sys.stdin.buffer.read()
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -740,7 +818,6 @@ def _setup(config: dict[str, Any]) -> bytes:
     scratch: str = config["scratch"]
     layers: list[IsolationLayer] = []
     missing: list[str] = []
-    libc = ctypes.CDLL(None, use_errno=True)
 
     if config["network_namespace"]:
         try:
@@ -748,13 +825,16 @@ def _setup(config: dict[str, Any]) -> bytes:
             layers.append(IsolationLayer.NETWORK_NAMESPACE)
         except OSError as exc:
             missing.append(f"network_namespace ({exc})")
-    try:
-        _enter_mount_namespace(libc, scratch, private_tmp=config["private_tmp"])
-        if config["private_tmp"]:
-            layers.append(IsolationLayer.PRIVATE_TMP)
-    except OSError as exc:
-        if config["private_tmp"]:
-            missing.append(f"private_tmp ({exc})")
+    if config["uid"] is not None:  # mount namespaces need root; without it the pod's own fs rules apply
+        try:
+            _enter_mount_namespace(libc, scratch, private_tmp=config["private_tmp"])
+            if config["private_tmp"]:
+                layers.append(IsolationLayer.PRIVATE_TMP)
+        except OSError as exc:
+            if config["private_tmp"]:
+                missing.append(f"private_tmp ({exc})")
+    elif config["private_tmp"]:
+        missing.append("private_tmp (needs root)")
     os.chdir(scratch)
 
     cpu = math.ceil(config["cpu_time_s"])
@@ -789,11 +869,6 @@ def _setup(config: dict[str, Any]) -> bytes:
             layers.append(IsolationLayer.UNPRIVILEGED_UID)
         else:
             raise OSError(errno.EPERM, "root privileges could be regained after the uid drop")
-        # Changing the uid clears the parent-death signal: set it now, so the code dies with a
-        # killed sandbox server instead of running on as an orphan.
-        _libc_call(libc, "prctl", _PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:
-            os._exit(137)  # the server died before the signal was armed
         unreadable = [p for p in sys.path if p and os.path.isdir(p) and not os.access(p, os.R_OK | os.X_OK)]
         if unreadable:
             raise OSError(
@@ -801,7 +876,52 @@ def _setup(config: dict[str, Any]) -> bytes:
                 f"uid {uid} cannot read the Python installation at {unreadable[0]}; install Python where "
                 "other users can read it, or allow mount namespaces (CAP_SYS_ADMIN)",
             )
+    # Die with the caller instead of running on as an orphan (a uid change clears this, so now).
+    _libc_call(libc, "prctl", _PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(137)  # the caller died before the signal was armed
+    # Same-uid code must not read the tracker's memory or /proc files either.
+    _libc_call(libc, "prctl", _PR_SET_DUMPABLE, 0, 0, 0, 0)
+    # Orphans of the run (a double fork, a setsid daemon) become the tracker's children, not
+    # init's, so the tracker can find and kill them when the run ends.
+    _libc_call(libc, "prctl", _PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    layers.append(IsolationLayer.PROCESS_TRACKING)
+    return code, layers, missing
 
+
+def _setup_run(config: dict[str, Any], libc: Any, layers: list[IsolationLayer], missing: list[str]) -> None:
+    """The layers of the process that runs the code, applied after the tracker forked it: its own
+    process group, Landlock, the seccomp filter, the audit hook. Then the report to the caller."""
+    tracker = os.getppid()
+    os.setpgid(0, 0)  # the run's group: kill(0) and killpg reach the run, never the tracker
+    _libc_call(libc, "prctl", _PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != tracker:
+        os._exit(137)
+    scratch: str = config["scratch"]
+    # Imported (and libseccomp loaded) before Landlock hides the files they come from.
+    from flowlane.runtime import sandbox_landlock, sandbox_seccomp
+
+    binding_error: Exception | None = None
+    if config["seccomp"]:
+        try:
+            sandbox_seccomp.load_binding()
+        except (ImportError, OSError) as exc:
+            binding_error = exc
+    if config["landlock"]:
+        try:
+            read, read_write = _landlock_paths(scratch)
+            sandbox_landlock.restrict_self(read, read_write)
+            layers.append(IsolationLayer.LANDLOCK)
+        except OSError as exc:
+            missing.append(f"landlock ({exc.strerror or exc})")
+    if config["seccomp"]:
+        try:
+            if binding_error is not None:
+                raise binding_error
+            sandbox_seccomp.install_filter(os.getpid())
+            layers.append(IsolationLayer.SECCOMP)
+        except (ImportError, OSError) as exc:
+            missing.append(f"seccomp ({exc})")
     if config["audit_hook"]:
         _install_audit_hook(scratch)
         layers.append(IsolationLayer.AUDIT_HOOK)
@@ -811,7 +931,77 @@ def _setup(config: dict[str, Any]) -> bytes:
     control_fd = config["control_fd"]
     os.write(control_fd, json.dumps({"layers": layers, "missing": missing}).encode())
     os.close(control_fd)
-    return code
+
+
+def _children_of(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:  # no CONFIG_PROC_CHILDREN: scan /proc for the parent pid
+        children = []
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    stat = Path(entry.path, "stat").read_text()
+                    if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                        children.append(int(entry.name))
+        return children
+
+
+def _reap_all() -> None:
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+
+
+def _sweep(run_pid: int) -> None:
+    """Kill every process left of the run. As the subreaper the tracker inherits every orphan, so
+    its children are all that is left; each round kills them, and the orphans of the killed become
+    its children for the next round. RLIMIT_NPROC bounds how many rounds a fork loop can force."""
+    me = os.getpid()
+    with contextlib.suppress(OSError):
+        os.killpg(run_pid, signal.SIGKILL)
+    for _ in range(1000):
+        children = _children_of(me)
+        if not children:
+            break
+        for child in children:
+            with contextlib.suppress(OSError):
+                os.kill(child, signal.SIGKILL)
+        time.sleep(0.001)
+        _reap_all()
+    _reap_all()
+
+
+class _Stop(Exception):
+    """SIGTERM to the tracker: the caller's deadline passed."""
+
+
+def _track(run_pid: int) -> None:
+    """The tracker's life after the fork: wait for the run, reaping orphans meanwhile; then kill
+    whatever is left and end the way the run's process ended."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise _Stop
+
+    signal.signal(signal.SIGTERM, stop)
+    status: int | None = None
+    try:
+        while status is None:
+            pid, wait_status = os.waitpid(-1, 0)
+            if pid == run_pid:
+                status = wait_status
+    except _Stop:
+        pass
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _sweep(run_pid)
+    if status is None:
+        os._exit(128 + signal.SIGTERM)
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+        os._exit(128 + sig)  # a signal whose default action does not end a process
+    os._exit(os.waitstatus_to_exitcode(status))
 
 
 _CODE_FILENAME = "<code>"
@@ -866,8 +1056,22 @@ def _child_main() -> None:
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(line_buffering=True)
+    config = json.loads(sys.argv[1])
+    libc = ctypes.CDLL(None, use_errno=True)
     try:
-        code = _setup(json.loads(sys.argv[1]))
+        code, layers, missing = _setup_tracker(config, libc)
+        run_pid = os.fork()
+    except BaseException as exc:
+        print(f"sandbox setup failed: {exc}", file=sys.stderr, flush=True)
+        os._exit(_EXIT_SETUP)
+    if run_pid:
+        os.close(config["control_fd"])
+        devnull = os.open(os.devnull, os.O_WRONLY)  # only the run holds the output pipes
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        _track(run_pid)
+    try:
+        _setup_run(config, libc, layers, missing)
     except BaseException as exc:
         print(f"sandbox setup failed: {exc}", file=sys.stderr, flush=True)
         os._exit(_EXIT_SETUP)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
-from flowlane.runtime.errors import ConfigError
+from flowlane.api.errors import ConfigError
 from flowlane.runtime.sandbox import (
     CodeRunner,
     Isolation,
@@ -22,6 +24,7 @@ from flowlane.runtime.sandbox import (
     SandboxErrorKind,
     SandboxLimits,
     SandboxResult,
+    missing_mandatory_layers,
     probe_isolation,
     run_python,
 )
@@ -44,7 +47,25 @@ def processes_of_uid(uid: int) -> list[int]:
 
 
 async def test_every_isolation_layer_is_enforced_on_this_machine() -> None:
-    assert set(await probe_isolation()) == set(IsolationLayer)
+    # The test process is dumpable (the sandbox server is not: see test_sandbox_server.py).
+    assert set(await probe_isolation()) == set(IsolationLayer) - {IsolationLayer.NON_DUMPABLE_CALLER}
+
+
+def test_a_non_dumpable_caller_is_reported_as_a_layer_and_nothing_mandatory_is_missing() -> None:
+    code = (
+        "import asyncio\n"
+        "from flowlane.runtime.sandbox import make_non_dumpable, missing_mandatory_layers, probe_isolation\n"
+        "make_non_dumpable()\n"
+        "print(missing_mandatory_layers(asyncio.run(probe_isolation())))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, "[]\n"), done.stderr
+
+
+def test_missing_mandatory_layers_are_named() -> None:
+    layers = (IsolationLayer.RLIMITS, IsolationLayer.NO_NEW_PRIVS, IsolationLayer.PROCESS_TRACKING)
+    assert missing_mandatory_layers(layers, as_root=True) == [
+        "landlock", "non_dumpable_caller", "seccomp", "unprivileged_uid"]
 
 
 async def test_normal_code_prints_its_result() -> None:
@@ -148,18 +169,22 @@ async def test_a_symlink_out_of_the_scratch_directory_does_not_help() -> None:
     assert not target.exists()
 
 
-async def test_without_the_audit_hook_writes_to_shared_tmp_never_reach_the_host() -> None:
+async def test_without_the_audit_hook_and_landlock_writes_to_shared_tmp_never_reach_the_host() -> None:
     target = Path("/tmp") / f"flowlane-escape-{uuid.uuid4().hex}"
     code = f"open({str(target)!r}, 'w').write('x')\nprint(open({str(target)!r}).read())"
-    result = await run_python(code, FAST, isolation=Isolation(audit_hook=False))
+    result = await run_python(code, FAST, isolation=Isolation(audit_hook=False, landlock=False))
     assert (result.ok, result.stdout) == (True, "x\n")  # it wrote to the run's private tmpfs
     assert not target.exists()
 
 
-async def test_without_the_audit_hook_root_owned_directories_are_not_writable() -> None:
-    target = Path(__file__).parent / f"flowlane-escape-{uuid.uuid4().hex}"  # root-owned, not a tmp dir
+async def test_without_the_audit_hook_and_landlock_root_owned_directories_are_not_writable(tmp_path: Path) -> None:
+    # The real /tmp stays visible (no private_tmp), so this holds wherever the checkout lives.
+    root_owned = tmp_path / "root-owned"
+    root_owned.mkdir(mode=0o755)
+    target = root_owned / f"flowlane-escape-{uuid.uuid4().hex}"
     try:
-        result = await run_python(f"open({str(target)!r}, 'w')", FAST, isolation=Isolation(audit_hook=False))
+        result = await run_python(f"open({str(target)!r}, 'w')", FAST,
+                                  isolation=Isolation(audit_hook=False, landlock=False, private_tmp=False))
         assert result.error_kind is SandboxErrorKind.ERROR
         assert "PermissionError" in result.message
         assert not target.exists()
@@ -186,7 +211,7 @@ async def test_opening_a_socket_is_blocked() -> None:
     assert result.message.endswith("networking is not allowed (the code runs offline, in its scratch dir)")
 
 
-async def test_without_the_audit_hook_the_network_namespace_still_reaches_nothing() -> None:
+async def test_without_the_audit_hook_seccomp_and_landlock_the_network_namespace_still_reaches_nothing() -> None:
     connections = 0
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -198,7 +223,7 @@ async def test_without_the_audit_hook_the_network_namespace_still_reaches_nothin
     port = server.sockets[0].getsockname()[1]
     try:
         code = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)"
-        result = await run_python(code, FAST, isolation=Isolation(audit_hook=False))
+        result = await run_python(code, FAST, isolation=Isolation(audit_hook=False, seccomp=False, landlock=False))
     finally:
         server.close()
         await server.wait_closed()
@@ -238,7 +263,7 @@ async def test_code_runs_as_an_unprivileged_uid_without_capabilities() -> None:
         "caps = [l for l in open('/proc/self/status') if l.startswith('CapEff')][0].split()[1]\n"
         "print(os.getuid(), os.getgid(), os.getgroups(), caps)"
     )
-    result = await run_python(code, FAST)
+    result = await run_python(code, FAST, isolation=Isolation(landlock=False))  # Landlock hides /proc
     uid = result.sandbox_uid
     assert uid is not None and uid != 0
     assert result.stdout == f"{uid} {uid} [] 0000000000000000\n"
