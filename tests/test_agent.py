@@ -29,6 +29,14 @@ from typer.testing import CliRunner
 
 from flowlane.runtime.agent.agent import Agent, AgentConfig, AgentRequest, EventKind
 from flowlane.runtime.agent.commands import StepPrinter, solve
+from flowlane.runtime.agent.conversation import (
+    ChatTurn,
+    Conversation,
+    ConversationTooLong,
+    Speaker,
+    clip_turn,
+    fit_conversation,
+)
 from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings
 from flowlane.runtime.errors import ConfigError, EngineUnavailableError
 from flowlane.runtime.tools.base import Tool, ToolResult
@@ -519,3 +527,126 @@ def test_solve_with_an_unreachable_engine_is_a_one_line_error() -> None:
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot reach") and str(port) in lines[0]
+
+
+# ============================================================================ conversations
+
+def words(text: str) -> int:
+    """A token counter for exact expectations: one token per word."""
+    return len(text.split())
+
+
+def chat(*turns: str) -> tuple[ChatTurn, ...]:
+    """Alternating user/assistant turns, user first."""
+    return tuple(ChatTurn(Speaker.USER if i % 2 == 0 else Speaker.ASSISTANT, text) for i, text in enumerate(turns))
+
+
+class MessageRecordingEngine(ScriptedControlFlowEngine):
+    """``scripted`` that also keeps every prompt by module."""
+
+    def __init__(self, base: ScriptedControlFlowEngine) -> None:
+        super().__init__(base.script)
+        self.prompts: dict[str, list[str]] = {}
+
+    async def chat(self, messages: list[dict[str, str]], settings: SamplingSettings) -> Generation:
+        text = "\n".join(message["content"] for message in messages)
+        self.prompts.setdefault(module_of(messages), []).append(text)
+        return await super().chat(messages, settings)
+
+
+HISTORY = chat("What is 17 * 23?", "17 * 23 = 391.")
+
+
+async def test_earlier_turns_reach_every_module_prompt() -> None:
+    engine = MessageRecordingEngine(scripted("STOP"))
+    agent = Agent(engine, engine, [RecordingTool()], AgentConfig(max_turns=2))
+    traj = await agent.run(Conversation("Now divide that by 17.", history=HISTORY))
+    assert sorted(engine.prompts) == ["analysis", "executor", "generator", "planner", "verifier"]
+    for module, prompts in engine.prompts.items():
+        assert "User: What is 17 * 23?\nAssistant: 17 * 23 = 391." in prompts[-1], module
+    assert traj.question == "Now divide that by 17."
+
+
+async def test_instructions_reach_the_planner_and_the_generator_only() -> None:
+    engine = MessageRecordingEngine(scripted("STOP"))
+    agent = Agent(engine, engine, [RecordingTool()], AgentConfig(max_turns=2))
+    await agent.run(Conversation("What is 6 * 7?", instructions="Answer in French."))
+    told = sorted(module for module, prompts in engine.prompts.items() if "Answer in French." in prompts[-1])
+    assert told == ["generator", "planner"]
+
+
+async def test_a_run_without_a_conversation_sends_the_same_prompts_as_a_bare_question() -> None:
+    bare, wrapped = MessageRecordingEngine(scripted("STOP")), MessageRecordingEngine(scripted("STOP"))
+    await Agent(bare, bare, [RecordingTool()], AgentConfig(max_turns=1)).run("What is 6 * 7?")
+    await Agent(wrapped, wrapped, [RecordingTool()], AgentConfig(max_turns=1)).run(Conversation("What is 6 * 7?"))
+    assert bare.prompts == wrapped.prompts
+    assert all("Conversation so far" not in p for prompts in bare.prompts.values() for p in prompts)
+
+
+async def test_an_answer_after_history_stops_before_an_invented_next_turn() -> None:
+    engine = scripted("STOP")
+    await Agent(engine, engine, [RecordingTool()], AgentConfig(max_turns=1, generator_stop=("END",))).run(
+        Conversation("Now divide that by 17.", history=HISTORY))
+    assert engine.settings_seen["generator"][-1].stop == ("END", "\nUser:")
+
+
+def test_oldest_turns_are_dropped_until_the_conversation_fits() -> None:
+    conversation = Conversation("q one", instructions="be brief", history=chat("a b c", "d e", "f g h i", "j"))
+    # fixed: 2 + 2 = 4 words; turns cost words + 3: 6, 5, 7, 4 -> drop the first two (user, assistant)
+    fitted = fit_conversation(conversation, max_tokens=4 + 7 + 4, count=words)
+    assert fitted.history == chat("f g h i", "j")
+    assert fitted.dropped_turns == 2
+
+
+def test_history_kept_after_a_drop_starts_with_a_user_turn() -> None:
+    conversation = Conversation("q", history=chat("a b c d e f", "g", "h", "i"))
+    # turn costs 9, 4, 4, 4; the cap keeps the last three, which start with an assistant turn
+    fitted = fit_conversation(conversation, max_tokens=1 + 12, count=words)
+    assert fitted.history == chat("h", "i")
+    assert fitted.dropped_turns == 2
+
+
+def test_a_conversation_that_fits_is_returned_unchanged() -> None:
+    conversation = Conversation("q", history=chat("a", "b"))
+    assert fit_conversation(conversation, max_tokens=100, count=words) is conversation
+
+
+def test_instructions_and_question_over_the_cap_cannot_be_served() -> None:
+    with pytest.raises(ConversationTooLong) as caught:
+        fit_conversation(Conversation("one two three", instructions="four five"), max_tokens=4, count=words)
+    assert (caught.value.tokens, caught.value.max_tokens) == (5, 4)
+    assert "5 tokens" in str(caught.value) and "at most 4" in str(caught.value)
+
+
+def test_long_turns_keep_their_beginning_and_end() -> None:
+    text = "start " + "x" * 5000 + " end"
+    clipped = clip_turn(text, 100)
+    assert len(clipped) <= 100 and clipped.startswith("start ") and clipped.endswith(" end")
+
+
+# ============================================================================ answer budgets
+
+async def test_answer_time_budget_cuts_the_answer_and_falls_back_to_the_last_result() -> None:
+    """The answer may use what the loop left of max_time_s, plus answer_time_s: 0.8 s here."""
+    engine = scripted("STOP")
+    engine.module_delay_s["generator"] = 5.0
+    agent = Agent(engine, engine, [RecordingTool()], AgentConfig(max_turns=1, max_time_s=0.5, answer_time_s=0.3))
+    started = time.monotonic()
+    traj = await agent.run("What is 6 * 7?")
+    assert 0.7 < time.monotonic() - started < 2.0
+    assert engine.in_flight == 0  # the answer's generation was cancelled, not left running
+    assert (traj.stop_reason, traj.answer_finish_reason, traj.answer) == (
+        StopReason.TIME_BUDGET, "time_limit", "ran print(6*7)")
+
+
+async def test_the_answers_finish_reason_is_recorded() -> None:
+    class LengthEngine(ScriptedControlFlowEngine):
+        async def chat(self, messages: list[dict[str, str]], settings: SamplingSettings) -> Generation:
+            generation = await super().chat(messages, settings)
+            if module_of(messages) == "generator":
+                generation.finish_reason = "length"
+            return generation
+
+    engine = LengthEngine(scripted("STOP").script)
+    traj = await Agent(engine, engine, [RecordingTool()], AgentConfig(max_turns=1)).run("What is 6 * 7?")
+    assert traj.answer_finish_reason == "length"

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 #: ``Trajectory.answer_finish_reason`` when the time budget ended the answer's generation.
 ANSWER_CUT_BY_TIME = "time_limit"
+#: Where an answer written after conversation history ends: the start of an invented next turn.
+HISTORY_TURN_STOP = "\nUser:"
 
 
 @dataclass(frozen=True)
@@ -179,8 +181,10 @@ class Agent:
             log.exception("agent loop failed for question %r", question_id or question[:60])
             traj.stop_reason = StopReason.ERROR
 
+        # After "User: ..." history lines a small model goes on writing the next turn itself.
+        stop = self.config.generator_stop + ((HISTORY_TURN_STOP,) if conversation.history else ())
         answer = self.generator.answer(text, memory.render(), seed=seed, history=memory.render_history(),
-                                       instructions=conversation.instructions, stop=self.config.generator_stop)
+                                       instructions=conversation.instructions, stop=stop)
         try:
             if self.config.answer_time_s is None:
                 generation = await answer
