@@ -37,7 +37,8 @@ test: $(STAMP)
 lint: $(STAMP) package-tree
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	PYTHONPATH=build/package-tree $(BIN)/lint-imports
+	# from inside the tree: import-linter puts the working directory first on sys.path
+	cd build/package-tree && ../../$(BIN)/lint-imports --no-cache ../../pyproject.toml
 
 package-tree:
 	$(BIN)/python scripts/package_tree.py

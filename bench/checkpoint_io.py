@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
-from flowlane.trainer.checkpoint import CheckpointStore
+from flowlane.kit.checkpoints import CheckpointStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from fixtures_services import MotoS3Server  # the same S3 endpoint the tests use

@@ -19,8 +19,7 @@ from typing import Any
 
 import pytest
 
-from flowlane.runtime.errors import ConfigError
-from flowlane.trainer.checkpoint import (
+from flowlane.kit.checkpoints import (
     MANIFEST_NAME,
     BestMode,
     CheckpointError,
@@ -34,6 +33,7 @@ from flowlane.trainer.checkpoint import (
     pick_best,
     select_retained,
 )
+from flowlane.runtime.errors import ConfigError
 
 FAST_RETRY = RetryPolicy(attempts=3, initial_backoff_s=0.05, max_backoff_s=0.2, connect_timeout_s=2, read_timeout_s=10)
 MODEL_A = {"model": {"architectures": ["LlamaForCausalLM"], "config_sha256": "a" * 64}}

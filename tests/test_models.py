@@ -11,10 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from flowlane.runtime import models
-from flowlane.runtime.errors import FlowlaneError, ModelNotFoundError
-from flowlane.runtime.model_commands import models_app
-from flowlane.runtime.models import (
+from flowlane.kit.models import (
     KNOWN_MODELS,
     MANIFEST_NAME,
     KnownModel,
@@ -22,6 +19,9 @@ from flowlane.runtime.models import (
     resolve_model,
     verify_model_dir,
 )
+from flowlane.runtime import models
+from flowlane.runtime.errors import FlowlaneError, ModelNotFoundError
+from flowlane.runtime.model_commands import models_app
 
 NAME = "smollm2-135m-instruct"
 
@@ -169,7 +169,7 @@ def test_an_s3_checkpoint_resolves_to_its_model_fetched_once_without_the_trainin
         s3_server, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What a FlowService pod and `flowlane serve --model s3://...` do with a FlowRun's
     status.lastCheckpoint: fetch the model part once into the cache, verified, and reuse it."""
-    from flowlane.trainer.checkpoint import CheckpointStore
+    from flowlane.kit.checkpoints import CheckpointStore
 
     monkeypatch.setenv("FLOWLANE_HOME", str(tmp_path / "home"))
     for key, value in s3_server.env().items():
@@ -192,7 +192,7 @@ def test_an_s3_checkpoint_resolves_to_its_model_fetched_once_without_the_trainin
 
 def test_a_local_checkpoint_is_used_where_it_is(model_dir: Path, tmp_path: Path) -> None:
     """`flowlane eval --model runs/<run>/checkpoints` (the latest) or a file:// URI: no copy."""
-    from flowlane.trainer.checkpoint import CheckpointStore
+    from flowlane.kit.checkpoints import CheckpointStore
 
     store = CheckpointStore.from_uri((tmp_path / "checkpoints").as_uri())
     store.save(2, _checkpoint_source(model_dir, tmp_path / "two"), meta={})
@@ -210,12 +210,12 @@ def test_a_lora_checkpoint_is_served_merged_into_its_base_model(model_dir: Path,
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from flowlane.trainer.checkpoint import CheckpointStore
-    from flowlane.trainer.learner import STATE_FILE, TOKENIZER_FILES, _model_identity
+    from flowlane.kit.checkpoints import CheckpointStore
+    from flowlane.kit.lora import STATE_FILE, TOKENIZER_FILES, weights_identity
 
     monkeypatch.setenv("FLOWLANE_HOME", str(tmp_path / "home"))
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    identity = _model_identity(base)
+    identity = weights_identity(base)
     torch.manual_seed(0)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     tuned = get_peft_model(base, config)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from learner_helpers import make_tiny_model_dir, synthetic_trajectories
 
-from flowlane.trainer.checkpoint import CheckpointStore, model_identity
+from flowlane.kit.checkpoints import CheckpointStore, model_identity
 from flowlane.trainer.learner import Learner, LearnerConfig, LoraSettings, LRSchedule
 
 STEPS = 4

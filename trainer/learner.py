@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import hashlib
 import itertools
 import json
 import logging
@@ -51,28 +50,24 @@ import torch
 
 from flowlane.api.enums import Dtype
 from flowlane.api.errors import ConfigError, FlowlaneError
+from flowlane.kit.checkpoints import DEEPSPEED_DIR, RNG_FILE
+from flowlane.kit.dtype import resolve_dtype
+from flowlane.kit.lora import (
+    STATE_FILE,
+    TOKENIZER_FILES,
+    describe_identity,
+    weights_identity,
+)
+from flowlane.kit.models import resolve_model
 from flowlane.runtime.trajectory import Trajectory
 from flowlane.trainer import flow_grpo
 from flowlane.trainer.batching import BatchLayout, MicroBatch, lay_out, plan_sequences
-from flowlane.trainer.checkpoint import DEEPSPEED_DIR, RNG_FILE
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
-STATE_FILE = "learner_state.json"
 DEEPSPEED_TAG = "state"
-# Files copied from the base model directory so a checkpoint is a complete model directory.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "generation_config.json",
-)
+
 
 
 class LRSchedule(StrEnum):
@@ -376,63 +371,8 @@ def ensure_distributed() -> None:
 
 
 def _resolve_dtype(dtype: Dtype) -> torch.dtype:
-    from flowlane.runtime.engines.base import resolve_dtype
-
     resolved: torch.dtype = getattr(torch, resolve_dtype(dtype.value))
     return resolved
-
-
-def _model_identity(model: Any) -> dict[str, Any]:
-    """What makes a base model *this* model: architecture numbers plus a digest of its embeddings."""
-    config = model.config
-    keys = (
-        "model_type",
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-    )
-    identity: dict[str, Any] = {key: getattr(config, key, None) for key in keys}
-    identity["architectures"] = list(getattr(config, "architectures", None) or [type(model).__name__])
-    embedding = model.get_input_embeddings().weight.detach()
-    sample = embedding[: min(8, embedding.shape[0])].to(torch.float32).contiguous().cpu()
-    identity["embedding_sha256"] = hashlib.sha256(sample.numpy().tobytes()).hexdigest()
-    return identity
-
-
-def _describe(identity: dict[str, Any]) -> str:
-    return (
-        f"{identity.get('model_type')} with {identity.get('num_hidden_layers')} layers, hidden "
-        f"{identity.get('hidden_size')}, vocab {identity.get('vocab_size')}"
-    )
-
-
-def merge_lora_checkpoint(checkpoint_dir: Path, out_dir: Path) -> None:
-    """Write a full model directory (float32 safetensors, config, tokenizer) into ``out_dir`` from
-    a LoRA checkpoint: the run's base model (its ``model_path``, resolved on this machine) with the
-    adapter merged in, so that any engine loads it. Refuses a base that is not the one trained on."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from flowlane.runtime.models import resolve_model
-
-    try:
-        meta = json.loads((checkpoint_dir / STATE_FILE).read_text())
-        model_path, recorded = meta["config"]["model_path"], dict(meta["base_model"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise FlowlaneError(f"{checkpoint_dir} is not a readable LoRA checkpoint ({STATE_FILE}: {err})") from None
-    base = AutoModelForCausalLM.from_pretrained(str(resolve_model(model_path)), dtype=torch.float32)
-    theirs = {k: v for k, v in recorded.items() if k != "path"}
-    if _model_identity(base) != theirs:
-        raise FlowlaneError(f"the LoRA checkpoint {checkpoint_dir} was trained on {_describe(theirs)}, but "
-                            f"{model_path!r} here is {_describe(_model_identity(base))}; install the same base model")
-    merged = PeftModel.from_pretrained(base, str(checkpoint_dir)).merge_and_unload()
-    merged.save_pretrained(str(out_dir), safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if (checkpoint_dir / name).is_file():
-            shutil.copy2(checkpoint_dir / name, out_dir / name)
 
 
 class Learner:
@@ -441,8 +381,6 @@ class Learner:
     def __init__(self, config: LearnerConfig) -> None:
         import deepspeed
         from transformers import AutoModelForCausalLM
-
-        from flowlane.runtime.models import resolve_model
 
         self.config = config
         self.model_dir = resolve_model(config.model_path)
@@ -457,7 +395,7 @@ class Learner:
         if config.attn_implementation:
             load_options["attn_implementation"] = config.attn_implementation
         policy: Any = AutoModelForCausalLM.from_pretrained(str(self.model_dir), **load_options)
-        self.base_identity = _model_identity(policy)
+        self.base_identity = weights_identity(policy)
         self.reference: torch.nn.Module | None = None
         if config.kl_beta > 0 and config.lora is None:
             self.reference = AutoModelForCausalLM.from_pretrained(str(self.model_dir), **load_options)
@@ -866,8 +804,8 @@ class Learner:
         if theirs != self.base_identity:
             raise FlowlaneError(
                 f"checkpoint {directory} was trained from another model "
-                f"({(meta.get('base_model') or {}).get('path')}: {_describe(theirs)}) than this learner's "
-                f"{self.model_dir} ({_describe(self.base_identity)}); resume with the model it was "
+                f"({(meta.get('base_model') or {}).get('path')}: {describe_identity(theirs)}) than this learner's "
+                f"{self.model_dir} ({describe_identity(self.base_identity)}); resume with the model it was "
                 "trained from, or start a fresh run"
             )
         mode = "lora" if self.is_lora else "full"

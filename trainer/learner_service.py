@@ -117,7 +117,7 @@ class LearnerRuntime:
 
     # -- set-up ---------------------------------------------------------------------------------
     def build(self) -> None:
-        from flowlane.trainer.checkpoint import CheckpointStore
+        from flowlane.kit.checkpoints import CheckpointStore
         from flowlane.trainer.learner import Learner
         from flowlane.trainer.tracking import Tracker
 
@@ -142,7 +142,7 @@ class LearnerRuntime:
         ref = self.store.latest() if self.resume else None
         if ref is None:
             return False
-        from flowlane.trainer.checkpoint import model_identity
+        from flowlane.kit.checkpoints import model_identity
 
         with tempfile.TemporaryDirectory(prefix="flowlane-restore-", dir=self.run_dir) as tmp:
             path = self.store.download(ref, Path(tmp) / "ckpt",
@@ -249,10 +249,10 @@ class LearnerRuntime:
         return accuracy
 
     async def checkpoint(self, *, final: bool = False) -> None:
-        from flowlane.trainer.checkpoint import CheckpointError
+        from flowlane.kit.checkpoints import CheckpointError
 
         step = self.coordinator.learned_step
-        from flowlane.trainer.checkpoint import model_identity
+        from flowlane.kit.checkpoints import model_identity
 
         meta = {"coordinator": self.coordinator.state_dict(), "run": self.flowrun.name,
                 "model": model_identity(self.learner.model_dir),
@@ -278,7 +278,7 @@ class LearnerRuntime:
         log.info("checkpoint %s written", self.progress.last_checkpoint)
 
     def _log_final_model(self) -> None:
-        from flowlane.trainer.checkpoint import DEEPSPEED_DIR, RNG_FILE
+        from flowlane.kit.checkpoints import DEEPSPEED_DIR, RNG_FILE
 
         with tempfile.TemporaryDirectory(prefix="flowlane-final-", dir=self.run_dir) as tmp:
             # The published planner is the checkpoint's model part (full weights, or the LoRA adapter).

@@ -20,24 +20,9 @@ from typing import Any
 
 import torch
 
-#: Weight dtypes an engine or the learner accepts; "auto" picks per machine (``resolve_dtype``).
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def resolve_dtype(dtype: str) -> str:
-    """A dtype name to a concrete one: "auto" is bfloat16 on a GPU that has it, else float32.
-
-    float32 on CPU keeps rollout log-probs within ~1e-5 of the learner's float32 re-scoring;
-    bfloat16 there is faster (README, engine table) but must be asked for.
-    """
-    from flowlane.runtime.errors import ConfigError
-
-    name = dtype.strip().lower()
-    if name not in DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
-    if name != "auto":
-        return name
-    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+# re-exported (the engines import them from here); defined once in flowlane.kit.dtype
+from flowlane.kit.dtype import DTYPES as DTYPES
+from flowlane.kit.dtype import resolve_dtype as resolve_dtype
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from flowlane.api.enums import RewardKind
-from flowlane.runtime import s3
+from flowlane.kit import s3
 from flowlane.runtime.errors import ConfigError
 from flowlane.runtime.rewards import resolve_kind
 from flowlane.runtime.tasks.generators import arithmetic_tasks, game24_tasks
