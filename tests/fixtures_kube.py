@@ -6,6 +6,12 @@ its own with its own event loop, serving on a loopback port. Tests talk to it ov
 part KMock leaves out: uid, generation and creation time). Each test gets a fresh namespace, so
 tests never see each other's objects.
 
+The emulator is complete enough for the real ``kubectl`` (the ``kubectl`` fixture runs it against
+the session server in the test's namespace): typed lists, CustomResourceDefinitions that serve
+their resources, server-side tables with the CRDs' printer columns, merge and strategic-merge
+patches, field selectors, and an OpenAPI v3 document from the CRDs' schemas that kubectl's
+validation and ``kubectl explain`` read.
+
 ``start_operator`` runs the real operator (``flowlane.operator.handlers.run_operator``: kopf with
 flowlane's handlers) in another thread, namespace-scoped to the test's namespace, logged in to
 KMock, with a ``FakeProgress`` the test fills in place of the learner's gRPC status.
@@ -15,15 +21,26 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
+import hashlib
 import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
+import aiohttp.web
+import attrs
 import httpx
 import kmock
 import pytest
@@ -45,17 +62,24 @@ from flowlane.operator.settings import OperatorConfig, OperatorMetrics
 T = TypeVar("T")
 
 EVENTS = Kind("", "v1", "events")
+CRDS = Kind("apiextensions.k8s.io", "v1", "customresourcedefinitions")  # cluster-scoped: no Kind.path
 _RESOURCES: dict[str, kmock.ResourceInfo] = {
-    "v1/pods": kmock.ResourceInfo(kind="Pod", singular="pod", namespaced=True),
-    "v1/services": kmock.ResourceInfo(kind="Service", singular="service", namespaced=True),
-    "v1/configmaps": kmock.ResourceInfo(kind="ConfigMap", singular="configmap", namespaced=True),
+    "v1/pods": kmock.ResourceInfo(kind="Pod", singular="pod", namespaced=True, shortnames={"po"},
+                                  subresources={"status"}),
+    "v1/services": kmock.ResourceInfo(kind="Service", singular="service", namespaced=True, shortnames={"svc"}),
+    "v1/configmaps": kmock.ResourceInfo(kind="ConfigMap", singular="configmap", namespaced=True, shortnames={"cm"}),
     "v1/secrets": kmock.ResourceInfo(kind="Secret", singular="secret", namespaced=True),
-    "v1/events": kmock.ResourceInfo(kind="Event", singular="event", namespaced=True),
-    "v1/namespaces": kmock.ResourceInfo(kind="Namespace", singular="namespace", namespaced=False),
+    "v1/events": kmock.ResourceInfo(kind="Event", singular="event", namespaced=True, shortnames={"ev"}),
+    "v1/namespaces": kmock.ResourceInfo(kind="Namespace", singular="namespace", namespaced=False, shortnames={"ns"}),
     "networking.k8s.io/v1/networkpolicies": kmock.ResourceInfo(
-        kind="NetworkPolicy", singular="networkpolicy", namespaced=True),
+        kind="NetworkPolicy", singular="networkpolicy", namespaced=True, shortnames={"netpol"}),
     "apps/v1/deployments": kmock.ResourceInfo(kind="Deployment", singular="deployment", namespaced=True,
-                                              subresources={"status", "scale"}),
+                                              shortnames={"deploy"}, subresources={"status", "scale"}),
+    "apiextensions.k8s.io/v1/customresourcedefinitions": kmock.ResourceInfo(
+        kind="CustomResourceDefinition", singular="customresourcedefinition", namespaced=False,
+        shortnames={"crd", "crds"}, categories={"api-extensions"}, subresources={"status"}),
+    # Served before any CRD is applied, so that tests need not apply them; applying the CRDs
+    # (crds/*.yaml) stores them and replaces these entries with what the CRDs declare.
     "flowlane.dev/v1alpha1/flowruns": kmock.ResourceInfo(
         kind="FlowRun", singular="flowrun", namespaced=True, shortnames={"fr"}, categories={"flowlane"},
         subresources={"status"}),
@@ -64,10 +88,353 @@ _RESOURCES: dict[str, kmock.ResourceInfo] = {
         categories={"flowlane"}, subresources={"status", "scale"}),
 }
 _VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
+_SUBRESOURCE_VERBS = {"get", "patch", "update"}
 
 
 _resource_versions = itertools.count(1)
 _event_seq = itertools.count(1)
+
+
+# --- Pure helpers: selectors, JSONPath, ages, schemas, tables, OpenAPI ----------------------------------
+
+def parse_selector(text: str) -> list[tuple[str, str, str]]:
+    """``a=b,c!=d,e,!f`` -> [(key, op, value)] with op one of ``=``, ``!=``, ``exists``, ``!exists``.
+
+    Set-based terms (``env in (a,b)``) are not supported: they raise ``ValueError``.
+    """
+    terms: list[tuple[str, str, str]] = []
+    for raw in filter(None, (term.strip() for term in text.split(","))):
+        if re.search(r"\s(in|notin)\s|[()]", raw):
+            raise ValueError(f"set-based selector terms are not supported by the emulator: {raw!r}")
+        if "!=" in raw:
+            key, value = raw.split("!=", 1)
+            terms.append((key.strip(), "!=", value.strip()))
+        elif "=" in raw:
+            key, value = raw.split("==", 1) if "==" in raw else raw.split("=", 1)
+            terms.append((key.strip(), "=", value.strip()))
+        elif raw.startswith("!"):
+            terms.append((raw[1:].strip(), "!exists", ""))
+        else:
+            terms.append((raw, "exists", ""))
+    return terms
+
+
+def selector_matches(terms: Sequence[tuple[str, str, str]], values: Mapping[str, str]) -> bool:
+    """Whether ``values`` (labels, or fields like ``metadata.name``) satisfy every term."""
+    for key, op, value in terms:
+        present = key in values
+        if (op == "=" and values.get(key) != value) or (op == "!=" and present and values[key] == value) \
+                or (op == "exists" and not present) or (op == "!exists" and present):
+            return False
+    return True
+
+
+def _object_fields(obj: Mapping[str, Any]) -> dict[str, str]:
+    """The fields every resource can be selected by: ``metadata.name`` and ``metadata.namespace``."""
+    meta = obj.get("metadata", {})
+    return {"metadata.name": meta.get("name", ""), "metadata.namespace": meta.get("namespace") or ""}
+
+
+def jsonpath_value(obj: Any, path: str) -> Any:
+    """The value at a simple JSONPath (``.status.phase``, ``.spec.tools[0].name``), None if absent."""
+    for name, index in re.findall(r"\.([^.\[\]]+)|\[(\d+)\]", path):
+        if name and isinstance(obj, Mapping):
+            obj = obj.get(name)
+        elif index and isinstance(obj, list) and int(index) < len(obj):
+            obj = obj[int(index)]
+        else:
+            return None
+    return obj
+
+
+def human_duration(seconds: float) -> str:
+    """An age as kubectl and the API server print it: 45s, 4m30s, 25m, 3h20m, 5d, 2y30d."""
+    s = int(seconds)
+    if s < -1:
+        return "<invalid>"
+    if s < 0:
+        return "0s"
+    if s < 120:
+        return f"{s}s"
+    minutes, hours, days = s // 60, s // 3600, s // 86400
+    if minutes < 10:
+        return f"{minutes}m{s % 60}s" if s % 60 else f"{minutes}m"
+    if minutes < 180:
+        return f"{minutes}m"
+    if hours < 8:
+        return f"{hours}h{minutes % 60}m" if minutes % 60 else f"{hours}h"
+    if hours < 48:
+        return f"{hours}h"
+    if hours < 24 * 8:
+        return f"{days}d{hours % 24}h" if hours % 24 else f"{days}d"
+    if days < 365 * 2:
+        return f"{days}d"
+    if days < 365 * 8:
+        return f"{days // 365}y{days % 365}d" if days % 365 else f"{days // 365}y"
+    return f"{days // 365}y"
+
+
+def age(timestamp: str | None, now: datetime | None = None) -> str:
+    """The age of an RFC 3339 timestamp (``<unknown>`` when there is none, as the API server says)."""
+    if not timestamp:
+        return "<unknown>"
+    try:
+        then = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    except ValueError:
+        return "<invalid>"
+    return human_duration(((now or datetime.now(UTC)) - then).total_seconds())
+
+
+def unknown_fields(value: Any, schema: Mapping[str, Any], path: str = "") -> list[str]:
+    """The fields of ``value`` that a structural schema does not declare (what it would prune).
+
+    An object schema declares its ``properties``, or any key through ``additionalProperties`` or
+    ``x-kubernetes-preserve-unknown-fields``. Only unknown fields are checked, not types or values.
+    """
+    found: list[str] = []
+    if isinstance(value, Mapping):
+        properties = schema.get("properties")
+        extra = schema.get("additionalProperties")
+        keeps_any = schema.get("x-kubernetes-preserve-unknown-fields") or extra is True \
+            or schema.get("type") != "object"
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else key
+            if item is None:  # a merge patch's deletion: nothing is stored
+                continue
+            if properties is not None and key in properties:
+                found += unknown_fields(item, properties[key], where)
+            elif isinstance(extra, Mapping):
+                found += unknown_fields(item, extra, where)
+            elif not keeps_any:
+                found.append(where)
+    elif isinstance(value, list) and isinstance(schema.get("items"), Mapping):
+        for i, item in enumerate(value):
+            found += unknown_fields(item, schema["items"], f"{path}[{i}]")
+    return found
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a server-side table (``metav1.TableColumnDefinition``) and how to fill it."""
+
+    name: str
+    type: str
+    cell: Callable[[Mapping[str, Any]], Any]
+    description: str = ""
+    format: str = ""
+    priority: int = 0
+
+    def definition(self) -> dict[str, Any]:
+        return {"name": self.name, "type": self.type, "format": self.format,
+                "description": self.description, "priority": self.priority}
+
+
+def _name_column() -> Column:
+    return Column("Name", "string", lambda o: o.get("metadata", {}).get("name"), format="name",
+                  description="Name must be unique within a namespace.")
+
+
+def _age_column() -> Column:
+    return Column("Age", "string", lambda o: age(o.get("metadata", {}).get("creationTimestamp")),
+                  description="Time since creation.")
+
+
+def _printer_cell(kind: str, value: Any) -> Any:
+    """A cell of a CRD printer column from the value its JSONPath found, as the API server converts it."""
+    if value is None:
+        return None
+    if kind == "string":
+        return value if isinstance(value, str) else json.dumps(value)
+    if kind == "integer" and isinstance(value, int | float) and not isinstance(value, bool):
+        return int(value)
+    if kind == "number" and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if kind == "boolean" and isinstance(value, bool):
+        return value
+    if kind == "date" and isinstance(value, str):
+        return age(value)
+    return None
+
+
+def crd_columns(printer_columns: Sequence[Mapping[str, Any]] | None) -> list[Column]:
+    """The table of a custom resource: Name, then the version's ``additionalPrinterColumns``.
+
+    Without printer columns a CRD gets Name and Age, as the API server does.
+    """
+    if printer_columns is None:
+        printer_columns = [{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]
+    columns = [_name_column()]
+    for spec in printer_columns:
+        path, kind = spec["jsonPath"], spec["type"]
+        columns.append(Column(
+            spec["name"], kind, lambda o, path=path, kind=kind: _printer_cell(kind, jsonpath_value(o, path)),
+            description=spec.get("description") or f"Custom resource definition column (in JSONPath format): {path}",
+            format=spec.get("format", ""), priority=spec.get("priority", 0)))
+    return columns
+
+
+def _pod_status(pod: Mapping[str, Any]) -> str:
+    status = pod.get("status", {})
+    reason = status.get("reason") or status.get("phase") or ""
+    for container in status.get("containerStatuses", []):
+        state = container.get("state", {})
+        reason = state.get("waiting", {}).get("reason") or state.get("terminated", {}).get("reason") or reason
+    return "Terminating" if pod.get("metadata", {}).get("deletionTimestamp") else reason
+
+
+def _pod_ready(pod: Mapping[str, Any]) -> str:
+    ready = sum(bool(c.get("ready")) for c in pod.get("status", {}).get("containerStatuses", []))
+    return f"{ready}/{len(pod.get('spec', {}).get('containers', []))}"
+
+
+def _event_object(event: Mapping[str, Any]) -> str:
+    involved = event.get("involvedObject", {})
+    return f"{str(involved.get('kind', '')).lower()}/{involved.get('name', '')}"
+
+
+#: Built-in kinds with printers of their own in a real API server; every other kind gets Name and Age.
+BUILTIN_COLUMNS: dict[str, list[Column]] = {
+    "Pod": [
+        _name_column(),
+        Column("Ready", "string", _pod_ready, "The aggregate readiness state of this pod for accepting traffic."),
+        Column("Status", "string", _pod_status, "The aggregate status of the containers in this pod."),
+        Column("Restarts", "integer",
+               lambda p: sum(c.get("restartCount", 0) for c in p.get("status", {}).get("containerStatuses", [])),
+               "The number of times the containers in this pod have been restarted."),
+        _age_column(),
+    ],
+    "Event": [
+        Column("Last Seen", "string",
+               lambda e: age(e.get("lastTimestamp") or e.get("eventTime")
+                             or e.get("metadata", {}).get("creationTimestamp")),
+               "Time since the event was last seen."),
+        Column("Type", "string", lambda e: e.get("type"), "Type of this event (Normal, Warning)."),
+        Column("Reason", "string", lambda e: e.get("reason"), "Why the action was taken."),
+        Column("Object", "string", _event_object, "The object that this event is about."),
+        Column("Message", "string", lambda e: e.get("message"), "A human-readable description of the status."),
+    ],
+    "Namespace": [
+        _name_column(),
+        Column("Status", "string", lambda n: n.get("status", {}).get("phase"), "The phase of the namespace."),
+        _age_column(),
+    ],
+    "CustomResourceDefinition": [
+        _name_column(),
+        Column("Created At", "date", lambda o: o.get("metadata", {}).get("creationTimestamp"),
+               "Time of creation."),
+    ],
+}
+
+
+def table(columns: Sequence[Column], objects: Sequence[Mapping[str, Any]], resource_version: str,
+          include_object: str = "Metadata") -> dict[str, Any]:
+    """A ``meta.k8s.io/v1`` Table of ``objects``, what ``kubectl get`` asks the server for."""
+    def row(obj: Mapping[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = {"cells": [column.cell(obj) for column in columns]}
+        if include_object == "Object":
+            result["object"] = obj
+        elif include_object != "None":
+            result["object"] = {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
+                                "metadata": obj.get("metadata", {})}
+        return result
+
+    return {"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {"resourceVersion": resource_version},
+            "columnDefinitions": [column.definition() for column in columns], "rows": [row(o) for o in objects]}
+
+
+def _group_version(group: str, version: str) -> str:
+    return f"{group}/{version}" if group else version
+
+
+def _openapi_path(group: str, version: str) -> str:
+    """The key of a group-version in ``/openapi/v3``: ``api/v1``, ``apis/flowlane.dev/v1alpha1``."""
+    return f"apis/{group}/{version}" if group else f"api/{version}"
+
+
+def _schema_name(group: str, version: str, kind: str) -> str:
+    """``dev.flowlane.v1alpha1.FlowRun``, ``core.v1.Pod``: the reverse-domain names the API server uses."""
+    return ".".join([*reversed(group.split(".")), version, kind]) if group else f"core.{version}.{kind}"
+
+
+#: What kubectl looks for to send ``fieldValidation=Strict`` instead of validating on its own.
+_FIELD_VALIDATION = {"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": True},
+                     "description": "Ignore, Warn or Strict: whether unknown fields fail the request."}
+
+
+def openapi_group_version(group: str, version: str,
+                          kinds: Sequence[tuple[str, str, bool, Mapping[str, Any] | None]]) -> dict[str, Any]:
+    """The OpenAPI v3 document of one group-version: ``kinds`` is (plural, kind, namespaced, schema).
+
+    A kind without a schema (the built-in kinds: the emulator has none of theirs) is declared to
+    keep any field, and the server checks nothing else for it: the document says what is enforced.
+    """
+    paths: dict[str, Any] = {}
+    schemas: dict[str, Any] = {}
+    base = f"/apis/{group}/{version}" if group else f"/api/{version}"
+    for plural, kind, namespaced, schema in kinds:
+        gvk = {"group": group, "version": version, "kind": kind}
+        name = _schema_name(group, version, kind)
+        body = dict(copy.deepcopy(schema)) if schema else {
+            "type": "object", "x-kubernetes-preserve-unknown-fields": True,
+            "description": f"{kind}: the emulator serves no schema for built-in kinds and keeps any field."}
+        body["x-kubernetes-group-version-kind"] = [gvk]
+        schemas[name] = body
+        ref = {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}
+
+        def operation(action: str, params: Sequence[Mapping[str, Any]] = (), ref: Any = ref,
+                      gvk: Any = gvk, kind: str = kind) -> dict[str, Any]:
+            return {"description": f"{action} {kind}", "operationId": f"{action}{kind}",
+                    "parameters": list(params), "responses": {"200": {"description": "OK", **ref}},
+                    "x-kubernetes-action": action, "x-kubernetes-group-version-kind": gvk}
+
+        collection = f"{base}/namespaces/{{namespace}}/{plural}" if namespaced else f"{base}/{plural}"
+        paths[collection] = {"get": operation("list"), "post": operation("post", [_FIELD_VALIDATION])}
+        paths[f"{collection}/{{name}}"] = {
+            "get": operation("get"), "put": operation("put", [_FIELD_VALIDATION]),
+            "patch": operation("patch", [_FIELD_VALIDATION]), "delete": operation("delete")}
+    return {"openapi": "3.0.0", "info": {"title": "Kubernetes (the KMock emulator)", "version": "v1.26.4"},
+            "paths": paths, "components": {"schemas": schemas}}
+
+
+_CRD_RESOURCE = kmock.resource(group=CRDS.group, version=CRDS.version, plural=CRDS.plural)
+_NAMESPACE_RESOURCE = kmock.resource(group="", version="v1", plural="namespaces")
+_NAMESPACE_ACTIONS = {kmock.method.GET: kmock.action.FETCH, kmock.method.PATCH: kmock.action.UPDATE,
+                      kmock.method.DELETE: kmock.action.DELETE}
+_PATCH_TYPES = ("application/json-patch+json", "application/merge-patch+json",
+                "application/strategic-merge-patch+json")
+
+
+def _header(request: Any, name: str) -> str:
+    return next((v for k, v in request.headers.items() if k.lower() == name.lower()), "")
+
+
+def _resource_name(resource: Any) -> str:
+    """``pods``, ``flowruns.flowlane.dev``: how the API server names a resource in its messages."""
+    return f"{resource.plural}.{resource.group}" if resource.group else str(resource.plural)
+
+
+def strategic_as_merge(patch: Any) -> Any:
+    """A strategic merge patch applied as a JSON merge patch (RFC 7386), in place.
+
+    Enough for our objects: the emulator serves no patch strategies (no ``x-kubernetes-patch-merge-key``),
+    so kubectl computes patches that replace lists whole, just as a merge patch does. The order
+    hints (``$setElementOrder``, ``$retainKeys``) are dropped; directives that change what is
+    stored (``$patch``, ``$deleteFromPrimitiveList``) are refused rather than misapplied.
+    """
+    if isinstance(patch, list):
+        for item in patch:
+            strategic_as_merge(item)
+    elif isinstance(patch, dict):
+        for key in list(patch):
+            if key == "$patch" or key.startswith("$deleteFromPrimitiveList/"):
+                raise kmock.KubernetesError(status=422, reason="Invalid", message=(
+                    f"strategic merge patch directive {key!r} is not supported by the emulator; "
+                    "send a JSON patch (application/json-patch+json) instead"))
+            if key == "$retainKeys" or key.startswith("$setElementOrder/"):
+                del patch[key]
+            else:
+                strategic_as_merge(patch[key])
+    return patch
 
 
 class _RecordingBus(kmock.Bus[Any]):
@@ -88,11 +455,17 @@ class _RecordingBus(kmock.Bus[Any]):
 class ApiServerEmulator(kmock.KubernetesEmulator):
     """KMock plus the bookkeeping a real API server does on every write and kopf relies on.
 
-    Lists honour label selectors and watches lose no events. A new object gets a uid, a creation
-    time, generation 1 and a name from its ``generateName`` (kopf names its Kubernetes events that
-    way); every write gets a fresh
-    resourceVersion (kopf uses it to tell its own patches from stale watch events); a change of
-    ``spec`` bumps ``metadata.generation``.
+    Lists honour label and field selectors and watches lose no events. A new object gets a uid, a
+    creation time, generation 1 and a name from its ``generateName`` (kopf names its Kubernetes
+    events that way); every write gets a fresh resourceVersion (kopf uses it to tell its own
+    patches from stale watch events); a change of ``spec`` bumps ``metadata.generation``.
+
+    For ``kubectl``: lists are typed (``FlowRunList``); a stored CustomResourceDefinition serves its
+    resource (discovery, printer columns, OpenAPI schema); ``Accept: ...;as=Table`` gets a server-side
+    table; PATCH takes JSON, merge and strategic-merge patches (the last applied as a merge patch,
+    see ``strategic_as_merge``); PUT replaces; ``fieldValidation=Strict`` refuses fields the
+    served schema does not declare. Not emulated: schema defaulting and type validation,
+    server-side apply, deleting a CRD's objects with it, ``kubectl logs``/``exec``.
     """
 
     #: KMock matches each request against its reactions by scanning every request it recorded, so a
@@ -102,19 +475,54 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     #: When each object was first stored: (plural, namespace, name) -> time.monotonic() (benchmarks).
     created_at: dict[tuple[str, str, str], float] = {}  # noqa: RUF012  (one emulator per process)
 
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self._buses = collections.defaultdict(_RecordingBus)
+        self.static_resources: dict[str, kmock.ResourceInfo] = {}  # what serve_statically() declared
+
+    def serve_statically(self, resources: Mapping[str, kmock.ResourceInfo]) -> None:
+        """Serve these resources (``group/version/plural`` -> info) whether or not a CRD declares them."""
+        for key, info in resources.items():
+            served = copy.deepcopy(info)
+            served.verbs = set(_VERBS)
+            self.static_resources[key] = served
+            self.resources[key] = served
+
+    def _info(self, resource: Any) -> kmock.ResourceInfo | None:
+        # ResourcesArray.get() would create the entry it looks for.
+        return self.resources[resource] if resource in self.resources else None  # noqa: SIM401
+
+    def _typed(self, resource: Any, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """The object with its ``apiVersion`` and ``kind``, as a real API server always returns it."""
+        info = self._info(resource)
+        typed = {"apiVersion": _group_version(resource.group, resource.version)}
+        if info is not None and info.kind:
+            typed["kind"] = info.kind
+        return {**typed, **obj}
+
     async def _handle(self, request: Any) -> Any:
         if len(self._requests) > 4 * self.keep_requests:
             del self._requests[: -self.keep_requests]
+        if request.url.path == "/openapi/v3" or request.url.path.startswith("/openapi/v3/"):
+            return aiohttp.web.json_response(self._serve_openapi(request.url.path))
+        if request.url.path.startswith("/openapi/v2"):
+            raise kmock.KubernetesError(status=404, reason="NotFound",
+                                        message="the emulator serves OpenAPI v3 only (/openapi/v3)")
+        request = self._namespace_request(request)
+        if request.resource is not None and request.method == kmock.method.PUT and request.name:
+            return await self._serve_replace(request)
         data = request.data
         action = request.action
+        if request.resource is not None and action == kmock.action.UPDATE:
+            self._check_patch_type(request)
         if request.resource is not None and action in (kmock.action.CREATE, kmock.action.UPDATE):
+            self._check_fields(request)
             version = str(next(_resource_versions))
             if isinstance(data, dict):
                 meta = data.setdefault("metadata", {})
                 meta["resourceVersion"] = version
                 if action == kmock.action.CREATE:
-                    if not meta.get("name") and meta.get("generateName"):
-                        meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+                    self._prepare_create(request, data)
                     key3 = (request.resource.plural, request.namespace or meta.get("namespace"), meta["name"])
                     self.created_at.setdefault(key3, time.monotonic())
                     meta.setdefault("uid", str(uuid.uuid4()))
@@ -133,12 +541,218 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
                         raise kmock.KubernetesError(status=422, reason="Invalid",
                                                     message="the object has been modified; resourceVersion differs")
                 data.append({"op": "add", "path": "/metadata/resourceVersion", "value": version})
-        return await super()._handle(request)
+        try:
+            response = await super()._handle(request)
+        except kmock.KubernetesObjectNotFoundError:  # KMock's own words name neither the resource nor the object
+            raise self._not_found(request) from None
+        except kmock.KubernetesError as exc:
+            if exc.status != 409:
+                raise
+            name = (data or {}).get("metadata", {}).get("name") if isinstance(data, dict) else request.name
+            raise kmock.KubernetesError(status=409, reason="AlreadyExists", message=(
+                f'{_resource_name(request.resource)} "{name}" already exists')) from None
+        if request.resource == _CRD_RESOURCE and action in (kmock.action.CREATE, kmock.action.UPDATE,
+                                                             kmock.action.DELETE):
+            name = request.name or data.get("metadata", {}).get("name")
+            self._serve_crd(name)
+        return response
 
+    def _namespace_request(self, request: Any) -> Any:
+        """``/api/v1/namespaces/NAME`` as the Namespace NAME: KMock's parser reads a namespace without a resource.
 
-    def __attrs_post_init__(self) -> None:
-        super().__attrs_post_init__()
-        self._buses = collections.defaultdict(_RecordingBus)
+        (``/api/v1/namespaces`` itself fails in KMock's parser before any handler runs: namespaces
+        cannot be listed or created.)
+        """
+        if request.resource is None or request.resource.group != "" or request.resource.plural is not None \
+                or request.namespace is None or request.name is not None:
+            return request
+        namespace = attrs.evolve(request, resource=_NAMESPACE_RESOURCE, namespace=None, name=request.namespace,
+                                 action=_NAMESPACE_ACTIONS.get(request.method))
+        # Reactions match the requests KMock recorded, by identity: record this one in its place.
+        self._requests[:] = [namespace if r is request else r for r in self._requests]
+        return namespace
+
+    def _not_found(self, request: Any) -> kmock.KubernetesError:
+        resource = request.resource
+        return kmock.KubernetesError(
+            status=404, reason="NotFound", message=f'{_resource_name(resource)} "{request.name}" not found',
+            details={"name": request.name, "group": resource.group, "kind": resource.plural})
+
+    def _prepare_create(self, request: Any, data: dict[str, Any]) -> None:
+        """What a real API server checks and fills in before it stores a new object."""
+        meta = data["metadata"]
+        info = self._info(request.resource)
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+        if not meta.get("name"):
+            raise kmock.KubernetesError(status=422, reason="Invalid",
+                                        message="metadata.name: Required value: name or generateName is required")
+        if info is not None and info.namespaced and request.namespace:
+            if meta.get("namespace", request.namespace) != request.namespace:
+                raise kmock.KubernetesError(status=400, reason="BadRequest", message=(
+                    "the namespace of the provided object does not match the namespace sent on the request"))
+            meta["namespace"] = request.namespace
+        if info is not None and info.kind:
+            data.setdefault("apiVersion", _group_version(request.resource.group, request.resource.version))
+            data.setdefault("kind", info.kind)
+        if request.resource == _CRD_RESOURCE:
+            spec = data.get("spec", {})
+            names = spec.get("names", {})
+            if meta["name"] != f"{names.get('plural')}.{spec.get('group')}":
+                raise kmock.KubernetesError(status=422, reason="Invalid", message=(
+                    f"metadata.name: Invalid value: {meta['name']!r}: must be spec.names.plural+\".\"+spec.group"))
+            data["status"] = {
+                "acceptedNames": names,
+                "conditions": [{"type": t, "status": "True", "reason": r, "message": m,
+                                "lastTransitionTime": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+                               for t, r, m in [("NamesAccepted", "NoConflicts", "no conflicts found"),
+                                               ("Established", "InitialNamesAccepted",
+                                                "the initial names have been accepted")]],
+                "storedVersions": [v["name"] for v in spec.get("versions", []) if v.get("storage")],
+            }
+
+    def _check_patch_type(self, request: Any) -> None:
+        content_type = _header(request, "Content-Type").split(";")[0].strip()
+        if content_type not in _PATCH_TYPES:
+            raise kmock.KubernetesError(status=415, reason="UnsupportedMediaType", message=(
+                f"the body of the request was in an unknown format {content_type!r}: accepted media types "
+                f"are {', '.join(_PATCH_TYPES)} (server-side apply is not emulated)"))
+        if isinstance(request.data, list) != (content_type == "application/json-patch+json"):
+            raise kmock.KubernetesError(status=400, reason="BadRequest",
+                                        message=f"the body is not a valid {content_type} patch")
+        if content_type == "application/strategic-merge-patch+json":
+            strategic_as_merge(request.data)
+
+    def _check_fields(self, request: Any) -> None:
+        """``fieldValidation=Strict``: refuse the fields the served schema does not declare."""
+        if request.params.get("fieldValidation") != "Strict" or not isinstance(request.data, dict):
+            return
+        schema = self._schema(request.resource)
+        if schema is None:  # the OpenAPI document declares such kinds to keep any field
+            return
+        body = {k: v for k, v in request.data.items() if k not in ("apiVersion", "kind", "metadata")}
+        unknown = unknown_fields(body, schema)
+        if unknown:
+            kind = (self._info(request.resource) or kmock.ResourceInfo()).kind
+            raise kmock.KubernetesError(status=400, reason="BadRequest", message=(
+                f'{kind} in version "{request.resource.version}" cannot be handled as a {kind}: strict decoding '
+                f"error: {', '.join(f'unknown field {f!r}'.replace(chr(39), chr(34)) for f in unknown)}"))
+
+    async def _serve_replace(self, request: Any) -> Any:
+        """PUT: the object (or its status, for ``/status``) replaced whole, as ``kubectl replace`` does."""
+        key = (request.resource, request.namespace, request.name)
+        if not isinstance(request.data, dict):
+            raise kmock.KubernetesError(status=400, reason="BadRequest", message="PUT needs a JSON object body")
+        self._check_fields(request)
+        async with self._lock:
+            if key not in self.objects or self.objects[key].deleted:
+                raise self._not_found(request)
+            current = copy.deepcopy(self.objects[key].raw)
+            body = copy.deepcopy(request.data)
+            meta = body.setdefault("metadata", {})
+            if meta.get("resourceVersion") not in (None, current["metadata"].get("resourceVersion")):
+                raise kmock.KubernetesError(status=409, reason="Conflict", message=(
+                    f'Operation cannot be fulfilled on {_resource_name(request.resource)} "{request.name}": the '
+                    "object has been modified; please apply your changes to the latest version and try again"))
+            if meta.get("name", request.name) != request.name:
+                raise kmock.KubernetesError(status=400, reason="BadRequest",
+                                            message="the name of the object does not match the name on the URL")
+            info = self._info(request.resource)
+            if request.subresource == "status":
+                new = {**current, "status": body.get("status")}
+            else:
+                new = {**body, "metadata": {**meta, **{k: v for k, v in current["metadata"].items() if k in (
+                    "name", "namespace", "uid", "creationTimestamp", "generation")}}}
+                if info is not None and "status" in info.subresources:
+                    new["status"] = current.get("status")
+                if new.get("spec") != current.get("spec"):
+                    new["metadata"]["generation"] = current["metadata"].get("generation", 0) + 1
+            new = {k: v for k, v in self._typed(request.resource, new).items() if v is not None}
+            new["metadata"]["resourceVersion"] = str(next(_resource_versions))
+            self.objects[key].create(new)
+            raw = self.objects[key].raw
+            await self._buses[request.resource].put({"type": "MODIFIED", "object": raw})
+        if request.resource == _CRD_RESOURCE:
+            self._serve_crd(request.name)
+        return aiohttp.web.json_response(raw)
+
+    # --- CustomResourceDefinitions ------------------------------------------------------------------
+
+    def _crd(self, resource: Any) -> dict[str, Any] | None:
+        key = (_CRD_RESOURCE, None, _resource_name(resource))
+        if resource.group and key in self.objects and not self.objects[key].deleted:
+            return cast(dict[str, Any], self.objects[key].raw)
+        return None
+
+    def _crd_version(self, resource: Any) -> dict[str, Any] | None:
+        crd = self._crd(resource)
+        versions = crd.get("spec", {}).get("versions", []) if crd else []
+        return next((v for v in versions if v.get("name") == resource.version), None)
+
+    def _schema(self, resource: Any) -> dict[str, Any] | None:
+        """The stored CRD's ``openAPIV3Schema`` for this resource's version, if a CRD declares it."""
+        version = self._crd_version(resource)
+        return version.get("schema", {}).get("openAPIV3Schema") if version else None
+
+    def _serve_crd(self, name: str) -> None:
+        """Serve what the stored CRD ``name`` declares; a deleted CRD serves only what was static."""
+        key = (_CRD_RESOURCE, None, name)
+        crd = self.objects[key].raw if key in self.objects and not self.objects[key].deleted else None
+        plural, _, group = name.partition(".")
+        for resource in [r for r in self.resources if r.group == group and r.plural == plural]:
+            path = f"{group}/{resource.version}/{plural}"
+            if path in self.static_resources:
+                self.resources[path] = self.static_resources[path]
+            else:
+                del self.resources[path]
+        if crd is None:
+            return
+        spec, names = crd["spec"], crd["spec"]["names"]
+        for version in spec.get("versions", []):
+            if version.get("served", True):
+                self.resources[f"{group}/{version['name']}/{plural}"] = kmock.ResourceInfo(
+                    kind=names["kind"], singular=names.get("singular") or names["kind"].lower(),
+                    namespaced=spec.get("scope") == "Namespaced", verbs=set(_VERBS),
+                    shortnames=set(names.get("shortNames", [])), categories=set(names.get("categories", [])),
+                    subresources=set(version.get("subresources") or {}))
+
+    # --- Discovery and OpenAPI ----------------------------------------------------------------------
+
+    async def _serve_version(self, request: Any) -> Any:
+        """KMock's resource list with the core group's ``groupVersion`` right (``v1``, not ``/v1``).
+
+        kubectl cannot map any core resource (pods, events) from ``/v1``.
+        """
+        payload: dict[str, Any] = await super()._serve_version(request)  # type: ignore[assignment]
+        payload["groupVersion"] = _group_version(request.resource.group, request.resource.version)
+        for entry in payload["resources"]:
+            sub = "/" in entry["name"]
+            entry["verbs"] = sorted(_SUBRESOURCE_VERBS if sub else entry["verbs"])
+            if sub:
+                entry["shortNames"], entry["categories"] = [], []
+        payload["resources"].sort(key=lambda entry: entry["name"])
+        return payload
+
+    def _serve_openapi(self, path: str) -> dict[str, Any]:
+        """``/openapi/v3`` (an index of group-versions) and ``/openapi/v3/<apis/group/version>``."""
+        kinds: dict[tuple[str, str], list[tuple[str, str, bool, Mapping[str, Any] | None]]] = \
+            collections.defaultdict(list)
+        for resource in self.resources:
+            info = self.resources[resource]
+            kinds[resource.group, resource.version].append(
+                (resource.plural, info.kind or resource.plural.capitalize(), bool(info.namespaced),
+                 self._schema(resource)))
+        docs = {_openapi_path(group, version): openapi_group_version(group, version, sorted(entries))
+                for (group, version), entries in kinds.items()}
+        if path.rstrip("/") == "/openapi/v3":
+            return {"paths": {key: {"serverRelativeURL": f"/openapi/v3/{key}?hash=" + hashlib.sha512(
+                json.dumps(doc, sort_keys=True).encode()).hexdigest().upper()} for key, doc in sorted(docs.items())}}
+        key = path.removeprefix("/openapi/v3/")
+        if key not in docs:
+            raise kmock.KubernetesError(status=404, reason="NotFound", message=f"no OpenAPI v3 document for {key}")
+        return docs[key]
+
+    # --- Reading: watches, lists, objects, tables ---------------------------------------------------
 
     async def _serve_watch(self, request: Any) -> Any:
         """A watch that resumes after the list it follows, without gaps or replays.
@@ -175,27 +789,67 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         return cast(list[Any], self._KubernetesEmulator__get_objs(request, strict=False))  # type: ignore[attr-defined]
 
     def _visible(self, request: Any, event: dict[str, Any]) -> bool:
-        meta = event.get("object", {}).get("metadata", {})
+        obj = event.get("object", {})
+        meta = obj.get("metadata", {})
         check = self._KubernetesEmulator__check  # type: ignore[attr-defined]
-        return bool(check(request, request.resource, meta.get("namespace"), meta.get("name"), strict=False))
+        return bool(check(request, request.resource, meta.get("namespace"), meta.get("name"), strict=False)) \
+            and self._selected(request, obj)
+
+    def _selected(self, request: Any, obj: Mapping[str, Any]) -> bool:
+        """Whether ``obj`` passes the request's ``labelSelector`` and ``fieldSelector``."""
+        try:
+            labels = parse_selector(request.params.get("labelSelector") or "")
+            fields = parse_selector(request.params.get("fieldSelector") or "")
+        except ValueError as exc:
+            raise kmock.KubernetesError(status=400, reason="BadRequest", message=str(exc)) from None
+        return selector_matches(labels, obj.get("metadata", {}).get("labels") or {}) \
+            and selector_matches(fields, _object_fields(obj))
+
+    def _table(self, request: Any, objects: Sequence[Mapping[str, Any]], resource_version: str) -> dict[str, Any]:
+        version = self._crd_version(request.resource)
+        info = self._info(request.resource)
+        columns = crd_columns(version.get("additionalPrinterColumns")) if version else \
+            BUILTIN_COLUMNS.get(info.kind if info and info.kind else "", [_name_column(), _age_column()])
+        return table(columns, objects, resource_version, request.params.get("includeObject", "Metadata"))
 
     async def _serve_list(self, request: Any) -> Any:
-        """Lists honour equality label selectors (``a=b,c=d``), as a real API server does."""
+        """Typed lists (``kind: FlowRunList``), sorted by namespace and name, selectors honoured."""
         payload: dict[str, Any] = await super()._serve_list(request)  # type: ignore[assignment]
-        payload["metadata"] = {"resourceVersion": str(cast(_RecordingBus, self._buses[request.resource]).last_seq)}
-        selector = dict(
-            term.split("=", 1) for term in (request.params.get("labelSelector") or "").split(",") if "=" in term
-        )
-        if selector:
-            payload["items"] = [i for i in payload["items"] if all(
-                i.get("metadata", {}).get("labels", {}).get(k) == v for k, v in selector.items())]
-        return payload
+        version = str(cast(_RecordingBus, self._buses[request.resource]).last_seq)
+        items = sorted((i for i in payload["items"] if self._selected(request, i)), key=lambda i: (
+            i.get("metadata", {}).get("namespace") or "", i.get("metadata", {}).get("name") or ""))
+        items = [self._typed(request.resource, i) for i in items]
+        if "as=Table;v=v1;" in _header(request, "Accept").replace(" ", "") + ";":
+            return self._table(request, items, version)
+        info = self._info(request.resource)
+        return {"apiVersion": _group_version(request.resource.group, request.resource.version),
+                "kind": f"{info.kind}List" if info and info.kind else "List",
+                "metadata": {"resourceVersion": version}, "items": items}
+
+    async def _serve_fetch(self, request: Any) -> Any:
+        """The object; a namespace nobody created is Active, since every namespace takes objects here."""
+        try:
+            obj = self._typed(request.resource, await super()._serve_fetch(request))  # type: ignore[arg-type]
+        except kmock.KubernetesObjectNotFoundError:
+            if request.resource != _NAMESPACE_RESOURCE:
+                raise
+            obj = self._typed(request.resource, {"metadata": {"name": request.name},
+                                                 "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}})
+        if "as=Table;v=v1;" in _header(request, "Accept").replace(" ", "") + ";":
+            return self._table(request, [obj], obj.get("metadata", {}).get("resourceVersion", ""))
+        return obj
 
 
 class KMockServer:
-    """KMock's Kubernetes emulator on a loopback port, served from a background thread."""
+    """KMock's Kubernetes emulator on a port of its own, served from a background thread.
 
-    def __init__(self) -> None:
+    ``host`` is the address to listen on: loopback by default; a bridge's gateway address (or
+    ``0.0.0.0``) lets containers on that network reach it. ``port`` None picks a free one.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.host = host
+        self.port = port
         self.loop = asyncio.new_event_loop()
         self.url = ""
         self.emulator: ApiServerEmulator | None = None
@@ -220,10 +874,9 @@ class KMockServer:
 
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
-        async with ApiServerEmulator() as emulator, kmock.Server(emulator) as server:
-            for resource, info in _RESOURCES.items():
-                info.verbs = set(_VERBS)
-                emulator.resources[resource] = info
+        async with ApiServerEmulator() as emulator, \
+                kmock.Server(emulator, host=self.host, port=self.port) as server:
+            emulator.serve_statically(_RESOURCES)
             self.emulator = emulator
             self.url = str(server.url).rstrip("/")
             self._ready.set()
@@ -305,6 +958,44 @@ class KubeApi:
     def run_pods(self, run: str) -> None:
         for name in self.names(PODS, {"flowlane.dev/flowrun": run}):
             self.set_pod_phase(name, "Running")
+
+
+def write_kubeconfig(path: Path, url: str, namespace: str) -> Path:
+    """A kubeconfig at ``path`` for ``url`` (no TLS; any token) whose context defaults to ``namespace``."""
+    path.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kmock", "preferences": {},
+        "clusters": [{"name": "kmock", "cluster": {"server": url}}],
+        "users": [{"name": "kmock", "user": {"token": "kmock"}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock", "namespace": namespace}}],
+    }, indent=2))
+    return path
+
+
+def find_kubectl() -> str | None:
+    """The kubectl beside this interpreter (the venv's), else the one on PATH."""
+    return shutil.which("kubectl", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+
+
+@dataclass
+class Kubectl:
+    """The real kubectl on a kubeconfig: ``kubectl("get", "flowruns")`` -> CompletedProcess.
+
+    ``check`` (the default) fails the test with kubectl's stderr when it exits non-zero. Discovery
+    and OpenAPI caches live under ``cache_dir``, never the user's ~/.kube.
+    """
+
+    kubeconfig: Path
+    cache_dir: Path
+    binary: str
+    timeout_s: float = 30.0
+
+    def __call__(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "HOME": str(self.cache_dir)}
+        result = subprocess.run([self.binary, f"--cache-dir={self.cache_dir}", *args], input=input, env=env,
+                                capture_output=True, text=True, timeout=self.timeout_s, check=False)
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} exited {result.returncode}: {result.stderr.strip()}")
+        return result
 
 
 def wait_until(fn: Callable[[], T | None], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> T:
@@ -390,6 +1081,16 @@ def kube(kmock_server: KMockServer) -> Iterator[KubeApi]:
 
 
 @pytest.fixture
+def kubectl(kube: KubeApi, tmp_path: Path) -> Kubectl:
+    """The real kubectl against the session's KMock server, in the test's namespace."""
+    binary = find_kubectl()
+    if binary is None:
+        pytest.skip("kubectl is not installed (beside the interpreter or on PATH)")
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", kube.url, kube.namespace)
+    return Kubectl(kubeconfig, tmp_path / "kube-cache", binary)
+
+
+@pytest.fixture
 def start_operator(kube: KubeApi, kmock_server: KMockServer) -> Iterator[Callable[..., OperatorThread]]:
     """Start the operator on the test's namespace: ``op = start_operator(reconcile_interval_s=0.2)``."""
     running: list[OperatorThread] = []
@@ -410,5 +1111,6 @@ def start_operator(kube: KubeApi, kmock_server: KMockServer) -> Iterator[Callabl
             operator.stop()
 
 
-__all__ = ["CONFIG_MAPS", "DEPLOYMENTS", "EVENTS", "FLOWRUNS", "FLOWSERVICES", "NETWORK_POLICIES", "PODS",
-           "SECRETS", "SERVICES", "FakeProgress", "KMockServer", "KubeApi", "OperatorThread", "wait_until"]
+__all__ = ["CONFIG_MAPS", "CRDS", "DEPLOYMENTS", "EVENTS", "FLOWRUNS", "FLOWSERVICES", "NETWORK_POLICIES", "PODS",
+           "SECRETS", "SERVICES", "ApiServerEmulator", "FakeProgress", "KMockServer", "KubeApi", "Kubectl",
+           "OperatorThread", "find_kubectl", "wait_until", "write_kubeconfig"]
