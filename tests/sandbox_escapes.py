@@ -321,7 +321,7 @@ async def _run_case(case: Escape, victims: Victims, as_root: bool) -> dict[str, 
     isolation = Isolation(audit_hook=case.hook)
     code = case.code
     for key, value in victims.fields().items():  # not str.format: snippets have braces of their own
-        code = code.replace("{%s!r}" % key, repr(value)).replace("{%s}" % key, str(value))
+        code = code.replace("{" + key + "!r}", repr(value)).replace("{" + key + "}", str(value))
     code = _PRELUDE + code
     before = (victims.root / "victim" / "existing.txt").read_bytes()
     result = await run_python(code, case.limits, isolation=isolation)
