@@ -215,8 +215,10 @@ def test_a_trajectory_without_reward_is_an_error() -> None:
 def test_config_errors_name_the_field() -> None:
     with pytest.raises(ConfigError, match=r"clip_eps_low: must be in \[0, 1\), got 1.5"):
         LearnerConfig(model_path="m", clip_eps_low=1.5)
-    with pytest.raises(ConfigError, match="aggregation: unknown value 'seq'; choose one of: paper, token_mean"):
+    with pytest.raises(ConfigError, match="aggregation: unknown value 'seq'; choose one of: paper, tokenMean"):
         LearnerConfig(model_path="m", aggregation="seq")
+    with pytest.raises(ConfigError, match="dtype: float16 is not supported by the learner"):
+        LearnerConfig(model_path="m", dtype="float16")
     with pytest.raises(ConfigError, match="total_steps: a cosine schedule needs total_steps > warmup_steps"):
         LearnerConfig(model_path="m", lr_schedule=LRSchedule.COSINE, warmup_steps=5, total_steps=5)
     with pytest.raises(ConfigError, match=r"lora.r: must be >= 1"):
