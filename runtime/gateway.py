@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from flowlane.runtime.errors import ConfigError, EngineUnavailableError, FlowlaneError
+from flowlane.api.errors import ConfigError, EngineUnavailableError, FlowlaneError
 from flowlane.runtime.gateway_protocol import (
     ApiError,
     ChatRequest,
@@ -114,9 +114,10 @@ CHAT_PATH = "/v1/chat/completions"
 ENDPOINTS = (CHAT_PATH, "/v1/models", "/healthz", "/readyz", "/metrics")  # metric labels; the rest is "other"
 #: Tokens of a module prompt besides the conversation: instructions, tool cards, worked examples,
 #: a full memory (``memory_total_chars`` plus the newest step in full) and the longest output (the
-#: planner's 256). The planner's prompt is the longest: ~1,300 tokens with the bundled tools and a
-#: full memory, measured with SmolLM2's tokenizer (tests/test_gateway.py checks this bound).
-PROMPT_RESERVE_TOKENS = 2048
+#: planner's 256). The planner's prompt is the longest: ~1,500 tokens with the bundled tools and a
+#: full memory of prose, ~2,050 when the memory is digits and code (a token every character or
+#: two), measured with SmolLM2's tokenizer (tests/test_gateway.py checks this bound).
+PROMPT_RESERVE_TOKENS = 2560
 #: Past a request's own time limit, how long the gateway waits for a run that ignores it (a hung
 #: tool, an engine that never answers) before giving up with a 504.
 HARD_CEILING_MARGIN_S = 15.0

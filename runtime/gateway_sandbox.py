@@ -32,8 +32,8 @@ from collections.abc import Mapping
 
 import grpc
 
+from flowlane.api.errors import ConfigError, EngineUnavailableError
 from flowlane.runtime import grpc_common
-from flowlane.runtime.errors import ConfigError, EngineUnavailableError
 from flowlane.runtime.sandbox import SandboxLimits, SandboxResult
 from flowlane.runtime.sandbox_server import RemoteCodeRunner
 

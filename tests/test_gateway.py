@@ -34,9 +34,9 @@ import typer
 from openai import AsyncOpenAI
 from typer.testing import CliRunner
 
+from flowlane.api.errors import EngineUnavailableError
 from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings
-from flowlane.runtime.errors import EngineUnavailableError
-from flowlane.runtime.gateway import GatewayConfig, create_app, running_gateway, serve
+from flowlane.runtime.gateway import PROMPT_RESERVE_TOKENS, GatewayConfig, create_app, running_gateway, serve
 from flowlane.runtime.gateway_protocol import (
     ApiError,
     ErrorCode,
@@ -44,6 +44,7 @@ from flowlane.runtime.gateway_protocol import (
     event_text,
     parse_chat_request,
 )
+from flowlane.runtime.gateway_sandbox import SandboxChild
 from flowlane.runtime.tools.base import Tool, ToolResult
 from flowlane.runtime.tools.registry import build_tools
 from flowlane.runtime.trajectory import Step, Trajectory, Verdict
@@ -54,6 +55,7 @@ MODEL = "flowlane-agent"
 API_KEY = "test-key-5f1c"
 MAX_CONTENT_CHARS = 2000
 SERVER_MAX_TURNS = 2
+HISTORY_MAX_TOKENS = 256
 QUESTION = "What is 17 * 23? Compute it with Python."
 EVENT_ORDER = ["analysis", "plan", "command", "result", "verdict", "answer"]
 
@@ -62,13 +64,23 @@ EVENT_ORDER = ["analysis", "plan", "command", "result", "verdict", "answer"]
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def gateway_url(vllm_engine: LLMEngine) -> AsyncIterator[str]:
+async def sandbox_child() -> AsyncIterator[SandboxChild]:
+    """The sandbox server child the session gateway's python tool runs code in, as `flowlane serve` does."""
+    child = SandboxChild(max_concurrency=2)
+    await child.start()
+    yield child
+    await child.close()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def gateway_url(vllm_engine: LLMEngine, sandbox_child: SandboxChild) -> AsyncIterator[str]:
     """A gateway on loopback running the real agent (python, search, generator) on the session engine."""
-    tools = build_tools(["python", "search", "generator"], engine=vllm_engine)
+    tools = build_tools(["python", "search", "generator"], engine=vllm_engine, code_runner=sandbox_child)
     config = GatewayConfig(
         served_model_name=MODEL,
         api_key=API_KEY,
         limits=RequestLimits(max_content_chars=MAX_CONTENT_CHARS, max_turns=SERVER_MAX_TURNS, max_time_s=120.0),
+        history_max_tokens=HISTORY_MAX_TOKENS,
     )
     async with running_gateway(create_app(vllm_engine, tools, config=config)) as url:
         yield url
@@ -177,7 +189,7 @@ async def test_metrics_count_the_request_its_turns_and_its_tool_call(tool_comple
 async def test_stream_sends_each_step_as_it_happens_then_the_answer(client: AsyncOpenAI) -> None:
     stream = await client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": QUESTION}], stream=True,
-        stream_options={"include_usage": True}, extra_body={"max_turns": 1},
+        stream_options={"include_usage": True}, extra_body={"max_turns": 1, "agentflow_steps": "content"},
     )
     chunks: list[tuple[float, Any]] = [(time.monotonic(), chunk) async for chunk in stream]
     bodies = [chunk for _, chunk in chunks]
@@ -198,14 +210,122 @@ async def test_stream_sends_each_step_as_it_happens_then_the_answer(client: Asyn
 
 
 @in_session_loop
-async def test_time_budget_cuts_the_agent_loop_and_still_answers(client: AsyncOpenAI) -> None:
+async def test_a_request_over_its_time_limit_ends_with_a_partial_answer(
+        client: AsyncOpenAI, vllm_engine: Any) -> None:
+    started = time.monotonic()
+    response = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": QUESTION}], extra_body={"max_time_s": 3, "max_turns": 2},
+    )
+    elapsed = time.monotonic() - started
+    (choice,) = response.choices
+    assert choice.finish_reason == "time_limit"
+    assert agentflow(response)["stop_reason"] == "time_budget"
+    assert (choice.message.content or "").strip()
+    assert elapsed < 3 + 4  # the limit, plus HTTP and scheduling slack; never the 15 s hard ceiling
+    assert vllm_engine.num_unfinished_requests() == 0  # the cut generations were aborted
+
+
+@in_session_loop
+async def test_a_tiny_time_limit_still_answers_and_says_why(client: AsyncOpenAI) -> None:
     response = await client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": QUESTION}], extra_body={"max_time_s": 0.001},
     )
     flow = agentflow(response)
-    assert flow["stop_reason"] == "time_budget"
-    assert flow["steps"] == []
-    assert (response.choices[0].message.content or "").strip()
+    assert flow["stop_reason"] == "time_budget" and flow["steps"] == []
+    assert response.choices[0].finish_reason == "time_limit"
+    assert response.choices[0].message.content == "(no answer: the time ran out before any step finished)"
+
+
+FOLLOW_UP: list[Any] = [
+    {"role": "user", "content": "Let's do some arithmetic."},
+    {"role": "assistant", "content": "Sure, what should I compute?"},
+    {"role": "user", "content": "What is 17 * 23?"},
+    {"role": "assistant", "content": "17 * 23 = 391."},
+    {"role": "user", "content": "Now divide that by 17."},
+]
+
+
+@in_session_loop
+async def test_a_follow_up_question_is_answered_from_the_conversation(client: AsyncOpenAI) -> None:
+    """"that" is 391, which only the history says; asked alone, the same question never mentions it."""
+    with_history, alone = await asyncio.gather(*(
+        client.chat.completions.create(model=MODEL, messages=messages, seed=0, extra_body={"max_turns": 1})
+        for messages in (FOLLOW_UP, FOLLOW_UP[-1:])))
+    assert agentflow(with_history)["history"] == {"turns": 4, "dropped_turns": 0, "instructions": False}
+    assert "391" in (with_history.choices[0].message.content or "")
+    assert "391" not in (alone.choices[0].message.content or "")
+
+
+@in_session_loop
+async def test_a_system_message_changes_the_answers_form(client: AsyncOpenAI) -> None:
+    question: Any = {"role": "user", "content": "What is the capital of France?"}
+    system: Any = {"role": "system", "content": "Always begin your answer with the word 'Bonjour'."}
+    told, untold = await asyncio.gather(*(
+        client.chat.completions.create(model=MODEL, messages=messages, seed=0, extra_body={"max_turns": 1})
+        for messages in ([system, question], [question])))
+    assert agentflow(told)["history"]["instructions"] is True
+    assert (told.choices[0].message.content or "").lower().startswith("bonjour")
+    assert not (untold.choices[0].message.content or "").lower().startswith("bonjour")
+
+
+@in_session_loop
+async def test_max_tokens_bounds_the_final_answer(client: AsyncOpenAI, vllm_engine: Any) -> None:
+    response = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=4, extra_body={"max_turns": 1})
+    answer = response.choices[0].message.content or ""
+    assert response.choices[0].finish_reason == "length"
+    assert 0 < len(vllm_engine.tokenizer.encode(answer, add_special_tokens=False)) <= 4 + 1  # +1: re-tokenizing
+
+
+@in_session_loop
+async def test_include_usage_sends_a_last_chunk_with_the_runs_usage(client: AsyncOpenAI) -> None:
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": QUESTION}], stream=True,
+        stream_options={"include_usage": True}, extra_body={"max_turns": 1})
+    chunks = [chunk async for chunk in stream]
+    *body, last = chunks
+    assert last.choices == [] and last.usage is not None
+    assert last.usage.prompt_tokens > 100 and last.usage.completion_tokens > 0
+    assert last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens
+    assert all(chunk.usage is None for chunk in body)
+    # A plain client sees a plain completion: the content is the answer alone.
+    content = "".join(chunk.choices[0].delta.content or "" for chunk in body if chunk.choices)
+    assert content == agentflow(next(c for c in body if agentflow(c).get("event") == "answer"))["answer"]
+
+
+async def engine_idle(engine: Any, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while engine.num_unfinished_requests() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return bool(engine.num_unfinished_requests() == 0)
+
+
+@in_session_loop
+async def test_disconnecting_mid_stream_cancels_the_engine_requests(
+        client: AsyncOpenAI, gateway_url: str, vllm_engine: Any) -> None:
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": QUESTION}], stream=True, extra_body={"max_turns": 2})
+    async for chunk in stream:
+        if agentflow(chunk).get("event") == "plan":
+            break
+    await stream.close()
+    assert await engine_idle(vllm_engine, within_s=5.0)
+    await asyncio.sleep(1.5)  # a run still going would have sent its executor call by now
+    assert vllm_engine.num_unfinished_requests() == 0
+    assert await metric(gateway_url, "flowlane_gateway_agent_runs_in_flight") == 0
+
+
+@in_session_loop
+async def test_disconnecting_from_a_plain_request_cancels_its_run(gateway_url: str, vllm_engine: Any) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": QUESTION}], "max_turns": 2}
+    async with httpx.AsyncClient() as http:
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post(f"{gateway_url}/v1/chat/completions", json=body, timeout=2.0,
+                            headers={"authorization": f"Bearer {API_KEY}"})
+    assert await engine_idle(vllm_engine, within_s=5.0)
+    await asyncio.sleep(1.5)
+    assert vllm_engine.num_unfinished_requests() == 0
+    assert await metric(gateway_url, "flowlane_gateway_agent_runs_in_flight") == 0
 
 
 @in_session_loop
@@ -269,6 +389,64 @@ async def test_bad_messages_are_an_openai_400_and_the_server_keeps_serving(
         await client.chat.completions.create(model=MODEL, messages=messages)  # type: ignore[arg-type]
     assert caught.value.code == code
     assert caught.value.body["type"] == "invalid_request_error"  # type: ignore[index]
+    await still_serving(client)
+
+
+@in_session_loop
+@pytest.mark.parametrize(
+    ("messages", "code", "named"),
+    [
+        ([{"role": "system", "content": "Be brief. " * 150}, {"role": "user", "content": "hi"}],
+         "context_length_exceeded", "history cap is 256 tokens"),
+        ([{"role": "user", "content": "hi"}, {"role": "tool", "content": "42", "tool_call_id": "c1"},
+          {"role": "user", "content": "and?"}], "unsupported_parameter", "messages[1]: tool messages"),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+          {"role": "user", "content": "and?"}], "unsupported_parameter", "assistant tool calls"),
+        ([{"role": "wizard", "content": "hi"}], "invalid_value", "messages[0].role must be one of"),
+    ],
+    ids=["history-cannot-fit", "tool-message", "assistant-tool-call", "unknown-role"],
+)
+async def test_unservable_conversations_are_an_openai_400_naming_what_to_fix(
+    client: AsyncOpenAI, messages: list[dict[str, Any]], code: str, named: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.chat.completions.create(model=MODEL, messages=messages)  # type: ignore[arg-type]
+    assert caught.value.code == code
+    assert named in caught.value.message
+    await still_serving(client)
+
+
+@in_session_loop
+@pytest.mark.parametrize(
+    ("extra", "code", "param"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "unsupported_parameter",
+         "tools"),
+        ({"logprobs": True}, "unsupported_parameter", "logprobs"),
+        ({"top_k": 5}, "unknown_parameter", "top_k"),
+        ({"stream_options": {"include_usage": True}}, "invalid_value", "stream_options"),
+    ],
+    ids=["tools", "logprobs", "unknown-field", "stream-options-without-stream"],
+)
+async def test_fields_that_cannot_apply_are_refused_not_ignored(
+    client: AsyncOpenAI, extra: dict[str, Any], code: str, param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                             extra_body=extra)
+    assert (caught.value.code, caught.value.param) == (code, param)
+
+
+@in_session_loop
+async def test_a_10_mb_body_is_an_openai_413(gateway_url: str, client: AsyncOpenAI) -> None:
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x" * (10 << 20)}]}).encode()
+    async with httpx.AsyncClient() as http:
+        reply = await http.post(f"{gateway_url}/v1/chat/completions", content=body,
+                                headers={"authorization": f"Bearer {API_KEY}", "content-type": "application/json"})
+    assert reply.status_code == 413
+    error = reply.json()["error"]
+    assert error["code"] == "request_too_large" and "shorten the messages" in error["message"]
     await still_serving(client)
 
 
@@ -438,6 +616,51 @@ async def test_a_client_that_leaves_mid_stream_stops_its_agent_run(
     assert engine.calls == calls and engine.in_flight == 0
     assert engine.calls < 5  # the answer was never generated
     assert await metric(url, "flowlane_gateway_agent_runs_in_flight") == 0
+
+
+@in_session_loop
+async def test_a_burst_over_the_limit_gets_429s_with_retry_after() -> None:
+    app = create_app(CannedEngine(delay_s=0.3), [EchoTool()],
+                     config=GatewayConfig(served_model_name=MODEL, max_concurrent_runs=2))
+    async with running_gateway(app) as url:
+        client = client_for(url, api_key="unused")
+        replies = await asyncio.gather(*(
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"q{i}"}])
+            for i in range(5)), return_exceptions=True)
+        refused = [reply for reply in replies if isinstance(reply, openai.RateLimitError)]
+        served = [reply for reply in replies if not isinstance(reply, BaseException)]
+        assert (len(served), len(refused)) == (2, 3)
+        for error in refused:
+            assert error.status_code == 429 and error.code == "rate_limit_exceeded"
+            assert int(error.response.headers["retry-after"]) >= 1
+        # Slots come back: the next request is served.
+        await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "again"}])
+
+
+class SlowAnswerEngine(CannedEngine):
+    """``CannedEngine`` whose fifth call (the solution generator's) takes ``answer_s``."""
+
+    def __init__(self, answer_s: float) -> None:
+        super().__init__()
+        self.answer_s = answer_s
+
+    async def chat(self, messages: list[dict[str, str]], settings: SamplingSettings) -> Generation:
+        if self.calls == 4:  # analysis, plan, command and verifier are done
+            await asyncio.sleep(self.answer_s)
+        return await super().chat(messages, settings)
+
+
+@in_session_loop
+async def test_an_answer_cut_by_the_time_limit_is_the_last_tool_result() -> None:
+    app = create_app(SlowAnswerEngine(answer_s=30.0), [EchoTool()], config=GatewayConfig(served_model_name=MODEL))
+    async with running_gateway(app) as url:
+        started = time.monotonic()
+        response = await client_for(url, api_key="unused").chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": QUESTION}], extra_body={"max_time_s": 2})
+        elapsed = time.monotonic() - started
+    assert 1.8 < elapsed < 4.0
+    assert response.choices[0].finish_reason == "time_limit"
+    assert response.choices[0].message.content == "ran print(17*23)"
 
 
 @in_session_loop
@@ -632,3 +855,66 @@ def test_serve_fetches_a_checkpoint_uri_and_runs_the_fixed_modules_on_their_own_
         returncode = proc.wait(timeout=60)
     assert returncode == 0, log.read_text()[-3000:]
     assert f"executor, verifier and generator on a second engine with {model_dir}" in log.read_text()
+
+
+# ============================================================================ the python tool's sandbox child
+
+
+def test_the_sandbox_child_gets_none_of_the_gateways_secrets(sandbox_child: SandboxChild) -> None:
+    assert sandbox_child.pid is not None and sandbox_child.pid != os.getpid()
+    environ = Path(f"/proc/{sandbox_child.pid}/environ").read_bytes().split(b"\0")
+    names = sorted(entry.split(b"=", 1)[0].decode() for entry in environ if entry)
+    assert set(names) <= {"PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV",
+                          "FLOWLANE_GRPC_TOKEN"}
+
+
+@in_session_loop
+async def test_a_sandbox_child_started_with_secrets_around_does_not_inherit_them() -> None:
+    secrets = {"FLOWLANE_API_KEY": "api-secret", "AWS_ACCESS_KEY_ID": "s3-id", "AWS_SECRET_ACCESS_KEY": "s3-secret",
+               "FLOWLANE_TOOL_WEB_SEARCH_KEY": "tool-secret"}
+    child = SandboxChild(parent_env={**os.environ, **secrets})
+    await child.start()
+    try:
+        environ = Path(f"/proc/{child.pid}/environ").read_bytes()
+        assert not [value for value in secrets.values() if value.encode() in environ]
+        result = await child.run("import os; print(sorted(k for k in os.environ if 'KEY' in k or 'AWS' in k))")
+        assert result.ok, result.message
+        assert result.stdout.strip() == "[]"
+    finally:
+        await child.close()
+
+
+@in_session_loop
+async def test_a_sandbox_child_that_dies_is_restarted_on_the_next_run() -> None:
+    child = SandboxChild()
+    await child.start()
+    try:
+        first = child.pid
+        assert first is not None
+        os.kill(first, 9)
+        await asyncio.sleep(0.3)
+        result = await child.run("print(6 * 7)")
+        assert result.ok and result.stdout.strip() == "42", result.message
+        assert child.restarts == 1 and child.pid != first
+    finally:
+        await child.close()
+
+
+def test_module_prompts_without_the_conversation_fit_the_reserve(model_dir: Path) -> None:
+    """PROMPT_RESERVE_TOKENS bounds the longest module prompt (the planner's, full memory) plus its output."""
+    from transformers import AutoTokenizer
+
+    from flowlane.runtime.agent.agent import AgentConfig
+    from flowlane.runtime.agent.memory import render_steps
+    from flowlane.runtime.agent.prompts import planner_messages
+    from flowlane.runtime.models import encode_chat
+
+    tools = build_tools(["python", "search", "generator"], engine=CannedEngine())
+    config = AgentConfig()
+    steps = [Step(turn=i, tool_name="python", sub_goal="Compute the sum of the primes below 1000 " * 5,
+                  command="print(sum(p for p in range(1000)))" * 8, result="76127 " * 100) for i in range(1, 10)]
+    memory = render_steps(steps, max_result_chars=config.memory_result_chars, max_total_chars=config.memory_total_chars)
+    messages = planner_messages("q " * 10, "an analysis " * 40, [t.card() for t in tools], memory, turn=10,
+                                max_turns=10, history="User: x", instructions="y")
+    tokens = len(encode_chat(AutoTokenizer.from_pretrained(model_dir), messages))
+    assert tokens + config.planner.max_tokens <= PROMPT_RESERVE_TOKENS

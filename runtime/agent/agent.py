@@ -178,7 +178,7 @@ class Agent:
         except Exception:
             # An engine or module failure ends the loop, not the trajectory: it is recorded and
             # the generator still tries to answer from what was gathered.
-            log.exception("agent loop failed for question %r", question_id or question[:60])
+            log.exception("agent loop failed for question %r", question_id or text[:60])
             traj.stop_reason = StopReason.ERROR
 
         # After "User: ..." history lines a small model goes on writing the next turn itself.

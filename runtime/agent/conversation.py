@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from flowlane.runtime.errors import FlowlaneError
+from flowlane.api.errors import FlowlaneError
 
 #: Counts the tokens of a text; ``estimate_tokens`` when no tokenizer is at hand.
 TokenCounter = Callable[[str], int]
