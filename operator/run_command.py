@@ -86,6 +86,36 @@ async def _status(address: str, token: str) -> Any | None:
         return None
 
 
+def _bar_info(status: Any) -> str:
+    info = f"reward {status.reward_mean:.2f}"
+    if status.HasField("baseline_accuracy"):
+        info += f" | held-out base {status.baseline_accuracy:.2f}"
+    if status.HasField("held_out_accuracy"):
+        info += f" now {status.held_out_accuracy:.2f}"
+    if status.message:
+        info += f" | {status.message}"
+    return info
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def progress_line(status: Any, total_steps: int, elapsed_s: float) -> str:
+    """One log line for a learner status: step, mean reward, held-out accuracy, elapsed and ETA.
+
+    The ETA extrapolates the mean time per finished step; before the first step it is unknown.
+    """
+    step = status.step
+    accuracy = f"{status.held_out_accuracy:.3f}" if status.HasField("held_out_accuracy") else "-"
+    eta = _clock(elapsed_s / step * max(total_steps - step, 0)) if step > 0 else "-"
+    line = (f"step {step}/{total_steps} reward {status.reward_mean:.3f} accuracy {accuracy} "
+            f"elapsed {_clock(elapsed_s)} eta {eta}")
+    return f"{line} | {status.message}" if status.message else line
+
+
 async def drive(flowrun: Any, run_dir: Path, *, quiet: bool = False) -> tuple[str, Any | None]:
     """Start the graph, show progress until it ends, return (outcome, last learner status)."""
     import yaml
@@ -119,25 +149,32 @@ async def drive(flowrun: Any, run_dir: Path, *, quiet: bool = False) -> tuple[st
     supervisor.install_signal_handlers()
     learner_address = supervisor.address("learner", "grpc")
     last: Any | None = None
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        bar = progress.add_task("training", total=flowrun.spec.schedule.steps, info="starting")
-        waiter = asyncio.create_task(supervisor.wait())
+    waiter = asyncio.create_task(supervisor.wait())
+    if console.is_terminal:
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console, transient=False) as progress:
+            bar = progress.add_task("training", total=flowrun.spec.schedule.steps, info="starting")
+            while not waiter.done():
+                status = await _status(learner_address, token)
+                if status is not None:
+                    last = status
+                    progress.update(bar, completed=status.step, info=_bar_info(status))
+                await asyncio.wait({waiter}, timeout=1.0)
+    else:
+        # Redirected (CI, nohup, a pod's log): rich would draw its bar only at the end, so print
+        # one plain line per step instead.
+        started, printed = time.monotonic(), -1
         while not waiter.done():
             status = await _status(learner_address, token)
             if status is not None:
                 last = status
-                info = f"reward {status.reward_mean:.2f}"
-                if status.HasField("baseline_accuracy"):
-                    info += f" | held-out base {status.baseline_accuracy:.2f}"
-                if status.HasField("held_out_accuracy"):
-                    info += f" now {status.held_out_accuracy:.2f}"
-                if status.message:
-                    info += f" | {status.message}"
-                progress.update(bar, completed=status.step, info=info)
+                if status.step != printed:
+                    printed = status.step
+                    console.print(progress_line(status, flowrun.spec.schedule.steps, time.monotonic() - started),
+                                  markup=False, highlight=False)
             await asyncio.wait({waiter}, timeout=1.0)
-        outcome = waiter.result()
+    outcome = waiter.result()
     return outcome.value, last
 
 
