@@ -103,7 +103,9 @@ def attempt():
     except TypeError:  # an older 3.11 without the vfork flag
         pid = _posixsubprocess.fork_exec(*args)
     os.close(w)
-    failure = os.read(r, 200)
+    failure = b""
+    while chunk := os.read(r, 200):  # EOF once the child exec'd or exited
+        failure += chunk
     os.waitpid(pid, 0)
     if failure:  # "OSError:<hex errno>:..." from the child, as subprocess reads it
         raise OSError(int(failure.split(b":")[1], 16), "exec failed")

@@ -7,11 +7,14 @@ supports every isolation layer; the first test fails loudly where one cannot be 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,6 +31,9 @@ from flowlane.runtime.sandbox import (
     probe_isolation,
     run_python,
 )
+
+sys.path.insert(0, str(Path(__file__).parent))
+import sandbox_escapes  # a plain module beside the tests, also run on its own
 
 FAST = SandboxLimits(cpu_time_s=2, wall_time_s=10)
 
@@ -308,3 +314,88 @@ def test_invalid_limits_name_the_field() -> None:
 def test_caller_is_still_root_after_all_runs() -> None:
     # The sandbox drops privileges only in its children.
     assert os.geteuid() == 0
+
+
+# --- the escape suite (tests/sandbox_escapes.py), as root and as the pod's uid -------------------
+
+ESCAPE_NAMES = [case.name for case in sandbox_escapes.ESCAPES]
+POD_UID = 10001
+
+
+def _reachable_for_other_users(paths: list[str]) -> str:
+    """Shell lines that, in a private mount namespace, make ``paths`` reachable where an ancestor is
+    closed to other users (pyenv under a 0700 /root): a tmpfs over the ancestor, the paths bound back."""
+    lines: list[str] = []
+    covers: dict[str, list[str]] = {}
+    for path in paths:
+        parts = Path(path).parts
+        for i in range(2, len(parts)):
+            ancestor = os.path.join(*parts[:i])
+            if not os.stat(ancestor).st_mode & 0o001:
+                covers.setdefault(ancestor, []).append(path)
+                break
+    for n, (ancestor, inside) in enumerate(covers.items()):
+        for m, path in enumerate(inside):
+            lines.append(f"k{n}_{m}=$(mktemp -d) && mount --bind {path} $k{n}_{m}")
+        lines.append(f"mount -t tmpfs -o mode=0755,size=1m tmpfs {ancestor}")
+        for m, path in enumerate(inside):
+            lines.append(f"mkdir -p {path} && mount --bind $k{n}_{m} {path}")
+    return "\n".join(lines)
+
+
+def run_escapes_as_pod_user() -> dict[str, dict[str, Any]]:
+    """The runner as uid 10001 with no capabilities and no_new_privs, as the pod runs it."""
+    repo = str(Path(__file__).resolve().parent.parent)
+    needed = sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, repo)})
+    script = "set -e\n" + _reachable_for_other_users(needed) + (
+        f"\nexec setpriv --reuid {POD_UID} --regid {POD_UID} --clear-groups --inh-caps=-all --bounding-set=-all "
+        f"--no-new-privs env HOME=/tmp {sys.executable} {repo}/tests/sandbox_escapes.py --json\n")
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                          capture_output=True, text=True, timeout=600, cwd="/")
+    report = json.loads(done.stdout)
+    assert report["uid"] == POD_UID
+    return {r["name"]: r for r in report["results"]}
+
+
+@pytest.fixture(scope="module")
+def escapes_as_root() -> dict[str, dict[str, Any]]:
+    return {r["name"]: r for r in asyncio.run(sandbox_escapes.run_escapes())}
+
+
+@pytest.fixture(scope="module")
+def escapes_as_pod_user() -> dict[str, dict[str, Any]]:
+    if not (shutil.which("setpriv") and shutil.which("unshare")):
+        pytest.fail("setpriv and unshare (util-linux) are needed to run the suite as the pod's uid")
+    return run_escapes_as_pod_user()
+
+
+@pytest.mark.parametrize("name", ESCAPE_NAMES)
+def test_escape_is_stopped_as_root(name: str, escapes_as_root: dict[str, dict[str, Any]]) -> None:
+    result = escapes_as_root[name]
+    assert (result["held"], result["problems"]) == (True, [])
+    assert result["stopped_by"] == result["expected"]
+
+
+@pytest.mark.parametrize("name", ESCAPE_NAMES)
+def test_escape_is_stopped_as_the_pod_uid_without_capabilities(
+    name: str, escapes_as_pod_user: dict[str, dict[str, Any]]
+) -> None:
+    result = escapes_as_pod_user[name]
+    assert (result["held"], result["problems"]) == (True, [])
+    assert result["stopped_by"] == result["expected"]
+
+
+def test_as_the_pod_uid_the_kernel_layers_stop_what_root_has_the_uid_drop_for(
+    escapes_as_pod_user: dict[str, dict[str, Any]]
+) -> None:
+    stoppers = {name: escapes_as_pod_user[name]["stopped_by"] for name in (
+        "read_the_servers_proc_environ", "read_a_dumpable_neighbours_proc_environ", "read_another_runs_scratch",
+        "write_outside_scratch_with_open", "signal_the_server", "connect_to_loopback_tcp")}
+    assert stoppers == {
+        "read_the_servers_proc_environ": "non_dumpable_caller",
+        "read_a_dumpable_neighbours_proc_environ": "landlock",
+        "read_another_runs_scratch": "landlock",
+        "write_outside_scratch_with_open": "landlock",
+        "signal_the_server": "seccomp",
+        "connect_to_loopback_tcp": "seccomp",
+    }
