@@ -465,7 +465,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     table; PATCH takes JSON, merge and strategic-merge patches (the last applied as a merge patch,
     see ``strategic_as_merge``); PUT replaces; ``fieldValidation=Strict`` refuses fields the
     served schema does not declare. Not emulated: schema defaulting and type validation,
-    server-side apply, deleting a CRD's objects with it, ``kubectl logs``/``exec``.
+    server-side apply, ``kubectl logs``/``exec``; listing or creating namespaces (KMock's path parser
+    fails on ``/api/v1/namespaces``; every namespace is there and Active).
     """
 
     #: KMock matches each request against its reactions by scanning every request it recorded, so a
@@ -545,6 +546,9 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             response = await super()._handle(request)
         except kmock.KubernetesObjectNotFoundError:  # KMock's own words name neither the resource nor the object
             raise self._not_found(request) from None
+        except kmock.KubernetesResourceNotFoundError:
+            raise kmock.KubernetesError(status=404, reason="NotFound",
+                                        message="the server could not find the requested resource") from None
         except kmock.KubernetesError as exc:
             if exc.status != 409:
                 raise
@@ -554,7 +558,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         if request.resource == _CRD_RESOURCE and action in (kmock.action.CREATE, kmock.action.UPDATE,
                                                              kmock.action.DELETE):
             name = request.name or data.get("metadata", {}).get("name")
-            self._serve_crd(name)
+            async with self._lock:
+                await self._serve_crd(name)
         return response
 
     def _namespace_request(self, request: Any) -> Any:
@@ -673,7 +678,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             raw = self.objects[key].raw
             await self._buses[request.resource].put({"type": "MODIFIED", "object": raw})
         if request.resource == _CRD_RESOURCE:
-            self._serve_crd(request.name)
+            async with self._lock:
+                await self._serve_crd(request.name)
         return aiohttp.web.json_response(raw)
 
     # --- CustomResourceDefinitions ------------------------------------------------------------------
@@ -694,8 +700,11 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         version = self._crd_version(resource)
         return version.get("schema", {}).get("openAPIV3Schema") if version else None
 
-    def _serve_crd(self, name: str) -> None:
-        """Serve what the stored CRD ``name`` declares; a deleted CRD serves only what was static."""
+    async def _serve_crd(self, name: str) -> None:
+        """Serve what the stored CRD ``name`` declares; a deleted CRD serves only what was static.
+
+        Called under the emulator's lock, after the write that stored or deleted the CRD.
+        """
         key = (_CRD_RESOURCE, None, name)
         crd = self.objects[key].raw if key in self.objects and not self.objects[key].deleted else None
         plural, _, group = name.partition(".")
@@ -705,7 +714,11 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
                 self.resources[path] = self.static_resources[path]
             else:
                 del self.resources[path]
-        if crd is None:
+        if crd is None:  # its objects go with it, as with a real API server
+            for obj_key in [k for k in self.objects if k[0].group == group and k[0].plural == plural]:
+                if not self.objects[obj_key].deleted:
+                    await self._buses[obj_key[0]].put({"type": "DELETED", "object": self.objects[obj_key].raw})
+                del self.objects[obj_key]
             return
         spec, names = crd["spec"], crd["spec"]["names"]
         for version in spec.get("versions", []):
@@ -1113,4 +1126,4 @@ def start_operator(kube: KubeApi, kmock_server: KMockServer) -> Iterator[Callabl
 
 __all__ = ["CONFIG_MAPS", "CRDS", "DEPLOYMENTS", "EVENTS", "FLOWRUNS", "FLOWSERVICES", "NETWORK_POLICIES", "PODS",
            "SECRETS", "SERVICES", "ApiServerEmulator", "FakeProgress", "KMockServer", "KubeApi", "Kubectl",
-           "OperatorThread", "find_kubectl", "wait_until", "write_kubeconfig"]
+           "OperatorThread", "find_kubectl", "human_duration", "wait_until", "write_kubeconfig"]
