@@ -144,6 +144,15 @@ def pod_phase(pod: Mapping[str, Any]) -> str:
     return str((pod.get("status") or {}).get("phase") or "Pending")
 
 
+def pod_up(pod: Mapping[str, Any]) -> bool:
+    """Running with no container waiting (a crash-looping container keeps its pod Running), or done."""
+    phase = pod_phase(pod)
+    if phase == "Succeeded":
+        return True
+    containers = (pod.get("status") or {}).get("containerStatuses") or []
+    return phase == "Running" and not any((c.get("state") or {}).get("waiting") for c in containers)
+
+
 def pod_terminating(pod: Mapping[str, Any]) -> bool:
     return bool(pod.get("metadata", {}).get("deletionTimestamp"))
 
@@ -176,7 +185,13 @@ def pod_waiting(pod: Mapping[str, Any]) -> str | None:
     for container in status.get("containerStatuses") or []:
         waiting = (container.get("state") or {}).get("waiting") or {}
         if waiting.get("reason") in _STUCK_REASONS:
-            return f"{object_name(pod)}: {waiting['reason']}: {waiting.get('message', '')}".rstrip(": ")
+            text = f"{object_name(pod)}: {waiting['reason']}: {waiting.get('message', '')}".rstrip(": ")
+            # A crash loop's cause is in the last run's termination message (its last log line
+            # with terminationMessagePolicy FallbackToLogsOnError), not in the back-off message.
+            last = ((container.get("lastState") or {}).get("terminated") or {})
+            if waiting["reason"] == "CrashLoopBackOff" and last.get("message"):
+                text += f"; last exit {last.get('exitCode')}: {str(last['message']).strip()[:300]}"
+            return text
     for cond in status.get("conditions") or []:
         if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason"):
             return f"{object_name(pod)}: {cond['reason']}: {cond.get('message', '')}".rstrip(": ")
@@ -432,7 +447,7 @@ def plan_flowrun(body: Mapping[str, Any], children: RunChildren, progress: Progr
 
     stale_names = {object_name(p) for p in stale}
     running = [p for p in live_pods if object_name(p) in desired and object_name(p) not in stale_names
-               and pod_phase(p) in ("Running", "Succeeded")]
+               and pod_up(p)]
     if len(running) == len(desired) and not plan.create:
         st.condition(ConditionType.READY, True, "AllPodsRunning", f"{len(desired)} pods running")
         st.clear(ConditionType.RESTARTING, "GroupRunning")
@@ -442,6 +457,9 @@ def plan_flowrun(body: Mapping[str, Any], children: RunChildren, progress: Progr
         waiting = sorted(set(desired) - {object_name(p) for p in running})
         message = "; ".join(stuck) if stuck else "waiting for pods: " + ", ".join(
             n.removeprefix(flowrun.name + "-") for n in waiting)
+        old_ready = get_condition(st.old.conditions, ConditionType.READY.value)
+        if stuck and (old_ready is None or old_ready.reason != "PodsStuck" or old_ready.message != message):
+            st.events.append(Event(EventType.WARNING, "PodsStuck", message))
         st.condition(ConditionType.READY, False, "PodsNotRunning" if not stuck else "PodsStuck", message)
         if st.new.phase is not Phase.RESTARTING:
             st.phase(Phase.PENDING, message, "Pending")

@@ -50,8 +50,9 @@ ensure_base_image() {
     local root
     root="$(mktemp -d /var/tmp/flowlane-base.XXXXXX)"
     trap 'rm -rf "$root"' RETURN
-    debootstrap --variant=minbase --include=python3.11,python3.11-venv,ca-certificates \
-        bookworm "$root" "$DEBIAN_MIRROR" >/dev/null
+    debootstrap --variant=minbase --include=python3.11,python3.11-venv,python3-distutils,ca-certificates \
+        bookworm "$root" "$DEBIAN_MIRROR" >/tmp/flowlane-debootstrap.log 2>&1 \
+        || { tail -n 20 /tmp/flowlane-debootstrap.log >&2; echo "build-images: debootstrap failed (log: /tmp/flowlane-debootstrap.log)" >&2; exit 1; }
     # The official image's layout: `python` and `python3` on PATH in /usr/local/bin, no apt lists.
     ln -sf /usr/bin/python3.11 "$root/usr/local/bin/python"
     ln -sf /usr/bin/python3.11 "$root/usr/local/bin/python3"
@@ -74,10 +75,6 @@ done
 if [ -d "$HOME/.config/pip" ]; then
     BUILD_VOLUMES+=(--volume "$HOME/.config/pip:/root/.config/pip:ro")
 fi
-BUILD_ENV=()
-for name in PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_FIND_LINKS PIP_CERT PIP_DEFAULT_TIMEOUT PIP_CONSTRAINT; do
-    if [ -n "${!name:-}" ]; then BUILD_ENV+=(--build-arg "$name=${!name}"); fi
-done
 # torch's CPU wheels come from download.pytorch.org on an open network; a machine whose own pip
 # already finds the CPU build (a mirror or a local wheel folder) uses that instead.
 TORCH_INDEX=(--build-arg "TORCH_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu")
@@ -91,7 +88,7 @@ build() {
     local args=(build --network host --layers -f "$dockerfile" --build-arg "VERSION=$VERSION" -t "$tag")
     [ -n "$target" ] && args+=(--target "$target")
     log "building $tag"
-    podman "${args[@]}" "${BUILD_VOLUMES[@]}" "${BUILD_ENV[@]}" "${TORCH_INDEX[@]}" . >"/tmp/flowlane-build-$name.log" 2>&1 || {
+    podman "${args[@]}" "${BUILD_VOLUMES[@]}" "${TORCH_INDEX[@]}" . >"/tmp/flowlane-build-$name.log" 2>&1 || {
         tail -n 40 "/tmp/flowlane-build-$name.log" >&2
         echo "build-images: $tag failed (full log: /tmp/flowlane-build-$name.log)" >&2
         exit 1

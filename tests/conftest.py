@@ -16,4 +16,5 @@ pytest_plugins = [
     "fixtures_models",
     "fixtures_services",
     "fixtures_kube",
+    "fixtures_cluster",
 ]

@@ -46,17 +46,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float, log: Path) -> None:
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float, log: Path,
+                   host: str = _LOOPBACK) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode} before listening; log: {log}")
         try:
-            socket.create_connection((_LOOPBACK, port), timeout=0.2).close()
+            socket.create_connection((host, port), timeout=0.2).close()
             return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"server did not listen on {_LOOPBACK}:{port} within {timeout_s}s; log: {log}")
+    raise RuntimeError(f"server did not listen on {host}:{port} within {timeout_s}s; log: {log}")
 
 
 def _stop_process_group(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
@@ -81,8 +82,8 @@ class MotoS3Server:
 
     region = "us-east-1"
 
-    def __init__(self, log_dir: Path, port: int | None = None) -> None:
-        self.host = _LOOPBACK
+    def __init__(self, log_dir: Path, port: int | None = None, host: str = _LOOPBACK) -> None:
+        self.host = host
         self.port = port or free_port()
         self.access_key = ""
         self.secret_key = ""
@@ -111,7 +112,7 @@ class MotoS3Server:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        _wait_for_port(self.port, self._proc, timeout_s=60, log=log)
+        _wait_for_port(self.port, self._proc, timeout_s=60, log=log, host=self.host)
         self._enable_auth()
 
     def stop(self) -> None:
@@ -180,38 +181,22 @@ def minio_client(s3_server: MotoS3Server):  # -> minio.Minio
 # ------------------------------------------------------------------------------------------ MLflow
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real ``mlflow server`` (sqlite backend, local artifacts) on loopback; yields its URI."""
+@contextlib.contextmanager
+def running_mlflow_server(root: Path, host: str = _LOOPBACK) -> Iterator[str]:
+    """A real ``mlflow server`` (sqlite backend, proxied local artifacts) on ``host``; yields its URI."""
     import requests
 
-    root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     log = root / "server.log"
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    command = [str(_BIN / "mlflow"), "server", "--host", host, "--port", str(port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")]
+    if host != _LOOPBACK:  # pods reach it by address: let their Host header through
+        command += ["--allowed-hosts", f"{host}:{port},{host},localhost:{port},127.0.0.1:{port}"]
     with log.open("ab") as log_file:
-        proc = subprocess.Popen(
-            [
-                str(_BIN / "mlflow"),
-                "server",
-                "--host",
-                _LOOPBACK,
-                "--port",
-                str(port),
-                "--workers",
-                "1",
-                "--backend-store-uri",
-                f"sqlite:///{root}/mlflow.db",
-                "--artifacts-destination",
-                str(root / "artifacts"),
-            ],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=root,
-            env=env,
-            start_new_session=True,
-        )
-    uri = f"http://{_LOOPBACK}:{port}"
+        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=root, env=env,
+                                start_new_session=True)
+    uri = f"http://{host}:{port}"
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -226,6 +211,13 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield uri
     finally:
         _stop_process_group(proc)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``mlflow server`` on loopback; yields its URI."""
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as uri:
+        yield uri
 
 
 # ---------------------------------------------------------------------------------------- TCP link
