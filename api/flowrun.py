@@ -263,6 +263,12 @@ class SandboxSpec(SpecModel):
     replicas: int = Field(1, ge=1, le=1024, description="Number of sandbox servers.")
     resources: SandboxResources = Field(default_factory=SandboxResources, description="Per-sandbox compute.")
     limits: SandboxLimits = Field(default_factory=SandboxLimits, description="Per-execution limits.")
+    runtime_class_name: str | None = Field(
+        None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="RuntimeClass of the sandbox pods (e.g. gvisor, kata) where the cluster offers one.")
+    allow_weak_isolation: bool = Field(
+        False, description="Run code even where a mandatory sandbox layer (seccomp, Landlock, non-dumpable "
+        "server, process tracking) is missing; the sandbox refuses to start otherwise.")
 
 
 class StorageSpec(SpecModel):

@@ -357,6 +357,8 @@ def _pod(graph: ProcessGraph, component: Component, owner: Owner, flowrun: FlowR
         "containers": [container],
         "volumes": volumes,
         **_scheduling(component.resources),
+        **({"runtimeClassName": flowrun.spec.sandbox.runtime_class_name}  # gVisor, Kata: sandbox pods only
+           if sandbox and flowrun.spec.sandbox.runtime_class_name else {}),
     }
     labels = component_labels(graph.run, component)
     spec_hash = content_hash(pod_spec, labels, config_text)

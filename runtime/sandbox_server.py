@@ -19,8 +19,11 @@ SIGINT, then finishes the runs in flight within a grace period.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
+import os
 import signal
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,14 +32,17 @@ import grpc.aio
 import typer
 
 from flowlane.api import sandbox_pb2, sandbox_pb2_grpc
+from flowlane.api.errors import ConfigError, FlowlaneError
 from flowlane.runtime import grpc_common
-from flowlane.runtime.errors import ConfigError, FlowlaneError
 from flowlane.runtime.sandbox import (
     IsolationLayer,
     LocalCodeRunner,
     SandboxErrorKind,
     SandboxLimits,
     SandboxResult,
+    make_non_dumpable,
+    missing_mandatory_layers,
+    probe_isolation,
 )
 
 MiB = 1024 * 1024
@@ -247,24 +253,64 @@ def limits_from_spec(spec_limits: Any) -> SandboxLimits:
     )
 
 
+def take_token_from_environment() -> str:
+    """The gRPC token (``require_token``), then gone from the environment: unset, and its bytes in
+    the process's initial environment block zeroed, so ``/proc/<pid>/environ`` no longer shows it
+    and no child can inherit it. From here on it lives only in this process's memory."""
+    token = grpc_common.require_token()
+    libc = ctypes.CDLL(None)
+    libc.getenv.restype = ctypes.c_void_p
+    for name in (grpc_common.TOKEN_ENV, grpc_common.TOKEN_FILE_ENV):
+        value = libc.getenv(name.encode())
+        if value:
+            ctypes.memset(value, 0, len(ctypes.string_at(value)))
+        os.environ.pop(name, None)
+    return token
+
+
+def check_isolation(allow_weak: bool) -> tuple[IsolationLayer, ...]:
+    """Probe the layers a run gets here; refuse (ConfigError naming them) when a mandatory one is
+    missing, unless ``allow_weak``. Returns the layers in force."""
+    layers = asyncio.run(probe_isolation())
+    missing = missing_mandatory_layers(layers)
+    if missing and not allow_weak:
+        raise ConfigError(
+            f"sandbox layers missing on this machine: {', '.join(missing)}; untrusted code would run without "
+            "them. Set spec.sandbox.allowWeakIsolation: true (or pass --allow-weak-isolation) to run anyway")
+    return layers
+
+
 def sandbox(
     port: Annotated[int, typer.Option(help="TCP port to serve on (0 picks a free one, printed on start).")],
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 inside a pod.")] = "127.0.0.1",
     max_concurrency: Annotated[int, typer.Option(help="Code runs executing at once; more requests queue.")] = 4,
     config: Annotated[Path | None, typer.Option(
         help="The rendered FlowRun (run config YAML); its spec.sandbox.limits become the defaults.")] = None,
+    allow_weak_isolation: Annotated[bool, typer.Option(
+        help="Serve even when a mandatory sandbox layer (seccomp, Landlock, ...) is missing on this machine.")] = False,
 ) -> None:
     """Serve the tool sandbox over gRPC until SIGTERM/SIGINT. The token comes from FLOWLANE_GRPC_TOKEN."""
+    make_non_dumpable()  # first: same-uid code must never read this process's memory or environ
+    token = take_token_from_environment()
     defaults = None
     if config is not None:
         from flowlane.api.flowrun import load_flowrun
 
-        defaults = limits_from_spec(load_flowrun(config).spec.sandbox.limits)
-    asyncio.run(_serve(host, port, max_concurrency, defaults))
+        spec = load_flowrun(config).spec.sandbox
+        defaults = limits_from_spec(spec.limits)
+        allow_weak_isolation = allow_weak_isolation or spec.allow_weak_isolation
+    layers = check_isolation(allow_weak_isolation)
+    missing = missing_mandatory_layers(layers)
+    print(f"flowlane sandbox: layers in force: {', '.join(layer.value for layer in layers)}"
+          + (f" (missing, allowed by allowWeakIsolation: {', '.join(missing)})" if missing else ""),
+          file=sys.stderr, flush=True)
+    asyncio.run(_serve(host, port, max_concurrency, defaults, token))
 
 
-async def _serve(host: str, port: int, max_concurrency: int, defaults: SandboxLimits | None) -> None:
-    server, bound = await start_sandbox_server(host, port, max_concurrency=max_concurrency, defaults=defaults)
+async def _serve(host: str, port: int, max_concurrency: int, defaults: SandboxLimits | None,
+                 token: str | None = None) -> None:
+    server, bound = await start_sandbox_server(host, port, token=token, max_concurrency=max_concurrency,
+                                               defaults=defaults)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
