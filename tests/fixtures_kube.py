@@ -263,11 +263,14 @@ def crd_columns(printer_columns: Sequence[Mapping[str, Any]] | None) -> list[Col
     """
     if printer_columns is None:
         printer_columns = [{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]
+    def cell(path: str, kind: str) -> Callable[[Mapping[str, Any]], Any]:
+        return lambda obj: _printer_cell(kind, jsonpath_value(obj, path))
+
     columns = [_name_column()]
     for spec in printer_columns:
         path, kind = spec["jsonPath"], spec["type"]
         columns.append(Column(
-            spec["name"], kind, lambda o, path=path, kind=kind: _printer_cell(kind, jsonpath_value(o, path)),
+            spec["name"], kind, cell(path, kind),
             description=spec.get("description") or f"Custom resource definition column (in JSONPath format): {path}",
             format=spec.get("format", ""), priority=spec.get("priority", 0)))
     return columns
@@ -752,9 +755,9 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             collections.defaultdict(list)
         for resource in self.resources:
             info = self.resources[resource]
-            kinds[resource.group, resource.version].append(
-                (resource.plural, info.kind or resource.plural.capitalize(), bool(info.namespaced),
-                 self._schema(resource)))
+            group, version, plural = str(resource.group), str(resource.version), str(resource.plural)
+            kinds[group, version].append((plural, info.kind or plural.capitalize(), bool(info.namespaced),
+                                          self._schema(resource)))
         docs = {_openapi_path(group, version): openapi_group_version(group, version, sorted(entries))
                 for (group, version), entries in kinds.items()}
         if path.rstrip("/") == "/openapi/v3":
