@@ -263,7 +263,7 @@ def _serve_weights(model_dir: str, token: str, port_queue: Any, stop_event: Any)
     from safetensors.torch import load_file
 
     from flowlane.api import learner_pb2_grpc
-    from flowlane.runtime.grpc_common import bind_port, create_server, iter_weight_chunks
+    from flowlane.kit.grpc_common import bind_port, create_server, iter_weight_chunks
 
     tensors = {}
     for path in sorted(Path(model_dir).glob("*.safetensors")):
@@ -306,7 +306,7 @@ def _send_raw(model_dir: str, port: int) -> None:
 
 def part_sync(args: argparse.Namespace) -> list[dict[str, Any]]:
     from flowlane.api import learner_pb2, learner_pb2_grpc
-    from flowlane.runtime.grpc_common import assemble_weights_async, generate_token, open_channel
+    from flowlane.kit.grpc_common import assemble_weights_async, generate_token, open_channel
     from flowlane.runtime.models import resolve_model
 
     model_dir = str(resolve_model(args.model))

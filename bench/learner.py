@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
+from flowlane.api.trajectory import Trajectory
 from flowlane.runtime.models import resolve_model
-from flowlane.runtime.trajectory import Trajectory
 from flowlane.trainer.batching import BatchLayout
 from flowlane.trainer.learner import Learner, LearnerConfig
 from flowlane.trainer.synthetic import synthetic_trajectories

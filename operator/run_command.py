@@ -76,7 +76,7 @@ def check_fits(flowrun: Any, available_bytes: int | None = None) -> None:
 
 async def _status(address: str, token: str) -> Any | None:
     from flowlane.api import learner_pb2, learner_pb2_grpc
-    from flowlane.runtime.grpc_common import open_channel
+    from flowlane.kit.grpc_common import open_channel
 
     try:
         async with open_channel(address, token) as channel:
@@ -122,9 +122,9 @@ async def drive(flowrun: Any, run_dir: Path, *, quiet: bool = False) -> tuple[st
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    from flowlane.kit.grpc_common import generate_token
     from flowlane.operator.graph import compile_graph
     from flowlane.operator.local import EventKind, LocalSupervisor, RestartPolicy, SupervisorEvent
-    from flowlane.runtime.grpc_common import generate_token
 
     config_path = run_dir / "run.yaml"
     graph = compile_graph(flowrun, config_path=str(config_path.resolve()))

@@ -50,6 +50,7 @@ import torch
 
 from flowlane.api.enums import Dtype
 from flowlane.api.errors import ConfigError, FlowlaneError
+from flowlane.api.trajectory import Trajectory
 from flowlane.kit.checkpoints import DEEPSPEED_DIR, RNG_FILE
 from flowlane.kit.dtype import resolve_dtype
 from flowlane.kit.lora import (
@@ -59,7 +60,6 @@ from flowlane.kit.lora import (
     weights_identity,
 )
 from flowlane.kit.models import resolve_model
-from flowlane.runtime.trajectory import Trajectory
 from flowlane.trainer import flow_grpo
 from flowlane.trainer.batching import BatchLayout, MicroBatch, lay_out, plan_sequences
 

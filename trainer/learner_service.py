@@ -427,7 +427,7 @@ def _rollout_metrics(trajectories: list[Any]) -> dict[str, float]:
 
 def make_servicer(runtime: LearnerRuntime) -> Any:
     from flowlane.api import learner_pb2, learner_pb2_grpc
-    from flowlane.runtime.grpc_common import (
+    from flowlane.kit.grpc_common import (
         DEFAULT_WEIGHT_CHUNK_BYTES,
         iter_weight_chunks,
         trajectory_from_record,
@@ -511,7 +511,7 @@ def make_servicer(runtime: LearnerRuntime) -> Any:
 async def serve_learner(flowrun: Any, run_dir: Path, host: str, port: int, resume: bool,
                         token: str | None, linger_s: float = 3.0) -> int:
     from flowlane.api import learner_pb2_grpc
-    from flowlane.runtime.grpc_common import bind_port, create_server
+    from flowlane.kit.grpc_common import bind_port, create_server
 
     run_dir.mkdir(parents=True, exist_ok=True)
     runtime = LearnerRuntime(flowrun, run_dir, resume=resume)
@@ -546,7 +546,7 @@ def learner(
 ) -> None:
     """Run the learner service of a FlowRun."""
     from flowlane.api.flowrun import load_flowrun
-    from flowlane.runtime.grpc_common import resolve_token
+    from flowlane.kit.grpc_common import resolve_token
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     flowrun = load_flowrun(config)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 
-from flowlane.runtime.trajectory import PlannerTurn, Trajectory
+from flowlane.api.trajectory import PlannerTurn, Trajectory
 
 
 def synthetic_trajectories(

@@ -37,7 +37,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
-from flowlane.runtime.trajectory import Trajectory
+from flowlane.api.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
