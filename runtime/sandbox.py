@@ -998,7 +998,8 @@ def _track(run_pid: int) -> None:
         os._exit(128 + signal.SIGTERM)
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        signal.signal(sig, signal.SIG_DFL)
+        with contextlib.suppress(OSError, ValueError):  # SIGKILL has no handler to reset
+            signal.signal(sig, signal.SIG_DFL)
         os.kill(os.getpid(), sig)
         os._exit(128 + sig)  # a signal whose default action does not end a process
     os._exit(os.waitstatus_to_exitcode(status))

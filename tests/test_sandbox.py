@@ -399,3 +399,9 @@ def test_as_the_pod_uid_the_kernel_layers_stop_what_root_has_the_uid_drop_for(
         "signal_the_server": "seccomp",
         "connect_to_loopback_tcp": "seccomp",
     }
+
+
+async def test_a_run_killed_by_a_signal_is_reported_with_that_signal() -> None:
+    result = await run_python("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", FAST)
+    assert (result.error_kind, result.exit_code, result.message) == (
+        SandboxErrorKind.KILLED, -9, "killed: by signal SIGKILL")

@@ -292,3 +292,33 @@ def test_configured_defaults_above_the_ceiling_are_allowed() -> None:
     limits = limits_from_proto(sandbox_pb2.ExecuteLimits(), servicer.defaults, servicer.ceiling)
 
     assert limits.wall_time_s == 600.0
+
+
+def test_server_is_non_dumpable_and_its_environment_no_longer_holds_the_token(sandbox_server: ServerProcess) -> None:
+    status = Path(f"/proc/{sandbox_server.process.pid}/status").read_text()
+    environ = Path(f"/proc/{sandbox_server.process.pid}/environ").read_bytes()  # root may still look
+
+    assert os.stat(f"/proc/{sandbox_server.process.pid}/environ").st_uid == 0  # non-dumpable: root-owned
+    assert "NoNewPrivs" in status
+    assert TOKEN.encode() not in environ
+
+
+def test_server_logs_the_layers_in_force_at_startup() -> None:
+    server = start_server()
+    try:
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(timeout=15)
+    finally:
+        stop_server(server)
+    assert server.process.stderr is not None
+    first_line = server.process.stderr.readline()
+    assert first_line == ("flowlane sandbox: layers in force: network_namespace, private_tmp, rlimits, no_new_privs, "
+                          "unprivileged_uid, process_tracking, landlock, seccomp, audit_hook, non_dumpable_caller\n")
+
+
+async def test_code_cannot_signal_the_server(runner: RemoteCodeRunner, sandbox_server: ServerProcess) -> None:
+    result = await runner.run("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nprint('sent')")
+
+    assert result.error_kind is SandboxErrorKind.ERROR
+    assert "PermissionError: [Errno 1] Operation not permitted" in result.message
+    assert sandbox_server.process.poll() is None
