@@ -247,13 +247,18 @@ FOLLOW_UP: list[Any] = [
 
 @in_session_loop
 async def test_a_follow_up_question_is_answered_from_the_conversation(client: AsyncOpenAI) -> None:
-    """"that" is 391, which only the history says; asked alone, the same question never mentions it."""
+    """"that" is 17 * 23 = 391, which only the history says; asked alone, the same question mentions neither.
+
+    The bundled 135M model does not divide reliably, so this checks that the answer draws on the
+    history (23 or 391 appear), not that it is 23.
+    """
     with_history, alone = await asyncio.gather(*(
         client.chat.completions.create(model=MODEL, messages=messages, seed=0, extra_body={"max_turns": 1})
         for messages in (FOLLOW_UP, FOLLOW_UP[-1:])))
     assert agentflow(with_history)["history"] == {"turns": 4, "dropped_turns": 0, "instructions": False}
-    assert "391" in (with_history.choices[0].message.content or "")
-    assert "391" not in (alone.choices[0].message.content or "")
+    from_history = re.compile(r"\b(23|391)\b")
+    assert from_history.search(with_history.choices[0].message.content or "")
+    assert not from_history.search(alone.choices[0].message.content or "")
 
 
 @in_session_loop
