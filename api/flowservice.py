@@ -81,6 +81,10 @@ class ModelSource(SpecModel):
         None, min_length=1, description="Model behind the executor, verifier and generator; default: the planner."
     )
     dtype: Dtype = Field(Dtype.AUTO, description="Weight dtype of the serving engine.")
+    volume: ModelVolume | None = Field(
+        None, description="A PersistentVolumeClaim with model directories, mounted read-only in the gateway pods; "
+        "name a model inside it by path in uri.",
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ModelSource:
@@ -102,8 +106,16 @@ class AgentLimits(SpecModel):
     """Per-request budgets of the agent loop."""
 
     max_turns: int = Field(10, ge=1, le=64, description="Planner turn budget per request.")
-    timeout_seconds: float = Field(120.0, gt=0.0, le=3600.0, description="Wall-clock budget per request.")
-    max_concurrent_requests: int = Field(16, ge=1, le=4096, description="Requests a replica runs at once.")
+    timeout_seconds: float = Field(
+        120.0, gt=0.0, le=3600.0,
+        description="Time limit per request; at the limit the agent answers with what it has (finish_reason "
+                    "time_limit).")
+    max_concurrent_requests: int = Field(
+        16, ge=1, le=4096, description="Requests a replica runs at once; one more gets 429 with Retry-After.")
+    history_max_tokens: int = Field(
+        1024, ge=16, le=1048576,
+        description="Tokens of a request's conversation (system message, earlier turns, question) in each module "
+                    "prompt; the oldest turns are dropped to fit. Must leave 2560 tokens of engine.maxModelLen.")
 
 
 class GatewayResources(Resources):
