@@ -197,8 +197,8 @@ def check_runnable(config: Path) -> str | None:
     starting every component and retrying it ``backoffLimit`` times.
     """
     from flowlane.api.flowrun import load_flowrun
+    from flowlane.kit.tasks import load_tasks
     from flowlane.runtime.errors import FlowlaneError
-    from flowlane.runtime.tasks import load_tasks
 
     try:
         spec = load_flowrun(config).spec

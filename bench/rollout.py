@@ -49,8 +49,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # bench scripts run as files: see bench/common.py
 
+from flowlane.kit.tasks import Task
 from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings, WrappedEngine
-from flowlane.runtime.tasks import Task
 
 AGENT_OVERHEAD_TARGET = 0.15  # the agent may take at most 15% longer than raw generation
 VLLM_SPEEDUP_TARGET = 2.0  # the vLLM agent must be at least 2x the transformers agent
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--questions and --max-turns must be >= 1")
 
     logging.basicConfig(level=logging.WARNING)
-    from flowlane.runtime.tasks import load_tasks
+    from flowlane.kit.tasks import load_tasks
 
     if args.tasks == "mixed":
         pools = [load_tasks(name, "test") for name in ("arithmetic", "game24", "multihop")]

@@ -99,14 +99,14 @@ async def run_level(send: Callable[[str], Awaitable[tuple[int, int]]], questions
 async def bench(args: argparse.Namespace) -> tuple[list[Level], dict[str, str]]:
     from openai import AsyncOpenAI
 
+    from flowlane.kit.tasks.loaders import multihop_tasks
+    from flowlane.kit.tasks.task import Split
     from flowlane.runtime.engines.base import SamplingSettings
     from flowlane.runtime.engines.vllm_engine import VLLMEngine
     from flowlane.runtime.gateway import GatewayConfig, create_app, running_gateway
     from flowlane.runtime.gateway_metrics import MeteredEngine
     from flowlane.runtime.gateway_protocol import RequestLimits
     from flowlane.runtime.models import resolve_model
-    from flowlane.runtime.tasks.loaders import multihop_tasks
-    from flowlane.runtime.tasks.task import Split
     from flowlane.runtime.tools.registry import build_tools
 
     model_dir = resolve_model(args.model)

@@ -18,7 +18,7 @@ checkers are the default and the judge is an option:
 
 Predictions are usually a generator's whole text; ``extract_final_answer`` finds the answer in
 it ("Answer: ...", ``\\boxed{...}``, "the answer is ..."). Scorers accept any task-like object
-with ``question`` and ``answer`` (a ``flowlane.runtime.tasks.Task`` or a gRPC task message).
+with ``question`` and ``answer`` (a ``flowlane.kit.tasks.Task`` or a gRPC task message).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from flowlane.api.enums import RewardKind
 from flowlane.api.errors import ConfigError
+from flowlane.kit.tasks.task import resolve_kind, reward_kinds  # task files name their reward too
 
 if TYPE_CHECKING:  # the engine module imports torch; offline rewards must load without it
     from flowlane.runtime.engines.base import LLMEngine, SamplingSettings
@@ -58,18 +59,6 @@ __all__ = [
 class TaskLike(Protocol):
     question: str
     answer: str
-
-
-def reward_kinds() -> list[str]:
-    return [kind.value for kind in RewardKind]
-
-
-def resolve_kind(kind: str | RewardKind) -> RewardKind:
-    """The reward kind for a name or alias; a ConfigError naming the choices otherwise."""
-    try:
-        return RewardKind(str(kind).strip().lower())
-    except ValueError:
-        raise ConfigError(f"unknown reward '{kind}'; available: {', '.join(reward_kinds())}") from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -51,9 +51,9 @@ async def evaluate(model: str, tasks_spec: str, split: str, *, engine_kind: str 
                    tools: Sequence[str] = ("python", "generator"), max_turns: int = 10,
                    limit: int | None = None, concurrency: int = 32, seed: int = 0,
                    fixed: str | None = None, dtype: str = "auto") -> tuple[EvalResult, list[Any]]:
+    from flowlane.kit.tasks import load_tasks
     from flowlane.runtime.agent.agent import Agent, AgentConfig, AgentRequest
     from flowlane.runtime.engines.factory import close_engines, open_engines
-    from flowlane.runtime.tasks import load_tasks
     from flowlane.runtime.tools.registry import build_tools
 
     tasks = load_tasks(tasks_spec, split)

@@ -363,7 +363,7 @@ def _load_tasks(dataset: str, split: str, reward: str) -> list[Any]:
     """Bundled sets score each task with its own reward; user data with the spec's ``tasks.reward``."""
     import dataclasses
 
-    from flowlane.runtime.tasks import bundled_task_sets, load_tasks
+    from flowlane.kit.tasks import bundled_task_sets, load_tasks
 
     tasks = load_tasks(dataset, split)
     if dataset in bundled_task_sets():

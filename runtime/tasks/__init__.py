@@ -1,13 +1,16 @@
-"""Verifiable task sets: bundled offline ones and user data, with deterministic splits.
+"""Compatibility name: the task sets moved to ``flowlane.kit.tasks``, below runtime and trainer.
 
-Bundled (no network, no downloads): ``arithmetic`` (multi-digit + - *, exact answers),
-``game24`` (four numbers to make 24; any valid expression scores) and ``multihop`` (two-fact
-questions about a fictional world, answerable only by searching the bundled corpus). Each has a
-``train`` and a held-out ``test`` split that never overlap. ``load_tasks`` also reads user data
-(JSONL or Parquet, from a path or ``s3://``); see ``loaders``.
+The learner loads the training split and the rollout side scores against the same tasks, so
+neither side owns them. Imports from here keep working, submodules included (each name *is* the
+moved module, so patching either patches both); new code imports ``flowlane.kit.tasks``.
 """
 
-from flowlane.runtime.tasks.loaders import bundled_task_sets, load_tasks
-from flowlane.runtime.tasks.task import Split, Task, resolve_split
+import sys
 
-__all__ = ["Split", "Task", "bundled_task_sets", "load_tasks", "resolve_split"]
+from flowlane.kit import tasks as _moved
+from flowlane.kit.tasks import *  # noqa: F403  (the names, for static tools)
+from flowlane.kit.tasks import generators, loaders, multihop, task
+
+for _module in (generators, loaders, multihop, task):
+    sys.modules[f"{__name__}.{_module.__name__.rsplit('.', 1)[1]}"] = _module
+sys.modules[__name__] = _moved

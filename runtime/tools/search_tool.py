@@ -1,7 +1,7 @@
 """The ``search`` tool: BM25 over a local corpus of titled passages (offline retrieval).
 
 The corpus is JSONL, one passage per line: ``{"id": ..., "title": ..., "text": ...}``; the
-bundled one (``runtime/tasks/data/corpus.jsonl``) describes the fictional world the ``multihop``
+bundled one (``flowlane/kit/tasks/data/corpus.jsonl``) describes the fictional world the ``multihop``
 questions are about. Indexing uses the ``bm25s`` library over title + text with English stop
 words removed; the index is built once per corpus file (keyed by path, size and modification
 time) and shared by every tool instance in the process, so a rollout worker with many agents
@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flowlane.kit.tasks.multihop import CORPUS_FILE
 from flowlane.runtime.errors import ConfigError
 from flowlane.runtime.tools.base import Tool, ToolResult
 
-DEFAULT_CORPUS = Path(__file__).resolve().parent.parent / "tasks" / "data" / "corpus.jsonl"
+DEFAULT_CORPUS = CORPUS_FILE
 DEFAULT_TOP_K = 3
 
 

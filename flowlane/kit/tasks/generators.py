@@ -18,7 +18,7 @@ from fractions import Fraction
 from functools import cache
 
 from flowlane.api.enums import RewardKind
-from flowlane.runtime.tasks.task import Split, Task
+from flowlane.kit.tasks.task import Split, Task
 
 ARITHMETIC_SIZES = {Split.TRAIN: 400, Split.TEST: 100}
 GAME24_SIZES = {Split.TRAIN: 400, Split.TEST: 100}

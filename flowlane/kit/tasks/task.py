@@ -7,7 +7,7 @@ from enum import StrEnum
 from typing import Any
 
 from flowlane.api.enums import RewardKind
-from flowlane.runtime.errors import ConfigError
+from flowlane.api.errors import ConfigError
 
 
 class Split(StrEnum):
@@ -26,6 +26,18 @@ _SPLIT_ALIASES = {
     "eval": Split.TEST,
     "all": Split.ALL,
 }
+
+
+def reward_kinds() -> list[str]:
+    return [kind.value for kind in RewardKind]
+
+
+def resolve_kind(kind: str | RewardKind) -> RewardKind:
+    """The reward kind for a name or alias; a ConfigError naming the choices otherwise."""
+    try:
+        return RewardKind(str(kind).strip().lower())
+    except ValueError:
+        raise ConfigError(f"unknown reward '{kind}'; available: {', '.join(reward_kinds())}") from None
 
 
 def resolve_split(split: str | Split) -> Split:

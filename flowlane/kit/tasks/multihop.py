@@ -13,7 +13,7 @@ a training question (a planner cannot memorise its way to test answers). All pas
 halves, plus distractors (festivals, rivers, near-namesake companies, people who appear in no
 question), form one corpus, as a real search index would.
 
-The shipped files under ``data/`` are produced by ``python -m flowlane.runtime.tasks.multihop``;
+The shipped files under ``data/`` are produced by ``python -m flowlane.kit.tasks.multihop``;
 a test regenerates them in memory and fails if they drift.
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from flowlane.api.enums import RewardKind
-from flowlane.runtime.tasks.task import Split
+from flowlane.kit.tasks.task import Split
 
 DATA_DIR = Path(__file__).parent / "data"
 CORPUS_FILE = DATA_DIR / "corpus.jsonl"

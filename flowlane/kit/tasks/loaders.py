@@ -29,12 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from flowlane.api.enums import RewardKind
+from flowlane.api.errors import ConfigError
 from flowlane.kit import s3
-from flowlane.runtime.errors import ConfigError
-from flowlane.runtime.rewards import resolve_kind
-from flowlane.runtime.tasks.generators import arithmetic_tasks, game24_tasks
-from flowlane.runtime.tasks.multihop import QUESTION_FILES
-from flowlane.runtime.tasks.task import Split, Task, resolve_split
+from flowlane.kit.tasks.generators import arithmetic_tasks, game24_tasks
+from flowlane.kit.tasks.multihop import QUESTION_FILES
+from flowlane.kit.tasks.task import Split, Task, resolve_kind, resolve_split
 
 REQUIRED_COLUMNS = ("question", "answer", "source")
 _KNOWN_COLUMNS = {"id", "question", "answer", "source", "reward", "split"}
