@@ -28,7 +28,7 @@ app = typer.Typer(
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "solve": ("flowlane.runtime.agent.commands", "solve", "Answer one question with the agent, step by step."),
     "run": ("flowlane.operator.run_command", "run", "Run a FlowRun on this machine (local processes)."),
-    "eval": ("flowlane.trainer.evaluate", "eval_command", "Score a planner on a held-out task split."),
+    "eval": ("flowlane.runtime.evaluate", "eval_command", "Score a planner on a held-out task split."),
     "serve": ("flowlane.runtime.gateway", "serve", "Serve an agent behind an OpenAI-compatible API."),
     "learner": ("flowlane.trainer.learner_service", "learner", "Run the learner service (a FlowRun component)."),
     "rollout": ("flowlane.runtime.rollout_worker", "rollout", "Run a rollout worker (a FlowRun component)."),

@@ -20,8 +20,7 @@ from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 from safetensors.numpy import load_file, save_file
 
-from flowlane.runtime.trajectory import PlannerTurn, Step, StopReason, Trajectory, Verdict
-from flowlane.trainer.tracking import (
+from flowlane.kit.tracking import (
     MODEL_TYPE,
     OFFLINE_LOG,
     RunStatus,
@@ -30,6 +29,7 @@ from flowlane.trainer.tracking import (
     to_metrics,
     to_params,
 )
+from flowlane.runtime.trajectory import PlannerTurn, Step, StopReason, Trajectory, Verdict
 
 SPEC = {"model": {"name": "smollm2-135m"}, "training": {"lr": 1e-6, "groupSize": 8}, "tools": ["python", "search"]}
 
@@ -68,7 +68,7 @@ def sample_trajectory(reward: float = 1.0) -> Trajectory:
 
 def tracker_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
-        r.getMessage() for r in caplog.records if r.name == "flowlane.trainer.tracking" and r.levelno == logging.WARNING
+        r.getMessage() for r in caplog.records if r.name == "flowlane.kit.tracking" and r.levelno == logging.WARNING
     ]
 
 

@@ -118,8 +118,8 @@ class LearnerRuntime:
     # -- set-up ---------------------------------------------------------------------------------
     def build(self) -> None:
         from flowlane.kit.checkpoints import CheckpointStore
+        from flowlane.kit.tracking import Tracker
         from flowlane.trainer.learner import Learner
-        from flowlane.trainer.tracking import Tracker
 
         spec = self.spec
         self.learner = Learner(learner_config(spec))

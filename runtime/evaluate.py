@@ -4,8 +4,10 @@ The same agent a rollout worker runs, in its evaluation setting (greedy planner,
 turn budget), over every question of a split; the score is the fraction answered correctly under
 each task's reward. Results go to the terminal and, unless ``--no-track``, to MLflow as a run of
 their own, so a checkpoint's accuracy can be compared with the training runs in the MLflow UI.
-A FlowRun evaluates through its rollout workers instead (see ``learner_service``); both share
-``score_trajectories``.
+A FlowRun evaluates through its rollout workers instead (see ``learner_service``).
+
+It sits on the rollout side because it runs the agent (engines, tools, rewards); the task sets and
+the MLflow tracker it shares with the learner live below both, in ``flowlane.kit``.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ def eval_command(
     table.add_row("all", str(result.correct), str(result.questions), f"{result.accuracy:.3f}")
     Console().print(table)
     if track:
-        from flowlane.trainer.tracking import Tracker
+        from flowlane.kit.tracking import Tracker
 
         tracker = Tracker(experiment, run_dir=Path("runs/eval"), tracking_uri=mlflow_uri)
         tracker.start_run(f"eval-{Path(model).name}-{tasks}",
