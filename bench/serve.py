@@ -1,26 +1,30 @@
-"""Serving throughput and latency: the agent behind the gateway vs raw vLLM completions.
+"""Serving: what the gateway adds to an agent run, and what the prefix cache saves.
 
 A request to the gateway is a whole AgentFlow run (query analysis, planner turns, tool calls,
-verifier, answer: five or more generations), so it costs much more than one completion. This
-measures how much, and whether concurrent clients are batched by the engine rather than queued:
+verifier, answer: five or more generations). Two questions about serving it:
 
-- ``gateway``: the official ``AsyncOpenAI`` client sends chat completions over HTTP (loopback) to
-  the gateway, which runs the agent (small turn budget, ``--max-turns``) on one vLLM engine;
-- ``raw vLLM``: the same questions as plain chat completions on the same engine
-  (``VLLMEngine.chat``, one generation of at most ``--raw-max-tokens`` tokens, no HTTP).
+- **Does the gateway add much?** ``gateway (HTTP)``: the official ``AsyncOpenAI`` client sends
+  chat completions over loopback HTTP to the gateway, which runs the agent; ``in-process``: the
+  same agent (same engine, tools, budgets and questions) called directly with ``Agent.run``. The
+  ``gateway adds`` column is the gateway's p50 latency over the in-process p50 at the same level
+  (target: <= 10%).
+- **Does the prefix cache help?** Every module prompt of one run repeats the question, the tool
+  cards and the memory, and runs share the long module instructions; vLLM's prefix cache reuses
+  their KV blocks. The whole table is measured twice, on an engine with prefix caching (vLLM's
+  default) and on one without (``enable_prefix_caching=False``), one engine at a time.
 
 At 1, 4 and 16 concurrent clients each mode sends ``--requests`` requests, at least one per
 client (the bundled multihop test questions); a client sends its next request when its previous
 one is answered. Reported: requests/s (requests / wall time of the level), p50/p95 latency per
 request (nearest rank: with fewer than 20 requests p95 is the slowest one), generated tokens/s
-(all modules for the agent), and mean turns per agent run. The defaults (8, 8 and 16 requests,
-two turns) took 9.5 minutes, engine start included, on a shared 2-core machine (load average ~10).
+(all modules) and mean turns per run. The python tool runs in a sandbox server child, as under
+``flowlane serve``. ``--raw`` adds plain one-generation completions on the same engine.
 
 Everything runs in one process and one event loop (clients, gateway and the engine's front end; the
 engine core is vLLM's own process), which is how the tests run the gateway too. On a shared
 2-core machine the numbers move with the load other processes put on it: compare rows of one run.
 
-Run ``python bench/serve.py [--requests 8] [--levels 1,4,16] [--max-turns 2]``.
+Run ``python bench/serve.py [--requests 8] [--levels 1,4,16] [--max-turns 2] [--raw]``.
 """
 
 from __future__ import annotations
@@ -96,33 +100,43 @@ async def run_level(send: Callable[[str], Awaitable[tuple[int, int]]], questions
     return Level(mode, clients, len(questions), time.perf_counter() - started, latencies, tokens, turns)
 
 
-async def bench(args: argparse.Namespace) -> tuple[list[Level], dict[str, str]]:
+async def bench_engine(args: argparse.Namespace, prefix_caching: bool, pool: list[str]) -> tuple[list[Level], float]:
+    """Every mode at every level on one engine; (levels, engine start seconds)."""
     from openai import AsyncOpenAI
 
-    from flowlane.kit.tasks.loaders import multihop_tasks
-    from flowlane.kit.tasks.task import Split
+    from flowlane.runtime.agent.agent import Agent
+    from flowlane.runtime.agent.conversation import Conversation
     from flowlane.runtime.engines.base import SamplingSettings
     from flowlane.runtime.engines.vllm_engine import VLLMEngine
     from flowlane.runtime.gateway import GatewayConfig, create_app, running_gateway
     from flowlane.runtime.gateway_metrics import MeteredEngine
-    from flowlane.runtime.gateway_protocol import RequestLimits
+    from flowlane.runtime.gateway_protocol import ChatRequest, RequestLimits
+    from flowlane.runtime.gateway_sandbox import SandboxChild
     from flowlane.runtime.models import resolve_model
     from flowlane.runtime.tools.registry import build_tools
 
-    model_dir = resolve_model(args.model)
-    pool = [task.question for task in multihop_tasks(Split.TEST)]
     levels = [int(part) for part in args.levels.split(",")]
     started = time.perf_counter()
-    engine = MeteredEngine(VLLMEngine(model_dir, kv_cache_gib=args.kv_cache_gib, max_num_seqs=max(levels) * 2))
+    engine = MeteredEngine(VLLMEngine(resolve_model(args.model), kv_cache_gib=args.kv_cache_gib,
+                                      max_num_seqs=max(levels) * 2,
+                                      engine_args={"enable_prefix_caching": prefix_caching}))
     start_s = time.perf_counter() - started
-    tools = build_tools(args.tools.split(","), engine=engine)
+    sandbox = SandboxChild(max_concurrency=4)
+    await sandbox.start()
+    tools = build_tools(args.tools.split(","), engine=engine, code_runner=sandbox)
     config = GatewayConfig(served_model_name=MODEL_ID,
                            limits=RequestLimits(max_turns=args.max_turns, max_time_s=300.0),
                            max_concurrent_runs=max(levels))
     raw_settings = SamplingSettings(max_tokens=args.raw_max_tokens, temperature=0.0)
+    tag = "prefix cache" if prefix_caching else "no prefix cache"
     results: list[Level] = []
     try:
-        async with running_gateway(create_app(engine, tools, config=config)) as url:
+        app = create_app(engine, tools, config=config)
+        gateway = app.state.gateway
+        # The in-process agent gets exactly the budgets the gateway gives a request.
+        agent_config = gateway._agent_config(ChatRequest(model=MODEL_ID, conversation=Conversation("-"),
+                                                         max_turns=args.max_turns, max_time_s=300.0))
+        async with running_gateway(app) as url:
             client = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600.0)
 
             async def via_gateway(question: str) -> tuple[int, int]:
@@ -132,23 +146,65 @@ async def bench(args: argparse.Namespace) -> tuple[list[Level], dict[str, str]]:
                 assert response.usage is not None and response.model_extra is not None
                 return response.usage.completion_tokens, int(response.model_extra["agentflow"]["turns"])
 
+            async def in_process(question: str) -> tuple[int, int]:
+                traj = await Agent(engine, engine, tools, agent_config).run(question)
+                return traj.generated_tokens, len(traj.steps)
+
             async def via_engine(question: str) -> tuple[int, int]:
                 generation = await engine.chat([{"role": "user", "content": question}], raw_settings)
                 return len(generation.token_ids), -1
 
-            await via_gateway(pool[-1])  # warm-up: first-call set-up paths, not measured
-            await via_engine(pool[-1])
+            modes: list[tuple[str, Callable[[str], Awaitable[tuple[int, int]]]]] = [
+                (f"gateway (HTTP), {tag}", via_gateway), (f"in-process, {tag}", in_process)]
+            if args.raw:
+                modes.append((f"raw vLLM, {tag}", via_engine))
+            for _, send in modes:
+                await send(pool[-1])  # warm-up: first-call set-up paths, not measured
             for clients in levels:
                 questions = [pool[i % len(pool)] for i in range(max(args.requests, clients))]
-                for mode, send in (("gateway (agent)", via_gateway), ("raw vLLM", via_engine)):
+                for mode, send in modes:
+                    # Each mode starts from a cold prefix cache: the modes ask the same questions,
+                    # and the second would otherwise find the first one's prompts cached.
+                    await engine.inner._llm.reset_prefix_cache()  # type: ignore[attr-defined]
                     level = await run_level(send, questions, clients, mode)
-                    print(f"  {mode:16} clients={clients:<3} {level.wall_s:7.1f} s", flush=True)
+                    print(f"  {mode:32} clients={clients:<3} {level.wall_s:7.1f} s", flush=True)
                     results.append(level)
     finally:
         for tool in tools:
             await tool.close()
+        await sandbox.close()
         await engine.close()
-    return results, {"engine start": f"{start_s:.1f} s", "model": str(model_dir)}
+    return results, start_s
+
+
+async def bench(args: argparse.Namespace) -> tuple[list[Level], dict[str, str]]:
+    from flowlane.kit.tasks.loaders import multihop_tasks
+    from flowlane.kit.tasks.task import Split
+
+    pool = [task.question for task in multihop_tasks(Split.TEST)]
+    results: list[Level] = []
+    starts = []
+    for prefix_caching in (True, False) if not args.prefix_cache_only else (True,):
+        levels, start_s = await bench_engine(args, prefix_caching, pool)
+        results += levels
+        starts.append(f"{start_s:.1f} s")
+    return results, {"engine start": ", ".join(starts), "model": args.model}
+
+
+def overhead_rows(results: list[Level]) -> list[dict[str, str]]:
+    """Each level's row, plus the gateway's added p50 latency over the in-process agent's."""
+    rows = []
+    for level in results:
+        row = level.row()
+        row["gateway adds"] = "-"
+        if level.mode.startswith("gateway"):
+            twin = next((other for other in results if other.clients == level.clients
+                         and other.mode == level.mode.replace("gateway (HTTP)", "in-process")), None)
+            if twin is not None:
+                base = percentile(twin.latencies_s, 0.5)
+                row["gateway adds"] = f"{(percentile(level.latencies_s, 0.5) / base - 1) * 100:+.1f}%"
+        rows.append(row)
+    return rows
 
 
 def machine() -> str:
@@ -186,6 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-turns", type=int, default=2, help="agent turn budget per request")
     parser.add_argument("--tools", default="python,search,generator", help="agent tools")
     parser.add_argument("--raw-max-tokens", type=int, default=192, help="token cap of a raw completion")
+    parser.add_argument("--raw", action="store_true", help="also measure plain completions on the engine")
+    parser.add_argument("--prefix-cache-only", action="store_true", help="skip the engine without prefix caching")
     parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM KV cache size")
     args = parser.parse_args(argv)
     # Python put bench/ first on sys.path, and subprocesses inherit sys.path (torch's compiler
@@ -201,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{when} · {machine()}\n{versions} · model {facts['model']} · engine start {facts['engine start']}"
           f"\nagent: max_turns {args.max_turns}, tools {args.tools}; raw: max_tokens {args.raw_max_tokens}; "
           f"at least {args.requests} requests per row\n")
-    print(format_table([level.row() for level in results]))
+    print(format_table(overhead_rows(results)))
 
 
 if __name__ == "__main__":
