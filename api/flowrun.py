@@ -26,6 +26,7 @@ from typing import Any, Final, Literal
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from flowlane.api.common import (
+    DNS_SUBDOMAIN_PATTERN,
     GROUP_VERSION,
     HTTP_URL_PATTERN,
     STORAGE_URI_PATTERN,
@@ -108,6 +109,14 @@ class LoraSpec(SpecModel):
     )
 
 
+class ModelVolume(SpecModel):
+    """Model weights on a PersistentVolumeClaim (ReadOnlyMany, or ReadWriteOnce on one node)."""
+
+    claim_name: str = Field(..., min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN,
+                            description="Name of the PersistentVolumeClaim in the run's namespace.")
+    mount_path: str = Field("/models", pattern=r"^/", description="Where the claim is mounted in pods (absolute).")
+
+
 class ModelSpec(SpecModel):
     """Which models the agent uses. Only the planner is trained."""
 
@@ -131,6 +140,10 @@ class ModelSpec(SpecModel):
     )
     dtype: Dtype = Field(Dtype.AUTO, description="Weight dtype for engines and the learner.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA options for the planner.")
+    volume: ModelVolume | None = Field(
+        None, description="A PersistentVolumeClaim with model directories, mounted read-only in the learner "
+        "and rollout pods; name a model inside it by path, e.g. planner: /models/Qwen2.5-7B-Instruct.",
+    )
 
 
 class ToolSpec(SpecModel):

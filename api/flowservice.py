@@ -30,7 +30,7 @@ from flowlane.api.common import (
     load_resource,
 )
 from flowlane.api.enums import Dtype, EngineKind, LocalEngineKind
-from flowlane.api.flowrun import StorageSpec, ToolSpec, default_tools
+from flowlane.api.flowrun import ModelVolume, StorageSpec, ToolSpec, default_tools
 
 KIND: Final = "FlowService"
 PLURAL: Final = "flowservices"

@@ -567,7 +567,11 @@ def plan_flowservice(body: Mapping[str, Any], children: ServiceChildren, now: da
 
     env = s3_env(storage.s3_endpoint, storage.credentials_secret) if storage and checkpoint.startswith("s3://") \
         else []
-    rendered = render_flowservice(fsvc, checkpoint=checkpoint, storage_env=env, options=options)
+    claim = None
+    if storage and storage.volume_claim_name and (storage.checkpoint_uri or "").startswith("file://"):
+        claim = (storage.volume_claim_name, str(storage.checkpoint_uri).removeprefix("file://"))
+    rendered = render_flowservice(fsvc, checkpoint=checkpoint, storage_env=env, options=options,
+                                  checkpoint_volume=claim)
     observed = [o for o in (children.deployment, children.service) if o is not None]
     _sync_static(rendered.children(), observed, plan)
     new.desired_checkpoint = checkpoint

@@ -40,7 +40,7 @@ import yaml
 
 from flowlane.api.common import GROUP_VERSION, Resources
 from flowlane.api.flowrun import KIND as FLOWRUN_KIND
-from flowlane.api.flowrun import FlowRun, tool_secret_env
+from flowlane.api.flowrun import FlowRun, ModelVolume, tool_secret_env
 from flowlane.api.flowservice import KIND as FLOWSERVICE_KIND
 from flowlane.api.flowservice import FlowService
 from flowlane.operator.graph import (
@@ -90,9 +90,14 @@ class RenderOptions:
     learner_image: str = "ghcr.io/flowlane/flowlane-learner:0.1.0"
     rollout_image: str = "ghcr.io/flowlane/flowlane-rollout:0.1.0"
     sandbox_image: str = "ghcr.io/flowlane/flowlane-sandbox:0.1.0"
-    gateway_image: str = "ghcr.io/flowlane/flowlane-rollout:0.1.0"  # the rollout image carries the engine
+    gateway_image: str = "ghcr.io/flowlane/flowlane-gateway:0.1.0"
     image_pull_policy: str = "IfNotPresent"
     gpu_resource_name: str = "nvidia.com/gpu"
+    #: Secrets for a private registry (the chart's imagePullSecrets), on every pod the operator renders.
+    image_pull_secrets: tuple[str, ...] = ()
+
+    def pod_extras(self) -> dict[str, Any]:
+        return {"imagePullSecrets": [{"name": n} for n in self.image_pull_secrets]} if self.image_pull_secrets else {}
 
     def image_for(self, role: Role) -> str:
         return {Role.LEARNER: self.learner_image, Role.ROLLOUT: self.rollout_image,
@@ -304,6 +309,18 @@ def _scheduling(resources: Resources) -> dict[str, Any]:
 
 
 _DROP_ALL = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+#: The images' user (10001) owns no volume a cluster provisions; fsGroup makes PVCs (checkpoints,
+#: models) group-writable for it, as the kubelet applies it to every volume that supports ownership.
+POD_SECURITY_CONTEXT: dict[str, Any] = {"runAsNonRoot": True, "fsGroup": 10001, "fsGroupChangePolicy": "OnRootMismatch",
+                                        "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def _model_volume(volume: ModelVolume | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The model PVC (read-only) as a pod volume and its mount, or nothing."""
+    if volume is None:
+        return [], []
+    return ([{"name": "models", "persistentVolumeClaim": {"claimName": volume.claim_name, "readOnly": True}}],
+            [{"name": "models", "mountPath": volume.mount_path, "readOnly": True}])
 
 
 def _pod(graph: ProcessGraph, component: Component, owner: Owner, flowrun: FlowRun, epoch: int,
@@ -322,6 +339,10 @@ def _pod(graph: ProcessGraph, component: Component, owner: Owner, flowrun: FlowR
         {"name": CONFIG_VOLUME, "mountPath": POD_CONFIG_PATH.rsplit("/", 1)[0], "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
+    if component.role in (Role.LEARNER, Role.ROLLOUT):
+        model_volumes, model_mounts = _model_volume(flowrun.spec.model.volume)
+        volumes += model_volumes
+        mounts += model_mounts
     storage = flowrun.spec.storage
     if storage.volume_claim_name and component.role is Role.LEARNER and storage.checkpoint_uri:
         volumes.append({"name": "checkpoints",
@@ -353,10 +374,11 @@ def _pod(graph: ProcessGraph, component: Component, owner: Owner, flowrun: FlowR
         "automountServiceAccountToken": False,  # components never talk to the Kubernetes API
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": 60 if component.role is Role.LEARNER else 30,
-        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": POD_SECURITY_CONTEXT,
         "containers": [container],
         "volumes": volumes,
         **_scheduling(component.resources),
+        **options.pod_extras(),
         **({"runtimeClassName": flowrun.spec.sandbox.runtime_class_name}  # gVisor, Kata: sandbox pods only
            if sandbox and flowrun.spec.sandbox.runtime_class_name else {}),
     }
@@ -405,15 +427,20 @@ def gateway_command(fsvc: FlowService, checkpoint: str) -> list[str]:
     fixed = ["--fixed", spec.model.fixed] if spec.model.fixed else []
     return ["flowlane", "serve", "--model", checkpoint, *fixed, "--dtype", spec.model.dtype.value,
             "--served-model-name", fsvc.name,
-            "--engine", spec.engine.kind.value, "--tools", ",".join(t.name for t in spec.tools),
+            "--engine", spec.engine.kind.value, "--max-model-len", str(spec.engine.max_model_len),
+            "--tools", ",".join(t.name for t in spec.tools),
             "--host", "0.0.0.0", "--port", str(spec.port), "--max-turns", str(spec.agent.max_turns),
             "--max-time-s", f"{spec.agent.timeout_seconds:g}",
             "--max-concurrent-runs", str(spec.agent.max_concurrent_requests)]
 
 
 def render_flowservice(fsvc: FlowService, *, checkpoint: str, storage_env: Sequence[dict[str, Any]] = (),
-                       options: RenderOptions | None = None) -> RenderedService:
+                       options: RenderOptions | None = None,
+                       checkpoint_volume: tuple[str, str] | None = None) -> RenderedService:
     """Children of ``fsvc`` serving ``checkpoint``; ``storage_env`` carries S3 settings for it.
+
+    A ``file://`` checkpoint lives on its FlowRun's checkpoint PVC: ``checkpoint_volume`` is that
+    claim and the path the learner mounts it at; the gateway pods mount it read-only there too.
 
     The model id clients send is the FlowService's name, so it stays the same across checkpoints.
     """
@@ -445,6 +472,14 @@ def render_flowservice(fsvc: FlowService, *, checkpoint: str, storage_env: Seque
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
         "securityContext": dict(_DROP_ALL, runAsNonRoot=True),
     }
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
+    model_volumes, model_mounts = _model_volume(fsvc.spec.model.volume)
+    volumes += model_volumes
+    container["volumeMounts"] += model_mounts
+    if checkpoint.startswith("file://") and checkpoint_volume:
+        claim, root = checkpoint_volume
+        volumes.append({"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        container["volumeMounts"].append({"name": "checkpoints", "mountPath": root, "readOnly": True})
     deployment: dict[str, Any] = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -460,10 +495,11 @@ def render_flowservice(fsvc: FlowService, *, checkpoint: str, storage_env: Seque
                 "spec": {
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
-                    "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "securityContext": POD_SECURITY_CONTEXT,
                     "containers": [container],
-                    "volumes": [{"name": "tmp", "emptyDir": {}}],
+                    "volumes": volumes,
                     **_scheduling(fsvc.spec.resources),
+                    **options.pod_extras(),
                 },
             },
         },

@@ -94,9 +94,10 @@ class OperatorConfig(BaseModel):
             learner_image=get("FLOWLANE_LEARNER_IMAGE") or "ghcr.io/flowlane/flowlane-learner" + version_tag,
             rollout_image=get("FLOWLANE_ROLLOUT_IMAGE") or "ghcr.io/flowlane/flowlane-rollout" + version_tag,
             sandbox_image=get("FLOWLANE_SANDBOX_IMAGE") or "ghcr.io/flowlane/flowlane-sandbox" + version_tag,
-            gateway_image=get("FLOWLANE_GATEWAY_IMAGE") or get("FLOWLANE_ROLLOUT_IMAGE")
-            or "ghcr.io/flowlane/flowlane-rollout" + version_tag,
+            gateway_image=get("FLOWLANE_GATEWAY_IMAGE") or "ghcr.io/flowlane/flowlane-gateway" + version_tag,
             gpu_resource_name=get("FLOWLANE_GPU_RESOURCE_NAME") or "nvidia.com/gpu",
+            image_pull_secrets=tuple(n.strip() for n in (get("FLOWLANE_IMAGE_PULL_SECRETS") or "").split(",")
+                                     if n.strip()),
         )
         defaults = ClusterDefaults(
             checkpoint_uri=get("FLOWLANE_DEFAULT_CHECKPOINT_URI"),
@@ -109,6 +110,9 @@ class OperatorConfig(BaseModel):
             values["log_level"] = get("FLOWLANE_LOG_LEVEL")
         if get("FLOWLANE_LOG_FORMAT"):
             values["log_format"] = get("FLOWLANE_LOG_FORMAT")
+        # A namespace-scoped install (a Role, not a ClusterRole) may not list namespaces or CRDs.
+        if get("FLOWLANE_RESOURCE_SCANNING"):
+            values["scanning"] = get("FLOWLANE_RESOURCE_SCANNING") not in ("0", "false", "no", "off")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

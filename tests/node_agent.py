@@ -71,6 +71,8 @@ LABEL = "dev.flowlane.node-agent"
 SHM_SIZE = "64m"
 BACKOFF_BASE_S = 2.0
 BACKOFF_CAP_S = 20.0
+#: Any image with `sleep`: the base image every flowlane image is built on.
+PAUSE_IMAGE = os.environ.get("FLOWLANE_PAUSE_IMAGE", "docker.io/library/python:3.11.13-slim-bookworm")
 
 
 def now_rfc3339() -> str:
@@ -145,9 +147,26 @@ class NodeAgent:
     # -- lifecycle --------------------------------------------------------------------------------
 
     def ensure_networks(self) -> None:
+        """The pods' networks, and a node pause container on both that keeps their bridges up.
+
+        netavark creates a network's bridge (and its gateway address on this host, where the API
+        server and storage listen) only while a container is attached.
+        """
         for name, internal in ((self.network, False), (self.internal_network, True)):
             if podman("network", "exists", name, check=False).returncode != 0:
                 podman("network", "create", *(["--internal"] if internal else []), name)
+        pause = f"{self.network}-pause"
+        state = podman("inspect", "--format", "{{.State.Running}}", pause, check=False)
+        if state.stdout.strip() != "true":
+            podman("rm", "--force", pause, check=False)
+            podman("run", "--detach", "--name", pause, "--label", f"{LABEL}=1", "--network", self.network,
+                   "--network", self.internal_network, "--read-only", "--cap-drop", "all", PAUSE_IMAGE,
+                   "sleep", "infinity")
+
+    def remove_networks(self) -> None:
+        podman("rm", "--force", "--time", "0", f"{self.network}-pause", check=False)
+        for name in (self.network, self.internal_network):
+            podman("network", "rm", "--force", name, check=False)
 
     def start(self) -> NodeAgent:
         self.ensure_networks()

@@ -105,6 +105,7 @@ class OneMachineCluster:
         agent = NodeAgent("http://placeholder", network=self.network, namespaces=[self.namespace],
                           workdir=self.workdir / "node")
         agent.ensure_networks()
+        self._stack.callback(agent.remove_networks)
         self.gateway = network_gateway(self.network)
         self.api = KMockServer(host=self.gateway).start()
         self._stack.callback(self.api.stop)
@@ -135,6 +136,8 @@ class OneMachineCluster:
                "--env", f"FLOWLANE_ROLLOUT_IMAGE={IMAGES['rollout']}",
                "--env", f"FLOWLANE_GATEWAY_IMAGE={IMAGES['gateway']}",
                "--env", "FLOWLANE_LOG_FORMAT=text",
+               # The emulator cannot list namespaces (KMock); the operator serves one, named below.
+               "--env", "FLOWLANE_RESOURCE_SCANNING=false",
                IMAGES["operator"], "--namespace", self.namespace, "--health-port", "8080",
                "--metrics-port", "9090", "--reconcile-interval", str(self.reconcile_interval_s))
         self._stack.callback(lambda: podman("rm", "--force", "--time", "2", self.operator_container, check=False))

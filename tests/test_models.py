@@ -244,3 +244,26 @@ def test_a_lora_checkpoint_is_served_merged_into_its_base_model(model_dir: Path,
 
     with pytest.raises(FlowlaneError, match=r"was trained on .* install the same base model"):
         resolve_model(save(2, {**identity, "hidden_size": 1}))
+
+
+def test_a_plain_hf_model_directory_in_s3_is_fetched_and_reused(
+        s3_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flowlane.kit.models import fetch_s3_model_dir
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    bucket = s3_server.make_bucket("models")
+    files = {"config.json": b'{"model_type": "llama"}', "tokenizer.json": b"{}", "sub/weights.bin": b"\x01" * 1000}
+    client = s3_server.client()
+    import io
+
+    for name, data in files.items():
+        client.put_object(bucket, f"hub/tiny/{name}", io.BytesIO(data), len(data))
+    first = fetch_s3_model_dir(f"s3://{bucket}/hub/tiny", cache_dir=tmp_path)
+    assert first is not None
+    assert {p.relative_to(first).as_posix(): p.read_bytes() for p in first.rglob("*") if p.is_file()} == files
+    assert fetch_s3_model_dir(f"s3://{bucket}/hub/tiny/", cache_dir=tmp_path) == first  # reused, not fetched
+    client.put_object(bucket, "hub/tiny/tokenizer.json", io.BytesIO(b'{"v": 2}'), 8)
+    changed = fetch_s3_model_dir(f"s3://{bucket}/hub/tiny", cache_dir=tmp_path)
+    assert changed != first and (changed / "tokenizer.json").read_bytes() == b'{"v": 2}'
+    assert fetch_s3_model_dir(f"s3://{bucket}/hub", cache_dir=tmp_path) is None  # no config.json: not a model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from flowlane.api.flowrun import Dtype, FlowRun, load_flowrun
+from flowlane.api.flowrun import Dtype, FlowRun, ModelVolume, load_flowrun
 from flowlane.api.flowservice import load_flowservice
 from flowlane.operator.graph import POD_CONFIG_PATH, Role, SecretEnv, compile_graph, resolve
 from flowlane.operator.local import dependency_levels
@@ -179,7 +180,9 @@ def test_gpus_node_selectors_and_tolerations_come_from_the_spec() -> None:
 
 def test_sandbox_pods_are_locked_down() -> None:
     pod = by_name(render_flowrun(flowrun(), epoch=0).pods)["demo-sandbox-0"]
-    assert pod["spec"]["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert pod["spec"]["securityContext"] == {"runAsNonRoot": True, "fsGroup": 10001,
+                                              "fsGroupChangePolicy": "OnRootMismatch",
+                                              "seccompProfile": {"type": "RuntimeDefault"}}
     assert pod["spec"]["containers"][0]["securityContext"] == {
         "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True,
         "readOnlyRootFilesystem": True}
@@ -237,7 +240,7 @@ def test_flowservice_deployment_rolls_without_downtime_to_the_checkpoint() -> No
     assert template["metadata"]["annotations"][ANNOTATION_CHECKPOINT] == "s3://b/step-20"
     assert template["spec"]["containers"][0]["command"] == [
         "flowlane", "serve", "--model", "s3://b/step-20", "--dtype", "auto", "--served-model-name", "math-agent",
-        "--engine", "vllm",
+        "--engine", "vllm", "--max-model-len", "4096",
         "--tools", "python,generator", "--host", "0.0.0.0", "--port", "8000", "--max-turns", "10",
         "--max-time-s", "120", "--max-concurrent-runs", "16"]
     assert first["metadata"]["annotations"][ANNOTATION_HASH] != second["metadata"]["annotations"][ANNOTATION_HASH]
@@ -260,3 +263,23 @@ def test_flowservice_fixed_model_and_dtype_reach_the_gateway_command_flowlane_se
     assert (params["model"], params["fixed"], params["dtype"]) == ("s3://b/step-20", "smollm2-135m-instruct",
                                                                    "bfloat16")
     assert (params["served_model_name"], params["port"], params["max_concurrent_runs"]) == ("math-agent", 8000, 16)
+
+
+def test_image_pull_secrets_reach_every_flowrun_pod_and_the_gateway() -> None:
+    options = RenderOptions(image_pull_secrets=("regcred", "mirror"))
+    pods = render_flowrun(flowrun(), epoch=0, options=options).pods
+    assert {json.dumps(p["spec"]["imagePullSecrets"]) for p in pods} == {
+        json.dumps([{"name": "regcred"}, {"name": "mirror"}])}
+    assert "imagePullSecrets" not in render_flowrun(flowrun(), epoch=0).pods[0]["spec"]
+
+
+def test_a_model_volume_is_mounted_read_only_in_learner_and_rollout_pods_only() -> None:
+    run = flowrun()
+    run = run.model_copy(update={"spec": run.spec.model_copy(update={"model": run.spec.model.model_copy(
+        update={"planner": "/models/tiny", "volume": ModelVolume(claim_name="weights")})})})
+    pods = by_name(render_flowrun(run, epoch=0).pods)
+    for name in ("demo-learner", "demo-rollout-0"):
+        spec = pods[name]["spec"]
+        assert {"name": "models", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}} in spec["volumes"]
+        assert {"name": "models", "mountPath": "/models", "readOnly": True} in spec["containers"][0]["volumeMounts"]
+    assert all(v["name"] != "models" for v in pods["demo-sandbox-0"]["spec"]["volumes"])

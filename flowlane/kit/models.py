@@ -140,6 +140,9 @@ def resolve_model(name_or_path: str) -> Path:
         raise ModelNotFoundError(
             f"empty model name; give a model directory or one of: {', '.join(sorted(KNOWN_MODELS))}"
         )
+    if text.startswith("s3://"):
+        plain = fetch_s3_model_dir(text)
+        return plain if plain is not None else fetch_checkpoint_model(text)
     if text.startswith(CHECKPOINT_SCHEMES):
         return fetch_checkpoint_model(text)
     path = Path(text).expanduser()
@@ -229,6 +232,60 @@ def fetch_checkpoint_model(uri: str, cache_dir: Path | None = None) -> Path:
             _publish(staging / "model", target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def fetch_s3_model_dir(uri: str, cache_dir: Path | None = None) -> Path | None:
+    """A plain Hugging Face model directory at ``s3://bucket/prefix`` (``config.json`` directly under
+    the prefix, as ``aws s3 sync`` of a hub snapshot leaves it), fetched into
+    ``<cache_dir>/s3``; None when the prefix holds no ``config.json`` (a flowlane checkpoint root).
+
+    The local copy is keyed by the URI and every object's size and ETag, so a re-uploaded model is
+    fetched again and an unchanged one is reused; each file's size is checked after download.
+    S3 settings come from the environment, as for checkpoints.
+    """
+    from flowlane.kit import s3
+
+    parsed = urllib.parse.urlparse(uri)
+    bucket, prefix = parsed.netloc, parsed.path.strip("/")
+    endpoint = os.environ.get(s3.ENDPOINT_ENV)
+    if not endpoint:
+        raise ModelNotFoundError(f"model {uri}: set {s3.ENDPOINT_ENV} (and the S3 keys) to read models from S3")
+    client = s3.open_client(endpoint, os.environ.get(s3.ACCESS_KEY_ENV), os.environ.get(s3.SECRET_KEY_ENV),
+                            region=s3.env_region())
+    base = f"{prefix}/" if prefix else ""
+    try:
+        objects = [o for o in client.list_objects(bucket, prefix=base or None, recursive=True)
+                   if not o.is_dir]
+    except Exception as exc:  # minio's S3Error and transport errors: one line naming the URI
+        raise ModelNotFoundError(f"model {uri}: listing the S3 prefix failed: {exc}") from None
+    files = {o.object_name[len(base):]: o for o in objects}
+    if "config.json" not in files:
+        return None
+    digest = hashlib.sha256(f"s3://{bucket}/{prefix}".encode())
+    for name in sorted(files):
+        digest.update(f"{name}\0{files[name].size}\0{files[name].etag}\n".encode())
+    root = (cache_dir or default_models_dir()).expanduser() / "s3"
+    target = root / digest.hexdigest()[:16]
+    if is_model_dir(target):
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(root / f".{target.name}.lock"):
+        if is_model_dir(target):
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=root))
+        try:
+            for name, obj in files.items():
+                dest = staging / name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                client.fget_object(bucket, obj.object_name, str(dest))
+                if dest.stat().st_size != obj.size:
+                    raise ModelNotFoundError(f"model {uri}: {name} arrived with {dest.stat().st_size} bytes, "
+                                             f"expected {obj.size}")
+            _publish(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return target
 
 
