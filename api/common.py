@@ -23,7 +23,7 @@ import enum
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Final, TypeVar
 
 import yaml
 from pydantic import (
@@ -39,9 +39,12 @@ from pydantic_core import PydanticCustomError
 
 from flowlane.api.errors import ConfigError
 
-API_GROUP = "flowlane.dev"
-API_VERSION = "v1alpha1"
-GROUP_VERSION = f"{API_GROUP}/{API_VERSION}"
+API_GROUP: Final = "flowlane.dev"
+API_VERSION: Final = "v1alpha1"
+# Written out rather than formatted: a Final literal is what the resources' ``apiVersion: Literal[...]``
+# fields accept as their default.
+GROUP_VERSION: Final = "flowlane.dev/v1alpha1"
+assert f"{API_GROUP}/{API_VERSION}" == GROUP_VERSION
 
 # Kubernetes' own quantity grammar ("500m", "2", "1.5Gi", "1e3").
 QUANTITY_PATTERN = (

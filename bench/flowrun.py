@@ -263,7 +263,7 @@ def _serve_weights(model_dir: str, token: str, port_queue: Any, stop_event: Any)
     from safetensors.torch import load_file
 
     from flowlane.api import learner_pb2_grpc
-    from flowlane.kit.grpc_common import bind_port, create_server, iter_weight_chunks
+    from flowlane.kit.grpc_common import DEFAULT_WEIGHT_CHUNK_BYTES, bind_port, create_server, iter_weight_chunks
 
     tensors = {}
     for path in sorted(Path(model_dir).glob("*.safetensors")):
@@ -272,7 +272,7 @@ def _serve_weights(model_dir: str, token: str, port_queue: Any, stop_event: Any)
 
     class WeightsOnly(learner_pb2_grpc.LearnerServicer):
         async def GetWeights(self, request: Any, context: Any) -> Any:
-            for chunk in iter_weight_chunks(cached, 1, request.chunk_bytes or None):
+            for chunk in iter_weight_chunks(cached, 1, request.chunk_bytes or DEFAULT_WEIGHT_CHUNK_BYTES):
                 yield chunk
 
     async def serve() -> None:

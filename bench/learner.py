@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from flowlane.api.enums import Dtype
 from flowlane.api.trajectory import Trajectory
 from flowlane.runtime.models import resolve_model
 from flowlane.trainer.batching import BatchLayout
@@ -50,7 +51,7 @@ def bench_mode(
     config = LearnerConfig(
         model_path=str(model_dir),
         lr=1e-6,
-        dtype="float32",
+        dtype=Dtype.FLOAT32,
         kl_beta=0.001,
         micro_batch_tokens=micro_batch_tokens,
         batch_layout=layout,

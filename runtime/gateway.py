@@ -241,7 +241,7 @@ class Gateway:
             Route("/metrics", self.metrics_endpoint, methods=["GET"]),
         ]
         app = Starlette(routes=routes, exception_handlers={
-            ApiError: self._api_error_response,
+            ApiError: self._api_error_response,  # type: ignore[dict-item]  # starlette types handlers for any Exception
             HTTPException: self._http_error_response,
         })
         app.add_middleware(_RequestMetrics, metrics=self.metrics)
@@ -460,8 +460,8 @@ class Gateway:
         base = self.config.agent or AgentConfig()
         if chat is None:
             return dataclasses.replace(base, max_turns=1, max_time_s=1.0)
-        sampling = {key: value for key, value in (("temperature", chat.temperature), ("top_p", chat.top_p))
-                    if value is not None}
+        sampling: dict[str, Any] = {key: value for key, value in (("temperature", chat.temperature),
+                                                                  ("top_p", chat.top_p)) if value is not None}
         answer_s = min(self.config.answer_reserve_s, chat.max_time_s * ANSWER_SHARE)
         return dataclasses.replace(
             base, max_turns=chat.max_turns, max_time_s=chat.max_time_s - answer_s, answer_time_s=answer_s,

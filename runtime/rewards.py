@@ -57,8 +57,13 @@ __all__ = [
 
 
 class TaskLike(Protocol):
-    question: str
-    answer: str
+    """What a reward reads from a task; read-only, so frozen tasks and gRPC messages both fit."""
+
+    @property
+    def question(self) -> str: ...
+
+    @property
+    def answer(self) -> str: ...
 
 
 # --------------------------------------------------------------------------------------------

@@ -569,7 +569,7 @@ class Learner:
             totals.entropy_sum += float(entropy.sum().item()) if entropy is not None else 0.0
             totals.approx_kl_sum += flow_grpo.approx_kl(log_prob, old_log_prob) * n
             totals.behaviour_kl_sum += flow_grpo.approx_kl(old_log_prob, behaviour) * n
-            if importance is not None:
+            if importance is not None and config.tis_cap is not None:  # weights exist only with a cap
                 totals.tis_sum += float(importance.sum().item())
                 totals.tis_capped += int((importance >= config.tis_cap).sum().item())
 

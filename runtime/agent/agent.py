@@ -316,7 +316,7 @@ class Agent:
         traj.generated_tokens += len(generation.token_ids)
 
     @staticmethod
-    def _note_parse(traj: Trajectory, module: Module, parsed: Parsed[object]) -> None:
+    def _note_parse(traj: Trajectory, module: Module, parsed: Parsed[T]) -> None:
         if not parsed.clean:
             traj.count_parse_failure(module)
             log.info("%s output needed the %s fallback: %s", module, parsed.method, "; ".join(parsed.problems))

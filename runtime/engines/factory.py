@@ -52,6 +52,7 @@ def create_engine(kind: str, model: str, **options: Any) -> LLMEngine:
         if param.kind is inspect.Parameter.KEYWORD_ONLY
     ]
     unknown = sorted(set(options) - set(accepted))
+    construct: Callable[..., LLMEngine] = cls  # the base declares no constructor; each kind takes the model first
     if unknown:
         raise ConfigError(
             f"unknown option {unknown[0]!r} for the {engine_kind.value} engine; "
@@ -60,8 +61,8 @@ def create_engine(kind: str, model: str, **options: Any) -> LLMEngine:
     if engine_kind in LOCAL_KINDS:
         from flowlane.runtime.models import resolve_model
 
-        return cls(resolve_model(model), **options)
-    return cls(model, **options)
+        return construct(resolve_model(model), **options)
+    return construct(model, **options)
 
 
 async def open_engines(kind: str, planner: str, fixed: str | None = None, *,

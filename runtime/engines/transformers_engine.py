@@ -261,7 +261,7 @@ class TransformersEngine(LLMEngine):
             end = ids.index(self.eos_id) + 1
             finish = "stop"
         ids, lps = ids[:end], lps[:end]
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        text = str(self.tokenizer.decode(ids, skip_special_tokens=True))  # one sequence in: one string out
         if request.settings.stop:
             cut = _first_stop(self.tokenizer, ids, request.settings.stop)
             if cut is not None:

@@ -10,8 +10,10 @@ it and never raises for a failure of the command itself: failures come back as
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from types import MappingProxyType
+from typing import Any
 
 
 @dataclass
@@ -26,16 +28,17 @@ class ToolResult:
 class Tool(abc.ABC):
     name: str = "tool"
     description: str = ""
-    #: Free-form facts for the planner prompt: best_for, limitations, examples.
-    metadata: ClassVar[dict[str, Any]] = {}
+    #: Free-form facts for the planner prompt: best_for, limitations, examples. Read-only here:
+    #: tools replace it, per class or per instance (a tool's ``k`` may appear in its text).
+    metadata: Mapping[str, Any] = MappingProxyType({})
     #: What the executor must write as the command, shown in its prompt.
     command_instruction: str = "Write the tool input."
     #: JSON schema of the executor's structured output for this tool.
-    input_schema: ClassVar[dict[str, Any]] = {
+    input_schema: Mapping[str, Any] = MappingProxyType({
         "type": "object",
         "properties": {"command": {"type": "string"}},
         "required": ["command"],
-    }
+    })
     #: False when the sub-goal itself is the command (no executor LLM call needed).
     needs_command: bool = True
 
