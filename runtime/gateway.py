@@ -726,7 +726,8 @@ def serve(
     max_time_s: Annotated[float, typer.Option(help="Agent-loop wall-clock cap per request, seconds.")] = 120.0,
     served_model_name: Annotated[str | None, typer.Option(
         help="Model id clients send (default: the model name, or the checkpoint directory's name).")] = None,
-    max_content_chars: Annotated[int, typer.Option(help="Most message characters one request may send.")] = 4000,
+    max_content_chars: Annotated[int, typer.Option(
+        help="Most message characters one request may send (all messages; the token cap trims history).")] = 64_000,
     max_concurrent_runs: Annotated[int, typer.Option(
         help="Agent runs in flight at once; a request over it gets 429 with Retry-After.")] = 64,
     history_max_tokens: Annotated[int, typer.Option(
