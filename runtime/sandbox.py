@@ -59,41 +59,38 @@ Known gaps, covered by the kernel layers rather than the hook: ``os.open(..., di
 relative to a directory opened for reading is not resolved by the hook (the open event carries
 no dir_fd); C extensions that write files without going through Python's audited calls.
 
-The child is this file run as a script (``python -I -B sandbox.py CONFIG``): the bootstrap at the
-bottom applies the layers in order (namespaces and mounts need root, so they come before the uid
-drop; the audit hook comes last, once nothing privileged is left to do), reports the layers on a
-private pipe, closes it, and only then executes the user code.
+The child is ``runtime/sandbox_child.py``, a stdlib-only bootstrap started with ``python -I -S
+-B`` (every import there is paid per execution): it applies the layers in order (namespaces and
+mounts need root, so they come before the uid drop; the audit hook comes last, once nothing
+privileged is left to do), reports the layers on a private pipe, closes it, and only then executes
+the user code. This side does the costly parts once per process: the seccomp program (built with
+libseccomp, exported as BPF) and the import path (site-packages, so the child can skip ``site``).
 """
 
 from __future__ import annotations
 
-import _thread
 import asyncio
-import builtins
 import contextlib
-import ctypes
-import errno
 import fcntl
-import io
-import json
-import linecache
+import functools
+import marshal
 import math
 import os
 import random
-import resource
 import shutil
 import signal
+import site
 import sys
 import tempfile
 import time
-import traceback
-import types
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from flowlane.api.errors import ConfigError
+from flowlane.runtime import sandbox_child
+from flowlane.runtime.sandbox_child import EXIT_BLOCKED, EXIT_FILE, EXIT_MEMORY, EXIT_PROCESS, EXIT_SETUP
 
 __all__ = [
     "MANDATORY_LAYERS",
@@ -257,18 +254,13 @@ class LocalCodeRunner:
 # --------------------------------------------------------------------------------------------
 # The caller side.
 
-# Exit codes the bootstrap uses to classify an uncaught exception (user code can fake them, which
+# How the bootstrap classifies an uncaught exception (user code can fake these exit codes, which
 # only misreports its own failure).
-_EXIT_MEMORY = 102
-_EXIT_BLOCKED = 103
-_EXIT_PROCESS = 104
-_EXIT_FILE = 105
-_EXIT_SETUP = 106
 _EXIT_KINDS = {
-    _EXIT_MEMORY: SandboxErrorKind.MEMORY_LIMIT,
-    _EXIT_BLOCKED: SandboxErrorKind.BLOCKED,
-    _EXIT_PROCESS: SandboxErrorKind.PROCESS_LIMIT,
-    _EXIT_FILE: SandboxErrorKind.FILE_LIMIT,
+    EXIT_MEMORY: SandboxErrorKind.MEMORY_LIMIT,
+    EXIT_BLOCKED: SandboxErrorKind.BLOCKED,
+    EXIT_PROCESS: SandboxErrorKind.PROCESS_LIMIT,
+    EXIT_FILE: SandboxErrorKind.FILE_LIMIT,
 }
 
 _MAX_CODE_BYTES = 1024 * 1024
@@ -279,8 +271,6 @@ _READ_CHUNK = 64 * 1024
 _UID_RANGE = range(40000, 60000)
 _UID_LOCK_DIR = Path(tempfile.gettempdir()) / "flowlane-sandbox-uids"
 _UID_PICKER = random.SystemRandom()  # never touches (or depends on) the seeded global RNG
-_PRIVATE_TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
-_PRIVATE_TMP_SIZE = "16m"
 
 
 class _UidLease:
@@ -400,22 +390,34 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-_PR_GET_DUMPABLE = 3
-_PR_SET_DUMPABLE = 4
-
-
 def make_non_dumpable() -> None:
     """PR_SET_DUMPABLE 0 for this process: its ``/proc/<pid>`` files (environ, mem, maps, fd) then
     belong to root, and ptrace and process_vm_* refuse it, even for processes of its own uid.
 
     The sandbox server calls this first thing: as the pod's uid, code it runs shares that uid.
     """
-    libc = ctypes.CDLL(None, use_errno=True)
-    _libc_call(libc, "prctl", _PR_SET_DUMPABLE, 0, 0, 0, 0)
+    sandbox_child.prctl(sandbox_child.PR_SET_DUMPABLE, 0)
 
 
 def _is_non_dumpable() -> bool:
-    return int(ctypes.CDLL(None).prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0)) == 0
+    return sandbox_child.prctl(sandbox_child.PR_GET_DUMPABLE) == 0
+
+
+@functools.cache
+def _site_paths() -> list[str]:
+    """The site-packages directories the code imports from: what ``site`` would add for this
+    interpreter, found once here so that the child can skip ``site`` (``.pth`` files are not run)."""
+    return [p for p in site.getsitepackages() if os.path.isdir(p)]
+
+
+def _seccomp_settings() -> dict[str, Any]:
+    """The seccomp program template for the child, or why there is none."""
+    try:
+        from flowlane.runtime import sandbox_seccomp
+
+        return {"seccomp_template": sandbox_seccomp.program_template(), "seccomp_unavailable": ""}
+    except (ImportError, OSError) as exc:
+        return {"seccomp_template": None, "seccomp_unavailable": f"libseccomp: {exc}"}
 
 
 async def _stop_tracker(proc: asyncio.subprocess.Process) -> None:
@@ -461,7 +463,7 @@ def _classify(
     last_line = next((ln for ln in reversed(stderr.strip().splitlines()) if ln.strip()), "")
     if kind is SandboxErrorKind.BLOCKED:
         return kind, f"blocked: {last_line}" if last_line else "blocked"
-    if returncode == _EXIT_SETUP:
+    if returncode == EXIT_SETUP:
         return SandboxErrorKind.ERROR, f"error: sandbox setup failed: {last_line}"
     return SandboxErrorKind.ERROR, f"error: exit code {returncode}" + (f": {last_line}" if last_line else "")
 
@@ -501,7 +503,8 @@ async def run_python(
             "scratch": str(scratch),
             "uid": uid,
             "control_fd": control_w,
-            "cpu_time_s": limits.cpu_time_s,
+            "site_paths": _site_paths(),
+            "cpu_time_s": math.ceil(limits.cpu_time_s),
             "memory_bytes": limits.memory_bytes,
             "max_processes": limits.max_processes,
             "max_file_bytes": limits.max_file_bytes,
@@ -513,6 +516,8 @@ async def run_python(
             "seccomp": isolation.seccomp,
             "landlock": isolation.landlock,
             "strict": isolation.strict,
+            **(_seccomp_settings() if isolation.seccomp else {"seccomp_template": None}),
+            "code": encoded,
         }
         env = {
             "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -528,11 +533,7 @@ async def run_python(
             "NUMBA_NUM_THREADS": "1",
         }
         proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-I",
-            "-B",
-            str(Path(__file__).resolve()),
-            json.dumps(config),
+            *sandbox_child.command(sys.executable),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -553,7 +554,7 @@ async def run_python(
             async with asyncio.timeout(limits.wall_time_s):
                 if proc.stdin is not None:
                     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                        proc.stdin.write(encoded)
+                        proc.stdin.write(marshal.dumps(config))
                         await proc.stdin.drain()
                     proc.stdin.close()
                 await exited
@@ -561,9 +562,13 @@ async def run_python(
             timed_out = True
         finally:
             # The tracker first (it kills every process of the run, wherever it moved), then the
-            # group, then everything the run's uid still has.
+            # group, then, unless the tracker reported its sweep complete, every process of the
+            # run's uid (a tracker killed before its sweep leaves orphans of the run to init).
             await _stop_tracker(proc) if timed_out else _kill_group(proc.pid)
-            leftovers = await _kill_all_of_uid(uid) if uid is not None else 0
+            report = _read_control(control_r)
+            leftovers = report.swept or 0
+            if uid is not None and report.swept is None:
+                leftovers += await _kill_all_of_uid(uid)
             exited.cancel()
             with contextlib.suppress(TimeoutError):  # a pipe held by a process we could not kill
                 await asyncio.wait_for(proc.wait(), timeout=5)
@@ -571,7 +576,7 @@ async def run_python(
             (out, out_over), (err, err_over) = await asyncio.wait_for(gathered, timeout=5)
         except TimeoutError:  # a pipe held open by a process we could not kill (non-root)
             (out, out_over), (err, err_over) = (b"", True), (b"", True)
-        layers, missing = _read_control(control_r)
+        layers, missing = report.layers, report.missing
         if layers and _is_non_dumpable():
             layers += (IsolationLayer.NON_DUMPABLE_CALLER,)
         stdout = out.decode("utf-8", errors="replace")
@@ -603,17 +608,32 @@ async def run_python(
             lease.release()
 
 
-def _read_control(fd: int) -> tuple[tuple[IsolationLayer, ...], list[str]]:
-    """The layers the run reported, and why each requested one that is missing is missing."""
+@dataclass
+class _ChildReport:
+    """What the child wrote on its control pipe (format: ``sandbox_child``'s docstring)."""
+
+    layers: tuple[IsolationLayer, ...] = ()  # in force for the run
+    missing: list[str] = field(default_factory=list)  # requested but not applied, with the reason
+    swept: int | None = None  # processes the tracker killed after the run; None: no complete sweep
+
+
+def _read_control(fd: int) -> _ChildReport:
+    """Whatever is on the control pipe by now (non-blocking); unknown lines are ignored."""
     data = b""
     with contextlib.suppress(BlockingIOError, OSError):
         while chunk := os.read(fd, 4096):
             data += chunk
-    try:
-        report = json.loads(data.decode() or "{}")
-        return tuple(IsolationLayer(name) for name in report.get("layers", ())), list(report.get("missing", ()))
-    except (ValueError, UnicodeDecodeError):
-        return (), []
+    report = _ChildReport()
+    known = {layer.value for layer in IsolationLayer}
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        tag, _, value = line.partition(" ")
+        if tag == "layer" and value in known:
+            report.layers += (IsolationLayer(value),)
+        elif tag == "missing":
+            report.missing.append(value)
+        elif tag == "swept" and value.isdigit():
+            report.swept = int(value)
+    return report
 
 
 async def probe_isolation(isolation: Isolation = Isolation()) -> tuple[IsolationLayer, ...]:
@@ -622,473 +642,3 @@ async def probe_isolation(isolation: Isolation = Isolation()) -> tuple[Isolation
     if not result.ok:
         raise RuntimeError(f"sandbox probe failed: {result.message}\n{result.stderr}")
     return result.isolation
-
-
-# --------------------------------------------------------------------------------------------
-# The child side: this file run as a script. Everything below runs in the sandbox process, first
-# with the caller's privileges (to set up namespaces), then as the unprivileged per-run uid.
-
-_CLONE_NEWNS = 0x00020000
-_CLONE_NEWNET = 0x40000000
-_MS_NOSUID = 0x2
-_MS_NODEV = 0x4
-_MS_BIND = 0x1000
-_MS_REC = 0x4000
-_MS_PRIVATE = 0x40000
-_PR_SET_NO_NEW_PRIVS = 38
-_PR_SET_PDEATHSIG = 1
-_PR_SET_CHILD_SUBREAPER = 36
-
-_BLOCKED_EVENTS: dict[str, str] = {
-    "subprocess.Popen": "starting processes",
-    "os.system": "os.system",
-    "os.exec": "exec",
-    "os.posix_spawn": "spawning processes",
-    "os.spawn": "spawning processes",
-    "os.startfile": "starting processes",
-    "pty.spawn": "spawning processes",
-    "ctypes.dlsym": "ctypes",
-    "ctypes.dlsym/handle": "ctypes",
-    "ctypes.call_function": "ctypes",
-    "ctypes.cdata": "ctypes",
-    "ctypes.cdata/buffer": "ctypes",
-    "ctypes.PyObj_FromPtr": "ctypes",
-    "ctypes.string_at": "ctypes",
-    "ctypes.wstring_at": "ctypes",
-    "ctypes.addressof": "ctypes",
-    "ctypes.set_errno": "ctypes",
-}
-# Events whose listed positional arguments are paths the operation writes to.
-_WRITE_PATH_ARGS: dict[str, tuple[int, ...]] = {
-    "os.remove": (0,),
-    "os.rmdir": (0,),
-    "os.mkdir": (0,),
-    "os.rename": (0, 1),
-    "os.link": (1,),
-    "os.symlink": (1,),
-    "os.chmod": (0,),
-    "os.chown": (0,),
-    "os.truncate": (0,),
-    "os.utime": (0,),
-    "os.setxattr": (0,),
-    "os.removexattr": (0,),
-    "os.chflags": (0,),
-    "os.lchflags": (0,),
-    "os.lchmod": (0,),
-    "os.mkfifo": (0,),
-    "os.mknod": (0,),
-    "shutil.rmtree": (0,),
-}
-_WRITABLE_DEVICES = frozenset({"/dev/null", "/dev/stdout", "/dev/stderr"})
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-
-
-class SandboxViolation(PermissionError):
-    """Raised by the audit hook; uncaught, the run ends as ``blocked``."""
-
-
-def _install_audit_hook(scratch: str) -> None:
-    scratch_real = os.path.realpath(scratch)
-    # The hook's own calls raise events too: skip those, per thread (a flag shared by threads
-    # would let one thread's events through while another is inside the hook).
-    state = _thread._local()
-
-    def is_inside_scratch(path: Any, dir_fd: Any = None) -> bool:
-        if isinstance(path, int):
-            return True  # an fd that was already opened (and checked) earlier
-        path = os.fsdecode(path)
-        if path in _WRITABLE_DEVICES:
-            return True
-        try:
-            if not os.path.isabs(path):
-                relative_to_fd = isinstance(dir_fd, int) and dir_fd >= 0
-                base = os.readlink(f"/proc/self/fd/{dir_fd}") if relative_to_fd else os.getcwd()
-                path = os.path.join(base, path)
-            real = os.path.realpath(path)
-        except OSError:
-            return False  # cannot tell where it goes: treat it as outside
-        return real == scratch_real or real.startswith(scratch_real + os.sep)
-
-    def refuse(what: str) -> None:
-        raise SandboxViolation(f"sandbox: {what} is not allowed (the code runs offline, in its scratch dir)")
-
-    def hook(event: str, args: tuple[Any, ...]) -> None:
-        if getattr(state, "inside", False):
-            return
-        state.inside = True
-        try:
-            if event.startswith("socket."):
-                refuse("networking")
-            what = _BLOCKED_EVENTS.get(event)
-            if what:
-                refuse(what)
-            if event == "ctypes.dlopen" and args and args[0] is not None:
-                refuse("loading native libraries with ctypes")
-            if event == "open":
-                path, mode, flags = (*args, None, None, None)[:3]
-                writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-                    mode is None and isinstance(flags, int) and bool(flags & _WRITE_FLAGS)
-                )
-                if writes and path is not None and not is_inside_scratch(path):
-                    refuse(f"writing {os.fsdecode(path)!r} outside the scratch directory")
-            elif event in _WRITE_PATH_ARGS:
-                dir_fd = args[-1] if event in ("os.remove", "os.rmdir", "os.mkdir") else None
-                for i in _WRITE_PATH_ARGS[event]:
-                    if i < len(args) and args[i] is not None and not is_inside_scratch(args[i], dir_fd):
-                        refuse(f"changing {os.fsdecode(args[i])!r} outside the scratch directory")
-        finally:
-            state.inside = False
-
-    sys.addaudithook(hook)
-
-
-def _libc_call(libc: Any, name: str, *args: Any) -> None:
-    if getattr(libc, name)(*args) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{name}: {os.strerror(err)}")
-
-
-def _blocking_ancestor(path: str) -> str | None:
-    """The outermost directory above ``path`` that other users cannot traverse, if any."""
-    parts = Path(path).parts
-    for i in range(2, len(parts)):
-        ancestor = os.path.join(*parts[:i])
-        try:
-            if not os.stat(ancestor).st_mode & 0o001:
-                return ancestor
-        except OSError:
-            return None
-    return None
-
-
-def _enter_mount_namespace(libc: Any, scratch: str, private_tmp: bool) -> None:
-    """A private mount namespace: fresh tmpfs on the shared temp dirs (``private_tmp``), and the
-    Python installation made reachable for the unprivileged uid.
-
-    The interpreter may live where other users cannot look (pyenv under a 0700 /root): such a
-    directory gets an empty tmpfs over it and only the import paths are bind-mounted back, so
-    the code sees its interpreter and nothing else of that directory.
-    """
-    _libc_call(libc, "unshare", _CLONE_NEWNS)
-    _libc_call(libc, "mount", b"none", b"/", None, _MS_REC | _MS_PRIVATE, None)
-    needed = [scratch] + [p for p in sys.path if p and os.path.exists(p)]
-    keep = {p: os.open(p, os.O_PATH) for p in needed}
-    try:
-        covers = {a for p in needed if (a := _blocking_ancestor(p))}
-        if private_tmp:
-            covers |= {d for d in _PRIVATE_TMP_DIRS if os.path.isdir(d) and not os.path.islink(d)}
-        for target in sorted(covers, key=len):
-            if any(target.startswith(c + os.sep) for c in covers if c != target):
-                continue  # already hidden under an outer cover
-            mode = "1777" if target in _PRIVATE_TMP_DIRS else "0755"
-            opts = f"size={_PRIVATE_TMP_SIZE},mode={mode}".encode()
-            _libc_call(libc, "mount", b"tmpfs", target.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, opts)
-        for path in sorted(needed, key=len):
-            if os.path.exists(path):
-                continue  # still visible (or already bound back as part of a parent)
-            if os.path.isdir(f"/proc/self/fd/{keep[path]}"):
-                os.makedirs(path, mode=0o755)
-            else:
-                os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
-            source = f"/proc/self/fd/{keep[path]}".encode()
-            _libc_call(libc, "mount", source, path.encode(), None, _MS_BIND | _MS_REC, None)
-    finally:
-        for fd in keep.values():
-            os.close(fd)
-
-
-def _landlock_paths(scratch: str) -> tuple[list[str], list[str]]:
-    """What a run may read (the interpreter, its libraries, the dynamic loader's cache) and write."""
-    read = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
-    read |= {p for p in sys.path if p}
-    read |= {"/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib", "/etc/ld.so.cache",
-             "/etc/localtime", "/usr/share/zoneinfo", "/dev/urandom", "/dev/zero"}
-    return sorted(read), [scratch, "/dev/null"]
-
-
-def _setup_tracker(config: dict[str, Any], libc: Any) -> tuple[bytes, list[IsolationLayer], list[str]]:
-    """The layers every process of the run shares, applied in the tracker before it forks the run:
-    namespaces and mounts (root only), rlimits, no_new_privs, the uid drop, the subreaper."""
-    parent = os.getppid()
-    code = sys.stdin.buffer.read()
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
-    scratch: str = config["scratch"]
-    layers: list[IsolationLayer] = []
-    missing: list[str] = []
-
-    if config["network_namespace"]:
-        try:
-            _libc_call(libc, "unshare", _CLONE_NEWNET)
-            layers.append(IsolationLayer.NETWORK_NAMESPACE)
-        except OSError as exc:
-            missing.append(f"network_namespace ({exc})")
-    if config["uid"] is not None:  # mount namespaces need root; without it the pod's own fs rules apply
-        try:
-            _enter_mount_namespace(libc, scratch, private_tmp=config["private_tmp"])
-            if config["private_tmp"]:
-                layers.append(IsolationLayer.PRIVATE_TMP)
-        except OSError as exc:
-            if config["private_tmp"]:
-                missing.append(f"private_tmp ({exc})")
-    elif config["private_tmp"]:
-        missing.append("private_tmp (needs root)")
-    os.chdir(scratch)
-
-    cpu = math.ceil(config["cpu_time_s"])
-    for limit, soft, hard in (
-        (resource.RLIMIT_CPU, cpu, cpu + 1),
-        (resource.RLIMIT_AS, config["memory_bytes"], config["memory_bytes"]),
-        (resource.RLIMIT_NPROC, config["max_processes"], config["max_processes"]),
-        (resource.RLIMIT_FSIZE, config["max_file_bytes"], config["max_file_bytes"]),
-        (resource.RLIMIT_NOFILE, config["max_open_files"], config["max_open_files"]),
-        (resource.RLIMIT_CORE, 0, 0),
-    ):
-        resource.setrlimit(limit, (soft, hard))  # failure is a setup error: no run without limits
-    layers.append(IsolationLayer.RLIMITS)
-
-    if config["no_new_privs"]:
-        try:
-            _libc_call(libc, "prctl", _PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-            layers.append(IsolationLayer.NO_NEW_PRIVS)
-        except OSError as exc:
-            missing.append(f"no_new_privs ({exc})")
-
-    uid = config["uid"]
-    if uid is not None:  # the caller is root: never run the code with root's powers
-        os.setgroups([])
-        os.setgid(uid)
-        os.setuid(uid)
-        if os.getresuid() != (uid, uid, uid) or os.getresgid() != (uid, uid, uid):
-            raise OSError(errno.EPERM, f"could not drop to uid {uid}")
-        try:
-            os.setuid(0)
-        except PermissionError:
-            layers.append(IsolationLayer.UNPRIVILEGED_UID)
-        else:
-            raise OSError(errno.EPERM, "root privileges could be regained after the uid drop")
-        unreadable = [p for p in sys.path if p and os.path.isdir(p) and not os.access(p, os.R_OK | os.X_OK)]
-        if unreadable:
-            raise OSError(
-                errno.EACCES,
-                f"uid {uid} cannot read the Python installation at {unreadable[0]}; install Python where "
-                "other users can read it, or allow mount namespaces (CAP_SYS_ADMIN)",
-            )
-    # Die with the caller instead of running on as an orphan (a uid change clears this, so now).
-    _libc_call(libc, "prctl", _PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:
-        os._exit(137)  # the caller died before the signal was armed
-    # Same-uid code must not read the tracker's memory or /proc files either.
-    _libc_call(libc, "prctl", _PR_SET_DUMPABLE, 0, 0, 0, 0)
-    # Orphans of the run (a double fork, a setsid daemon) become the tracker's children, not
-    # init's, so the tracker can find and kill them when the run ends.
-    _libc_call(libc, "prctl", _PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    layers.append(IsolationLayer.PROCESS_TRACKING)
-    return code, layers, missing
-
-
-def _setup_run(config: dict[str, Any], libc: Any, layers: list[IsolationLayer], missing: list[str]) -> None:
-    """The layers of the process that runs the code, applied after the tracker forked it: its own
-    process group, Landlock, the seccomp filter, the audit hook. Then the report to the caller."""
-    tracker = os.getppid()
-    os.setpgid(0, 0)  # the run's group: kill(0) and killpg reach the run, never the tracker
-    _libc_call(libc, "prctl", _PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != tracker:
-        os._exit(137)
-    scratch: str = config["scratch"]
-    # Imported (and libseccomp loaded) before Landlock hides the files they come from.
-    from flowlane.runtime import sandbox_landlock, sandbox_seccomp
-
-    binding_error: Exception | None = None
-    if config["seccomp"]:
-        try:
-            sandbox_seccomp.load_binding()
-        except (ImportError, OSError) as exc:
-            binding_error = exc
-    if config["landlock"]:
-        try:
-            read, read_write = _landlock_paths(scratch)
-            sandbox_landlock.restrict_self(read, read_write)
-            layers.append(IsolationLayer.LANDLOCK)
-        except OSError as exc:
-            missing.append(f"landlock ({exc.strerror or exc})")
-    if config["seccomp"]:
-        try:
-            if binding_error is not None:
-                raise binding_error
-            sandbox_seccomp.install_filter(os.getpid())
-            layers.append(IsolationLayer.SECCOMP)
-        except (ImportError, OSError) as exc:
-            missing.append(f"seccomp ({exc})")
-    if config["audit_hook"]:
-        _install_audit_hook(scratch)
-        layers.append(IsolationLayer.AUDIT_HOOK)
-
-    if config["strict"] and missing:
-        raise OSError(errno.EPERM, "strict isolation: unavailable layers: " + "; ".join(missing))
-    control_fd = config["control_fd"]
-    os.write(control_fd, json.dumps({"layers": layers, "missing": missing}).encode())
-    os.close(control_fd)
-
-
-def _children_of(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:  # no CONFIG_PROC_CHILDREN: scan /proc for the parent pid
-        children = []
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit():
-                with contextlib.suppress(OSError, ValueError, IndexError):
-                    stat = Path(entry.path, "stat").read_text()
-                    if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                        children.append(int(entry.name))
-        return children
-
-
-def _reap_all() -> None:
-    with contextlib.suppress(ChildProcessError):
-        while os.waitpid(-1, os.WNOHANG)[0] > 0:
-            pass
-
-
-def _sweep(run_pid: int) -> None:
-    """Kill every process left of the run. As the subreaper the tracker inherits every orphan, so
-    its children are all that is left; each round kills them, and the orphans of the killed become
-    its children for the next round. RLIMIT_NPROC bounds how many rounds a fork loop can force."""
-    me = os.getpid()
-    with contextlib.suppress(OSError):
-        os.killpg(run_pid, signal.SIGKILL)
-    for _ in range(1000):
-        children = _children_of(me)
-        if not children:
-            break
-        for child in children:
-            with contextlib.suppress(OSError):
-                os.kill(child, signal.SIGKILL)
-        time.sleep(0.001)
-        _reap_all()
-    _reap_all()
-
-
-class _Stop(Exception):
-    """SIGTERM to the tracker: the caller's deadline passed."""
-
-
-def _track(run_pid: int) -> None:
-    """The tracker's life after the fork: wait for the run, reaping orphans meanwhile; then kill
-    whatever is left and end the way the run's process ended."""
-
-    def stop(signum: int, frame: Any) -> None:
-        raise _Stop
-
-    signal.signal(signal.SIGTERM, stop)
-    status: int | None = None
-    try:
-        while status is None:
-            pid, wait_status = os.waitpid(-1, 0)
-            if pid == run_pid:
-                status = wait_status
-    except _Stop:
-        pass
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _sweep(run_pid)
-    if status is None:
-        os._exit(128 + signal.SIGTERM)
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        with contextlib.suppress(OSError, ValueError):  # SIGKILL has no handler to reset
-            signal.signal(sig, signal.SIG_DFL)
-        os.kill(os.getpid(), sig)
-        os._exit(128 + sig)  # a signal whose default action does not end a process
-    os._exit(os.waitstatus_to_exitcode(status))
-
-
-_CODE_FILENAME = "<code>"
-
-
-def _run_user_code(code: bytes) -> None:
-    source = code.decode("utf-8", errors="replace")
-    # Tracebacks then quote the failing line, which helps the LLM that wrote it.
-    linecache.cache[_CODE_FILENAME] = (len(source), None, source.splitlines(True), _CODE_FILENAME)
-    main = types.ModuleType("__main__")
-    main.__dict__["__builtins__"] = builtins
-    sys.modules["__main__"] = main
-    sys.argv = [_CODE_FILENAME]
-    exec(compile(source, _CODE_FILENAME, "exec"), main.__dict__)
-
-
-def _exit_code_for(exc: BaseException) -> int:
-    if isinstance(exc, MemoryError):
-        return _EXIT_MEMORY
-    if isinstance(exc, SandboxViolation):
-        return _EXIT_BLOCKED
-    if isinstance(exc, BlockingIOError) or (
-        isinstance(exc, RuntimeError) and "can't start new thread" in str(exc)
-    ):
-        return _EXIT_PROCESS
-    if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
-        return _EXIT_FILE
-    return 1
-
-
-def _format_without_sandbox_frames(exc: BaseException) -> list[str]:
-    """The traceback minus the bootstrap's and the audit hook's frames: the LLM that wrote the
-    code needs its own frames, not ours."""
-    this_file = os.path.realpath(__file__)
-    formatted = traceback.TracebackException.from_exception(exc)
-    seen: set[int] = set()
-    pending = [formatted]
-    while pending:
-        te = pending.pop()
-        if id(te) in seen:
-            continue
-        seen.add(id(te))
-        te.stack = traceback.StackSummary.from_list(
-            [frame for frame in te.stack if os.path.realpath(frame.filename) != this_file]
-        )
-        pending += [c for c in (te.__cause__, te.__context__) if c is not None]
-    return list(formatted.format())
-
-
-def _child_main() -> None:
-    # Line-buffered, so a run killed at the deadline still shows what it printed so far.
-    for stream in (sys.stdout, sys.stderr):
-        if isinstance(stream, io.TextIOWrapper):
-            stream.reconfigure(line_buffering=True)
-    config = json.loads(sys.argv[1])
-    libc = ctypes.CDLL(None, use_errno=True)
-    try:
-        code, layers, missing = _setup_tracker(config, libc)
-        run_pid = os.fork()
-    except BaseException as exc:
-        print(f"sandbox setup failed: {exc}", file=sys.stderr, flush=True)
-        os._exit(_EXIT_SETUP)
-    if run_pid:
-        os.close(config["control_fd"])
-        devnull = os.open(os.devnull, os.O_WRONLY)  # only the run holds the output pipes
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
-        _track(run_pid)
-    try:
-        _setup_run(config, libc, layers, missing)
-    except BaseException as exc:
-        print(f"sandbox setup failed: {exc}", file=sys.stderr, flush=True)
-        os._exit(_EXIT_SETUP)
-    try:
-        _run_user_code(code)
-    except SystemExit:
-        raise
-    except BaseException as exc:
-        status = _exit_code_for(exc)
-        with contextlib.suppress(BaseException):
-            print("".join(_format_without_sandbox_frames(exc)), end="", file=sys.stderr)
-        with contextlib.suppress(BaseException):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(status)
-
-
-if __name__ == "__main__":
-    _child_main()

@@ -27,7 +27,10 @@ import ctypes
 import errno
 import os
 import stat
-from collections.abc import Iterable
+
+TYPE_CHECKING = False  # the sandbox child imports this module on every run: no typing import
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 __all__ = ["LandlockUnavailable", "abi_version", "restrict_self"]
 

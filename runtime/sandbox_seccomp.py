@@ -27,6 +27,12 @@ Refused calls fail with EPERM (EAFNOSUPPORT for the socket families), so Python 
 the code can handle; the process is never killed by the filter. The filter is built with
 libseccomp through ``pyseccomp`` (ctypes over the system's ``libseccomp.so.2``, API-compatible
 with libseccomp's own Python module).
+
+Built once, loaded every run: building the filter walks libseccomp's whole syscall table (tens of
+milliseconds), so the caller exports the BPF program once (``program_template``), for a
+placeholder pid, and every run's child puts its own pid in and loads the bytes with
+``prctl(PR_SET_SECCOMP)`` (``sandbox_child.seccomp_program_for`` and ``load_seccomp_program``):
+the child never imports libseccomp.
 """
 
 from __future__ import annotations
@@ -34,12 +40,17 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
+import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
+from typing import Any
 
-__all__ = ["FILTER_ERRNOS", "install_filter", "load_binding"]
+from flowlane.runtime.sandbox_child import SECCOMP_PID_PLACEHOLDER
+
+__all__ = ["FILTER_ERRNOS", "build_filter", "export_program", "load_binding", "program_template"]
 
 #: The errors a refused call returns (how the escape suite tells this layer's refusals apart).
 FILTER_ERRNOS = frozenset({errno.EPERM, errno.EAFNOSUPPORT, errno.ENOSYS})
@@ -95,11 +106,9 @@ def _signed_forms(value: int) -> set[int]:
     return {value & 0xFFFFFFFF, value & 0xFFFFFFFFFFFFFFFF}
 
 
-def install_filter(run_pid: int) -> None:
-    """Load the filter into this process (and so into every process it starts from now on).
-
-    ``run_pid`` is this process, the leader of the run's process group. no_new_privs must be set.
-    """
+def build_filter(run_pid: int) -> Any:
+    """The filter (a libseccomp ``SyscallFilter``) for a run whose process, the leader of the run's
+    process group, is ``run_pid``."""
     sc = load_binding()
     arch = sc.system_arch()
     # Refused by default: every call not allowed below, including those libseccomp does not know.
@@ -128,6 +137,23 @@ def install_filter(run_pid: int) -> None:
     flt.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, sum(_CLONE_NAMESPACE_FLAGS), 0))
     for name in _NOT_IMPLEMENTED:
         flt.add_rule(sc.ERRNO(errno.ENOSYS), name)
-    flt.load()
+    return flt
+
+
+def export_program(run_pid: int) -> bytes:
+    """The BPF program libseccomp builds for ``run_pid`` (``struct sock_filter`` array, native
+    byte order): exactly what loading the filter would install."""
+    fd = os.memfd_create("flowlane-seccomp-bpf", os.MFD_CLOEXEC)
+    with open(fd, "w+b") as out:
+        build_filter(run_pid).export_bpf(out)
+        out.seek(0)
+        return out.read()
+
+
+@functools.cache
+def program_template() -> bytes:
+    """The program for the placeholder pid, built once per process; raises ImportError or OSError
+    when libseccomp is not there."""
+    return export_program(SECCOMP_PID_PLACEHOLDER)
 
 
