@@ -165,7 +165,7 @@ async def bench_engine(args: argparse.Namespace, prefix_caching: bool, pool: lis
                 for mode, send in modes:
                     # Each mode starts from a cold prefix cache: the modes ask the same questions,
                     # and the second would otherwise find the first one's prompts cached.
-                    await engine.inner._llm.reset_prefix_cache()
+                    await engine.inner._llm.reset_prefix_cache()  # type: ignore[attr-defined]  # VLLMEngine
                     level = await run_level(send, questions, clients, mode)
                     print(f"  {mode:32} clients={clients:<3} {level.wall_s:7.1f} s", flush=True)
                     results.append(level)
