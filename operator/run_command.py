@@ -74,6 +74,26 @@ def check_fits(flowrun: Any, available_bytes: int | None = None) -> None:
         )
 
 
+def check_sandbox_layers(flowrun: Any) -> None:
+    """Refuse, before anything starts, a run whose sandbox components would refuse to start here
+    (a mandatory layer missing from this kernel) and would otherwise fail in a restart loop."""
+    from flowlane.runtime import sandbox
+    from flowlane.runtime.errors import ConfigError
+
+    if flowrun.spec.sandbox.allow_weak_isolation:
+        return  # the sandbox logs what it runs without
+    try:
+        layers = asyncio.run(sandbox.probe_isolation())
+    except RuntimeError as exc:
+        raise ConfigError(f"the code sandbox cannot run on this machine: {exc}") from None
+    # The sandbox server makes itself non-dumpable first thing; this process does not.
+    missing = sandbox.missing_mandatory_layers((*layers, sandbox.IsolationLayer.NON_DUMPABLE_CALLER))
+    if missing:
+        raise ConfigError(
+            f"this machine lacks sandbox layers the agent's code must run under: {', '.join(missing)}; "
+            "set spec.sandbox.allowWeakIsolation: true in the FlowRun to run without them")
+
+
 async def _status(address: str, token: str) -> Any | None:
     from flowlane.api import learner_pb2, learner_pb2_grpc
     from flowlane.kit.grpc_common import open_channel
@@ -193,6 +213,7 @@ def run(
         raise ConfigError(f"{config}: no such FlowRun file")
     flowrun = load_flowrun(config)
     check_fits(flowrun)
+    check_sandbox_layers(flowrun)
     directory = prepare_run_dir(flowrun, run_dir or DEFAULT_RUNS_DIR / flowrun.name, resume=resume,
                                 restart=restart)
     outcome, status = asyncio.run(drive(flowrun, directory))

@@ -6,10 +6,12 @@ supports every isolation layer; the first test fails loudly where one cannot be 
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import uuid
@@ -19,6 +21,7 @@ from typing import Any
 import pytest
 
 from flowlane.api.errors import ConfigError
+from flowlane.runtime import sandbox_child, sandbox_seccomp
 from flowlane.runtime.sandbox import (
     CodeRunner,
     Isolation,
@@ -72,6 +75,26 @@ def test_missing_mandatory_layers_are_named() -> None:
     layers = (IsolationLayer.RLIMITS, IsolationLayer.NO_NEW_PRIVS, IsolationLayer.PROCESS_TRACKING)
     assert missing_mandatory_layers(layers, as_root=True) == [
         "landlock", "non_dumpable_caller", "seccomp", "unprivileged_uid"]
+
+
+@pytest.mark.parametrize("run_pid", [1, 4242, 4_194_303])
+def test_the_seccomp_template_with_a_pid_put_in_is_what_libseccomp_builds_for_that_pid(run_pid: int) -> None:
+    template = sandbox_seccomp.program_template()
+    assert sandbox_child.seccomp_program_for(template, run_pid) == sandbox_seccomp.export_program(run_pid)
+
+
+async def test_the_child_imports_neither_flowlane_nor_site_nor_heavy_stdlib_modules() -> None:
+    result = await run_python("import sys\nprint(sorted(sys.modules))", FAST)
+    loaded = set(ast.literal_eval(result.stdout))
+    assert loaded & {"site", "re", "enum", "typing", "json", "asyncio", "linecache", "contextlib"} == set()
+    assert [name for name in loaded if name.startswith("flowlane")] == []
+
+
+async def test_the_child_imports_from_the_interpreters_site_packages_but_not_the_sandbox_folder() -> None:
+    result = await run_python("import sys\nprint('\\n'.join(sys.path))", FAST)
+    paths = result.stdout.split()
+    assert set(site.getsitepackages()) & set(os.path.realpath(p) for p in paths)
+    assert str(Path(sandbox_child.__file__).resolve().parent) not in paths
 
 
 async def test_normal_code_prints_its_result() -> None:
@@ -141,6 +164,7 @@ async def test_process_that_leaves_the_process_group_is_still_killed() -> None:
     result = await run_python(code, FAST)
     assert (result.ok, result.stdout) == (True, "parent done\n")
     assert result.duration_s < 5
+    assert result.details["leftover_processes_killed"] == 1  # by the tracker's sweep
     assert processes_of_uid(result.sandbox_uid or -1) == []
 
 
