@@ -3,7 +3,9 @@
 For each layer set: the latency of one execution of a trivial program (p50/p95, ms) and the
 executions per second at 1, 4 and 16 concurrent runs. The baseline, measured in the same run, is
 the same interpreter started as a plain subprocess with ``-I -c pass``. Target: under 50 ms added
-per execution with every layer on.
+per execution with every layer on. Latency rounds interleave the rows (one execution of each per
+round), so that load from other work on a shared machine falls on the baseline and the sandbox
+alike.
 
     .venv/bin/python bench/sandbox.py [--runs 20]
 """
@@ -34,6 +36,13 @@ async def bare() -> None:
         raise RuntimeError("bare python failed")
 
 
+async def bare_without_site() -> None:
+    """The interpreter start the sandbox child itself pays (it runs with -S): for reference."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-I", "-S", "-c", "pass")
+    if await proc.wait() != 0:
+        raise RuntimeError("bare python -S failed")
+
+
 def sandboxed(isolation: Isolation) -> Callable[[], Awaitable[None]]:
     async def one() -> None:
         result = await run_python("pass", LIMITS, isolation=isolation)
@@ -42,13 +51,16 @@ def sandboxed(isolation: Isolation) -> Callable[[], Awaitable[None]]:
     return one
 
 
-async def latencies_ms(execute: Callable[[], Awaitable[None]], runs: int) -> list[float]:
-    await execute()  # warm the page cache
-    times = []
+async def interleaved_latencies_ms(rows: list[Callable[[], Awaitable[None]]], runs: int) -> list[list[float]]:
+    """Per row, ``runs`` latencies of one execution; each round runs every row once."""
+    for execute in rows:
+        await execute()  # warm the page cache (and, in the sandbox, build the seccomp program)
+    times: list[list[float]] = [[] for _ in rows]
     for _ in range(runs):
-        start = time.perf_counter()
-        await execute()
-        times.append((time.perf_counter() - start) * 1000)
+        for i, execute in enumerate(rows):
+            start = time.perf_counter()
+            await execute()
+            times[i].append((time.perf_counter() - start) * 1000)
     return times
 
 
@@ -69,17 +81,17 @@ def p95(values: list[float]) -> float:
 
 
 async def main(runs: int) -> None:
-    rows = [("bare python -I -c pass", bare)] + [(name, sandboxed(iso)) for name, iso in LAYER_SETS.items()]
+    rows = [("bare python -I -c pass", bare), ("bare python -I -S -c pass", bare_without_site)] + [(name, sandboxed(iso)) for name, iso in LAYER_SETS.items()]
     base_p50 = 0.0
     print(f"| {'what':<26} | p50 ms | p95 ms | added p50 ms | exec/s @1 | @4 | @16 |")
     print(f"|{'-' * 28}|--------|--------|--------------|-----------|-----|-----|")
-    for name, execute in rows:
-        times = await latencies_ms(execute, runs)
+    latencies = await interleaved_latencies_ms([execute for _, execute in rows], runs)
+    for (name, execute), times in zip(rows, latencies, strict=True):
         p50 = statistics.median(times)
         if execute is bare:
             base_p50 = p50
         rates = [await throughput(execute, c, max(16, c * 2)) for c in (1, 4, 16)]
-        added = "-" if execute is bare else f"{p50 - base_p50:+.1f}"
+        added = "-" if execute in (bare, bare_without_site) else f"{p50 - base_p50:+.1f}"
         print(f"| {name:<26} | {p50:6.1f} | {p95(times):6.1f} | {added:>12} | {rates[0]:9.1f} | {rates[1]:3.0f} | "
               f"{rates[2]:3.0f} |", flush=True)
 
