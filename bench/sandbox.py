@@ -81,7 +81,8 @@ def p95(values: list[float]) -> float:
 
 
 async def main(runs: int) -> None:
-    rows = [("bare python -I -c pass", bare), ("bare python -I -S -c pass", bare_without_site)]
+    rows: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+        ("bare python -I -c pass", bare), ("bare python -I -S -c pass", bare_without_site)]
     rows += [(name, sandboxed(iso)) for name, iso in LAYER_SETS.items()]
     base_p50 = 0.0
     print(f"| {'what':<26} | p50 ms | p95 ms | added p50 ms | exec/s @1 | @4 | @16 |")
