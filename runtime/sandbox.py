@@ -16,7 +16,8 @@ the kernel or the interpreter, and reports which ones were in force for every ru
     fresh per-run uid/gid (no supplementary groups, all capabilities gone). Being unique per run
     it also makes RLIMIT_NPROC count only this run's processes, keeps concurrent runs from
     signalling each other, and lets the caller kill every leftover process of the run at once
-    (``kill -KILL -1`` from a helper running as that uid, atomic against forks).
+    (``kill -KILL -1`` from a helper running as that uid, atomic against forks) when the tracker
+    could not report a complete sweep (killed at a deadline before it finished).
 ``no_new_privs``
     PR_SET_NO_NEW_PRIVS: nothing the code runs can gain privileges through setuid binaries.
 ``network_namespace`` (when permitted: root, or CAP_SYS_ADMIN)
@@ -37,7 +38,16 @@ the kernel or the interpreter, and reports which ones were in force for every ru
     ``PermissionError`` (so libraries that probe for features degrade gracefully); uncaught, it
     ends the run as ``blocked``. ``os.fork`` stays allowed (RLIMIT_NPROC bounds it, and a forked
     child keeps every layer). Audit hooks are not a security boundary on their own (Python code
-    can tamper with interpreter state), which is why the kernel layers above exist.
+    can tamper with interpreter state), which is why the kernel layers exist.
+``seccomp``, ``landlock`` (no privileges needed; mandatory)
+    The system calls and the files the code may use: ``runtime/sandbox_seccomp.py`` and
+    ``runtime/sandbox_landlock.py`` say what each stops.
+``process_tracking`` (mandatory)
+    A tracker process (a child subreaper) between the caller and the run inherits every orphan of
+    the run, ``setsid`` daemons included, and kills them all when the run ends.
+``non_dumpable_caller`` (mandatory)
+    The calling process is non-dumpable (``make_non_dumpable``): code of the same uid cannot read
+    its ``/proc`` files or memory.
 
 A wall-clock deadline kills the whole process group and then every process of the run's uid;
 stdout and stderr are read concurrently and kept only up to ``max_output_bytes`` each (the rest
@@ -51,8 +61,9 @@ silently lost one does not pass. In a Kubernetes pod running as a non-root user 
 CAP_SYS_ADMIN, ``network_namespace`` and ``private_tmp`` cannot be applied (the pod's
 NetworkPolicy and a read-only root filesystem take their place), there is no uid drop (the pod
 user is already unprivileged) and RLIMIT_NPROC counts all of that user's processes; the rest
-still holds. That path is not exercised here (on this machine the interpreter is not readable by
-a non-root user at all). ``SandboxResult.isolation`` says which layers a run actually had, and
+still holds, and seccomp, Landlock and the tracker cover what the uid drop covers as root
+(``tests/test_sandbox.py`` runs the escape suite as uid 10001 through ``setpriv``).
+``SandboxResult.isolation`` says which layers a run actually had, and
 ``Isolation(strict=True)`` refuses to run code without all requested layers.
 
 Known gaps, covered by the kernel layers rather than the hook: ``os.open(..., dir_fd=...)``
