@@ -315,6 +315,14 @@ POD_SECURITY_CONTEXT: dict[str, Any] = {"runAsNonRoot": True, "fsGroup": 10001, 
                                         "seccompProfile": {"type": "RuntimeDefault"}}
 
 
+#: A pod's /dev/shm is 64 MiB unless a memory-backed volume replaces it. vLLM's engine processes
+#: talk through a shared-memory ring that needs more (160 MiB on CPU), and NCCL and torch's
+#: data loaders use it on GPUs; what a pod writes there counts against its memory limit.
+SHM_SIZE_LIMIT = "1Gi"
+SHM_VOLUME: dict[str, Any] = {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE_LIMIT}}
+SHM_MOUNT: dict[str, Any] = {"name": "dshm", "mountPath": "/dev/shm"}
+
+
 def _model_volume(volume: ModelVolume | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The model PVC (read-only) as a pod volume and its mount, or nothing."""
     if volume is None:
@@ -341,8 +349,8 @@ def _pod(graph: ProcessGraph, component: Component, owner: Owner, flowrun: FlowR
     ]
     if component.role in (Role.LEARNER, Role.ROLLOUT):
         model_volumes, model_mounts = _model_volume(flowrun.spec.model.volume)
-        volumes += model_volumes
-        mounts += model_mounts
+        volumes += model_volumes + [SHM_VOLUME]
+        mounts += model_mounts + [SHM_MOUNT]
     storage = flowrun.spec.storage
     if storage.volume_claim_name and component.role is Role.LEARNER and storage.checkpoint_uri:
         volumes.append({"name": "checkpoints",
@@ -431,7 +439,8 @@ def gateway_command(fsvc: FlowService, checkpoint: str) -> list[str]:
             "--tools", ",".join(t.name for t in spec.tools),
             "--host", "0.0.0.0", "--port", str(spec.port), "--max-turns", str(spec.agent.max_turns),
             "--max-time-s", f"{spec.agent.timeout_seconds:g}",
-            "--max-concurrent-runs", str(spec.agent.max_concurrent_requests)]
+            "--max-concurrent-runs", str(spec.agent.max_concurrent_requests),
+            "--history-max-tokens", str(spec.agent.history_max_tokens)]
 
 
 def render_flowservice(fsvc: FlowService, *, checkpoint: str, storage_env: Sequence[dict[str, Any]] = (),
@@ -472,10 +481,10 @@ def render_flowservice(fsvc: FlowService, *, checkpoint: str, storage_env: Seque
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
         "securityContext": dict(_DROP_ALL, runAsNonRoot=True),
     }
-    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}, SHM_VOLUME]
     model_volumes, model_mounts = _model_volume(fsvc.spec.model.volume)
     volumes += model_volumes
-    container["volumeMounts"] += model_mounts
+    container["volumeMounts"] += [SHM_MOUNT, *model_mounts]
     if checkpoint.startswith("file://") and checkpoint_volume:
         claim, root = checkpoint_volume
         volumes.append({"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 from node_agent import podman
-from one_machine_cluster import REPO, OneMachineCluster
+from one_machine_cluster import IMAGES, REPO, OneMachineCluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(3000)]
 
@@ -208,12 +208,15 @@ def test_a_flowservice_serves_the_latest_checkpoint_to_the_openai_client(served:
     assert reply.choices[0].finish_reason in ("stop", "length")
 
 
+def flowrun_with_sandbox_image(name: str, image: str) -> dict[str, Any]:
+    return {"apiVersion": "flowlane.dev/v1alpha1", "kind": "FlowRun", "metadata": {"name": name},
+            "spec": {"tools": [{"name": "python"}], "tasks": {"dataset": "arithmetic"},
+                     "schedule": {"steps": 1, "evalInterval": 0}, "sandbox": {"resources": {"image": image}}}}
+
+
 def test_a_missing_image_shows_in_status_as_image_pull_backoff(cluster: OneMachineCluster) -> None:
-    flowrun = {"apiVersion": "flowlane.dev/v1alpha1", "kind": "FlowRun", "metadata": {"name": "no-image"},
-               "spec": {"tools": [{"name": "python"}], "tasks": {"dataset": "arithmetic"},
-                        "schedule": {"steps": 1, "evalInterval": 0},
-                        "sandbox": {"resources": {"image": "ghcr.io/flowlane/flowlane-sandbox:does-not-exist"}}}}
-    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(flowrun))
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(
+        flowrun_with_sandbox_image("no-image", "ghcr.io/flowlane/flowlane-sandbox:does-not-exist")))
     try:
         status = wait_status(cluster, "no-image", lambda s: "ImagePullBackOff" in str(s.get("message", "")), 240)
         assert status["phase"] == "Pending"
@@ -227,11 +230,8 @@ def test_a_missing_image_shows_in_status_as_image_pull_backoff(cluster: OneMachi
 def test_a_pod_whose_command_fails_shows_crash_loop_backoff_with_its_last_log_line(
         cluster: OneMachineCluster) -> None:
     # The operator image has the CLI but not the sandbox's parts: `flowlane sandbox` exits at start.
-    flowrun = {"apiVersion": "flowlane.dev/v1alpha1", "kind": "FlowRun", "metadata": {"name": "bad-command"},
-               "spec": {"tools": [{"name": "python"}], "tasks": {"dataset": "arithmetic"},
-                        "schedule": {"steps": 1, "evalInterval": 0},
-                        "sandbox": {"resources": {"image": "ghcr.io/flowlane/flowlane-operator:0.1.0"}}}}
-    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(flowrun))
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(
+        flowrun_with_sandbox_image("bad-command", IMAGES["operator"])))
     try:
         status = wait_status(cluster, "bad-command", lambda s: "CrashLoopBackOff" in str(s.get("message", "")), 300)
         assert status["phase"] != "Running"
@@ -257,8 +257,6 @@ def test_every_image_carries_exactly_its_component(built_images: None) -> None:
     def has(image: str, module: str) -> bool:
         code = f"import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('{module}') else 1)"
         return podman("run", "--rm", "--entrypoint", "python", image, "-c", code, check=False).returncode == 0
-
-    from one_machine_cluster import IMAGES
 
     assert not has(IMAGES["operator"], "torch") and has(IMAGES["operator"], "kopf")
     assert not has(IMAGES["sandbox"], "pip") and not has(IMAGES["sandbox"], "torch")

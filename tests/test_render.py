@@ -242,7 +242,7 @@ def test_flowservice_deployment_rolls_without_downtime_to_the_checkpoint() -> No
         "flowlane", "serve", "--model", "s3://b/step-20", "--dtype", "auto", "--served-model-name", "math-agent",
         "--engine", "vllm", "--max-model-len", "4096",
         "--tools", "python,generator", "--host", "0.0.0.0", "--port", "8000", "--max-turns", "10",
-        "--max-time-s", "120", "--max-concurrent-runs", "16"]
+        "--max-time-s", "120", "--max-concurrent-runs", "16", "--history-max-tokens", "1024"]
     assert first["metadata"]["annotations"][ANNOTATION_HASH] != second["metadata"]["annotations"][ANNOTATION_HASH]
     env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
     assert env["FLOWLANE_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "agent-api", "key": "token"}}
@@ -283,3 +283,12 @@ def test_a_model_volume_is_mounted_read_only_in_learner_and_rollout_pods_only() 
         assert {"name": "models", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}} in spec["volumes"]
         assert {"name": "models", "mountPath": "/models", "readOnly": True} in spec["containers"][0]["volumeMounts"]
     assert all(v["name"] != "models" for v in pods["demo-sandbox-0"]["spec"]["volumes"])
+
+
+def test_engine_pods_get_a_memory_backed_dev_shm_larger_than_the_64_mib_default() -> None:
+    pods = by_name(render_flowrun(flowrun(), epoch=0).pods)
+    for name in ("demo-learner", "demo-rollout-0"):
+        spec = pods[name]["spec"]
+        assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}} in spec["volumes"]
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in spec["containers"][0]["volumeMounts"]
+    assert all(v["name"] != "dshm" for v in pods["demo-sandbox-0"]["spec"]["volumes"])
