@@ -84,9 +84,11 @@ import asyncio
 import contextlib
 import fcntl
 import functools
+import importlib.util
 import marshal
 import math
 import os
+import py_compile
 import random
 import shutil
 import signal
@@ -100,7 +102,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from flowlane.api.errors import ConfigError
-from flowlane.runtime import sandbox_child
+from flowlane.runtime import sandbox_child, sandbox_landlock
 from flowlane.runtime.sandbox_child import EXIT_BLOCKED, EXIT_FILE, EXIT_MEMORY, EXIT_PROCESS, EXIT_SETUP
 
 __all__ = [
@@ -415,6 +417,22 @@ def _is_non_dumpable() -> bool:
 
 
 @functools.cache
+def _refresh_child_bytecode() -> None:
+    """Write the child modules' bytecode caches where they are stale, once per process.
+
+    The child runs with -B and would otherwise compile both modules on every execution wherever
+    the caller runs with PYTHONDONTWRITEBYTECODE (the images have install-time caches; a source
+    tree being edited does not). A tree that cannot be written keeps the cost, nothing else."""
+    for module in (sandbox_child, sandbox_landlock):
+        source, cached = module.__file__ or "", importlib.util.cache_from_source(module.__file__ or "")
+        with contextlib.suppress(OSError):
+            if os.stat(cached).st_mtime >= os.stat(source).st_mtime:
+                continue
+        with contextlib.suppress(OSError, py_compile.PyCompileError):
+            py_compile.compile(source, cfile=cached, doraise=True)
+
+
+@functools.cache
 def _site_paths() -> list[str]:
     """The site-packages directories the code imports from: what ``site`` would add for this
     interpreter, found once here so that the child can skip ``site`` (``.pth`` files are not run)."""
@@ -543,6 +561,7 @@ async def run_python(
             "MKL_NUM_THREADS": "1",
             "NUMBA_NUM_THREADS": "1",
         }
+        _refresh_child_bytecode()
         proc = await asyncio.create_subprocess_exec(
             *sandbox_child.command(sys.executable),
             stdin=asyncio.subprocess.PIPE,
