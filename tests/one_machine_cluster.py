@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -121,25 +122,45 @@ class OneMachineCluster:
         self._stack.callback(self.agent.stop)
         self.start_operator()
 
+    def chart_operator_container(self) -> dict[str, Any]:
+        """The operator's container exactly as the Helm chart renders it for this namespace."""
+        result = subprocess.run(
+            [str(BIN / "helm"), "template", "flowlane", str(REPO / "charts" / "flowlane"), "--namespace",
+             "flowlane-system", "--set", f"operator.watchNamespaces={{{self.namespace}}}",
+             "--set-string", f"operator.extraArgs={{--reconcile-interval,{self.reconcile_interval_s:g}}}"],
+            capture_output=True, text=True, check=True, timeout=120)
+        for doc in yaml.safe_load_all(result.stdout):
+            if doc and doc.get("kind") == "Deployment":
+                container: dict[str, Any] = doc["spec"]["template"]["spec"]["containers"][0]
+                return container
+        raise RuntimeError("the chart renders no operator Deployment")
+
     def start_operator(self) -> None:
-        """The operator image, as the chart runs it, logged in to the emulator through a kubeconfig."""
+        """The operator image with the chart's command, args, env and security context.
+
+        Two additions, both because the emulator is not a real API server: a kubeconfig for it
+        (it serves plain HTTP, so the in-cluster service-account login cannot reach it) and
+        ``FLOWLANE_RESOURCE_SCANNING=false`` (it cannot list namespaces).
+        """
         podman("rm", "--force", "--time", "2", self.operator_container, check=False)
         container_kubeconfig = self.workdir / "operator-kubeconfig"
         container_kubeconfig.write_text(self.kubeconfig.read_text())
         container_kubeconfig.chmod(0o644)
-        podman("run", "--detach", "--name", self.operator_container, "--network", self.network,
-               "--read-only", "--cap-drop", "all", "--security-opt", "no-new-privileges",
+        chart = self.chart_operator_container()
+        env = {e["name"]: e.get("value", "") for e in chart.get("env", []) if "value" in e}
+        env["FLOWLANE_OPERATOR_NAMESPACE"] = "flowlane-system"  # the chart's fieldRef
+        env.update({"KUBECONFIG": "/etc/flowlane-kube/config", "FLOWLANE_RESOURCE_SCANNING": "false"})
+        sc = chart.get("securityContext") or {}
+        security = ["--user", f"{sc['runAsUser']}:{sc['runAsGroup']}"] if sc.get("runAsUser") else []
+        if sc.get("readOnlyRootFilesystem"):
+            security += ["--read-only", "--read-only-tmpfs=false", "--tmpfs", "/tmp"]
+        if sc.get("allowPrivilegeEscalation") is False:
+            security += ["--security-opt", "no-new-privileges"]
+        security += [arg for cap in (sc.get("capabilities") or {}).get("drop", []) for arg in ("--cap-drop", cap)]
+        podman("run", "--detach", "--name", self.operator_container, "--network", self.network, *security,
                "--volume", f"{container_kubeconfig}:/etc/flowlane-kube/config:ro",
-               "--env", "KUBECONFIG=/etc/flowlane-kube/config",
-               "--env", f"FLOWLANE_SANDBOX_IMAGE={IMAGES['sandbox']}",
-               "--env", f"FLOWLANE_LEARNER_IMAGE={IMAGES['learner']}",
-               "--env", f"FLOWLANE_ROLLOUT_IMAGE={IMAGES['rollout']}",
-               "--env", f"FLOWLANE_GATEWAY_IMAGE={IMAGES['gateway']}",
-               "--env", "FLOWLANE_LOG_FORMAT=text",
-               # The emulator cannot list namespaces (KMock); the operator serves one, named below.
-               "--env", "FLOWLANE_RESOURCE_SCANNING=false",
-               IMAGES["operator"], "--namespace", self.namespace, "--health-port", "8080",
-               "--metrics-port", "9090", "--reconcile-interval", str(self.reconcile_interval_s))
+               *[arg for key, value in env.items() for arg in ("--env", f"{key}={value}")],
+               "--entrypoint", json.dumps(chart["command"]), chart["image"], *chart.get("args", []))
         self._stack.callback(lambda: podman("rm", "--force", "--time", "2", self.operator_container, check=False))
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
