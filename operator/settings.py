@@ -15,7 +15,6 @@ Everything about *running* the operator (as opposed to what it does with a FlowR
 
 from __future__ import annotations
 
-import enum
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -25,15 +24,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from pydantic import BaseModel, ConfigDict, Field
 
 from flowlane import __version__
+from flowlane.kit import logs
+from flowlane.kit.logs import LogFormat
 from flowlane.operator.render import RenderOptions
 
 FINALIZER = "flowlane.dev/cleanup"
 ANNOTATION_PREFIX = "flowlane.dev"
-
-
-class LogFormat(enum.StrEnum):
-    JSON = "json"  # one JSON object per line, for log collectors
-    TEXT = "text"
 
 
 class ClusterDefaults(BaseModel):
@@ -141,15 +137,11 @@ def kopf_settings(config: OperatorConfig) -> kopf.OperatorSettings:
 
 
 def configure_logging(config: OperatorConfig) -> None:
-    """Structured logs: kopf's JSON formatter (object references included) or plain text."""
+    """flowlane's one log format (``flowlane.kit.logs``); kopf's object references become ``object``."""
     level = config.log_level.lower()
-    kopf.configure(
-        debug=level == "debug",
-        verbose=level == "debug",
-        quiet=level in ("warning", "error"),
-        log_format=kopf.LogFormat.JSON if config.log_format is LogFormat.JSON else kopf.LogFormat.FULL,
-        log_refkey="object",
-    )
+    # kopf's own setup first: it quiets asyncio's debug chatter; kit.logs then replaces its handler.
+    kopf.configure(debug=level == "debug", verbose=level == "debug", quiet=level in ("warning", "error"))
+    logs.configure("operator", log_format=config.log_format, level=config.log_level)
 
 
 def connection(config: OperatorConfig, **kwargs: Any) -> kopf.ConnectionInfo | None:

@@ -27,6 +27,8 @@ from typing import Any, TypeVar
 
 import typer
 
+from flowlane.kit import logs
+
 log = logging.getLogger("flowlane.rollout")
 T = TypeVar("T")
 
@@ -136,6 +138,7 @@ class RolloutWorker:
         got_version, tensors = await assemble_weights_async(stream)
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         await engine.load_weights(tensors.items(), got_version)
+        logs.set_context(policy_version=got_version)
         took = time.perf_counter() - started
         self.stats.weight_syncs += 1
         self.stats.weight_sync_s += took
@@ -205,7 +208,9 @@ def rollout(
     worker_id: str = typer.Option(os.environ.get("FLOWLANE_COMPONENT") or os.environ.get("HOSTNAME", "rollout"),
                                   "--worker-id",
                                   help="Stable name of this worker (its pod or component name)."),
+    log_format: str | None = typer.Option(None, "--log-format", help=logs.LOG_FORMAT_HELP),
 ) -> None:
     """Run a rollout worker until the learner says the run is done."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.configure("rollout", log_format=log_format)
+    logs.set_context(worker=worker_id)
     asyncio.run(_main(config, learner, sandbox, worker_id))

@@ -33,6 +33,7 @@ import typer
 
 from flowlane.api import sandbox_pb2, sandbox_pb2_grpc
 from flowlane.api.errors import ConfigError, FlowlaneError
+from flowlane.kit import logs
 from flowlane.runtime import grpc_common
 from flowlane.runtime.sandbox import (
     IsolationLayer,
@@ -288,10 +289,12 @@ def sandbox(
         help="The rendered FlowRun (run config YAML); its spec.sandbox.limits become the defaults.")] = None,
     allow_weak_isolation: Annotated[bool, typer.Option(
         help="Serve even when a mandatory sandbox layer (seccomp, Landlock, ...) is missing on this machine.")] = False,
+    log_format: Annotated[str | None, typer.Option(help=logs.LOG_FORMAT_HELP)] = None,
 ) -> None:
     """Serve the tool sandbox over gRPC until SIGTERM/SIGINT. The token comes from FLOWLANE_GRPC_TOKEN."""
     make_non_dumpable()  # first: same-uid code must never read this process's memory or environ
     token = take_token_from_environment()
+    logs.configure("sandbox", log_format=log_format)
     defaults = None
     if config is not None:
         from flowlane.api.flowrun import load_flowrun

@@ -34,6 +34,7 @@ from typing import Any
 import typer
 
 from flowlane.api.enums import Dtype
+from flowlane.kit import logs
 
 log = logging.getLogger("flowlane.learner")
 
@@ -153,6 +154,7 @@ class LearnerRuntime:
             self.coordinator.load_state_dict(state)
         self.coordinator.policy_version = self.learner.policy_version
         self.progress.step = self.coordinator.learned_step
+        logs.set_context(step=self.progress.step, policy_version=self.learner.policy_version)
         self.progress.last_checkpoint = f"{self.store.location}/{ref.name}"
         self.progress.baseline_accuracy = ref.meta.get("baseline_accuracy")
         self.progress.mlflow_run_id = ref.meta.get("mlflow_run_id") or ""
@@ -193,6 +195,7 @@ class LearnerRuntime:
             step = index + 1
             rewards = [t.reward or 0.0 for t in trajectories]
             self.progress.step = step
+            logs.set_context(step=step, policy_version=self.learner.policy_version)
             self.progress.reward_mean = statistics.fmean(rewards)
             self.progress.step_time_s = time.monotonic() - self.step_started
             self._dirty_since_checkpoint = True
@@ -543,13 +546,15 @@ def learner(
     run_dir: Path | None = typer.Option(None, "--run-dir", envvar="FLOWLANE_RUN_DIR",
                                         help="Local state: default checkpoint and MLflow stores, temp files."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the latest checkpoint."),
+    log_format: str | None = typer.Option(None, "--log-format", help=logs.LOG_FORMAT_HELP),
 ) -> None:
     """Run the learner service of a FlowRun."""
     from flowlane.api.flowrun import load_flowrun
     from flowlane.kit.grpc_common import resolve_token
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.configure("learner", log_format=log_format)
     flowrun = load_flowrun(config)
+    logs.set_context(run=flowrun.name)
     directory = run_dir or Path("runs") / flowrun.name
     code = asyncio.run(serve_learner(flowrun, directory, host, port, resume, resolve_token()))
     raise typer.Exit(code)
