@@ -43,10 +43,11 @@ lint: $(STAMP) package-tree
 package-tree:
 	$(BIN)/python scripts/package_tree.py
 
-# The developer loop (under 3 minutes): every test but those that start the vLLM engine (`vllm`)
-# or run real processes end to end (`slow`). `make test` runs them all.
+# The developer loop (under 3 minutes): every test but those that start the vLLM engine (`vllm`,
+# set by tests/conftest.py from the fixtures a test uses), run real processes end to end (`slow`)
+# or need the one-machine container cluster (`cluster`). `make test` runs them all.
 test-fast: $(STAMP)
-	$(BIN)/pytest -q -p no:cacheprovider -m "not vllm and not slow"
+	$(BIN)/pytest -q -p no:cacheprovider -m "not vllm and not slow and not cluster"
 
 generate: $(STAMP)
 	$(BIN)/flowlane generate

@@ -6,6 +6,8 @@ live in the ``fixtures_*`` plugin modules beside this file, one per area.
 
 import os
 
+import pytest
+
 # Keep the CPU engines small and deterministic on 2-core machines.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -18,3 +20,14 @@ pytest_plugins = [
     "fixtures_kube",
     "fixtures_cluster",
 ]
+
+
+# Fixtures that start a vLLM engine: a test that needs one, directly or through another fixture
+# (the gateway's), is a `vllm` test, so `make test-fast` skips it without a mark to remember.
+VLLM_FIXTURES = frozenset({"vllm_engine"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if VLLM_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.vllm)

@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each test runs the real `flowlane eval` process (engine, agent, MLflow)
+
 FLOWLANE = [str(Path(sys.executable).parent / "flowlane")]
 
 
