@@ -280,7 +280,8 @@ def test_a_model_volume_is_mounted_read_only_in_learner_and_rollout_pods_only() 
     pods = by_name(render_flowrun(run, epoch=0).pods)
     for name in ("demo-learner", "demo-rollout-0"):
         spec = pods[name]["spec"]
-        assert {"name": "models", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}} in spec["volumes"]
+        claim = {"claimName": "weights", "readOnly": True}
+        assert {"name": "models", "persistentVolumeClaim": claim} in spec["volumes"]
         assert {"name": "models", "mountPath": "/models", "readOnly": True} in spec["containers"][0]["volumeMounts"]
     assert all(v["name"] != "models" for v in pods["demo-sandbox-0"]["spec"]["volumes"])
 
