@@ -88,8 +88,8 @@ class ConditionType(enum.StrEnum):
 
 class WeightSync(enum.StrEnum):
     GRPC = "grpc"  # the learner streams weights to rollout workers over gRPC in chunks
-    STORE = "store"  # workers load each version from the checkpoint store (large models)
-    NCCL = "nccl"  # GPU-to-GPU broadcast (GPU clusters only)
+    STORE = "store"  # the learner writes each version to the checkpoint store once; workers fetch it there
+    NCCL = "nccl"  # GPU-to-GPU broadcast; refused until a GPU path exists
 
 
 # -- spec ----------------------------------------------------------------------------------------
@@ -221,7 +221,11 @@ class EngineSpec(SpecModel):
         "model.fixed the planner's and the fixed engine share it, half each.",
     )
     tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs one vLLM engine is sharded over.")
-    weight_sync: WeightSync = Field(WeightSync.GRPC, description="How new policy weights reach rollout workers.")
+    weight_sync: WeightSync = Field(
+        WeightSync.GRPC, description="How new policy weights reach rollout workers: grpc (a stream per worker "
+        "from the learner) or store (written once to the checkpoint store, fetched by each worker); nccl is "
+        "refused for now.",
+    )
 
 
 class RolloutResources(Resources):
@@ -251,10 +255,37 @@ class RolloutSpec(SpecModel):
 
 
 class LearnerSpec(SpecModel):
-    """The learner: Flow-GRPO updates, checkpoints, metrics; the hub the workers talk to."""
+    """The learner: Flow-GRPO updates, checkpoints, metrics; the hub the workers talk to.
 
-    replicas: int = Field(1, ge=1, le=1, description="Learner replicas; one (multi-GPU runs use several GPUs in it).")
+    It is ``replicas x ranks`` torch.distributed ranks under DeepSpeed (data parallel, ZeRO
+    ``engine.zeroStage``); rank 0 serves gRPC and hands each step's batch to the others.
+    """
+
+    replicas: int = Field(1, ge=1, le=64, description="Learner pods; only 1 is placed today (use ranks for "
+                          "several ranks in one pod).")
+    ranks: int | None = Field(
+        None, ge=1, le=64, description="Ranks (processes) per learner pod; default: resources.gpu (one per GPU), "
+        "or 1 without GPUs. On CPU, >1 runs gloo ranks (tests, small runs).",
+    )
     resources: LearnerResources = Field(default_factory=LearnerResources, description="Learner compute.")
+
+    @property
+    def ranks_per_replica(self) -> int:
+        return self.ranks or max(self.resources.gpu, 1)
+
+    @property
+    def world_size(self) -> int:
+        return self.replicas * self.ranks_per_replica
+
+    @model_validator(mode="after")
+    def _placeable(self) -> LearnerSpec:
+        if self.replicas > 1:
+            raise field_error("replicas", f"several learner pods are not placed yet, got {self.replicas}; use "
+                              f"ranks: {self.replicas * self.ranks_per_replica} for that many ranks in one pod")
+        if self.ranks is not None and self.resources.gpu and self.ranks != self.resources.gpu:
+            raise field_error("ranks", f"must equal resources.gpu ({self.resources.gpu}): one rank per GPU, "
+                              f"got {self.ranks}")
+        return self
 
 
 class SandboxLimits(SpecModel):
@@ -405,10 +436,19 @@ class FlowRunSpec(SpecModel):
         if storage.volume_claim_name is not None and not (storage.checkpoint_uri or "").startswith("file:///"):
             raise field_error("storage.volumeClaimName",
                               "needs an absolute file:/// checkpointUri to mount the claim at")
-        if self.engine.tensor_parallel_size > 1 and self.rollout.resources.gpu < self.engine.tensor_parallel_size:
+        tp, rollout_gpus = self.engine.tensor_parallel_size, self.rollout.resources.gpu
+        if tp > 1 and rollout_gpus < tp:
             raise field_error("engine.tensorParallelSize",
-                              f"needs rollout.resources.gpu >= {self.engine.tensor_parallel_size}, "
-                              f"got {self.rollout.resources.gpu}")
+                              f"{tp} is more than the rollout pod's GPUs (rollout.resources.gpu: {rollout_gpus}); "
+                              f"one engine shards over the GPUs of its pod, so set rollout.resources.gpu: {tp} "
+                              "or lower tensorParallelSize (more engines: rollout.replicas)")
+        if self.engine.weight_sync is WeightSync.NCCL:
+            gpus = {"learner.resources.gpu": self.learner.resources.gpu, "rollout.resources.gpu": rollout_gpus}
+            missing = [f"{name}: 0" for name, count in gpus.items() if count == 0]
+            reason = (f"needs GPUs in the learner and rollout pods ({', '.join(missing)})" if missing
+                      else "has no GPU path in this version")
+            raise field_error("engine.weightSync", f"nccl {reason}; use store (workers fetch each version "
+                              "from the checkpoint store) or grpc")
         return self
 
 

@@ -205,3 +205,48 @@ def test_flowservice_needs_exactly_one_model_source() -> None:
     with pytest.raises(InvalidResourceError) as info:
         load_flowservice(base + "spec: {model: {}}")
     assert info.value.problems == ["spec.model.flowRun: set exactly one of model.flowRun or model.uri"]
+
+
+# -- scale-out settings: each refused with its field path and the reason ---------------------------
+
+
+def test_learner_ranks_default_to_one_per_gpu_and_one_on_cpu() -> None:
+    assert load_flowrun(HEADER).spec.learner.world_size == 1
+    gpu = load_flowrun(HEADER + "spec: {learner: {resources: {gpu: 4}}}").spec.learner
+    assert (gpu.ranks_per_replica, gpu.world_size) == (4, 4)
+    cpu = load_flowrun(HEADER + "spec: {learner: {ranks: 2}}").spec.learner
+    assert (cpu.ranks_per_replica, cpu.world_size) == (2, 2)
+
+
+def test_several_learner_pods_are_refused_with_the_ranks_alternative() -> None:
+    assert problems(HEADER + "spec: {learner: {replicas: 3}, engine: {zeroStage: 3}}") == [
+        "spec.learner.replicas: several learner pods are not placed yet, got 3; use ranks: 3 for that many "
+        "ranks in one pod"
+    ]
+
+
+def test_learner_ranks_other_than_the_gpu_count_are_refused() -> None:
+    assert problems(HEADER + "spec: {learner: {ranks: 2, resources: {gpu: 4}}}") == [
+        "spec.learner.ranks: must equal resources.gpu (4): one rank per GPU, got 2"
+    ]
+
+
+def test_tensor_parallel_size_above_the_rollout_pods_gpus_is_refused() -> None:
+    assert problems(HEADER + "spec: {engine: {tensorParallelSize: 4}, rollout: {resources: {gpu: 2}}}") == [
+        "spec.engine.tensorParallelSize: 4 is more than the rollout pod's GPUs (rollout.resources.gpu: 2); one "
+        "engine shards over the GPUs of its pod, so set rollout.resources.gpu: 4 or lower tensorParallelSize "
+        "(more engines: rollout.replicas)"
+    ]
+    assert load_flowrun(HEADER + "spec: {engine: {tensorParallelSize: 2}, rollout: {resources: {gpu: 2}}}")
+
+
+def test_nccl_weight_sync_without_gpus_is_refused_naming_the_empty_pods() -> None:
+    assert problems(HEADER + "spec: {engine: {weightSync: nccl}}") == [
+        "spec.engine.weightSync: nccl needs GPUs in the learner and rollout pods (learner.resources.gpu: 0, "
+        "rollout.resources.gpu: 0); use store (workers fetch each version from the checkpoint store) or grpc"
+    ]
+    assert problems(HEADER + "spec: {engine: {weightSync: nccl}, learner: {resources: {gpu: 1}}, "
+                             "rollout: {resources: {gpu: 1}}}") == [
+        "spec.engine.weightSync: nccl has no GPU path in this version; use store (workers fetch each version "
+        "from the checkpoint store) or grpc"
+    ]
