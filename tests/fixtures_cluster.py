@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from node_agent import LABEL, podman
 from one_machine_cluster import OneMachineCluster, build_images, one_machine_cluster
 
 
@@ -29,8 +30,21 @@ def built_images() -> None:
     print(f"images ready in {time.monotonic() - started:.0f} s")
 
 
+def remove_leftovers(prefix: str = "flowlane-test-") -> None:
+    """Containers and networks of an earlier session that was killed before it could clean up."""
+    names = podman("ps", "--all", "--filter", f"label={LABEL}=1", "--format", "{{.Names}}", check=False).stdout.split()
+    stale = [n for n in names if n.startswith((prefix, "k8s_flowlane-e2e_"))]
+    if stale:
+        podman("rm", "--force", "--time", "0", *stale, check=False)
+    stale_networks = [n for n in podman("network", "ls", "--format", "{{.Name}}", check=False).stdout.split()
+                      if n.startswith(prefix)]
+    if stale_networks:
+        podman("network", "rm", "--force", *stale_networks, check=False)
+
+
 @pytest.fixture(scope="session")
 def cluster(built_images: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OneMachineCluster]:
+    remove_leftovers()
     network = f"flowlane-test-{os.getpid()}"
     with one_machine_cluster(tmp_path_factory.mktemp("cluster"), namespace="flowlane-e2e", network=network,
                              reconcile_interval_s=1.0) as running:

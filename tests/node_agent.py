@@ -40,7 +40,7 @@ resource requests, probes, init and sidecar containers (one container per pod, a
 them), ingress rules of NetworkPolicies, graceful-deletion bookkeeping (a deleted pod's container
 gets ``terminationGracePeriodSeconds`` to stop, then is removed), image pulls and ``kubectl
 logs``/``exec`` through the API (use ``podman logs``/``podman exec`` on the container, named
-``k8s_<namespace>_<pod>``).
+``k8s_<namespace>_<pod>_<uid prefix>`` and labelled ``dev.flowlane.node-agent.pod=<namespace>/<pod>``).
 """
 
 from __future__ import annotations
@@ -229,22 +229,21 @@ class NodeAgent:
         pods = self._list_all("/api/v1/pods")
         services = self._list_all("/api/v1/services")
         policies = self._list_all("/apis/networking.k8s.io/v1/networkpolicies")
-        seen: set[str] = set()
+        seen = {_uid(pod) for pod in pods}
+        # Deleted from the API first: a replacement under the same name must not lose its container.
+        for uid in set(self.pods) - seen:
+            state = self.pods.pop(uid)
+            logger.info("pod %s/%s deleted: removing its container", state.namespace, state.name)
+            self._remove(state, grace_s=5)
         for pod in pods:
-            meta = pod.get("metadata", {})
-            uid = meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}"
-            seen.add(uid)
-            if meta.get("deletionTimestamp"):
+            if pod.get("metadata", {}).get("deletionTimestamp"):
                 continue
+            uid = _uid(pod)
             state = self.pods.get(uid)
             if state is None:
                 state = self._admit(pod, uid)
             self._step(state, pod, services, policies)
         self._sync_deployments(pods)
-        for uid in set(self.pods) - seen:  # deleted from the API: stop its container
-            state = self.pods.pop(uid)
-            logger.info("pod %s/%s deleted: removing its container", state.namespace, state.name)
-            self._remove(state, grace_s=5)
 
     def _sync_deployments(self, pods: list[dict[str, Any]]) -> None:
         """The Deployment controller's part: pods of the current template, then the status."""
@@ -291,11 +290,11 @@ class NodeAgent:
         meta = pod["metadata"]
         spec = pod.get("spec", {})
         state = PodState(namespace=meta["namespace"], name=meta["name"], uid=uid,
-                         container=f"k8s_{meta['namespace']}_{meta['name']}",
+                         container=container_name(meta["namespace"], meta["name"], uid),
                          restart_policy=spec.get("restartPolicy", "Always"),
                          workdir=self.workdir / uid.replace("/", "_"))
         self.pods[uid] = state
-        # A container of the same name left by an earlier pod object (or an earlier agent) goes.
+        # A container of this pod object left by an earlier agent goes.
         podman("rm", "--force", "--time", "2", state.container, check=False)
         return state
 
@@ -609,6 +608,24 @@ class NodeAgent:
     def _remove(self, state: PodState, grace_s: int) -> None:
         podman("rm", "--force", "--time", str(grace_s), state.container, check=False, timeout=grace_s + 60)
         shutil.rmtree(state.workdir, ignore_errors=True)
+
+
+def _uid(pod: Mapping[str, Any]) -> str:
+    meta = pod.get("metadata", {})
+    return str(meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}")
+
+
+def container_name(namespace: str, pod: str, uid: str) -> str:
+    """One container per pod object: a pod recreated under its name gets a new container."""
+    return f"k8s_{namespace}_{pod}_{uid.replace('/', '_')[:8]}"
+
+
+def pod_container(namespace: str, pod: str) -> str:
+    """The newest container of the pod named ``pod`` (what ``kubectl logs`` would show)."""
+    result = podman("ps", "--all", "--filter", f"label={LABEL}.pod={namespace}/{pod}", "--sort", "created",
+                    "--format", "{{.Names}}", check=False)
+    names = result.stdout.split()
+    return names[-1] if names else container_name(namespace, pod, "missing")
 
 
 def _labels(obj: Mapping[str, Any]) -> Mapping[str, str]:

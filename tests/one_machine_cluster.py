@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fixtures_kube import KMockServer, write_kubeconfig
 from fixtures_services import MotoS3Server, running_mlflow_server
-from node_agent import NodeAgent, podman
+from node_agent import LABEL, NodeAgent, pod_container, podman
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -157,7 +157,8 @@ class OneMachineCluster:
         if sc.get("allowPrivilegeEscalation") is False:
             security += ["--security-opt", "no-new-privileges"]
         security += [arg for cap in (sc.get("capabilities") or {}).get("drop", []) for arg in ("--cap-drop", cap)]
-        podman("run", "--detach", "--name", self.operator_container, "--network", self.network, *security,
+        podman("run", "--detach", "--name", self.operator_container, "--label", f"{LABEL}=1",
+               "--network", self.network, *security,
                "--volume", f"{container_kubeconfig}:/etc/flowlane-kube/config:ro",
                *[arg for key, value in env.items() for arg in ("--env", f"{key}={value}")],
                "--entrypoint", json.dumps(chart["command"]), chart["image"], *chart.get("args", []))
@@ -199,7 +200,7 @@ class OneMachineCluster:
         return result.stdout + result.stderr
 
     def pod_container(self, pod: str) -> str:
-        return f"k8s_{self.namespace}_{pod}"
+        return pod_container(self.namespace, pod)
 
     def pod_logs(self, pod: str, tail: int = 200) -> str:
         result = podman("logs", "--tail", str(tail), self.pod_container(pod), check=False)
@@ -249,7 +250,7 @@ def main() -> None:
   S3 endpoint:  {cluster.s3.url}   (create the credentials Secret: see the README)
   S3 keys:      accessKey={cluster.s3.access_key} secretKey={cluster.s3.secret_key}
   MLflow:       {cluster.mlflow_uri}
-  pods run as podman containers named k8s_<namespace>_<pod>; Ctrl-C stops everything""", flush=True)
+  pods run as podman containers named k8s_<namespace>_<pod>_<uid>; Ctrl-C stops everything""", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             while not stopped.wait(1):
                 pass
