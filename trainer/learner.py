@@ -16,9 +16,17 @@ stamped with. One ``step(trajectories)`` call is one update:
 5. clip the gradient norm, step the optimizer and the lr schedule, bump the policy version.
 
 DeepSpeed runs in one process without a launcher: when no distributed environment is set, the
-learner sets a single-rank one (gloo on CPU) itself. Under a launcher (``deepspeed``/``torchrun``)
-the environment it provides is used as is. ZeRO stages 0-3 are supported; bf16 is used where the
-hardware has it (``dtype="auto"``), float32 otherwise.
+learner sets a single-rank one (gloo on CPU) itself. Under a launcher (``torchrun``, as
+``flowlane run`` and the learner pod start several ranks) the environment it provides is used as
+is. ZeRO stages 0-3 are supported; bf16 is used where the hardware has it (``dtype="auto"``),
+float32 otherwise.
+
+With several ranks (data parallel) every rank is handed the same trajectories and calls the same
+methods in the same order (``trainer.distributed`` arranges that). Each rank runs its share of an
+update's micro-batches (round-robin, padded with a zero-weight one so every rank runs as many
+forward/backward passes, which ZeRO-3's parameter gathers need); DeepSpeed averages the gradients
+over the ranks at ``step``, so each rank scales its loss by the world size and the update is the
+sum over all micro-batches, as on one rank.
 
 Checkpoints (``save_checkpoint_files``) are a directory that vLLM and transformers load directly
 (safetensors, config, tokenizer; with LoRA the adapter files) plus everything exact resumption
@@ -347,6 +355,19 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def rank_share(micro_batches: int, rank: int, world_size: int) -> list[int | None]:
+    """Micro-batch indices rank ``rank`` runs: round-robin, padded with None (a zero-weight pass
+    over micro-batch 0) so that every rank runs ``ceil(micro_batches / world_size)`` passes."""
+    mine: list[int | None] = list(range(rank, micro_batches, world_size))
+    passes = -(-micro_batches // world_size)
+    return mine + [None] * (passes - len(mine))
+
+
+def uneven_shards(numels: Sequence[tuple[str, int]], world_size: int) -> list[tuple[str, int]]:
+    """The parameters (name, element count) that ZeRO-3 cannot split into ``world_size`` equal shards."""
+    return [(name, numel) for name, numel in numels if numel % world_size]
+
+
 def ensure_distributed() -> None:
     """Initialise torch.distributed for DeepSpeed; a single local rank when no launcher set one up."""
     import deepspeed
@@ -358,10 +379,11 @@ def ensure_distributed() -> None:
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    if os.environ.get("WORLD_SIZE") == "1" and get_accelerator().device_name() == "cpu":
+    if get_accelerator().device_name() == "cpu":
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce kernel on first use
-        # (minutes on a 2-core machine) that a single rank never calls; mark it unavailable.
-        # DeepSpeed keeps this probe result in one module-level dict meant to be edited.
+        # (minutes on a 2-core machine); a single rank never calls it and several CPU ranks use
+        # gloo's all-reduce instead. Mark it unavailable: DeepSpeed keeps this probe result in one
+        # module-level dict meant to be edited.
         import deepspeed.ops
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -390,6 +412,8 @@ class Learner:
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         ensure_distributed()
 
+        self.rank = torch.distributed.get_rank()
+        self.world_size = torch.distributed.get_world_size()
         self.dtype = _resolve_dtype(config.dtype)
         load_options: dict[str, Any] = {"dtype": self.dtype}
         if config.attn_implementation:
@@ -420,6 +444,17 @@ class Learner:
                 policy.enable_input_require_grads()
         policy.config.use_cache = False
         policy.train()
+        if config.zero_stage == 3 and self.world_size > 1:
+            uneven = uneven_shards([(n, p.numel()) for n, p in policy.named_parameters() if p.requires_grad],
+                                   self.world_size)
+            if uneven:
+                name, numel = uneven[0]
+                raise ConfigError(
+                    f"engine.zeroStage: 3 over {self.world_size} learner ranks (learner.ranks x learner.replicas): "
+                    f"the model's layers do not shard evenly: {name} has {numel} elements, not a multiple of "
+                    f"{self.world_size} (and {len(uneven) - 1} more); use a rank count that divides them or "
+                    "zeroStage 2"
+                )
 
         trainable = [p for p in policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
@@ -504,6 +539,8 @@ class Learner:
             if grad_norm is not None:
                 grad_norms.append(grad_norm)
         self.policy_version += 1
+        if self.world_size > 1:
+            totals = totals.summed_over_ranks()
         elapsed = time.perf_counter() - started
         metrics.update(totals.as_metrics(len(batch.updates)))
         metrics.update(
@@ -526,7 +563,9 @@ class Learner:
         config = self.config
         weights = token_weights(samples, config.aggregation)
         pairs = [(s.prompt_ids, s.response_ids) for s in samples]
-        for indices in plan_sequences(pairs, config.micro_batch_tokens, config.batch_layout):
+        plans = plan_sequences(pairs, config.micro_batch_tokens, config.batch_layout)
+        for planned in rank_share(len(plans), self.rank, self.world_size):
+            indices = plans[0 if planned is None else planned]
             chosen = [samples[i] for i in indices]
             batch = lay_out([pairs[i] for i in indices], config.batch_layout)
             log_prob, entropy = self._log_probs(batch, with_entropy=True)
@@ -555,7 +594,10 @@ class Learner:
                 kl = flow_grpo.aggregate(self._kl(log_prob, ref_log_prob), weight)
                 loss = loss + config.kl_beta * kl
                 kl_value = float(kl.item())
-            self.engine.backward(loss)
+            # DeepSpeed averages gradients over the ranks; scaling by their number makes it the sum.
+            self.engine.backward(loss * (self.world_size if planned is not None else 0.0))
+            if planned is None:  # the padding pass: same collectives, no weight, not counted
+                continue
             n = log_prob.numel()
             totals.loss += float(loss.item())
             totals.policy_loss += float(policy_loss.item())
@@ -723,19 +765,26 @@ class Learner:
         the directory as a model); LoRA -> ``adapter_config.json`` + ``adapter_model.safetensors``
         (load on top of the base model). Plus tokenizer files, ``deepspeed/`` (optimizer and lr
         scheduler), ``rng_state.pt`` and ``learner_state.json``.
+
+        With several ranks every rank calls this with the same (shared) directory: each writes its
+        ZeRO shards and its RNG state, rank 0 the gathered model and the metadata; all return
+        after every file is written.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         module = self.engine.module
+        lead = self.rank == 0
         if self.is_lora:
             with _gathered([p for p in module.parameters() if p.requires_grad]):
-                module.save_pretrained(str(directory), safe_serialization=True)
+                module.save_pretrained(str(directory), safe_serialization=True, is_main_process=lead)
         else:
-            state = dict(self.export_weights())
-            module.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
+            state = dict(self.export_weights())  # ZeRO-3: every rank takes part in each gather
+            if lead:
+                module.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
+            del state
         for name in TOKENIZER_FILES:
             source = self.model_dir / name
-            if source.is_file() and not (directory / name).exists():
+            if lead and source.is_file() and not (directory / name).exists():
                 shutil.copy2(source, directory / name)
         self.engine.save_checkpoint(
             str(directory / DEEPSPEED_DIR),
@@ -744,7 +793,7 @@ class Learner:
             save_latest=False,
             exclude_frozen_parameters=self.is_lora,
         )
-        torch.save(_rng_state(), directory / RNG_FILE)
+        torch.save(_rng_state(), directory / _rng_file(self.rank))
         meta = {
             "format": CHECKPOINT_FORMAT,
             "step": self.steps,
@@ -753,10 +802,14 @@ class Learner:
             "lora": dataclasses.asdict(self.config.lora) if self.config.lora else None,
             "base_model": {"path": str(self.model_dir), **self.base_identity},
             "zero_stage": self.config.zero_stage,
+            "world_size": self.world_size,
             "dtype": str(self.dtype).removeprefix("torch."),
             "config": _jsonable(self.config.to_dict()),
         }
-        (directory / STATE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if lead:
+            (directory / STATE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if self.world_size > 1:
+            torch.distributed.barrier()
         return meta
 
     def load_checkpoint_files(self, directory: Path) -> dict[str, Any]:
@@ -779,7 +832,7 @@ class Learner:
                 f"checkpoint {directory}: DeepSpeed found no state under {directory / DEEPSPEED_DIR}; "
                 "the checkpoint is incomplete, resume from an earlier one"
             )
-        _set_rng_state(torch.load(directory / RNG_FILE, weights_only=True))
+        _set_rng_state(torch.load(directory / _rng_file(self.rank), weights_only=True))
         self.steps = int(meta["step"])
         self.policy_version = int(meta["policy_version"])
         return meta
@@ -819,6 +872,11 @@ class Learner:
                 f"checkpoint {directory} has a LoRA adapter {meta.get('lora')} that differs from this "
                 f"learner's lora settings; use the same r, alpha and target_modules to resume"
             )
+        if int(meta.get("world_size", 1)) != self.world_size:
+            raise FlowlaneError(
+                f"checkpoint {directory} was written by {meta.get('world_size')} learner ranks but this learner "
+                f"has {self.world_size}; resume on the same world size (learner.ranks x learner.replicas)"
+            )
         if meta.get("zero_stage") != self.config.zero_stage:
             raise FlowlaneError(
                 f"checkpoint {directory} was written with ZeRO stage {meta.get('zero_stage')} but this learner "
@@ -855,6 +913,14 @@ class _Totals:
     behaviour_kl_sum: float = 0.0
     tis_sum: float = 0.0
     tis_capped: int = 0
+
+    def summed_over_ranks(self) -> _Totals:
+        """Each field summed over all ranks (each counted only its own micro-batches)."""
+        names = [f.name for f in dataclasses.fields(self)]
+        values = torch.tensor([float(getattr(self, name)) for name in names], dtype=torch.float64)
+        torch.distributed.all_reduce(values)
+        kinds = {f.name: type(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return _Totals(**{name: kinds[name](value) for name, value in zip(names, values.tolist(), strict=True)})
 
     def as_metrics(self, updates: int) -> dict[str, float]:
         n = max(self.tokens, 1)
@@ -895,6 +961,11 @@ def _gathered(params: list[torch.Tensor]) -> Iterator[None]:
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
         yield
+
+
+def _rng_file(rank: int) -> str:
+    """Rank 0's RNG state at the top (as with one rank), the other ranks' next to their ZeRO shards."""
+    return RNG_FILE if rank == 0 else f"{DEEPSPEED_DIR}/rng_state_rank{rank}.pt"
 
 
 def _seed_everything(seed: int) -> None:

@@ -1,0 +1,129 @@
+"""Several learner ranks behind one gRPC service: rank 0 leads, the other ranks follow.
+
+The learner is data parallel under DeepSpeed: every rank holds the policy (or its ZeRO shard)
+and every update, export and checkpoint is a collective that all ranks must enter in the same
+order with the same inputs. Only rank 0 talks to the rollout workers, so only rank 0 knows what
+comes next. This module keeps the ranks in step without a second protocol:
+
+- rank 0 wraps its ``Learner`` in ``LeadLearner``, which announces each collective call (the
+  method name and its arguments, e.g. the step's trajectories) to the other ranks with one
+  ``broadcast_object_list`` before making it itself;
+- every other rank runs ``follow``: receive a call, make the same call on its own ``Learner``,
+  repeat until rank 0 announces the end.
+
+The announcements travel on their own gloo group with a long timeout: a follower waits there
+for the next step as long as the rollouts take, while the default group keeps DeepSpeed's
+timeout for the collectives themselves. A rank that dies ends the others through the launcher
+(torchrun stops the whole group), and the group restarts together.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flowlane.api.trajectory import Trajectory
+
+log = logging.getLogger(__name__)
+
+#: How long a follower waits for rank 0's next call (a step's rollouts, an evaluation round).
+ANNOUNCE_TIMEOUT_S = float(os.environ.get("FLOWLANE_LEARNER_ANNOUNCE_TIMEOUT_S", 24 * 3600))
+
+
+class Call(enum.StrEnum):
+    STEP = "step"
+    EXPORT = "export_weights"
+    SAVE = "save_checkpoint_files"
+    LOAD = "load_checkpoint_files"
+    END = "end"
+
+
+class RankChannel:
+    """Rank 0's announcements to the other ranks (a gloo group of its own)."""
+
+    def __init__(self, timeout_s: float = ANNOUNCE_TIMEOUT_S) -> None:
+        self.group = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+
+    def announce(self, call: Call, *args: Any) -> None:
+        torch.distributed.broadcast_object_list([(call.value, args)], src=0, group=self.group)
+
+    def receive(self) -> tuple[Call, tuple[Any, ...]]:
+        box: list[Any] = [None]
+        torch.distributed.broadcast_object_list(box, src=0, group=self.group)
+        name, args = box[0]
+        return Call(name), tuple(args)
+
+
+class LeadLearner:
+    """Rank 0's learner: each collective call is announced to the followers, then made.
+
+    Everything else (``policy_version``, ``model_dir``, ``log_probs`` ...) is the wrapped
+    learner's own, so the service uses this exactly like a one-rank ``Learner``.
+    """
+
+    def __init__(self, learner: Any, channel: RankChannel) -> None:
+        self._learner = learner
+        self._channel = channel
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._learner, name)
+
+    def step(self, trajectories: Sequence[Trajectory]) -> dict[str, float]:
+        self._channel.announce(Call.STEP, list(trajectories))
+        metrics: dict[str, float] = self._learner.step(trajectories)
+        return metrics
+
+    def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        self._channel.announce(Call.EXPORT)
+        yield from self._learner.export_weights()
+
+    def save_checkpoint_files(self, directory: Path) -> dict[str, Any]:
+        self._channel.announce(Call.SAVE, str(directory))
+        meta: dict[str, Any] = self._learner.save_checkpoint_files(Path(directory))
+        return meta
+
+    def load_checkpoint_files(self, directory: Path) -> dict[str, Any]:
+        self._channel.announce(Call.LOAD, str(directory))
+        meta: dict[str, Any] = self._learner.load_checkpoint_files(Path(directory))
+        return meta
+
+    def close(self) -> None:
+        self._channel.announce(Call.END)
+        self._learner.close()
+
+
+def lead(learner: Any) -> Any:
+    """The learner rank 0's service should use: itself with one rank, a ``LeadLearner`` with more."""
+    if learner.world_size == 1:
+        return learner
+    return LeadLearner(learner, RankChannel())
+
+
+def follow(learner: Any, channel: RankChannel | None = None) -> int:
+    """Make rank 0's calls on this rank's learner until it announces the end; returns the calls made."""
+    channel = channel or RankChannel()
+    made = 0
+    while True:
+        call, args = channel.receive()
+        if call is Call.END:
+            learner.close()
+            return made
+        made += 1
+        if call is Call.STEP:
+            learner.step(args[0])
+        elif call is Call.EXPORT:
+            # Only ZeRO-3 gathers collectively; with replicated weights rank 0 reads its own.
+            if learner.config.zero_stage == 3:
+                for _ in learner.export_weights():
+                    pass
+        elif call is Call.SAVE:
+            learner.save_checkpoint_files(Path(args[0]))
+        elif call is Call.LOAD:
+            learner.load_checkpoint_files(Path(args[0]))
