@@ -823,6 +823,7 @@ def test_serve_on_a_taken_port_is_a_one_line_error(model_dir: Path) -> None:
 
 
 
+@pytest.mark.slow  # the real `flowlane serve` process with two transformers engines
 def test_serve_fetches_a_checkpoint_uri_and_runs_the_fixed_modules_on_their_own_engine(
         model_dir: Path, tmp_path: Path) -> None:
     """`flowlane serve` as a FlowService pod runs it: the planner from a FlowRun checkpoint URI
