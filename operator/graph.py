@@ -13,7 +13,9 @@ Secret key, which Kubernetes injects with ``secretKeyRef`` and the local backend
 
 The command-line contract with the components (implemented in runtime/ and trainer/):
 
-- ``flowlane learner --config CONFIG --port PORT``
+- ``flowlane learner --config CONFIG --port PORT``; with several ranks in the learner pod
+  (``learner.ranks``, default one per GPU) the same command under
+  ``torchrun --standalone --nproc-per-node N``: rank 0 serves the port, the other ranks follow it
 - ``flowlane rollout --config CONFIG --learner HOST:PORT --sandbox HOST:PORT [--sandbox ...]``
 - ``flowlane sandbox --config CONFIG --port PORT``
 
@@ -181,11 +183,16 @@ def compile_graph(flowrun: FlowRun, *, config_path: str = POD_CONFIG_PATH) -> Pr
     if spec.tracking.mlflow_uri:
         learner_env[ENV_MLFLOW_URI] = spec.tracking.mlflow_uri
     learner_env[ENV_MLFLOW_EXPERIMENT] = spec.tracking.experiment
+    learner_argv: tuple[str, ...] = ("flowlane", "learner", "--config", config_path,
+                                     "--port", port_number("learner", "grpc"))
+    if spec.learner.ranks_per_replica > 1:
+        learner_argv = ("torchrun", *torchrun_args(spec.learner.ranks_per_replica), "-m", "flowlane.cli",
+                        *learner_argv[1:])
     learner = Component(
         name="learner",
         role=Role.LEARNER,
         index=0,
-        argv=("flowlane", "learner", "--config", config_path, "--port", port_number("learner", "grpc")),
+        argv=learner_argv,
         env=learner_env,
         secret_env={ENV_GRPC_TOKEN: token, **s3_secret},
         ports=(Port("grpc", LEARNER_GRPC_PORT),),
@@ -242,6 +249,12 @@ def compile_graph(flowrun: FlowRun, *, config_path: str = POD_CONFIG_PATH) -> Pr
         token=token,
         token_generated=generated,
     )
+
+
+def torchrun_args(ranks: int) -> tuple[str, ...]:
+    """torchrun options for ``ranks`` processes in one pod (one learner replica); it sets RANK,
+    WORLD_SIZE, MASTER_ADDR/PORT for each and stops them all when one fails."""
+    return ("--standalone", f"--nproc-per-node={ranks}", "--max-restarts=0")
 
 
 def _s3_env(flowrun: FlowRun) -> tuple[dict[str, str], dict[str, SecretEnv]]:

@@ -190,6 +190,8 @@ def local_argv(argv: Sequence[str]) -> list[str]:
     """``flowlane ...`` runs with this interpreter, so components share the supervisor's installation."""
     if argv and argv[0] == "flowlane":
         return [sys.executable, "-m", "flowlane.cli", *argv[1:]]
+    if argv and argv[0] == "torchrun":  # the launcher of this interpreter, whatever is on PATH
+        return [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
     return list(argv)
 
 

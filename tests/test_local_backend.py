@@ -156,6 +156,18 @@ def test_render_fills_the_graph_placeholders_with_loopback_values() -> None:
 def test_flowlane_commands_run_with_this_interpreter() -> None:
     assert local_argv(("flowlane", "sandbox", "--port", "1")) == [PY, "-m", "flowlane.cli", "sandbox", "--port", "1"]
     assert local_argv((PY, "-c", "pass")) == [PY, "-c", "pass"]
+    assert local_argv(("torchrun", "--standalone", "-m", "flowlane.cli")) == [
+        PY, "-m", "torch.distributed.run", "--standalone", "-m", "flowlane.cli"]
+
+
+def test_a_learner_of_several_ranks_runs_its_command_under_torchrun() -> None:
+    header = "apiVersion: flowlane.dev/v1alpha1\nkind: FlowRun\nmetadata: {name: demo}\n"
+    one = compile_graph(load_flowrun(header)).component("learner")
+    two = compile_graph(load_flowrun(header + "spec: {learner: {ranks: 2}}")).component("learner")
+    assert two.argv == ("torchrun", "--standalone", "--nproc-per-node=2", "--max-restarts=0", "-m", "flowlane.cli",
+                        *one.argv[1:])
+    gpus = compile_graph(load_flowrun(header + "spec: {learner: {resources: {gpu: 4}}}")).component("learner")
+    assert gpus.argv[:3] == ("torchrun", "--standalone", "--nproc-per-node=4")
 
 
 # --- real processes ---

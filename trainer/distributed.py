@@ -106,6 +106,12 @@ def lead(learner: Any) -> Any:
     return LeadLearner(learner, RankChannel())
 
 
+def release_followers(learner: Any) -> None:
+    """Tell the other ranks the run is over (a no-op with one rank)."""
+    if isinstance(learner, LeadLearner):
+        learner.close()
+
+
 def follow(learner: Any, channel: RankChannel | None = None) -> int:
     """Make rank 0's calls on this rank's learner until it announces the end; returns the calls made."""
     channel = channel or RankChannel()

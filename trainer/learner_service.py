@@ -120,10 +120,11 @@ class LearnerRuntime:
     def build(self) -> None:
         from flowlane.kit.checkpoints import CheckpointStore
         from flowlane.kit.tracking import Tracker
+        from flowlane.trainer.distributed import lead
         from flowlane.trainer.learner import Learner
 
         spec = self.spec
-        self.learner = Learner(learner_config(spec))
+        self.learner = lead(Learner(learner_config(spec)))  # with several ranks, the others follow its calls
         uri = spec.storage.checkpoint_uri or (self.run_dir / "checkpoints").resolve().as_uri()
         self.store = CheckpointStore.from_uri(
             uri, endpoint=spec.storage.s3_endpoint or os.environ.get("FLOWLANE_S3_ENDPOINT"),
@@ -362,6 +363,24 @@ class LearnerRuntime:
         return outcome.value
 
 
+def follow_rank_zero(flowrun: Any) -> int:
+    """A learner rank other than 0: hold its part of the policy and make rank 0's calls until the end.
+
+    Signals are left to rank 0, which checkpoints and then ends the group; a follower that
+    stopped on its own would leave rank 0's next collective waiting.
+    """
+    from flowlane.trainer.distributed import follow
+    from flowlane.trainer.learner import Learner
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    learner = Learner(learner_config(flowrun.spec))
+    logs.set_context(rank=learner.rank)
+    calls = follow(learner)
+    log.info("rank %d: rank 0 ended the run after %d calls", learner.rank, calls)
+    return 0
+
+
 def _load_tasks(dataset: str, split: str, reward: str) -> list[Any]:
     """Bundled sets score each task with its own reward; user data with the spec's ``tasks.reward``."""
     import dataclasses
@@ -536,6 +555,9 @@ async def serve_learner(flowrun: Any, run_dir: Path, host: str, port: int, resum
         await asyncio.sleep(linger_s)  # let workers hear "done" before the server goes away
     finally:
         await server.stop(grace=1.0)
+    from flowlane.trainer.distributed import release_followers
+
+    release_followers(runtime.learner)
     return 0 if runtime.progress.phase in ("Succeeded", "Suspended") else 1
 
 
@@ -555,6 +577,8 @@ def learner(
     logs.configure("learner", log_format=log_format)
     flowrun = load_flowrun(config)
     logs.set_context(run=flowrun.name)
+    if int(os.environ.get("RANK", "0")) > 0:  # one of several ranks under torchrun: rank 0 serves
+        raise typer.Exit(follow_rank_zero(flowrun))
     directory = run_dir or Path("runs") / flowrun.name
     code = asyncio.run(serve_learner(flowrun, directory, host, port, resume, resolve_token()))
     raise typer.Exit(code)
