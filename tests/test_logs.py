@@ -60,3 +60,12 @@ def test_json_is_the_default_in_a_pod_and_the_env_overrides_it(monkeypatch: pyte
 def test_an_unknown_format_names_the_choices() -> None:
     with pytest.raises(ValueError, match="log format 'yaml': use json or text"):
         logs.resolve_format("yaml")
+
+
+def test_kopf_object_references_become_the_object_field() -> None:
+    out = io.StringIO()
+    logs.configure("operator", log_format="json", stream=out)
+    ref = {"namespace": "ns", "name": "demo", "kind": "FlowRun"}
+    logging.getLogger("kopf.objects").info("reconciled", extra={"k8s_ref": ref, "k8s_skip": False})
+    entry = json.loads(out.getvalue())
+    assert entry["object"] == ref and "k8s_skip" not in entry and "k8s_ref" not in entry
