@@ -54,6 +54,7 @@ class RolloutWorker:
         self.stats = WorkerStats()
         self.learner_wait_s = 600.0  # how long a restarting learner may stay unreachable
         self._stopping = asyncio.Event()
+        self._weights_store: Any = None
 
     async def run(self) -> None:
         from flowlane.api import learner_pb2, learner_pb2_grpc
@@ -134,10 +135,13 @@ class RolloutWorker:
         from flowlane.runtime.grpc_common import assemble_weights_async
 
         started = time.perf_counter()
-        stream = stub.GetWeights(learner_pb2.WeightsRequest(min_version=version))
-        got_version, tensors = await assemble_weights_async(stream)
-        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        await engine.load_weights(tensors.items(), got_version)
+        if self.spec.engine.weight_sync.value == "store":
+            got_version, nbytes = version, await self._load_from_store(engine, version)
+        else:
+            stream = stub.GetWeights(learner_pb2.WeightsRequest(min_version=version))
+            got_version, tensors = await assemble_weights_async(stream)
+            nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+            await engine.load_weights(tensors.items(), got_version)
         logs.set_context(policy_version=got_version)
         took = time.perf_counter() - started
         self.stats.weight_syncs += 1
@@ -145,6 +149,24 @@ class RolloutWorker:
         self.stats.weight_bytes += nbytes
         log.info("loaded policy version %d (%.1f MB in %.2f s, %.1f MB/s)", got_version, nbytes / 1e6, took,
                  nbytes / 1e6 / max(took, 1e-9))
+
+    async def _load_from_store(self, engine: Any, version: int) -> int:
+        """Fetch version ``version`` from the weights store bucket by bucket, loading each (whole
+        layers) into the engine; nothing runs on the engine meanwhile (the worker syncs between waves)."""
+        from flowlane.kit.weights import checkpoint_root, fetch_version, open_weights_store
+
+        if self._weights_store is None:
+            run_dir = Path(os.environ.get("FLOWLANE_RUN_DIR", "."))
+            self._weights_store = await asyncio.to_thread(
+                open_weights_store, checkpoint_root(self.spec.storage.checkpoint_uri, run_dir),
+                self.spec.storage.s3_endpoint or os.environ.get("FLOWLANE_S3_ENDPOINT"))
+        buckets = fetch_version(self._weights_store, version)
+        nbytes = 0
+        while (bucket := await asyncio.to_thread(next, buckets, None)) is not None:
+            nbytes += sum(t.numel() * t.element_size() for t in bucket.values())
+            await engine.load_weights(bucket.items(), version)
+            del bucket
+        return nbytes
 
     async def _roll_out(self, agents: dict[bool, Any], tasks: Any, version: int) -> list[Any]:
         from flowlane.runtime.grpc_common import trajectory_to_record

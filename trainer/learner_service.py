@@ -109,6 +109,7 @@ class LearnerRuntime:
         self.weights_cache: tuple[int, list[Any]] | None = None
         self.learner: Any = None
         self.store: Any = None
+        self.weights_store: Any = None  # engine.weightSync: store -- versions go there, not over gRPC
         self.tracker: Any = None
         self.incarnations: dict[str, str] = {}  # worker name -> current incarnation id
         self.step_started = time.monotonic()
@@ -120,15 +121,17 @@ class LearnerRuntime:
     def build(self) -> None:
         from flowlane.kit.checkpoints import CheckpointStore
         from flowlane.kit.tracking import Tracker
+        from flowlane.kit.weights import checkpoint_root, open_weights_store
         from flowlane.trainer.distributed import lead
         from flowlane.trainer.learner import Learner
 
         spec = self.spec
         self.learner = lead(Learner(learner_config(spec)))  # with several ranks, the others follow its calls
-        uri = spec.storage.checkpoint_uri or (self.run_dir / "checkpoints").resolve().as_uri()
-        self.store = CheckpointStore.from_uri(
-            uri, endpoint=spec.storage.s3_endpoint or os.environ.get("FLOWLANE_S3_ENDPOINT"),
-            keep_last=spec.storage.keep_last)
+        uri = checkpoint_root(spec.storage.checkpoint_uri, self.run_dir)
+        endpoint = spec.storage.s3_endpoint or os.environ.get("FLOWLANE_S3_ENDPOINT")
+        self.store = CheckpointStore.from_uri(uri, endpoint=endpoint, keep_last=spec.storage.keep_last)
+        if spec.engine.weight_sync.value == "store":
+            self.weights_store = open_weights_store(uri, endpoint)
         self.tracker = Tracker(spec.tracking.experiment, run_dir=self.run_dir, tracking_uri=spec.tracking.mlflow_uri)
 
     def start_tracking(self) -> None:
@@ -297,6 +300,12 @@ class LearnerRuntime:
             return
         tensors = await asyncio.to_thread(lambda: [(n, t.detach().cpu().contiguous())
                                                    for n, t in self.learner.export_weights()])
+        if self.weights_store is not None:
+            from flowlane.kit.weights import publish_version
+
+            # Written once, before any worker hears of the version; the learner keeps no copy.
+            await asyncio.to_thread(publish_version, self.weights_store, version, tensors, scratch=self.run_dir)
+            tensors = []
         self.weights_cache = (version, tensors)
         async with self.version_changed:
             self.version_changed.notify_all()

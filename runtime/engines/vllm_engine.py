@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import tempfile
 import uuid
 from collections.abc import Iterable, Mapping
@@ -276,9 +275,6 @@ class VLLMEngine(LLMEngine):
 #: Upper bound of one staged weight bucket; a single layer larger than this is staged alone.
 WEIGHT_BUCKET_BYTES = 32 * 1024 * 1024
 
-_LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
-
-
 def weight_buckets(tensors: Mapping[str, torch.Tensor], bucket_bytes: int) -> list[list[str]]:
     """Tensor names in load order, grouped into buckets of whole layers of at most ``bucket_bytes``.
 
@@ -286,21 +282,9 @@ def weight_buckets(tensors: Mapping[str, torch.Tensor], bucket_bytes: int) -> li
     (``...layers.N.*``) is never split; other tensors (embeddings, final norm, head) group by
     their module. A group larger than ``bucket_bytes`` becomes a bucket of its own.
     """
-    groups: dict[str, list[str]] = {}
-    for name in tensors:
-        match = _LAYER.match(name)
-        groups.setdefault(match.group(1) if match else name.rsplit(".", 1)[0], []).append(name)
-    buckets: list[list[str]] = []
-    size = 0
-    for names in groups.values():
-        group_bytes = sum(tensors[n].numel() * tensors[n].element_size() for n in names)
-        if buckets and size + group_bytes <= bucket_bytes:
-            buckets[-1].extend(names)
-            size += group_bytes
-        else:
-            buckets.append(list(names))
-            size = group_bytes
-    return buckets
+    from flowlane.kit.weights import layer_buckets
+
+    return layer_buckets({n: t.numel() * t.element_size() for n, t in tensors.items()}, bucket_bytes)
 
 
 def staging_dir(bucket_bytes: int, shm: Path = Path("/dev/shm")) -> str | None:

@@ -1,0 +1,290 @@
+"""Weight sync: how fast a policy version reaches a rollout worker, and what it costs the worker.
+
+    .venv/bin/python bench/weight_sync.py [--mb 256] [--repeats 3] [--chunk-mb 4 16]
+
+Two processes, as in a run: this one plays the learner (a gRPC server with the production
+``GetWeights`` stream, ``iter_weight_chunks`` and the token interceptor; a plain TCP socket that
+sends the same bytes; the weights store it publishes into), a child plays the rollout worker
+(``assemble_weights_async`` as the worker does; ``recv_into`` one buffer for the socket;
+``fetch_version`` bucket by bucket for the store). Rounds are interleaved so load on the shared
+machine falls on every path alike; the median round is reported.
+
+- MB/s: bytes of weights over wall time, from the request to the last byte in worker memory
+  (for the store: copied into the worker's weights, as the engine does with each bucket).
+- peak extra MiB: the worker's peak resident memory during the sync above its resident memory
+  before it (Linux ``VmHWM`` after resetting it through ``/proc/self/clear_refs``), next to the
+  largest bucket. A vLLM engine stages each bucket once more in ``/dev/shm`` (not counted here).
+- The projection for 7B and 70B models (bf16) at 8 and 64 workers uses only the rates measured:
+  gRPC, the learner serialises every worker's stream: ``t = N x S / R_grpc``; the store, the
+  learner writes once and workers read in parallel from a store that scales out (S3/MinIO):
+  ``t = S / R_write + S / R_read``. Both ignore the network, which only lowers them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from common import markdown_table, print_header  # noqa: E402
+
+from flowlane.kit.weights import (  # noqa: E402
+    WEIGHT_BUCKET_BYTES,
+    fetch_version,
+    layer_buckets,
+    open_weights_store,
+    publish_version,
+)
+
+MODELS = {"7B": 7.6e9, "70B": 70.6e9}  # parameters (Qwen2.5-7B, Llama-3-70B); bf16: 2 bytes each
+WORKERS = (8, 64)
+
+
+def model_like(total_mb: int) -> dict[str, torch.Tensor]:
+    """bf16 tensors with transformer names and shapes: an embedding and layers of 7 projections."""
+    hidden = 1024
+    state = {"model.embed_tokens.weight": torch.randn(8192, hidden).to(torch.bfloat16)}
+    per_layer = (4 * hidden * hidden + 3 * hidden * 2816) * 2
+    for i in range(max(1, (total_mb * 2**20 - 8192 * hidden * 2) // per_layer)):
+        prefix = f"model.layers.{i}"
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            state[f"{prefix}.self_attn.{name}.weight"] = torch.randn(hidden, hidden).to(torch.bfloat16)
+        for name, shape in (("gate_proj", (2816, hidden)), ("up_proj", (2816, hidden)),
+                            ("down_proj", (hidden, 2816))):
+            state[f"{prefix}.mlp.{name}.weight"] = torch.randn(*shape).to(torch.bfloat16)
+    state["model.norm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
+    return state
+
+
+def nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+# -- the worker side (child process) ------------------------------------------------------------
+
+
+def _reset_peak() -> int:
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS")
+
+
+def _status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _peak_extra_mib(before_kib: int) -> float:
+    return max(0, _status_kib("VmHWM") - before_kib) / 1024
+
+
+async def _grpc_round(address: str, token: str, chunk_bytes: int) -> tuple[float, int, float]:
+    from flowlane.api import learner_pb2, learner_pb2_grpc
+    from flowlane.kit.grpc_common import assemble_weights_async, open_channel
+
+    async with open_channel(address, token) as channel:
+        stub = learner_pb2_grpc.LearnerStub(channel)
+        await stub.GetStatus(learner_pb2.StatusRequest())  # connect outside the timing
+        before = _reset_peak()
+        started = time.perf_counter()
+        _, tensors = await assemble_weights_async(
+            stub.GetWeights(learner_pb2.WeightsRequest(min_version=1, chunk_bytes=chunk_bytes)))
+        took = time.perf_counter() - started
+        size = nbytes(tensors)
+        del tensors
+        return took, size, _peak_extra_mib(before)
+
+
+def _socket_round(port: int) -> tuple[float, int, float]:
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        before = _reset_peak()
+        started = time.perf_counter()
+        header = b""
+        while len(header) < 8:
+            header += conn.recv(8 - len(header))
+        total = int.from_bytes(header, "little")
+        buffer = bytearray(total)
+        view = memoryview(buffer)
+        received = 0
+        while received < total:
+            got = conn.recv_into(view[received:], min(total - received, 1 << 22))
+            if not got:
+                raise ConnectionError("socket closed early")
+            received += got
+        took = time.perf_counter() - started
+        del view, buffer
+        return took, total, _peak_extra_mib(before)
+
+
+def _store_round(uri: str, model: dict[str, torch.Tensor]) -> tuple[float, int, float]:
+    """Each bucket is copied into ``model`` (the engine's weights, allocated before), which also
+    makes sure every byte was read: safetensors maps the file and reads lazily."""
+    store = open_weights_store(uri)
+    before = _reset_peak()
+    started = time.perf_counter()
+    size = 0
+    for bucket in fetch_version(store, 1):
+        for name, tensor in bucket.items():
+            model[name].copy_(tensor)
+        size += nbytes(bucket)
+        del bucket
+    return time.perf_counter() - started, size, _peak_extra_mib(before)
+
+
+def worker_main(args: argparse.Namespace) -> None:
+    torch.set_num_threads(1)
+    rows: dict[str, list[tuple[float, int, float]]] = {}
+    model = model_like(args.mb)  # the worker's own weights, there before any sync
+    for _ in range(args.repeats):
+        for chunk_mb in args.chunk_mb:
+            rows.setdefault(f"grpc-{chunk_mb}", []).append(
+                asyncio.run(_grpc_round(args.grpc, args.token, chunk_mb * 2**20)))
+        rows.setdefault("socket", []).append(_socket_round(args.socket))
+        rows.setdefault("store", []).append(_store_round(args.store, model))
+    print(json.dumps(rows))
+
+
+# -- the learner side (this process) -------------------------------------------------------------
+
+
+def _serve_socket(listener: socket.socket, tensors: dict[str, torch.Tensor], stop: threading.Event) -> None:
+    views = [memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B") for t in tensors.values()]
+    total = sum(len(v) for v in views)
+    listener.settimeout(0.2)
+    while not stop.is_set():
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            continue
+        with conn:
+            conn.sendall(total.to_bytes(8, "little"))
+            for view in views:
+                conn.sendall(view)
+
+
+async def learner_main(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from flowlane.api import learner_pb2, learner_pb2_grpc
+    from flowlane.kit.grpc_common import bind_port, create_server, iter_weight_chunks
+
+    tensors = model_like(args.mb)
+    total = nbytes(tensors)
+    token = "bench-token"
+
+    class Servicer(learner_pb2_grpc.LearnerServicer):
+        async def GetWeights(self, request: Any, context: Any) -> Any:
+            for chunk in iter_weight_chunks(tensors, 1, request.chunk_bytes):
+                yield chunk
+
+        async def GetStatus(self, request: Any, context: Any) -> Any:
+            return learner_pb2.LearnerStatus()
+
+    server = create_server(token)
+    learner_pb2_grpc.add_LearnerServicer_to_server(Servicer(), server)
+    grpc_port = bind_port(server, "127.0.0.1", 0)
+    await server.start()
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+    thread = threading.Thread(target=_serve_socket, args=(listener, tensors, stop), daemon=True)
+    thread.start()
+    with tempfile.TemporaryDirectory(prefix="bench-weights-") as tmp:
+        uri = (Path(tmp) / "checkpoints").as_uri()
+        store = open_weights_store(uri)
+        writes = []
+        for version in range(1, args.repeats + 1):
+            started = time.perf_counter()
+            publish_version(store, 1 if version == 1 else version, tensors.items(), scratch=Path(tmp))
+            writes.append(time.perf_counter() - started)
+        # The worker fetches version 1; later writes measured the rate only (keep the first).
+        store = open_weights_store(uri)
+        command = [sys.executable, __file__, "--worker", "--grpc", f"127.0.0.1:{grpc_port}", "--token", token,
+                   "--socket", str(listener.getsockname()[1]), "--store", uri, "--repeats", str(args.repeats),
+                   "--chunk-mb", *map(str, args.chunk_mb)]
+        if args.repeats > 2:  # the store kept only the newest two; publish version 1 again for the worker
+            publish_version(store, 1, tensors.items(), scratch=Path(tmp))
+        child = await asyncio.create_subprocess_exec(*command, stdout=subprocess.PIPE,
+                                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
+        out, _ = await child.communicate()
+    stop.set()
+    thread.join()
+    await server.stop(grace=None)
+    if child.returncode:
+        raise SystemExit(f"worker failed ({child.returncode})")
+    measured: dict[str, list[list[float]]] = json.loads(out)
+    largest_bucket = max(sum(tensors[n].numel() * 2 for n in b)
+                         for b in layer_buckets({n: t.numel() * 2 for n, t in tensors.items()}, WEIGHT_BUCKET_BYTES))
+    rows: list[dict[str, Any]] = []
+    for path, rounds in measured.items():
+        seconds = statistics.median(r[0] for r in rounds)
+        rows.append({"path": path, "MB": rounds[0][1] / 1e6, "seconds": seconds,
+                     "MB/s": rounds[0][1] / 1e6 / seconds,
+                     "peak extra MiB": statistics.median(r[2] for r in rounds)})
+    write_s = statistics.median(writes)
+    rows.append({"path": "store write (learner, once per version)", "MB": total / 1e6, "seconds": write_s,
+                 "MB/s": total / 1e6 / write_s, "peak extra MiB": None})
+    for row in rows:
+        row["largest bucket MiB"] = largest_bucket / 2**20 if row["path"] == "store" else None
+    return rows
+
+
+def projection(rows: list[dict[str, Any]], grpc_path: str) -> list[dict[str, Any]]:
+    rate = {row["path"]: row["MB/s"] * 1e6 for row in rows}
+    r_grpc, r_read = rate[grpc_path], rate["store"]
+    r_write = rate["store write (learner, once per version)"]
+    out = []
+    for model, params in MODELS.items():
+        size = 2 * params
+        for workers in WORKERS:
+            out.append({"model (bf16)": f"{model} ({size / 1e9:.0f} GB)", "workers": workers,
+                        "gRPC s = N*S/R_grpc": workers * size / r_grpc,
+                        "store s = S/R_write + S/R_read": size / r_write + size / r_read,
+                        "learner sends (gRPC)": f"{workers * size / 1e9:.0f} GB",
+                        "learner sends (store)": f"{size / 1e9:.0f} GB"})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=int, default=256, help="size of the synthetic bf16 model")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunk-mb", type=int, nargs="+", default=[4], help="gRPC chunk sizes to compare")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--grpc", help=argparse.SUPPRESS)
+    parser.add_argument("--token", help=argparse.SUPPRESS)
+    parser.add_argument("--socket", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--store", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker_main(args)
+        return
+    print_header("Weight sync", notes=[f"synthetic bf16 model of {args.mb} MB, {args.repeats} interleaved "
+                                       "rounds (median), learner and worker in two processes on loopback"])
+    rows = asyncio.run(learner_main(args))
+    socket_rate = next(r["MB/s"] for r in rows if r["path"] == "socket")
+    for row in rows:
+        row["of socket"] = f"{row['MB/s'] / socket_rate:.0%}" if row["path"].startswith(("grpc", "socket")) else ""
+    print(markdown_table(rows, ["path", "MB", "seconds", "MB/s", "of socket", "peak extra MiB",
+                                "largest bucket MiB"], digits=1))
+    print()
+    best_grpc = max((r for r in rows if r["path"].startswith("grpc")), key=lambda r: r["MB/s"])["path"]
+    print(f"Projection from the measured rates ({best_grpc} for gRPC):\n")
+    print(markdown_table(projection(rows, best_grpc), ["model (bf16)", "workers", "gRPC s = N*S/R_grpc",
+                                                      "store s = S/R_write + S/R_read", "learner sends (gRPC)",
+                                                      "learner sends (store)"], digits=0))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""weightSync: store -- the learner writes each policy version once, workers fetch it bucket by bucket."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from flowlane.api.flowrun import load_flowrun
+from flowlane.kit.checkpoints import CheckpointStore
+from flowlane.kit.weights import (
+    checkpoint_root,
+    fetch_version,
+    layer_buckets,
+    open_weights_store,
+    publish_version,
+    weights_store_uri,
+)
+
+HEADER = "apiVersion: flowlane.dev/v1alpha1\nkind: FlowRun\nmetadata: {name: demo}\n"
+
+
+def tiny_state(layers: int = 3, hidden: int = 16) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    state = {"model.embed_tokens.weight": torch.randn(32, hidden)}
+    for i in range(layers):
+        state[f"model.layers.{i}.self_attn.q_proj.weight"] = torch.randn(hidden, hidden)
+        state[f"model.layers.{i}.mlp.up_proj.weight"] = torch.randn(2 * hidden, hidden)
+        state[f"model.layers.{i}.input_layernorm.weight"] = torch.randn(hidden)
+    state["model.norm.weight"] = torch.randn(hidden)
+    return state
+
+
+def test_buckets_hold_whole_layers_in_order_and_pack_up_to_the_limit() -> None:
+    sizes = {"embed.weight": 100, "model.layers.0.a": 40, "model.layers.0.b": 40, "model.layers.1.a": 80,
+             "model.layers.2.a": 300, "norm.weight": 10}
+    assert layer_buckets(sizes, 200) == [["embed.weight", "model.layers.0.a", "model.layers.0.b"],
+                                         ["model.layers.1.a"], ["model.layers.2.a"], ["norm.weight"]]
+
+
+def test_published_versions_sit_next_to_the_checkpoints() -> None:
+    assert weights_store_uri("file:///runs/a/checkpoints") == "file:///runs/a/checkpoints-weights"
+    assert weights_store_uri("s3://bucket/runs/a/") == "s3://bucket/runs/a-weights"
+    assert weights_store_uri("s3://bucket") == "s3://bucket/weights"
+    assert checkpoint_root(None, Path("/runs/a")) == "file:///runs/a/checkpoints"
+    assert checkpoint_root("s3://b/p", Path("/runs/a")) == "s3://b/p"
+
+
+def test_a_version_is_written_once_and_read_back_bucket_by_bucket_bit_for_bit(tmp_path: Path) -> None:
+    state = tiny_state()
+    store = open_weights_store((tmp_path / "checkpoints").as_uri())
+    layer_bytes = sum(t.numel() * 4 for n, t in state.items() if n.startswith("model.layers.0."))
+    written = publish_version(store, 7, state.items(), bucket_bytes=layer_bytes)
+    assert written == sum(t.numel() * 4 for t in state.values())
+    assert (tmp_path / "checkpoints-weights" / "step-00000007" / "MANIFEST.json").is_file()
+    buckets = list(fetch_version(store, 7))
+    # embed, then one bucket per layer (each exactly one layer's size), then the final norm
+    assert len(buckets) == 5
+    assert [sorted({n.split(".")[2] for n in b}) for b in buckets[1:4]] == [["0"], ["1"], ["2"]]
+    merged = {name: tensor for bucket in buckets for name, tensor in bucket.items()}
+    assert sorted(merged) == sorted(state)  # safetensors orders names within a file
+    assert all(torch.equal(merged[n], state[n]) for n in state)
+
+
+def test_the_store_keeps_the_two_newest_versions(tmp_path: Path) -> None:
+    store = open_weights_store((tmp_path / "checkpoints").as_uri())
+    for version in (1, 2, 3):
+        publish_version(store, version, tiny_state(layers=1).items())
+    assert [ref.step for ref in CheckpointStore.from_uri(store.location).list()] == [2, 3]
+
+
+def test_a_store_worker_loads_the_version_into_its_engine_one_bucket_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flowlane.runtime.rollout_worker import RolloutWorker
+
+    flowrun = load_flowrun(HEADER + f"spec: {{engine: {{weightSync: store}}, "
+                                    f"storage: {{checkpointUri: '{(tmp_path / 'ck').as_uri()}'}}}}")
+    state = tiny_state()
+    publish_version(open_weights_store(flowrun.spec.storage.checkpoint_uri), 4, state.items(), bucket_bytes=1)
+
+    class Engine:
+        def __init__(self) -> None:
+            self.calls: list[tuple[list[str], int]] = []
+
+        async def load_weights(self, weights: Any, policy_version: int) -> None:
+            self.calls.append(([name for name, _ in weights], policy_version))
+
+    engine = Engine()
+    worker = RolloutWorker(flowrun, "127.0.0.1:1", [], "rollout-0", None)
+    nbytes = asyncio.run(worker._load_from_store(engine, 4))
+    assert nbytes == sum(t.numel() * 4 for t in state.values())
+    assert [len(names) for names, _ in engine.calls] == [1, 3, 3, 3, 1]  # embed, one layer per call, norm
+    assert {version for _, version in engine.calls} == {4}
