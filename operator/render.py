@@ -349,8 +349,8 @@ def _pod(graph: ProcessGraph, component: Component, owner: Owner, flowrun: FlowR
     ]
     if component.role in (Role.LEARNER, Role.ROLLOUT):
         model_volumes, model_mounts = _model_volume(flowrun.spec.model.volume)
-        volumes += model_volumes + [SHM_VOLUME]
-        mounts += model_mounts + [SHM_MOUNT]
+        volumes += [*model_volumes, SHM_VOLUME]
+        mounts += [*model_mounts, SHM_MOUNT]
     storage = flowrun.spec.storage
     if storage.volume_claim_name and component.role is Role.LEARNER and storage.checkpoint_uri:
         volumes.append({"name": "checkpoints",
