@@ -5,12 +5,21 @@ edited; a periodic timer; any change to a pod or Deployment flowlane owns. Each 
 reconcile of the owning resource, serialised per resource by a lock; triggers that arrive while a
 reconcile is already waiting are folded into it, so a burst of pod events costs one reconcile.
 
-A reconcile reads the resource, its children (listed by label), the Secrets it references and,
-while the learner runs, its progress from a ``ProgressSource`` (by default the learner's
-``GetStatus`` gRPC call; tests feed their own). ``plan_flowrun`` decides; ``Reconciler._apply``
-writes the status, then deletes, updates and creates children, then posts events. API errors in
-a kopf handler become ``kopf.TemporaryError`` so kopf retries with a delay; nothing a user writes
-can crash the operator.
+A reconcile reads the resource, its children, the Secrets it references and, while the learner
+runs, its progress from a ``ProgressSource`` (by default the learner's ``GetStatus`` gRPC call;
+tests feed their own). ``plan_flowrun`` decides; ``Reconciler._apply`` writes the status, then
+deletes, updates and creates children, then posts events. API errors in a kopf handler become
+``kopf.TemporaryError`` so kopf retries with a delay; nothing a user writes can crash the operator.
+
+**Cheap reconciles.** Hundreds of runs must not cost the API server hundreds of requests a
+second. The operator's watches carry server-side label selectors (only flowlane's children reach
+it), and kopf indexes fed by those watches hold every FlowRun, FlowService and child, so a
+reconcile reads them from memory, not with LIST and GET calls. A resource read from an index is
+trusted once the watch has delivered the operator's own last write to it (its resourceVersion);
+until then it is read with one GET, so a reconcile never acts on a status older than the one it
+wrote. Referenced Secrets are checked only while pods remain to be created, the learner's token
+is read once per run, and timers stop for finished runs. A Running run then costs its status
+patch per interval (when progress changed) and nothing else; a finished one costs nothing.
 
 The API client is a small aiohttp one (kopf keeps its own private), logged in with the same
 credentials kopf uses.
@@ -21,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import copy
 import json
 import logging
 import secrets
@@ -35,12 +45,14 @@ from typing import Any, cast
 import aiohttp
 import kopf
 
+from flowlane import __version__
 from flowlane.api.common import InvalidResourceError, utcnow, validate_resource
 from flowlane.api.flowrun import KIND as FLOWRUN_KIND
 from flowlane.api.flowrun import PLURAL as FLOWRUN_PLURAL
 from flowlane.api.flowrun import FlowRun, Phase
 from flowlane.api.flowservice import KIND as FLOWSERVICE_KIND
 from flowlane.api.flowservice import PLURAL as FLOWSERVICE_PLURAL
+from flowlane.operator.graph import POD_CONFIG_PATH, compile_graph
 from flowlane.operator.reconcile import (
     Event,
     Plan,
@@ -66,8 +78,8 @@ from flowlane.operator.render import (
     LABEL_MANAGED_BY,
     LABEL_MEMBER,
     MANAGED_BY,
+    child_name,
     kubernetes_address,
-    render_flowrun,
     render_token_secret,
 )
 from flowlane.operator.settings import ClusterDefaults, OperatorConfig, OperatorMetrics, connection, kopf_settings
@@ -112,6 +124,9 @@ KINDS_BY_OBJECT = {("v1", "Pod"): PODS, ("v1", "Service"): SERVICES, ("v1", "Con
 
 def kind_of(obj: Mapping[str, Any]) -> Kind:
     return KINDS_BY_OBJECT[(obj["apiVersion"], obj["kind"])]
+
+
+USER_AGENT = "flowlane-operator"
 
 
 class ApiError(Exception):
@@ -167,7 +182,8 @@ class KubeClient:
         if self._session is None or self._session.closed:
             if self._info is None:
                 raise RuntimeError("KubeClient used before login: no API server connection configured")
-            headers = {"Accept": "application/json"}
+            # The API server's audit log (and the test emulator's request counts) tell clients apart by it.
+            headers = {"Accept": "application/json", "User-Agent": f"{USER_AGENT}/{__version__}"}
             if self._info.token:
                 headers["Authorization"] = f"{self._info.scheme or 'Bearer'} {self._info.token}"
             self._ssl = self._make_ssl(self._info) if self._info.server.startswith("https") else True
@@ -249,8 +265,19 @@ class GrpcProgressSource:
     def __init__(self, client: KubeClient, timeout_s: float = 3.0) -> None:
         self.client = client
         self.timeout_s = timeout_s
+        # One Secret read per run, not one per interval; dropped when the learner refuses it.
+        self._tokens: dict[tuple[str, str, str], str] = {}
 
     async def token(self, run: RunRef) -> str | None:
+        key = (run.namespace, run.token.secret, run.token.key)
+        if key not in self._tokens:
+            token = await self._read_token(run)
+            if not token:
+                return None
+            self._tokens[key] = token
+        return self._tokens[key]
+
+    async def _read_token(self, run: RunRef) -> str | None:
         secret = await self.client.get(SECRETS, run.namespace, run.token.secret) or {}
         if run.token.key in (secret.get("stringData") or {}):  # not yet converted (emulators)
             return str(secret["stringData"][run.token.key]).strip()
@@ -274,7 +301,13 @@ class GrpcProgressSource:
                     learner_pb2.StatusRequest(), timeout=self.timeout_s)
             except grpc.aio.AioRpcError as exc:
                 logger.info("learner %s: GetStatus failed: %s", run.learner_address, exc.code())
+                if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    self._tokens.pop((run.namespace, run.token.secret, run.token.key), None)
                 return None
+        if status.phase == Phase.PENDING.value:
+            # Still starting: a restarted learner serves before it has restored its checkpoint,
+            # and its step 0 would make the run's status count backwards.
+            return None
         return Progress(
             step=status.step, total_steps=status.total_steps or None, policy_version=status.policy_version,
             reward=status.reward_mean,
@@ -283,6 +316,73 @@ class GrpcProgressSource:
             last_checkpoint=status.last_checkpoint or None, mlflow_run_id=status.mlflow_run_id or None,
             finished=status.phase == Phase.SUCCEEDED.value,
         )
+
+
+# ================================================================================================
+# What the watches hold
+# ================================================================================================
+
+#: The kopf indexes the operator keeps: name -> (resource, the label whose value is the owner's
+#: name). Each maps (namespace, owner name) to the objects of that kind that the owner has.
+CHILD_INDEXES: dict[str, tuple[Kind, str]] = {
+    "flowlane_run_pods": (PODS, LABEL_FLOWRUN),
+    "flowlane_run_services": (SERVICES, LABEL_FLOWRUN),
+    "flowlane_run_config_maps": (CONFIG_MAPS, LABEL_FLOWRUN),
+    "flowlane_run_network_policies": (NETWORK_POLICIES, LABEL_FLOWRUN),
+    "flowlane_service_deployments": (DEPLOYMENTS, LABEL_FLOWSERVICE),
+    "flowlane_service_services": (SERVICES, LABEL_FLOWSERVICE),
+}
+#: Indexes of the resources themselves: (namespace, name) -> the object.
+RESOURCE_INDEXES: dict[str, Kind] = {"flowlane_flowruns": FLOWRUNS, "flowlane_flowservices": FLOWSERVICES}
+
+
+class WatchCache:
+    """The objects kopf's indexes hold, fed by the operator's watches (kopf fills every index
+    from its watch's initial list before it calls any other handler, so an index is never partial).
+
+    ``written`` records the resourceVersion of the operator's own last write to a resource; the
+    index copy of that resource is trusted again once the watch has delivered that version.
+    """
+
+    def __init__(self, indexes: Mapping[str, Any]) -> None:
+        self.indexes = {name: indexes[name] for name in (*CHILD_INDEXES, *RESOURCE_INDEXES) if name in indexes}
+        self.written: dict[tuple[str, str, str], str] = {}
+
+    def children(self, kind: Kind, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]] | None:
+        """The children of the owner that ``labels`` names (one owner label), or None when not indexed."""
+        for name, (index_kind, label) in CHILD_INDEXES.items():
+            if index_kind == kind and set(labels) == {label} and name in self.indexes:
+                return list(self.indexes[name].get((namespace, labels[label]), ()))
+        return None
+
+    def resource(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
+        """The resource as the watch last saw it; None when absent, not indexed, or older than our write."""
+        index = next((self.indexes[i] for i, k in RESOURCE_INDEXES.items() if k == kind and i in self.indexes), None)
+        found = list(index.get((namespace, name), ())) if index is not None else []
+        if not found:
+            return None
+        body: dict[str, Any] = found[0]
+        written = self.written.get((kind.plural, namespace, name))
+        return body if written is None or written == _resource_version(body) else None
+
+    def wrote(self, kind: Kind, body: Mapping[str, Any] | None) -> None:
+        """Remember a version of a resource the operator has (written or read) as the newest it knows."""
+        meta = _mapping((body or {}).get("metadata"))
+        version = meta.get("resourceVersion")
+        if isinstance(version, str) and isinstance(meta.get("name"), str):
+            self.written[(kind.plural, str(meta.get("namespace") or "default"), meta["name"])] = version
+
+    def saw(self, kind: Kind, body: Mapping[str, Any]) -> None:
+        """The watch delivered ``body``: once it is the version last written, the index is current."""
+        meta = _mapping(body.get("metadata"))
+        key = (kind.plural, str(meta.get("namespace") or "default"), str(meta.get("name")))
+        if key in self.written and self.written[key] == _resource_version(body):
+            del self.written[key]
+
+
+def _resource_version(body: Mapping[str, Any]) -> str | None:
+    version = _mapping(body.get("metadata")).get("resourceVersion")
+    return version if isinstance(version, str) else None
 
 
 # ================================================================================================
@@ -302,8 +402,26 @@ class Reconciler:
             self.client, config.progress_timeout_s)
         self.metrics = metrics or OperatorMetrics()
         self.clock = clock
+        self.cache: WatchCache | None = None  # set by the kopf handlers; None: read everything from the API
         self._locks: dict[tuple[str, str, str], asyncio.Lock] = {}
         self._pending: set[tuple[str, str, str]] = set()
+
+    def use_indexes(self, indexes: Mapping[str, Any]) -> None:
+        """Read from kopf's indexes (passed to every handler as keyword arguments) from now on."""
+        if self.cache is None and all(name in indexes for name in (*CHILD_INDEXES, *RESOURCE_INDEXES)):
+            self.cache = WatchCache(indexes)
+
+    async def _read(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
+        body = self.cache.resource(kind, namespace, name) if self.cache is not None else None
+        if body is None:
+            body = await self.client.get(kind, namespace, name)
+            if self.cache is not None:
+                self.cache.wrote(kind, body)
+        return body
+
+    async def _children(self, kind: Kind, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+        found = self.cache.children(kind, namespace, labels) if self.cache is not None else None
+        return found if found is not None else await self.client.list(kind, namespace, labels)
 
     # -- entry points ---------------------------------------------------------------------------
 
@@ -353,19 +471,20 @@ class Reconciler:
     # -- FlowRun --------------------------------------------------------------------------------
 
     async def _reconcile_flowrun(self, namespace: str, name: str) -> None:
-        body = await self.client.get(FLOWRUNS, namespace, name)
+        body = await self._read(FLOWRUNS, namespace, name)
         if body is None or body.get("metadata", {}).get("deletionTimestamp"):
             return
         labels = {LABEL_FLOWRUN: name}
         pods, services, config_maps, policies = await asyncio.gather(
-            self.client.list(PODS, namespace, labels), self.client.list(SERVICES, namespace, labels),
-            self.client.list(CONFIG_MAPS, namespace, labels), self.client.list(NETWORK_POLICIES, namespace, labels),
+            self._children(PODS, namespace, labels), self._children(SERVICES, namespace, labels),
+            self._children(CONFIG_MAPS, namespace, labels), self._children(NETWORK_POLICIES, namespace, labels),
         )
         children = RunChildren(pods=pods, services=services, config_maps=config_maps, network_policies=policies)
         progress: Progress | None = None
         flowrun = _try_flowrun(body, self.config.defaults)
         if flowrun is not None:
-            await self._check_secrets(flowrun, children)
+            if not _all_pods_present(flowrun, pods):
+                await self._check_secrets(flowrun, children)  # running pods already found their Secrets
             progress = await self._progress(flowrun, pods)
         plan = plan_flowrun(body, children, progress, self.clock(), self.config.render, self.config.defaults)
         await self._apply(FLOWRUNS, body, plan, flowrun)
@@ -387,9 +506,9 @@ class Reconciler:
         learner = next((p for p in pods if p["metadata"].get("labels", {}).get(LABEL_MEMBER) == "learner"), None)
         if learner is None or pod_phase(learner) != "Running" or pod_terminating(learner):
             return None
-        rendered = render_flowrun(flowrun, epoch=0, options=self.config.render)
-        address_of, _ = kubernetes_address(rendered.graph)
-        ref = RunRef(flowrun.namespace, flowrun.name, address_of("learner", "grpc"), rendered.graph.token)
+        graph = compile_graph(flowrun, config_path=POD_CONFIG_PATH)
+        address_of, _ = kubernetes_address(graph)
+        ref = RunRef(flowrun.namespace, flowrun.name, address_of("learner", "grpc"), graph.token)
         try:
             return await asyncio.wait_for(self.progress_source(ref), self.config.progress_timeout_s)
         except Exception as exc:  # progress is best-effort; the run goes on without it
@@ -404,6 +523,8 @@ class Reconciler:
             current = await self.client.patch(kind, namespace, name, {"status": patch}, subresource="status")
             if current is None or current.get("metadata", {}).get("deletionTimestamp"):
                 return  # deleted meanwhile: creating children now would leave orphans behind
+            if self.cache is not None:
+                self.cache.wrote(kind, current)
         if plan.status.get("restartCount", 0) > (body.get("status") or {}).get("restartCount", 0):
             self.metrics.group_restarts.inc()
         for event in plan.events:
@@ -438,18 +559,18 @@ class Reconciler:
     # -- FlowService ----------------------------------------------------------------------------
 
     async def _reconcile_flowservice(self, namespace: str, name: str) -> None:
-        body = await self.client.get(FLOWSERVICES, namespace, name)
+        body = await self._read(FLOWSERVICES, namespace, name)
         if body is None or body.get("metadata", {}).get("deletionTimestamp"):
             return
         labels = {LABEL_FLOWSERVICE: name}
         deployments, services = await asyncio.gather(
-            self.client.list(DEPLOYMENTS, namespace, labels), self.client.list(SERVICES, namespace, labels))
+            self._children(DEPLOYMENTS, namespace, labels), self._children(SERVICES, namespace, labels))
         children = ServiceChildren(deployment=deployments[0] if deployments else None,
                                    service=services[0] if services else None)
         spec = _mapping(body.get("spec"))
         ref = _mapping(_mapping(spec.get("model")).get("flowRun"))
         if isinstance(ref.get("name"), str):
-            children.flowrun = await self.client.get(FLOWRUNS, namespace, ref["name"])
+            children.flowrun = await self._read(FLOWRUNS, namespace, ref["name"])
         for field_name in ("auth",):
             secret = spec.get(field_name)
             if isinstance(secret, Mapping) and isinstance(secret.get("name"), str) \
@@ -469,11 +590,22 @@ class Reconciler:
         return names
 
 
+def _all_pods_present(flowrun: FlowRun, pods: list[dict[str, Any]]) -> bool:
+    """Whether every pod the run needs exists and is not being deleted."""
+    live = {object_name(p) for p in pods if not pod_terminating(p)}
+    return {child_name(flowrun.name, c.name) for c in compile_graph(flowrun).components} <= live
+
+
 def _try_flowrun(body: Mapping[str, Any], defaults: ClusterDefaults) -> FlowRun | None:
     try:
         return apply_cluster_defaults(validate_resource(FlowRun, flowrun_object(body), FLOWRUN_KIND), defaults)
     except InvalidResourceError:
         return None
+
+
+def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a kopf body (a view over the watch event's data) that nothing else changes."""
+    return copy.deepcopy(dict(body))
 
 
 def _mapping(value: Any) -> Mapping[str, Any]:
@@ -504,6 +636,32 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
             reconciler.client.connect(info)
         return info
 
+    # Indexes first: kopf fills them from each watch's initial list before any handler below runs.
+    def index_children(index_id: str, kind: Kind, label: str) -> None:
+        @kopf.index(kind.group, kind.version, kind.plural, id=index_id, registry=registry,
+                    labels={LABEL_MANAGED_BY: MANAGED_BY, label: kopf.PRESENT})
+        def index(**kw: Any) -> dict[tuple[str, str], dict[str, Any]]:
+            return {(kw["namespace"], kw["labels"][label]): _plain(kw["body"])}
+
+    for index_id, (child_kind, owner_label) in CHILD_INDEXES.items():
+        index_children(index_id, child_kind, owner_label)
+
+    def index_resource(index_id: str, kind: Kind) -> None:
+        @kopf.index(kind.group, kind.version, kind.plural, id=index_id, registry=registry)
+        def index(**kw: Any) -> dict[tuple[str, str], dict[str, Any]]:
+            body = _plain(kw["body"])
+            if reconciler.cache is not None:
+                reconciler.cache.saw(kind, body)
+            return {(kw["namespace"], kw["name"]): body}
+
+    for index_id, resource_kind in RESOURCE_INDEXES.items():
+        index_resource(index_id, resource_kind)
+
+    def active(**kw: Any) -> bool:
+        """Timers tick for runs that are not finished, and for finished ones that wait for their TTL."""
+        return (kw["status"] or {}).get("phase") not in (Phase.SUCCEEDED.value, Phase.FAILED.value) \
+            or (kw["spec"] or {}).get("ttlSecondsAfterFinished") is not None
+
     @kopf.on.probe(id="reconciles", registry=registry)
     def probe(**_: Any) -> float:
         return sum(reconciler.metrics.value("flowlane_operator_reconciles_total", {"kind": k, "result": "ok"})
@@ -511,6 +669,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
 
     # kopf passes every handler many keyword arguments; each takes the ones it needs from **kw.
     async def flowrun_handler(**kw: Any) -> None:
+        reconciler.use_indexes(kw)
         try:
             await reconciler.reconcile_flowrun(kw["namespace"], kw["name"])
         except (TimeoutError, ApiError, aiohttp.ClientError) as exc:
@@ -520,8 +679,9 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
         decorator(group, version, FLOWRUN_PLURAL, registry=registry, id="reconcile")(flowrun_handler)
 
     @kopf.timer(group, version, FLOWRUN_PLURAL, interval=config.reconcile_interval_s,
-                initial_delay=config.reconcile_interval_s, registry=registry, id="periodic")
+                initial_delay=config.reconcile_interval_s, registry=registry, id="periodic", when=active)
     async def flowrun_timer(**kw: Any) -> None:
+        reconciler.use_indexes(kw)
         await reconciler.poke(FLOWRUN_KIND, kw["namespace"], kw["name"])
 
     if config.explicit_cleanup:
@@ -534,9 +694,11 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
     async def pod_changed(**kw: Any) -> None:
         if kw["type"] == "ADDED" and not kw["status"]:
             return  # a pod the operator just created: nothing new to decide
+        reconciler.use_indexes(kw)
         await reconciler.poke(FLOWRUN_KIND, kw["namespace"], kw["labels"][LABEL_FLOWRUN])
 
     async def flowservice_handler(**kw: Any) -> None:
+        reconciler.use_indexes(kw)
         try:
             await reconciler.reconcile_flowservice(kw["namespace"], kw["name"])
         except (TimeoutError, ApiError, aiohttp.ClientError) as exc:
@@ -548,6 +710,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
     @kopf.timer(group, version, FLOWSERVICE_PLURAL, interval=config.reconcile_interval_s,
                 initial_delay=config.reconcile_interval_s, registry=registry, id="periodic")
     async def flowservice_timer(**kw: Any) -> None:
+        reconciler.use_indexes(kw)
         await reconciler.poke(FLOWSERVICE_KIND, kw["namespace"], kw["name"])
 
     if config.explicit_cleanup:
@@ -558,7 +721,18 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
     @kopf.on.event("apps", "v1", "deployments",
                    labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_FLOWSERVICE: kopf.PRESENT}, registry=registry)
     async def deployment_changed(**kw: Any) -> None:
+        reconciler.use_indexes(kw)
         await reconciler.poke(FLOWSERVICE_KIND, kw["namespace"], kw["labels"][LABEL_FLOWSERVICE])
+
+
+def watch_only_flowlane_children(settings: kopf.OperatorSettings) -> None:
+    """Server-side label selectors on the child watches: the API server sends only flowlane's objects.
+
+    (The handlers' ``labels=`` filters alone are applied by kopf on the client, after every pod and
+    Service in the cluster has crossed the wire.)
+    """
+    for kind in {k for k, _ in CHILD_INDEXES.values()}:
+        settings.watching.label_selectors[kind.group, kind.version, kind.plural] = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
 
 
 async def run_operator(config: OperatorConfig, *, progress_source: ProgressSource | None = None,
@@ -568,10 +742,12 @@ async def run_operator(config: OperatorConfig, *, progress_source: ProgressSourc
     registry = kopf.OperatorRegistry()
     reconciler = Reconciler(config, progress_source=progress_source, metrics=metrics, clock=clock)
     register(registry, reconciler)
+    settings = kopf_settings(config)
+    watch_only_flowlane_children(settings)
     try:
         await kopf.operator(
             registry=registry,
-            settings=kopf_settings(config),
+            settings=settings,
             clusterwide=config.clusterwide,
             namespaces=config.namespaces,
             standalone=config.standalone,

@@ -483,6 +483,24 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         self._buses = collections.defaultdict(_RecordingBus)
         self.static_resources: dict[str, kmock.ResourceInfo] = {}  # what serve_statically() declared
+        #: API requests served, by (client, verb, resource): the client is the User-Agent's product
+        #: (``flowlane-operator``, ``kopf``, ``kubectl``), the verb Kubernetes' (get, list, watch,
+        #: create, update, patch, delete), the resource ``pods``, ``flowruns.flowlane.dev``,
+        #: ``pods/status`` (``discovery`` for the API groups' resource lists). What an operator
+        #: costs the API server, measured rather than guessed.
+        self.request_counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
+
+    def count_request(self, request: Any) -> None:
+        if request.resource is None or request.action is None:
+            return
+        verb = {kmock.action.FETCH: "get", kmock.action.LIST: "list", kmock.action.WATCH: "watch",
+                kmock.action.CREATE: "create", kmock.action.DELETE: "delete"}.get(request.action)
+        if verb is None:
+            verb = "update" if request.method == kmock.method.PUT else "patch"
+        resource = "discovery" if request.resource.plural is None else \
+            _resource_name(request.resource) + (f"/{request.subresource}" if request.subresource else "")
+        client = _header(request, "User-Agent").split("/", 1)[0].strip() or "unknown"
+        self.request_counts[(client, verb, resource)] += 1
 
     def serve_statically(self, resources: Mapping[str, kmock.ResourceInfo]) -> None:
         """Serve these resources (``group/version/plural`` -> info) whether or not a CRD declares them."""
@@ -513,6 +531,7 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             raise kmock.KubernetesError(status=404, reason="NotFound",
                                         message="the emulator serves OpenAPI v3 only (/openapi/v3)")
         request = self._namespace_request(request)
+        self.count_request(request)
         if request.resource is not None and request.method == kmock.method.PUT and request.name:
             return await self._serve_replace(request)
         data = request.data
