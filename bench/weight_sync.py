@@ -212,7 +212,7 @@ async def learner_main(args: argparse.Namespace) -> list[dict[str, Any]]:
         store = open_weights_store(uri)
         command = [sys.executable, __file__, "--worker", "--grpc", f"127.0.0.1:{grpc_port}", "--token", token,
                    "--socket", str(listener.getsockname()[1]), "--store", uri, "--repeats", str(args.repeats),
-                   "--chunk-mb", *map(str, args.chunk_mb)]
+                   "--mb", str(args.mb), "--chunk-mb", *map(str, args.chunk_mb)]
         if args.repeats > 2:  # the store kept only the newest two; publish version 1 again for the worker
             publish_version(store, 1, tensors.items(), scratch=Path(tmp))
         child = await asyncio.create_subprocess_exec(*command, stdout=subprocess.PIPE,
