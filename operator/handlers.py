@@ -127,6 +127,9 @@ def kind_of(obj: Mapping[str, Any]) -> Kind:
 
 
 USER_AGENT = "flowlane-operator"
+FINISHED_PHASES = (Phase.SUCCEEDED.value, Phase.FAILED.value)
+#: How long a deleted child is not deleted again while the watch still shows it.
+DELETE_MEMORY_S = 30.0
 
 
 class ApiError(Exception):
@@ -405,6 +408,7 @@ class Reconciler:
         self.cache: WatchCache | None = None  # set by the kopf handlers; None: read everything from the API
         self._locks: dict[tuple[str, str, str], asyncio.Lock] = {}
         self._pending: set[tuple[str, str, str]] = set()
+        self._deleted: dict[str, float] = {}  # uid -> when deleted, while an index may still show it
 
     def use_indexes(self, indexes: Mapping[str, Any]) -> None:
         """Read from kopf's indexes (passed to every handler as keyword arguments) from now on."""
@@ -482,7 +486,7 @@ class Reconciler:
         children = RunChildren(pods=pods, services=services, config_maps=config_maps, network_policies=policies)
         progress: Progress | None = None
         flowrun = _try_flowrun(body, self.config.defaults)
-        if flowrun is not None:
+        if flowrun is not None and _mapping(body.get("status")).get("phase") not in FINISHED_PHASES:
             if not _all_pods_present(flowrun, pods):
                 await self._check_secrets(flowrun, children)  # running pods already found their Secrets
             progress = await self._progress(flowrun, pods)
@@ -530,7 +534,8 @@ class Reconciler:
         for event in plan.events:
             _post_event(body, event)
         # Children are independent of each other: each step's calls go out concurrently.
-        await asyncio.gather(*(self.client.delete(kind_of(o), namespace, object_name(o)) for o in plan.delete))
+        await asyncio.gather(*(self.client.delete(kind_of(o), namespace, object_name(o))
+                               for o in self._not_yet_deleted(plan.delete)))
         await asyncio.gather(*(self.client.patch(kind_of(d), namespace, object_name(d), merge_patch(o, d))
                                for o, d in plan.update))
         creates = list(plan.create)
@@ -540,6 +545,20 @@ class Reconciler:
         if plan.delete_self:
             logger.info("deleting %s/%s: ttlSecondsAfterFinished has passed", namespace, name)
             await self.client.delete(kind, namespace, name)
+
+    def _not_yet_deleted(self, objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``objects`` less those deleted moments ago (an index shows them until the watch says so)."""
+        now = time.monotonic()
+        self._deleted = {uid: t for uid, t in self._deleted.items() if now - t < DELETE_MEMORY_S}
+        out = []
+        for obj in objects:
+            uid = _mapping(obj.get("metadata")).get("uid")
+            if isinstance(uid, str) and uid in self._deleted and self.cache is not None:
+                continue
+            if isinstance(uid, str):
+                self._deleted[uid] = now
+            out.append(obj)
+        return out
 
     async def cleanup_flowrun(self, namespace: str, name: str) -> None:
         """Delete every child now (the garbage collector would, later, through owner references)."""
@@ -624,6 +643,12 @@ def _post_event(body: Mapping[str, Any], event: Event) -> None:
 # ================================================================================================
 
 
+def timer_active(**kw: Any) -> bool:
+    """A FlowRun's timer ticks while the run is not finished, or is finished and waits for its TTL."""
+    return (kw["status"] or {}).get("phase") not in FINISHED_PHASES \
+        or (kw["spec"] or {}).get("ttlSecondsAfterFinished") is not None
+
+
 def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
     """Attach flowlane's handlers to a kopf registry (one registry per operator instance)."""
     config = reconciler.config
@@ -657,11 +682,6 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
     for index_id, resource_kind in RESOURCE_INDEXES.items():
         index_resource(index_id, resource_kind)
 
-    def active(**kw: Any) -> bool:
-        """Timers tick for runs that are not finished, and for finished ones that wait for their TTL."""
-        return (kw["status"] or {}).get("phase") not in (Phase.SUCCEEDED.value, Phase.FAILED.value) \
-            or (kw["spec"] or {}).get("ttlSecondsAfterFinished") is not None
-
     @kopf.on.probe(id="reconciles", registry=registry)
     def probe(**_: Any) -> float:
         return sum(reconciler.metrics.value("flowlane_operator_reconciles_total", {"kind": k, "result": "ok"})
@@ -679,7 +699,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
         decorator(group, version, FLOWRUN_PLURAL, registry=registry, id="reconcile")(flowrun_handler)
 
     @kopf.timer(group, version, FLOWRUN_PLURAL, interval=config.reconcile_interval_s,
-                initial_delay=config.reconcile_interval_s, registry=registry, id="periodic", when=active)
+                initial_delay=config.reconcile_interval_s, registry=registry, id="periodic", when=timer_active)
     async def flowrun_timer(**kw: Any) -> None:
         reconciler.use_indexes(kw)
         await reconciler.poke(FLOWRUN_KIND, kw["namespace"], kw["name"])
