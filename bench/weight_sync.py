@@ -11,6 +11,11 @@ machine falls on every path alike; the median round is reported.
 
 - MB/s: bytes of weights over wall time, from the request to the last byte in worker memory
   (for the store: copied into the worker's weights, as the engine does with each bucket).
+- rows: ``grpc-N``: the whole stream assembled in one buffer (N MiB chunks; the worker before
+  this change); ``grpc, buckets``: the worker now, each bucket of whole layers copied into its
+  weights as soon as its last byte arrived; ``socket``: the transport's ceiling, raw bytes
+  through one reused 4 MiB buffer; ``store``:
+  fetched bucket by bucket from a ``file://`` store, copied into the weights.
 - peak extra MiB: the worker's peak resident memory during the sync above its resident memory
   before it (Linux ``VmHWM`` after resetting it through ``/proc/self/clear_refs``), next to the
   largest bucket. A vLLM engine stages each bucket once more in ``/dev/shm`` (not counted here).
@@ -38,10 +43,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-from common import markdown_table, print_header  # noqa: E402
+import torch
+from common import markdown_table, print_header
 
-from flowlane.kit.weights import (  # noqa: E402
+from flowlane.kit.weights import (
     WEIGHT_BUCKET_BYTES,
     fetch_version,
     layer_buckets,
@@ -109,7 +114,33 @@ async def _grpc_round(address: str, token: str, chunk_bytes: int) -> tuple[float
         return took, size, _peak_extra_mib(before)
 
 
+async def _grpc_buckets_round(address: str, token: str, model: dict[str, torch.Tensor]) -> tuple[float, int, float]:
+    """What the rollout worker does: each bucket of whole layers into the weights as it arrives."""
+    from flowlane.api import learner_pb2, learner_pb2_grpc
+    from flowlane.kit.grpc_common import DEFAULT_WEIGHT_CHUNK_BYTES, open_channel
+    from flowlane.kit.weights import BucketAssembler
+
+    async with open_channel(address, token) as channel:
+        stub = learner_pb2_grpc.LearnerStub(channel)
+        await stub.GetStatus(learner_pb2.StatusRequest())
+        before = _reset_peak()
+        started = time.perf_counter()
+        assembler, size = BucketAssembler(), 0
+        request = learner_pb2.WeightsRequest(min_version=1, chunk_bytes=DEFAULT_WEIGHT_CHUNK_BYTES)
+        async for chunk in stub.GetWeights(request):
+            for bucket in assembler.feed(chunk):
+                for name, tensor in bucket.items():
+                    model[name].copy_(tensor)
+                size += nbytes(bucket)
+                del bucket
+        assembler.finish()
+        return time.perf_counter() - started, size, _peak_extra_mib(before)
+
+
 def _socket_round(port: int) -> tuple[float, int, float]:
+    """The transport's ceiling: every byte through ``recv_into`` one reused 4 MiB buffer."""
+    buffer = bytearray(4 << 20)
+    view = memoryview(buffer)
     with socket.create_connection(("127.0.0.1", port)) as conn:
         before = _reset_peak()
         started = time.perf_counter()
@@ -117,16 +148,13 @@ def _socket_round(port: int) -> tuple[float, int, float]:
         while len(header) < 8:
             header += conn.recv(8 - len(header))
         total = int.from_bytes(header, "little")
-        buffer = bytearray(total)
-        view = memoryview(buffer)
         received = 0
         while received < total:
-            got = conn.recv_into(view[received:], min(total - received, 1 << 22))
+            got = conn.recv_into(view, min(total - received, len(buffer)))
             if not got:
                 raise ConnectionError("socket closed early")
             received += got
         took = time.perf_counter() - started
-        del view, buffer
         return took, total, _peak_extra_mib(before)
 
 
@@ -153,6 +181,8 @@ def worker_main(args: argparse.Namespace) -> None:
         for chunk_mb in args.chunk_mb:
             rows.setdefault(f"grpc-{chunk_mb}", []).append(
                 asyncio.run(_grpc_round(args.grpc, args.token, chunk_mb * 2**20)))
+        rows.setdefault("grpc, buckets into weights (worker)", []).append(
+            asyncio.run(_grpc_buckets_round(args.grpc, args.token, model)))
         rows.setdefault("socket", []).append(_socket_round(args.socket))
         rows.setdefault("store", []).append(_store_round(args.store, model))
     print(json.dumps(rows))
@@ -236,7 +266,8 @@ async def learner_main(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows.append({"path": "store write (learner, once per version)", "MB": total / 1e6, "seconds": write_s,
                  "MB/s": total / 1e6 / write_s, "peak extra MiB": None})
     for row in rows:
-        row["largest bucket MiB"] = largest_bucket / 2**20 if row["path"] == "store" else None
+        bucketed = "bucket" in row["path"] or row["path"] == "store"
+        row["largest bucket MiB"] = largest_bucket / 2**20 if bucketed else None
     return rows
 
 
@@ -279,7 +310,7 @@ def main() -> None:
     print(markdown_table(rows, ["path", "MB", "seconds", "MB/s", "of socket", "peak extra MiB",
                                 "largest bucket MiB"], digits=1))
     print()
-    best_grpc = max((r for r in rows if r["path"].startswith("grpc")), key=lambda r: r["MB/s"])["path"]
+    best_grpc = "grpc, buckets into weights (worker)"
     print(f"Projection from the measured rates ({best_grpc} for gRPC):\n")
     print(markdown_table(projection(rows, best_grpc), ["model (bf16)", "workers", "gRPC s = N*S/R_grpc",
                                                       "store s = S/R_write + S/R_read", "learner sends (gRPC)",

@@ -132,16 +132,21 @@ class RolloutWorker:
 
     async def _sync_weights(self, stub: Any, engine: Any, version: int) -> None:
         from flowlane.api import learner_pb2
-        from flowlane.runtime.grpc_common import assemble_weights_async
+        from flowlane.kit.weights import BucketAssembler
 
         started = time.perf_counter()
         if self.spec.engine.weight_sync.value == "store":
             got_version, nbytes = version, await self._load_from_store(engine, version)
-        else:
-            stream = stub.GetWeights(learner_pb2.WeightsRequest(min_version=version))
-            got_version, tensors = await assemble_weights_async(stream)
-            nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-            await engine.load_weights(tensors.items(), got_version)
+        else:  # each bucket of whole layers goes into the engine as soon as it has arrived
+            assembler = BucketAssembler()
+            nbytes = 0
+            async for chunk in stub.GetWeights(learner_pb2.WeightsRequest(min_version=version)):
+                for bucket in assembler.feed(chunk):
+                    nbytes += sum(t.numel() * t.element_size() for t in bucket.values())
+                    await engine.load_weights(bucket.items(), assembler.version)
+                    del bucket
+            assembler.finish()
+            got_version = assembler.version
         logs.set_context(policy_version=got_version)
         took = time.perf_counter() - started
         self.stats.weight_syncs += 1

@@ -95,3 +95,90 @@ def test_a_store_worker_loads_the_version_into_its_engine_one_bucket_at_a_time(
     assert nbytes == sum(t.numel() * 4 for t in state.values())
     assert [len(names) for names, _ in engine.calls] == [1, 3, 3, 3, 1]  # embed, one layer per call, norm
     assert {version for _, version in engine.calls} == {4}
+
+
+def _chunks(state: dict[str, torch.Tensor], chunk_bytes: int) -> list[Any]:
+    from flowlane.kit.grpc_common import iter_weight_chunks
+
+    return list(iter_weight_chunks(state, 5, chunk_bytes))
+
+
+@pytest.mark.parametrize("chunk_bytes", [7, 1000, 1 << 20])
+def test_the_grpc_stream_is_rebuilt_a_bucket_of_whole_layers_at_a_time(chunk_bytes: int) -> None:
+    from flowlane.kit.weights import BucketAssembler
+
+    state = tiny_state()
+    layer_bytes = sum(t.numel() * 4 for n, t in state.items() if n.startswith("model.layers.0."))
+    assembler = BucketAssembler(bucket_bytes=layer_bytes)
+    names: list[list[str]] = []
+    for chunk in _chunks(state, chunk_bytes):
+        for bucket in assembler.feed(chunk):  # valid until the next feed, as the engine loads it
+            names.append(list(bucket))
+            assert all(torch.equal(bucket[n], state[n]) for n in bucket)
+    assembler.finish()
+    assert assembler.version == 5
+    assert names == layer_buckets({n: t.numel() * 4 for n, t in state.items()}, layer_bytes)
+    assert len(names) == 5
+
+
+def test_a_bucket_is_handed_out_as_soon_as_its_last_byte_arrives() -> None:
+    from flowlane.kit.weights import BucketAssembler
+
+    state = tiny_state(layers=2)
+    assembler = BucketAssembler(bucket_bytes=1)  # one group per bucket
+    seen: list[int] = []
+    for chunk in _chunks(state, 256):
+        seen.append(len(list(assembler.feed(chunk))))
+    # after the header, the embedding (32 x 16 float32: 2 KiB) takes 8 chunks: handed out with the last
+    assert seen[:9] == [0] * 8 + [1]
+    assert sum(seen) == 4
+
+
+def test_a_stream_that_ends_early_is_refused() -> None:
+    from flowlane.kit.grpc_common import WeightStreamError
+    from flowlane.kit.weights import BucketAssembler
+
+    assembler = BucketAssembler()
+    for chunk in _chunks(tiny_state(), 1000)[:-1]:
+        list(assembler.feed(chunk))
+    with pytest.raises(WeightStreamError, match="ended early"):
+        assembler.finish()
+
+
+def test_a_grpc_worker_loads_each_bucket_into_its_engine_as_it_arrives() -> None:
+    from flowlane.kit.weights import WEIGHT_BUCKET_BYTES
+    from flowlane.runtime.rollout_worker import RolloutWorker
+
+    flowrun = load_flowrun(HEADER)
+    state = {f"model.layers.{i}.mlp.up_proj.weight": torch.full((1024, 1024 + i), float(i)) for i in range(20)}
+    chunks = _chunks(state, 1 << 20)
+
+    class Stub:
+        def GetWeights(self, request: Any) -> Any:
+            async def stream() -> Any:
+                for chunk in chunks:
+                    yield chunk
+            return stream()
+
+    class Engine:
+        policy_version = 0
+
+        def __init__(self) -> None:
+            self.loaded: list[str] = []
+            self.calls = 0
+
+        async def load_weights(self, weights: Any, policy_version: int) -> None:
+            for name, tensor in weights:
+                assert torch.equal(tensor, state[name])
+                self.loaded.append(name)
+            self.calls += 1
+            self.policy_version = policy_version
+
+    engine = Engine()
+    worker = RolloutWorker(flowrun, "127.0.0.1:1", [], "rollout-0", None)
+    asyncio.run(worker._sync_weights(Stub(), engine, 5))
+    assert sorted(engine.loaded) == sorted(state)
+    # each layer is a little over 4 MiB: 7 fit in a 32 MiB bucket, 8 do not; 20 layers -> 7 + 7 + 6
+    assert WEIGHT_BUCKET_BYTES == 32 * 2**20
+    assert engine.calls == 3
+    assert (engine.policy_version, worker.stats.weight_syncs) == (5, 1)

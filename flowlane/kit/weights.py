@@ -109,3 +109,103 @@ def fetch_version(store: CheckpointStore, version: int,
 
 def open_weights_store(checkpoint_uri: str, endpoint: str | None = None) -> CheckpointStore:
     return CheckpointStore.from_uri(weights_store_uri(checkpoint_uri), endpoint=endpoint, keep_last=VERSIONS_KEPT)
+
+
+class BucketAssembler:
+    """Rebuilds the gRPC weight stream (``grpc_common.iter_weight_chunks``) a bucket at a time.
+
+    ``feed`` each chunk in order and iterate it to the end; it yields the buckets (whole layers,
+    at most ``bucket_bytes`` unless one layer is larger) that the chunk completed, so a worker can
+    load each into its engine while the rest is still on the wire: a sync holds about one bucket,
+    not the model. The buckets share one buffer of the largest bucket's size: a bucket's tensors are
+    valid until the next ``feed`` (load or copy them first). ``finish`` checks the stream was
+    complete.
+    """
+
+    def __init__(self, bucket_bytes: int = WEIGHT_BUCKET_BYTES) -> None:
+        self.bucket_bytes = bucket_bytes
+        self.version = 0
+        self._buckets: list[list[Any]] = []  # entries of each bucket, in stream order
+        self._next = 0  # index of the bucket being filled
+        self._storage = bytearray()  # one buffer for every bucket, the largest one's size
+        self._buffer = memoryview(self._storage)  # the current bucket's part of it
+        self._start = 0  # stream offset of the current bucket's first byte
+        self._received = 0
+        self._total = -1
+
+    def feed(self, chunk: Any) -> Iterator[dict[str, torch.Tensor]]:
+        from flowlane.kit.grpc_common import WeightStreamError
+
+        kind = chunk.WhichOneof("payload")
+        if kind == "header":
+            if self._total >= 0:
+                raise WeightStreamError("weight stream has a second header")
+            header = chunk.header
+            self.version, self._total = header.version, header.total_bytes
+            by_name = {entry.name: entry for entry in header.tensors}
+            names = layer_buckets({entry.name: entry.nbytes for entry in header.tensors}, self.bucket_bytes)
+            self._buckets = [[by_name[n] for n in bucket] for bucket in names]
+            offsets = [entry.offset for bucket in self._buckets for entry in bucket]
+            if offsets != sorted(offsets):  # a layer's tensors are not contiguous in the stream: take it whole
+                self._buckets = [sorted(header.tensors, key=lambda entry: entry.offset)]
+            self._storage = bytearray(max((_span(b) for b in self._buckets), default=0))
+            self._open_bucket()
+            yield from self._fill(memoryview(b""), 0)
+            return
+        if self._total < 0:
+            raise WeightStreamError("weight stream data arrived before its header")
+        if chunk.offset != self._received:
+            raise WeightStreamError(f"weight stream gap: expected offset {self._received}, got {chunk.offset}")
+        data = memoryview(chunk.data)
+        end = self._received + len(data)
+        if end > self._total:
+            raise WeightStreamError(f"weight stream overflows its header: {end} > {self._total} bytes")
+        yield from self._fill(data, self._received)
+        self._received = end
+
+    def _fill(self, data: memoryview, offset: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Copy ``data`` (stream bytes from ``offset``) into the buckets it covers, handing out each
+        completed one before the next is filled (they share the buffer)."""
+        end = offset + len(data)
+        while self._next < len(self._buckets):
+            bucket_end = self._start + len(self._buffer)
+            low, high = max(offset, self._start), min(end, bucket_end)
+            if high > low:
+                self._buffer[low - self._start:high - self._start] = data[low - offset:high - offset]
+            if end < bucket_end:
+                break
+            yield self._take_bucket()
+
+    def finish(self) -> None:
+        from flowlane.kit.grpc_common import WeightStreamError
+
+        if self._total < 0:
+            raise WeightStreamError("weight stream ended without a header")
+        if self._received != self._total or self._next < len(self._buckets):
+            raise WeightStreamError(f"weight stream ended early: {self._received} of {self._total} bytes")
+
+    def _open_bucket(self) -> None:
+        if self._next < len(self._buckets):
+            entries = self._buckets[self._next]
+            self._start = entries[0].offset
+            self._buffer = memoryview(self._storage)[:_span(entries)]
+
+    def _take_bucket(self) -> dict[str, torch.Tensor]:
+        """The current bucket's tensors (views of its buffer); the next bucket becomes current."""
+        from flowlane.kit.grpc_common import _dtype_from_name
+
+        empty = torch.empty(0, dtype=torch.uint8)
+        flat = torch.frombuffer(self._buffer, dtype=torch.uint8) if len(self._buffer) else empty
+        bucket: dict[str, torch.Tensor] = {}
+        for entry in self._buckets[self._next]:
+            dtype, shape = _dtype_from_name(entry.dtype), tuple(entry.shape)
+            raw = flat[entry.offset - self._start:entry.offset - self._start + entry.nbytes]
+            bucket[entry.name] = raw.view(dtype).reshape(shape) if entry.nbytes else torch.empty(shape, dtype=dtype)
+        self._next += 1
+        self._open_bucket()
+        return bucket
+
+
+def _span(entries: list[Any]) -> int:
+    """Stream bytes from a bucket's first tensor to the end of its last."""
+    return int(entries[-1].offset + entries[-1].nbytes - entries[0].offset)
