@@ -192,7 +192,7 @@ def worker_main(args: argparse.Namespace) -> None:
 
 
 def _serve_socket(listener: socket.socket, tensors: dict[str, torch.Tensor], stop: threading.Event) -> None:
-    views = [memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B") for t in tensors.values()]
+    views = [memoryview(t.reshape(-1).view(torch.uint8).numpy().data) for t in tensors.values()]
     total = sum(len(v) for v in views)
     listener.settimeout(0.2)
     while not stop.is_set():

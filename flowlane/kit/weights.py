@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -101,10 +101,14 @@ def fetch_version(store: CheckpointStore, version: int,
     with tempfile.TemporaryDirectory(prefix="flowlane-fetch-", dir=scratch) as tmp:
         for index in range(count):
             wanted = bucket_file(index)
-            target = store.download(ref, Path(tmp) / str(index), skip=lambda path, w=wanted: path != w)
+            target = store.download(ref, Path(tmp) / str(index), skip=_all_but(wanted))
             bucket: dict[str, Any] = load_file(str(target / wanted))
             shutil.rmtree(target)
             yield bucket
+
+
+def _all_but(wanted: str) -> Callable[[str], bool]:
+    return lambda path: path != wanted
 
 
 def open_weights_store(checkpoint_uri: str, endpoint: str | None = None) -> CheckpointStore:
