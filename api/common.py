@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import re
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +34,7 @@ from pydantic import (
     Field,
     ValidationError,
     WithJsonSchema,
+    field_validator,
 )
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
@@ -144,6 +146,77 @@ class Resources(SpecModel):
     image: str | None = Field(
         None, min_length=1, description="Container image override; default: the operator's image for the role."
     )
+
+
+#: Label and annotation key prefixes the operator owns: its selectors and bookkeeping rely on them.
+RESERVED_KEY_PREFIXES: Final = ("flowlane.dev/", "app.kubernetes.io/")
+#: A label or annotation key: an optional DNS-subdomain prefix and a name of up to 63 characters.
+METADATA_KEY_PATTERN = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
+
+ObjectName = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)]
+
+
+class PodTemplate(SpecModel):
+    """Pod metadata and scheduling that pass through to every pod of the resource, unchanged.
+
+    What a platform needs of its pods that flowlane has no opinion on: a Kueue queue
+    (label ``kueue.x-k8s.io/queue-name``), a cost-centre label, a priority class, a custom
+    scheduler, a service account for workload identity, pull secrets for a private registry.
+    """
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "!has(self.labels) || self.labels.all(k, !k.startsWith('flowlane.dev/') && "
+                 "!k.startsWith('app.kubernetes.io/'))",
+         "message": "label keys under flowlane.dev/ and app.kubernetes.io/ belong to the operator",
+         "fieldPath": ".labels"},
+        {"rule": "!has(self.annotations) || self.annotations.all(k, !k.startsWith('flowlane.dev/'))",
+         "message": "annotation keys under flowlane.dev/ belong to the operator", "fieldPath": ".annotations"},
+    ]})
+
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Labels added to every pod; keys under flowlane.dev/ and "
+        "app.kubernetes.io/ are the operator's.")
+    annotations: dict[str, str] = Field(
+        default_factory=dict,
+        description="Annotations added to every pod; keys under flowlane.dev/ are the operator's.")
+    priority_class_name: ObjectName | None = Field(None, description="PriorityClass of every pod.")
+    scheduler_name: ObjectName | None = Field(None, description="Scheduler of every pod; default: the cluster's.")
+    service_account_name: ObjectName | None = Field(
+        None, description="ServiceAccount the pods run as (its API token is still not mounted); default: "
+        "the namespace's default.")
+    image_pull_secrets: list[ObjectName] = Field(
+        default_factory=list, max_length=16, description="Secrets for pulling the images, added to the "
+        "operator's own (the chart's imagePullSecrets).")
+
+    @field_validator("labels")
+    @classmethod
+    def _own_labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        for key, value in labels.items():
+            _check_metadata_key(key)
+            if key.startswith(RESERVED_KEY_PREFIXES):
+                raise field_error(key, "label keys under flowlane.dev/ and app.kubernetes.io/ belong to the "
+                                  "operator; choose another prefix")
+            if len(value) > 63 or not re.match(LABEL_VALUE_PATTERN, value):
+                raise field_error(key, f"a label value is at most 63 letters, digits, '-', '_' and '.', starting "
+                                  f"and ending with a letter or digit, got {value!r}")
+        return labels
+
+    @field_validator("annotations")
+    @classmethod
+    def _own_annotations(cls, annotations: dict[str, str]) -> dict[str, str]:
+        for key in annotations:
+            _check_metadata_key(key)
+            if key.startswith(RESERVED_KEY_PREFIXES[0]):
+                raise field_error(key, "annotation keys under flowlane.dev/ belong to the operator; "
+                                  "choose another prefix")
+        return annotations
+
+
+def _check_metadata_key(key: str) -> None:
+    if len(key) > 317 or not re.match(METADATA_KEY_PATTERN, key):
+        raise field_error(key, "not a label or annotation key: an optional DNS-subdomain prefix and '/', then "
+                          "up to 63 letters, digits, '-', '_' and '.'")
 
 
 class SecretKeyRef(SpecModel):

@@ -33,6 +33,7 @@ from flowlane.api.common import (
     TOOL_NAME_PATTERN,
     Condition,
     ObjectMeta,
+    PodTemplate,
     Quantity,
     Resources,
     S3CredentialsSecret,
@@ -412,6 +413,10 @@ class FlowRunSpec(SpecModel):
     grpc_auth: SecretKeyRef | None = Field(
         None,
         description="Secret key with the shared gRPC token; default: the operator creates <name>-grpc-token.",
+    )
+    pod_template: PodTemplate = Field(
+        default_factory=PodTemplate, description="Labels, annotations, priority class, scheduler, service account "
+        "and pull secrets of every pod of the run (learner, rollout, sandbox).",
     )
 
     @field_validator("tools")

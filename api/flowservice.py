@@ -22,6 +22,7 @@ from flowlane.api.common import (
     GROUP_VERSION,
     Condition,
     ObjectMeta,
+    PodTemplate,
     Quantity,
     Resources,
     SecretKeyRef,
@@ -146,6 +147,10 @@ class FlowServiceSpec(SpecModel):
         None, description="S3 endpoint and credentials for an s3:// model.uri; a flowRun source uses the FlowRun's."
     )
     port: int = Field(DEFAULT_PORT, ge=1, le=65535, description="HTTP port of the gateway and its Service.")
+    pod_template: PodTemplate = Field(
+        default_factory=PodTemplate, description="Labels, annotations, priority class, scheduler, service account "
+        "and pull secrets of every gateway pod.",
+    )
 
 
 class FlowServiceStatus(SpecModel):

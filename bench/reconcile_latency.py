@@ -6,8 +6,8 @@ emulator counts every request by client (User-Agent), verb and resource; only th
 (``flowlane-operator`` and ``kopf``) are counted here, not the benchmark's own. Per mode:
 
 - **latency, 1 FlowRun**: one at a time, ``--single`` times in a row: the time the emulator stored
-  the FlowRun to the time it stored the last of its 8 children (3 pods, 2 headless Services, the
-  run ConfigMap, the sandbox NetworkPolicy, the token Secret), measured on the server side;
+  the FlowRun to the time it stored the last of its 9 children (3 pods, 2 headless Services, the
+  run ConfigMap, the sandbox NetworkPolicy, the PodDisruptionBudget, the token Secret), measured on the server side;
 - **latency, N at once** (``--burst``): N FlowRuns created by 16 clients concurrently;
 - **requests per FlowRun, creation to Running**: from the first create until every run of the
   burst is Running (the benchmark plays the kubelet: it sets each pod Running once all exist);
@@ -66,7 +66,7 @@ from flowlane.operator.settings import OperatorConfig
 
 CHILDREN = [("pods", "learner"), ("pods", "rollout-0"), ("pods", "sandbox-0"), ("services", "learner"),
             ("services", "sandbox-0"), ("configmaps", "config"), ("networkpolicies", "sandbox-policy"),
-            ("secrets", "grpc-token")]
+            ("poddisruptionbudgets", "pdb"), ("secrets", "grpc-token")]
 OPERATOR_CLIENTS = ("flowlane-operator", "kopf")
 CREATED_PATH = "/bench/created"
 REQUESTS_PATH = "/bench/requests"

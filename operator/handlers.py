@@ -115,11 +115,12 @@ CONFIG_MAPS = Kind("", "v1", "configmaps")
 SECRETS = Kind("", "v1", "secrets")
 NETWORK_POLICIES = Kind("networking.k8s.io", "v1", "networkpolicies")
 DEPLOYMENTS = Kind("apps", "v1", "deployments")
+DISRUPTION_BUDGETS = Kind("policy", "v1", "poddisruptionbudgets")
 FLOWRUNS = Kind("flowlane.dev", "v1alpha1", FLOWRUN_PLURAL)
 FLOWSERVICES = Kind("flowlane.dev", "v1alpha1", FLOWSERVICE_PLURAL)
 KINDS_BY_OBJECT = {("v1", "Pod"): PODS, ("v1", "Service"): SERVICES, ("v1", "ConfigMap"): CONFIG_MAPS,
                    ("v1", "Secret"): SECRETS, ("networking.k8s.io/v1", "NetworkPolicy"): NETWORK_POLICIES,
-                   ("apps/v1", "Deployment"): DEPLOYMENTS}
+                   ("apps/v1", "Deployment"): DEPLOYMENTS, ("policy/v1", "PodDisruptionBudget"): DISRUPTION_BUDGETS}
 
 
 def kind_of(obj: Mapping[str, Any]) -> Kind:
@@ -332,6 +333,7 @@ CHILD_INDEXES: dict[str, tuple[Kind, str]] = {
     "flowlane_run_services": (SERVICES, LABEL_FLOWRUN),
     "flowlane_run_config_maps": (CONFIG_MAPS, LABEL_FLOWRUN),
     "flowlane_run_network_policies": (NETWORK_POLICIES, LABEL_FLOWRUN),
+    "flowlane_run_disruption_budgets": (DISRUPTION_BUDGETS, LABEL_FLOWRUN),
     "flowlane_service_deployments": (DEPLOYMENTS, LABEL_FLOWSERVICE),
     "flowlane_service_services": (SERVICES, LABEL_FLOWSERVICE),
 }
@@ -479,11 +481,13 @@ class Reconciler:
         if body is None or body.get("metadata", {}).get("deletionTimestamp"):
             return
         labels = {LABEL_FLOWRUN: name}
-        pods, services, config_maps, policies = await asyncio.gather(
+        pods, services, config_maps, policies, budgets = await asyncio.gather(
             self._children(PODS, namespace, labels), self._children(SERVICES, namespace, labels),
             self._children(CONFIG_MAPS, namespace, labels), self._children(NETWORK_POLICIES, namespace, labels),
+            self._children(DISRUPTION_BUDGETS, namespace, labels),
         )
-        children = RunChildren(pods=pods, services=services, config_maps=config_maps, network_policies=policies)
+        children = RunChildren(pods=pods, services=services, config_maps=config_maps, network_policies=policies,
+                               disruption_budgets=budgets)
         progress: Progress | None = None
         flowrun = _try_flowrun(body, self.config.defaults)
         if flowrun is not None and _mapping(body.get("status")).get("phase") not in FINISHED_PHASES:
@@ -563,7 +567,7 @@ class Reconciler:
     async def cleanup_flowrun(self, namespace: str, name: str) -> None:
         """Delete every child now (the garbage collector would, later, through owner references)."""
         labels = {LABEL_FLOWRUN: name}
-        for child_kind in (PODS, SERVICES, CONFIG_MAPS, NETWORK_POLICIES, SECRETS):
+        for child_kind in (PODS, SERVICES, CONFIG_MAPS, NETWORK_POLICIES, DISRUPTION_BUDGETS, SECRETS):
             for obj in await self.client.list(child_kind, namespace, labels):
                 if obj.get("metadata", {}).get("labels", {}).get(LABEL_MANAGED_BY) == MANAGED_BY:
                     await self.client.delete(child_kind, namespace, object_name(obj))

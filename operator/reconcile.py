@@ -132,6 +132,7 @@ class RunChildren:
     services: list[dict[str, Any]] = field(default_factory=list)
     config_maps: list[dict[str, Any]] = field(default_factory=list)
     network_policies: list[dict[str, Any]] = field(default_factory=list)
+    disruption_budgets: list[dict[str, Any]] = field(default_factory=list)
     token_secret_exists: bool = True
     missing_secrets: list[str] = field(default_factory=list)
 
@@ -368,7 +369,8 @@ def plan_flowrun(body: Mapping[str, Any], children: RunChildren, progress: Progr
     spec = flowrun.spec
     rendered = render_flowrun(flowrun, epoch=st.new.restart_count, options=options)
     _sync_static(rendered.static_children(),
-                 [*children.config_maps, *children.services, *children.network_policies], plan)
+                 [*children.config_maps, *children.services, *children.network_policies,
+                  *children.disruption_budgets], plan)
     plan.create_token_secret = rendered.token_secret_name is not None and not children.token_secret_exists
 
     if spec.suspend:

@@ -20,9 +20,10 @@ restart and a spec change rolls exactly the pods it affects.
 Other children: one headless Service per serving component (``<run>-learner``,
 ``<run>-sandbox-N``) so components reach each other at ``<service>.<namespace>.svc`` on fixed
 ports; a ConfigMap with the run config every component reads; a NetworkPolicy that lets only the
-run's rollout workers reach its sandboxes and lets sandboxes reach nothing; and, when the spec names
-no token Secret, a generated one. Everything carries an owner reference to the FlowRun, so the
-garbage collector removes it with the run.
+run's rollout workers reach its sandboxes and lets sandboxes reach nothing; a PodDisruptionBudget
+that keeps drains from evicting the learner and rollout pods (one lost member restarts the
+group); and, when the spec names no token Secret, a generated one. Everything carries an owner
+reference to the FlowRun, so the garbage collector removes it with the run.
 
 A FlowService renders to a Deployment of gateway pods (a rolling update with ``maxUnavailable: 0``
 gives a checkpoint change no downtime) and a ClusterIP Service in front of them.
@@ -38,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from flowlane.api.common import GROUP_VERSION, Resources
+from flowlane.api.common import GROUP_VERSION, PodTemplate, Resources
 from flowlane.api.flowrun import KIND as FLOWRUN_KIND
 from flowlane.api.flowrun import FlowRun, ModelVolume, tool_secret_env
 from flowlane.api.flowservice import KIND as FLOWSERVICE_KIND
@@ -96,8 +97,17 @@ class RenderOptions:
     #: Secrets for a private registry (the chart's imagePullSecrets), on every pod the operator renders.
     image_pull_secrets: tuple[str, ...] = ()
 
-    def pod_extras(self) -> dict[str, Any]:
-        return {"imagePullSecrets": [{"name": n} for n in self.image_pull_secrets]} if self.image_pull_secrets else {}
+    def pod_extras(self, template: PodTemplate | None = None) -> dict[str, Any]:
+        """Pod spec fields from these options and a resource's ``podTemplate`` (pull secrets: both)."""
+        template = template or PodTemplate()
+        secrets = list(dict.fromkeys([*self.image_pull_secrets, *template.image_pull_secrets]))
+        extras: dict[str, Any] = {"imagePullSecrets": [{"name": n} for n in secrets]} if secrets else {}
+        for key, value in (("priorityClassName", template.priority_class_name),
+                           ("schedulerName", template.scheduler_name),
+                           ("serviceAccountName", template.service_account_name)):
+            if value:
+                extras[key] = value
+        return extras
 
     def image_for(self, role: Role) -> str:
         return {Role.LEARNER: self.learner_image, Role.ROLLOUT: self.rollout_image,
@@ -131,10 +141,12 @@ class RenderedRun:
     pods: list[dict[str, Any]]
     token_secret_name: str | None  # set when the operator must create the token Secret
     graph: ProcessGraph = field(repr=False)
+    disruption_budget: dict[str, Any] = field(default_factory=dict)
 
     def static_children(self) -> list[dict[str, Any]]:
         """Children that live as long as the run (not stopped by suspend or completion)."""
-        return [self.config_map, *self.services, self.network_policy]
+        return [self.config_map, *self.services, self.network_policy,
+                *([self.disruption_budget] if self.disruption_budget else [])]
 
 
 # -- names and labels -----------------------------------------------------------------------------
@@ -150,6 +162,10 @@ def config_map_name(run: str) -> str:
 
 def network_policy_name(run: str) -> str:
     return f"{run}-sandbox-policy"
+
+
+def disruption_budget_name(run: str) -> str:
+    return f"{run}-pdb"
 
 
 def run_labels(run: str) -> dict[str, str]:
@@ -222,6 +238,8 @@ def render_flowrun(flowrun: FlowRun, *, epoch: int, options: RenderOptions | Non
     policy = _sandbox_network_policy(graph, owner)
     policy["metadata"]["annotations"] = {ANNOTATION_HASH: content_hash(policy["spec"])}
     pods = [_pod(graph, c, owner, flowrun, epoch, options, config_text) for c in graph.components]
+    budget = _group_disruption_budget(graph, owner)
+    budget["metadata"]["annotations"] = {ANNOTATION_HASH: content_hash(budget["spec"])}
     return RenderedRun(
         config_map=config_map,
         services=services,
@@ -229,6 +247,7 @@ def render_flowrun(flowrun: FlowRun, *, epoch: int, options: RenderOptions | Non
         pods=pods,
         token_secret_name=graph.token.secret if graph.token_generated else None,
         graph=graph,
+        disruption_budget=budget,
     )
 
 
@@ -277,6 +296,25 @@ def _sandbox_network_policy(graph: ProcessGraph, owner: Owner) -> dict[str, Any]
                 "ports": [{"protocol": "TCP", "port": port} for port in sandbox_ports],
             }],
             "egress": [],  # untrusted code reaches nothing, not even DNS
+        },
+    }
+
+
+def _group_disruption_budget(graph: ProcessGraph, owner: Owner) -> dict[str, Any]:
+    """No voluntary eviction (a node drain, the autoscaler) of a learner or rollout pod.
+
+    Losing one of them restarts the whole group from the last checkpoint, so a drain waits until
+    the run finishes or is suspended (``spec.suspend: true`` frees its nodes at once). Sandboxes
+    are replaced alone and stay evictable.
+    """
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(disruption_budget_name(graph.run), owner, run_labels(graph.run)),
+        "spec": {
+            "maxUnavailable": 0,
+            "selector": {"matchLabels": {LABEL_FLOWRUN: graph.run}, "matchExpressions": [
+                {"key": LABEL_ROLE, "operator": "In", "values": [Role.LEARNER.value, Role.ROLLOUT.value]}]},
         },
     }
 
@@ -386,17 +424,18 @@ def _pod(graph: ProcessGraph, component: Component, owner: Owner, flowrun: FlowR
         "containers": [container],
         "volumes": volumes,
         **_scheduling(component.resources),
-        **options.pod_extras(),
+        **options.pod_extras(flowrun.spec.pod_template),
         **({"runtimeClassName": flowrun.spec.sandbox.runtime_class_name}  # gVisor, Kata: sandbox pods only
            if sandbox and flowrun.spec.sandbox.runtime_class_name else {}),
     }
-    labels = component_labels(graph.run, component)
-    spec_hash = content_hash(pod_spec, labels, config_text)
+    template = flowrun.spec.pod_template
+    labels = template.labels | component_labels(graph.run, component)  # the operator's own labels win
+    spec_hash = content_hash(pod_spec, labels, template.annotations, config_text)
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": _meta(child_name(graph.run, component.name), owner,
-                          labels | {LABEL_EPOCH: str(epoch)}, {ANNOTATION_HASH: spec_hash}),
+                          labels | {LABEL_EPOCH: str(epoch)}, template.annotations | {ANNOTATION_HASH: spec_hash}),
         "spec": pod_spec,
     }
 
@@ -500,7 +539,8 @@ def render_flowservice(fsvc: FlowService, *, checkpoint: str, storage_env: Seque
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "revisionHistoryLimit": 3,
             "template": {
-                "metadata": {"labels": labels, "annotations": {ANNOTATION_CHECKPOINT: checkpoint}},
+                "metadata": {"labels": fsvc.spec.pod_template.labels | labels,
+                             "annotations": fsvc.spec.pod_template.annotations | {ANNOTATION_CHECKPOINT: checkpoint}},
                 "spec": {
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
@@ -508,7 +548,7 @@ def render_flowservice(fsvc: FlowService, *, checkpoint: str, storage_env: Seque
                     "containers": [container],
                     "volumes": volumes,
                     **_scheduling(fsvc.spec.resources),
-                    **options.pod_extras(),
+                    **options.pod_extras(fsvc.spec.pod_template),
                 },
             },
         },

@@ -73,6 +73,9 @@ _RESOURCES: dict[str, kmock.ResourceInfo] = {
     "v1/namespaces": kmock.ResourceInfo(kind="Namespace", singular="namespace", namespaced=False, shortnames={"ns"}),
     "networking.k8s.io/v1/networkpolicies": kmock.ResourceInfo(
         kind="NetworkPolicy", singular="networkpolicy", namespaced=True, shortnames={"netpol"}),
+    "policy/v1/poddisruptionbudgets": kmock.ResourceInfo(
+        kind="PodDisruptionBudget", singular="poddisruptionbudget", namespaced=True, shortnames={"pdb"},
+        subresources={"status"}),
     "apps/v1/deployments": kmock.ResourceInfo(kind="Deployment", singular="deployment", namespaced=True,
                                               shortnames={"deploy"}, subresources={"status", "scale"}),
     "apiextensions.k8s.io/v1/customresourcedefinitions": kmock.ResourceInfo(

@@ -251,6 +251,7 @@ def test_cluster_scope_grants_the_operator_its_resources_cluster_wide(
     assert _grants(rules, "flowlane.dev", "flowruns/status") == {"get", "patch", "update"}
     assert _grants(rules, "", "pods") >= {"create", "delete", "watch"}
     assert _grants(rules, "networking.k8s.io", "networkpolicies") >= {"create", "delete"}
+    assert _grants(rules, "policy", "poddisruptionbudgets") >= {"create", "delete", "watch", "patch"}
     assert not [o for o in rendered["default"] if o["kind"] in {"Role", "RoleBinding"}]
 
 

@@ -515,7 +515,7 @@ def test_a_garbage_status_is_ignored_not_fatal() -> None:
     result = plan(body(status={"phase": "Dancing", "restartCount": 2, "conditions": "x"}), [])
     assert result.status["phase"] == "Pending"
     assert result.status["restartCount"] == 2
-    assert len(result.create) == 3 + 2 + 1 + 1  # pods, services, config map, network policy
+    assert len(result.create) == 3 + 2 + 1 + 1 + 1  # pods, services, config map, network policy, disruption budget
 
 
 def test_deadline_counts_from_the_start_time() -> None:

@@ -135,7 +135,8 @@ def test_rendered_flowservice_objects_validate_against_kubernetes() -> None:
 def test_children_have_deterministic_names_and_owner_references() -> None:
     objs = all_objects(flowrun(TWO_BY_TWO))
     assert sorted(o["metadata"]["name"] for o in objs) == [
-        "demo-config", "demo-grpc-token", "demo-learner", "demo-learner", "demo-rollout-0", "demo-rollout-1",
+        "demo-config", "demo-grpc-token", "demo-learner", "demo-learner", "demo-pdb", "demo-rollout-0",
+        "demo-rollout-1",
         "demo-sandbox-0", "demo-sandbox-0", "demo-sandbox-1", "demo-sandbox-1", "demo-sandbox-policy"]
     for obj in objs:
         assert obj["metadata"]["ownerReferences"] == [{
