@@ -14,7 +14,8 @@ machine falls on every path alike; the median round is reported.
 - rows: ``grpc-N``: the whole stream assembled in one buffer (N MiB chunks; the worker before
   this change); ``grpc, buckets``: the worker now, each bucket of whole layers copied into its
   weights as soon as its last byte arrived; ``socket``: the transport's ceiling, raw bytes
-  through one reused 4 MiB buffer; ``store``:
+  through one reused 4 MiB buffer (``into one new buffer``: into a fresh model-sized buffer, the
+  like-for-like baseline of ``grpc-N``); ``store``:
   fetched bucket by bucket from a ``file://`` store, copied into the weights.
 - peak extra MiB: the worker's peak resident memory during the sync above its resident memory
   before it (Linux ``VmHWM`` after resetting it through ``/proc/self/clear_refs``), next to the
@@ -137,10 +138,9 @@ async def _grpc_buckets_round(address: str, token: str, model: dict[str, torch.T
         return time.perf_counter() - started, size, _peak_extra_mib(before)
 
 
-def _socket_round(port: int) -> tuple[float, int, float]:
-    """The transport's ceiling: every byte through ``recv_into`` one reused 4 MiB buffer."""
-    buffer = bytearray(4 << 20)
-    view = memoryview(buffer)
+def _socket_round(port: int, whole: bool) -> tuple[float, int, float]:
+    """Raw bytes through ``recv_into``: one reused 4 MiB buffer (the transport's ceiling), or with
+    ``whole`` one new buffer of the model's size (as the stream assembled whole was received)."""
     with socket.create_connection(("127.0.0.1", port)) as conn:
         before = _reset_peak()
         started = time.perf_counter()
@@ -148,9 +148,12 @@ def _socket_round(port: int) -> tuple[float, int, float]:
         while len(header) < 8:
             header += conn.recv(8 - len(header))
         total = int.from_bytes(header, "little")
+        buffer = bytearray(total if whole else 4 << 20)
+        view = memoryview(buffer)
         received = 0
         while received < total:
-            got = conn.recv_into(view, min(total - received, len(buffer)))
+            target = view[received:] if whole else view
+            got = conn.recv_into(target, min(total - received, 4 << 20))
             if not got:
                 raise ConnectionError("socket closed early")
             received += got
@@ -183,7 +186,8 @@ def worker_main(args: argparse.Namespace) -> None:
                 asyncio.run(_grpc_round(args.grpc, args.token, chunk_mb * 2**20)))
         rows.setdefault("grpc, buckets into weights (worker)", []).append(
             asyncio.run(_grpc_buckets_round(args.grpc, args.token, model)))
-        rows.setdefault("socket", []).append(_socket_round(args.socket))
+        rows.setdefault("socket", []).append(_socket_round(args.socket, whole=False))
+        rows.setdefault("socket, into one new buffer", []).append(_socket_round(args.socket, whole=True))
         rows.setdefault("store", []).append(_store_round(args.store, model))
     print(json.dumps(rows))
 
@@ -305,9 +309,12 @@ def main() -> None:
                                        "rounds (median), learner and worker in two processes on loopback"])
     rows = asyncio.run(learner_main(args))
     socket_rate = next(r["MB/s"] for r in rows if r["path"] == "socket")
+    whole_rate = next(r["MB/s"] for r in rows if r["path"] == "socket, into one new buffer")
     for row in rows:
         row["of socket"] = f"{row['MB/s'] / socket_rate:.0%}" if row["path"].startswith(("grpc", "socket")) else ""
-    print(markdown_table(rows, ["path", "MB", "seconds", "MB/s", "of socket", "peak extra MiB",
+        if row["path"].startswith("grpc-"):
+            row["of socket, new buffer"] = f"{row['MB/s'] / whole_rate:.0%}"
+    print(markdown_table(rows, ["path", "MB", "seconds", "MB/s", "of socket", "of socket, new buffer", "peak extra MiB",
                                 "largest bucket MiB"], digits=1))
     print()
     best_grpc = "grpc, buckets into weights (worker)"
