@@ -161,6 +161,15 @@ def test_pods_reach_each_other_through_headless_services() -> None:
     assert pods["demo-sandbox-1"]["spec"]["containers"][0]["command"][-4:] == ["--port", "50052", "--host", "0.0.0.0"]
 
 
+def test_a_learner_pod_with_several_gpus_runs_one_rank_per_gpu_under_torchrun() -> None:
+    pods = by_name(render_flowrun(flowrun("{learner: {resources: {gpu: 4}}}"), epoch=0).pods)
+    container = pods["demo-learner"]["spec"]["containers"][0]
+    assert container["command"] == [
+        "torchrun", "--standalone", "--nproc-per-node=4", "--max-restarts=0", "-m", "flowlane.cli",
+        "learner", "--config", POD_CONFIG_PATH, "--port", "50051", "--host", "0.0.0.0"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
+
+
 def test_secrets_reach_pods_only_as_secret_key_refs() -> None:
     pods = by_name(render_flowrun(flowrun(TWO_BY_TWO), epoch=0).pods)
     env = env_of(pods["demo-learner"])
