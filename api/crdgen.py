@@ -183,6 +183,7 @@ def flowrun_crd() -> dict[str, Any]:
         columns=[
             _printer_column("Phase", "string", ".status.phase", "Where the run is in its life."),
             _printer_column("Step", "integer", ".status.step", "Training steps completed."),
+            _printer_column("Policy", "integer", ".status.policyVersion", "Newest policy version published."),
             _printer_column("Reward", "number", ".status.reward", "Mean reward of the last step."),
             _printer_column("Restarts", "integer", ".status.restartCount", "Whole-group restarts so far."),
             _printer_column("Accuracy", "number", ".status.heldOutAccuracy", "Latest held-out accuracy.", 1),

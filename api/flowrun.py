@@ -80,7 +80,11 @@ class Phase(enum.StrEnum):
 
 class ConditionType(enum.StrEnum):
     ACCEPTED = "Accepted"  # the spec is valid and can be placed on this backend
+    ADMITTED = "Admitted"  # the API server took every pod (no quota or admission webhook refused one)
     READY = "Ready"  # every pod of the group runs
+    RUNNING = "Running"  # every pod of the group runs (Ready's twin, named as training operators name it)
+    ROLLOUT_DEGRADED = "RolloutDegraded"  # the learner runs but a rollout worker is missing or not up
+    CHECKPOINTED = "Checkpointed"  # a complete checkpoint exists; its URI is the message
     RESTARTING = "Restarting"
     SUSPENDED = "Suspended"
     SUCCEEDED = "Succeeded"
@@ -467,7 +471,8 @@ class FlowRunStatus(SpecModel):
     message: str | None = Field(None, description="One line on the current phase: what happens or what to fix.")
     conditions: list[Condition] = Field(
         default_factory=list,
-        description="Accepted, Ready, Restarting, Suspended, Succeeded, Failed.",
+        description="Accepted, Admitted, Ready, Running, RolloutDegraded, Checkpointed, Restarting, Suspended, "
+        "Succeeded, Failed; each with a reason and a message.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     observed_generation: int | None = Field(None, ge=0, description="metadata.generation the status reflects.")

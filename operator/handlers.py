@@ -139,6 +139,12 @@ class ApiError(Exception):
     def __init__(self, status: int, method: str, path: str, message: str) -> None:
         super().__init__(f"{method} {path}: HTTP {status}: {message}")
         self.status = status
+        self.message = message
+
+
+#: Answers to a create that mean "not this object, not now" (a ResourceQuota, an admission webhook,
+#: a policy engine): they go to the resource's status, not into kopf's retry loop.
+REJECTION_STATUSES = frozenset({400, 403, 422})
 
 
 class KubeClient:
@@ -411,6 +417,7 @@ class Reconciler:
         self._locks: dict[tuple[str, str, str], asyncio.Lock] = {}
         self._pending: set[tuple[str, str, str]] = set()
         self._deleted: dict[str, float] = {}  # uid -> when deleted, while an index may still show it
+        self._rejected: dict[tuple[str, str], list[str]] = {}  # (namespace, run) -> refused creates
 
     def use_indexes(self, indexes: Mapping[str, Any]) -> None:
         """Read from kopf's indexes (passed to every handler as keyword arguments) from now on."""
@@ -494,8 +501,19 @@ class Reconciler:
             if not _all_pods_present(flowrun, pods):
                 await self._check_secrets(flowrun, children)  # running pods already found their Secrets
             progress = await self._progress(flowrun, pods)
+        children.rejected = self._rejected.get((namespace, name), [])
         plan = plan_flowrun(body, children, progress, self.clock(), self.config.render, self.config.defaults)
-        await self._apply(FLOWRUNS, body, plan, flowrun)
+        rejected = await self._apply(FLOWRUNS, body, plan, flowrun)
+        if rejected != children.rejected:
+            if rejected:
+                self._rejected[(namespace, name)] = rejected
+            else:
+                self._rejected.pop((namespace, name), None)
+            # Say so now, not at the next trigger: the status and events of a plan that knows.
+            children.rejected = rejected
+            body = await self._read(FLOWRUNS, namespace, name) or body
+            again = plan_flowrun(body, children, progress, self.clock(), self.config.render, self.config.defaults)
+            await self._apply(FLOWRUNS, body, Plan(status=again.status, events=again.events), flowrun)
         old = _mapping(body.get("status"))
         if any(plan.status.get(k) != old.get(k) for k in ("lastCheckpoint", "bestCheckpoint")):
             for service in await self.flowservices_using(namespace, name):  # roll them to the new checkpoint
@@ -523,14 +541,15 @@ class Reconciler:
             logger.info("no progress from %s/%s: %s", flowrun.namespace, flowrun.name, exc)
             return None
 
-    async def _apply(self, kind: Kind, body: Mapping[str, Any], plan: Plan, flowrun: FlowRun | None) -> None:
+    async def _apply(self, kind: Kind, body: Mapping[str, Any], plan: Plan, flowrun: FlowRun | None) -> list[str]:
+        """Write ``plan``; the creates the API server refused (``REJECTION_STATUSES``), one line each."""
         meta = body["metadata"]
         namespace, name = meta.get("namespace", "default"), meta["name"]
         patch = status_patch(body.get("status"), plan.status)
         if patch:
             current = await self.client.patch(kind, namespace, name, {"status": patch}, subresource="status")
             if current is None or current.get("metadata", {}).get("deletionTimestamp"):
-                return  # deleted meanwhile: creating children now would leave orphans behind
+                return []  # deleted meanwhile: creating children now would leave orphans behind
             if self.cache is not None:
                 self.cache.wrote(kind, current)
         if plan.status.get("restartCount", 0) > (body.get("status") or {}).get("restartCount", 0):
@@ -545,10 +564,18 @@ class Reconciler:
         creates = list(plan.create)
         if plan.create_token_secret and flowrun is not None:
             creates.insert(0, render_token_secret(flowrun, secrets.token_urlsafe(32)))
-        await asyncio.gather(*(self.client.create(obj) for obj in creates))
+        results = await asyncio.gather(*(self.client.create(obj) for obj in creates), return_exceptions=True)
+        rejected = [f"{obj['kind']} {object_name(obj)}: {result.message}"
+                    for obj, result in zip(creates, results, strict=True)
+                    if isinstance(result, ApiError) and result.status in REJECTION_STATUSES]
+        failed = [r for r in results if isinstance(r, BaseException)
+                  and not (isinstance(r, ApiError) and r.status in REJECTION_STATUSES)]
+        if failed:
+            raise failed[0]
         if plan.delete_self:
             logger.info("deleting %s/%s: ttlSecondsAfterFinished has passed", namespace, name)
             await self.client.delete(kind, namespace, name)
+        return rejected
 
     def _not_yet_deleted(self, objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """``objects`` less those deleted moments ago (an index shows them until the watch says so)."""

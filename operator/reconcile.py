@@ -135,6 +135,8 @@ class RunChildren:
     disruption_budgets: list[dict[str, Any]] = field(default_factory=list)
     token_secret_exists: bool = True
     missing_secrets: list[str] = field(default_factory=list)
+    #: Creates the API server refused last time (a quota, an admission webhook), one line each.
+    rejected: list[str] = field(default_factory=list)
 
 
 def object_name(obj: Mapping[str, Any]) -> str:
@@ -365,6 +367,9 @@ def plan_flowrun(body: Mapping[str, Any], children: RunChildren, progress: Progr
     # Progress first: it can finish the run.
     if progress is not None:
         _apply_progress(st.new, progress)
+    if st.new.last_checkpoint:
+        at = f" (step {st.new.step})" if st.new.step is not None else ""
+        st.condition(ConditionType.CHECKPOINTED, True, "CheckpointWritten", f"{st.new.last_checkpoint}{at}")
 
     spec = flowrun.spec
     rendered = render_flowrun(flowrun, epoch=st.new.restart_count, options=options)
@@ -378,6 +383,8 @@ def plan_flowrun(body: Mapping[str, Any], children: RunChildren, progress: Progr
         st.new.start_time = None  # like a Job: the deadline counts from the resume
         st.condition(ConditionType.SUSPENDED, True, "Suspended", "spec.suspend is true: pods stopped")
         st.condition(ConditionType.READY, False, "Suspended", "spec.suspend is true")
+        st.clear(ConditionType.RUNNING, "Suspended", "spec.suspend is true")
+        st.clear(ConditionType.ADMITTED, "Suspended", "spec.suspend is true: no pods are asked for")
         st.phase(Phase.SUSPENDED, "suspended: pods stopped, checkpoints kept; set spec.suspend=false to resume",
                  "Suspended")
         return done()
@@ -414,8 +421,11 @@ def plan_flowrun(body: Mapping[str, Any], children: RunChildren, progress: Progr
         plan.delete += live_pods
         st.condition(ConditionType.RESTARTING, True, "PodFailed", reason)
         st.condition(ConditionType.READY, False, "PodFailed", reason)
-        st.phase(Phase.RESTARTING, f"{reason}; restarting the group ({st.new.restart_count}/{spec.backoff_limit})",
-                 "GroupRestart", warning=True)
+        st.clear(ConditionType.RUNNING, "PodFailed", reason)
+        message = f"{reason}; restarting the group ({st.new.restart_count}/{spec.backoff_limit})"
+        if st.old.phase is Phase.RESTARTING:  # no phase change, but every restart gets its event
+            st.events.append(Event(EventType.WARNING, "GroupRestart", message))
+        st.phase(Phase.RESTARTING, message, "GroupRestart", warning=True)
         return done()
 
     # Pods of an older epoch, with an outdated spec, or failed stateless sandboxes are replaced.
@@ -450,10 +460,23 @@ def plan_flowrun(body: Mapping[str, Any], children: RunChildren, progress: Progr
     stale_names = {object_name(p) for p in stale}
     running = [p for p in live_pods if object_name(p) in desired and object_name(p) not in stale_names
                and pod_up(p)]
+    _group_conditions(st, flowrun.name, desired, present, running, children.rejected)
     if len(running) == len(desired) and not plan.create:
         st.condition(ConditionType.READY, True, "AllPodsRunning", f"{len(desired)} pods running")
+        st.condition(ConditionType.RUNNING, True, "AllPodsRunning", f"{len(desired)} pods running")
         st.clear(ConditionType.RESTARTING, "GroupRunning")
         st.phase(Phase.RUNNING, f"{len(desired)} pods running", "Running")
+    elif children.rejected:
+        message = "the API server refused pods: " + "; ".join(children.rejected)
+        old_admitted = get_condition(st.old.conditions, ConditionType.ADMITTED.value)
+        if old_admitted is None or old_admitted.message != "; ".join(children.rejected):
+            st.events.append(Event(EventType.WARNING, "CreateRejected", message))
+        st.condition(ConditionType.READY, False, "CreateRejected", message)
+        st.condition(ConditionType.RUNNING, False, "CreateRejected", message)
+        if st.new.phase is not Phase.RESTARTING:
+            st.phase(Phase.PENDING, message, "CreateRejected")
+        else:
+            st.new.message = message
     else:
         stuck = [w for p in live_pods if (w := pod_waiting(p))]
         waiting = sorted(set(desired) - {object_name(p) for p in running})
@@ -463,11 +486,30 @@ def plan_flowrun(body: Mapping[str, Any], children: RunChildren, progress: Progr
         if stuck and (old_ready is None or old_ready.reason != "PodsStuck" or old_ready.message != message):
             st.events.append(Event(EventType.WARNING, "PodsStuck", message))
         st.condition(ConditionType.READY, False, "PodsNotRunning" if not stuck else "PodsStuck", message)
+        st.condition(ConditionType.RUNNING, False, "PodsNotRunning" if not stuck else "PodsStuck", message)
         if st.new.phase is not Phase.RESTARTING:
             st.phase(Phase.PENDING, message, "Pending")
         else:
             st.new.message = message
     return done()
+
+
+def _group_conditions(st: _RunStatus, run: str, desired: Mapping[str, Any], present: set[str],
+                      running: list[dict[str, Any]], rejected: list[str]) -> None:
+    """Admitted (the API server took every pod) and RolloutDegraded (the learner runs, a worker does not)."""
+    if rejected:
+        st.condition(ConditionType.ADMITTED, False, "CreateRejected", "; ".join(rejected))
+    elif desired and set(desired) <= present:
+        st.condition(ConditionType.ADMITTED, True, "PodsCreated", f"the API server took all {len(desired)} pods")
+    up = {object_name(p) for p in running}
+    learner = child_name(run, "learner")
+    workers = sorted(n for n in desired if n.startswith(child_name(run, "rollout-")))
+    down = [n.removeprefix(run + "-") for n in workers if n not in up]
+    if learner in up and down:
+        st.condition(ConditionType.ROLLOUT_DEGRADED, True, "WorkersNotRunning",
+                     f"{len(down)}/{len(workers)} rollout workers not running: {', '.join(down)}")
+    elif learner in up:
+        st.clear(ConditionType.ROLLOUT_DEGRADED, "AllWorkersRunning", f"{len(workers)} rollout workers running")
 
 
 def _apply_progress(status: FlowRunStatus, progress: Progress) -> None:

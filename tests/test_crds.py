@@ -100,7 +100,7 @@ def test_flowrun_crd_has_status_subresource_printer_columns_and_short_name() -> 
     version = crd["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
     assert [c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")] == [
-        "Phase", "Step", "Reward", "Restarts", "Age"]
+        "Phase", "Step", "Policy", "Reward", "Restarts", "Age"]
     assert crd["spec"]["names"]["shortNames"] == ["fr"]
     assert crd["spec"]["names"]["categories"] == ["flowlane"]
 

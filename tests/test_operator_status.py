@@ -1,0 +1,146 @@
+"""Status you can trust: the conditions a FlowRun reports, the events it posts, and API rejections
+(a ResourceQuota, an admission webhook) that reach its status instead of a log line."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kmock
+import yaml
+from fixtures_kube import EVENTS, FLOWRUNS, PODS, KMockServer, KubeApi, wait_until
+from test_operator import (
+    MEMBERS,
+    body,
+    condition,
+    fail_pod,
+    flowrun,
+    plan,
+    pods_for,
+    run_group,
+    status,
+    wait_members,
+    wait_phase,
+)
+
+from flowlane.api.flowrun import load_flowrun
+from flowlane.operator.reconcile import Progress, RunChildren, plan_flowrun
+from flowlane.operator.render import RenderOptions, render_flowrun
+from flowlane.operator.settings import ClusterDefaults
+
+from test_operator import NOW  # isort: skip
+
+
+def conditions(result: Any) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in result.status["conditions"]}
+
+
+def whole_run(obj: dict[str, Any], pods: list[dict[str, Any]]) -> Any:
+    """A plan of a run whose Services, ConfigMap, NetworkPolicy and budget all exist, with these pods."""
+    rendered = render_flowrun(load_flowrun(yaml.safe_dump(obj)), epoch=0)
+    kinds: dict[str, list[dict[str, Any]]] = {}
+    for child in rendered.static_children():
+        kinds.setdefault(child["kind"], []).append(child)
+    children = RunChildren(pods=pods, services=kinds["Service"], config_maps=kinds["ConfigMap"],
+                           network_policies=kinds["NetworkPolicy"], disruption_budgets=kinds["PodDisruptionBudget"])
+    return plan_flowrun(obj, children, None, NOW, RenderOptions(), ClusterDefaults())
+
+
+def test_a_checkpoint_sets_checkpointed_with_its_uri_and_step() -> None:
+    obj = body(status={"phase": "Running"})
+    result = plan(obj, pods_for(obj, epoch=0), Progress(step=10, last_checkpoint="s3://b/x/step-10"))
+    checkpointed = conditions(result)["Checkpointed"]
+    assert (checkpointed["status"], checkpointed["reason"], checkpointed["message"]) == (
+        "True", "CheckpointWritten", "s3://b/x/step-10 (step 10)")
+
+
+def test_a_run_without_a_checkpoint_has_no_checkpointed_condition() -> None:
+    obj = body(status={"phase": "Running"})
+    assert "Checkpointed" not in conditions(plan(obj, pods_for(obj, epoch=0), Progress(step=3)))
+
+
+def test_a_running_group_is_admitted_running_and_not_degraded() -> None:
+    obj = body("{rollout: {replicas: 2}, storage: {checkpointUri: 's3://b/x'}}", status={"phase": "Pending"})
+    found = conditions(whole_run(obj, pods_for(obj, epoch=0)))
+    assert {t: (c["status"], c["reason"]) for t, c in found.items()} == {
+        "Accepted": ("True", "Valid"), "Admitted": ("True", "PodsCreated"), "Ready": ("True", "AllPodsRunning"),
+        "Running": ("True", "AllPodsRunning")}
+    assert found["Admitted"]["message"] == "the API server took all 4 pods"
+
+
+def test_a_rollout_worker_down_while_the_learner_runs_is_rollout_degraded() -> None:
+    obj = body("{rollout: {replicas: 2}, storage: {checkpointUri: 's3://b/x'}}", status={"phase": "Running"})
+    pods = pods_for(obj, epoch=0)
+    next(p for p in pods if p["metadata"]["name"] == "demo-rollout-1")["status"]["phase"] = "Pending"
+    found = conditions(whole_run(obj, pods))
+    assert (found["RolloutDegraded"]["status"], found["RolloutDegraded"]["reason"],
+            found["RolloutDegraded"]["message"]) == ("True", "WorkersNotRunning",
+                                                     "1/2 rollout workers not running: rollout-1")
+    assert found["Running"]["status"] == "False"
+    healed = whole_run({**obj, "status": whole_run(obj, pods).status}, pods_for(obj, epoch=0))
+    assert (conditions(healed)["RolloutDegraded"]["status"], conditions(healed)["RolloutDegraded"]["reason"]) == (
+        "False", "AllWorkersRunning")
+
+
+def test_a_refused_create_reaches_status_and_an_event() -> None:
+    obj = body(status={"phase": "Pending"})
+    refusal = 'Pod demo-learner: pods "demo-learner" is forbidden: exceeded quota: gpus, requested: 1, limited: 0'
+    result = plan_flowrun(obj, RunChildren(rejected=[refusal]), None, NOW, RenderOptions(), ClusterDefaults())
+    assert result.status["phase"] == "Pending"
+    assert result.status["message"] == f"the API server refused pods: {refusal}"
+    admitted = conditions(result)["Admitted"]
+    assert (admitted["status"], admitted["reason"], admitted["message"]) == ("False", "CreateRejected", refusal)
+    assert [(e.type.value, e.reason) for e in result.events] == [("Warning", "CreateRejected")]
+    again = plan_flowrun({**obj, "status": result.status}, RunChildren(rejected=[refusal]), None, NOW,
+                         RenderOptions(), ClusterDefaults())
+    assert again.events == []  # the same refusal is reported once
+
+
+def test_every_group_restart_posts_an_event_even_while_restarting() -> None:
+    obj = body(status={"phase": "Restarting", "restartCount": 1})
+    pods = pods_for(obj, epoch=1)
+    pods[0]["status"]["phase"] = "Failed"
+    result = plan(obj, pods)
+    assert result.status["restartCount"] == 2
+    assert [(e.type.value, e.reason) for e in result.events] == [("Warning", "GroupRestart")]
+
+
+def test_a_quota_refusal_from_the_api_server_reaches_status_and_clears_once_it_is_lifted(
+        kube: KubeApi, kmock_server: KMockServer, start_operator: Any) -> None:
+    quota = {"exceeded": True}
+
+    def refuse(request: Any) -> Any:
+        if quota["exceeded"]:
+            raise kmock.KubernetesError(status=403, reason="Forbidden", message=(
+                'pods "quota-demo-learner" is forbidden: exceeded quota: team-a, requested: cpu=1, limited: cpu=0'))
+        return None
+
+    emulator = kmock_server.emulator
+    assert emulator is not None
+    learner = kmock.data({"metadata": {"name": "quota-demo-learner"}})
+    path = f"post {PODS.path(kube.namespace)}"
+    kmock_server.call(lambda: emulator[path, learner] << refuse)  # type: ignore[index]
+    start_operator(reconcile_interval_s=0.3)
+    kube.create(FLOWRUNS, flowrun("quota-demo"))
+    refused = wait_until(lambda: condition(kube, "Admitted", "quota-demo") or None, what="Admitted")
+    assert (refused["status"], refused["reason"]) == ("False", "CreateRejected")
+    assert refused["message"].startswith('Pod quota-demo-learner: pods "quota-demo-learner" is forbidden: exceeded')
+    assert status(kube, "quota-demo")["message"].startswith("the API server refused pods: Pod quota-demo-learner")
+    assert [e["message"] for e in kube.objects(EVENTS) if e.get("reason") == "CreateRejected"] == [
+        "the API server refused pods: " + refused["message"]]
+    quota["exceeded"] = False
+    wait_until(lambda: "quota-demo-learner" in kube.names(PODS), what="the learner created once the quota allows")
+    wait_until(lambda: len(kube.names(PODS, {"flowlane.dev/flowrun": "quota-demo"})) == 4, what="all pods")
+    wait_until(lambda: condition(kube, "Admitted", "quota-demo").get("status") == "True", what=f"Admitted {status(kube, 'quota-demo')}")
+    run_group(kube, "quota-demo")
+
+
+def test_a_group_restart_and_phase_changes_post_events(kube: KubeApi, start_operator: Any) -> None:
+    start_operator(reconcile_interval_s=0.3)
+    kube.create(FLOWRUNS, flowrun())
+    wait_members(kube, MEMBERS)
+    run_group(kube)
+    fail_pod(kube, "demo-rollout-0")
+    wait_phase(kube, "Restarting")
+    reasons = [e.get("reason") for e in kube.objects(EVENTS)
+               if e.get("involvedObject", {}).get("name") == "demo"]
+    assert "Running" in reasons and "GroupRestart" in reasons
