@@ -179,7 +179,7 @@ def flowrun_crd() -> dict[str, Any]:
             "A Flow-GRPO training run of an AgentFlow planner: rollout workers, a learner and tool "
             "sandboxes that talk over gRPC.",
             spec_required=False,
-        ),
+        ) | {"x-kubernetes-validations": flowrun.RESOURCE_VALIDATIONS},
         columns=[
             _printer_column("Phase", "string", ".status.phase", "Where the run is in its life."),
             _printer_column("Step", "integer", ".status.step", "Training steps completed."),

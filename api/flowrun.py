@@ -12,7 +12,9 @@ under half an hour. ``examples/flowrun-cluster.yaml`` shows the values to change
 The CRD schema (``crds/flowruns.flowlane.dev.yaml``) is generated from these classes by
 ``flowlane generate``; checks that a schema cannot express (one field constrained by another)
 live in the ``model_validator`` methods and are reported by the loader and by the operator with
-the same field paths.
+the same field paths. Each of them is also a CEL rule (``x-kubernetes-validations``) beside the
+type it constrains, so the API server refuses a bad spec at ``kubectl apply`` with that field path
+and it never reaches a pod; ``tests/test_cel.py`` runs every rule on every bad spec it is for.
 """
 
 from __future__ import annotations
@@ -218,6 +220,12 @@ class AlgorithmSpec(SpecModel):
 class EngineSpec(SpecModel):
     """Inference engine of rollout workers and training engine settings of the learner."""
 
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [{
+        "rule": "!has(self.weightSync) || self.weightSync != 'nccl'",
+        "message": "weightSync nccl has no GPU path in this version; use store or grpc",
+        "fieldPath": ".weightSync",
+    }]})
+
     kind: LocalEngineKind = Field(EngineKind.VLLM, description="Rollout inference engine: vllm or transformers.")
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage of the learner (0 disables).")
     max_model_len: int = Field(4096, ge=256, le=1048576, description="Context length of engine sequences.")
@@ -265,6 +273,15 @@ class LearnerSpec(SpecModel):
     It is ``replicas x ranks`` torch.distributed ranks under DeepSpeed (data parallel, ZeRO
     ``engine.zeroStage``); rank 0 serves gRPC and hands each step's batch to the others.
     """
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "!has(self.replicas) || self.replicas <= 1",
+         "message": "several learner pods are not placed yet; use ranks for that many ranks in one pod",
+         "fieldPath": ".replicas"},
+        {"rule": "!has(self.ranks) || !has(self.resources) || !has(self.resources.gpu) || self.resources.gpu == 0 "
+                 "|| self.ranks == self.resources.gpu",
+         "message": "ranks must equal resources.gpu: one rank per GPU", "fieldPath": ".ranks"},
+    ]})
 
     replicas: int = Field(1, ge=1, le=64, description="Learner pods; only 1 is placed today (use ranks for "
                           "several ranks in one pod).")
@@ -383,8 +400,42 @@ class ScheduleSpec(SpecModel):
         return self
 
 
+def _cel_value(path: str, default: object) -> str:
+    """CEL for ``self.<path>``, or the schema's default where a level is absent (``a.b`` -> has() chain)."""
+    parts = path.split(".")
+    guards = " && ".join(f"has(self.{'.'.join(parts[:i + 1])})" for i in range(len(parts)))
+    literal = f"'{default}'" if isinstance(default, str) else str(default)
+    return f"({guards} ? self.{path} : {literal})"
+
+
+_EVAL_SPLIT = _cel_value("schedule.evalSplit", ScheduleSpec.model_fields["eval_split"].default)
+_TRAIN_SPLIT = _cel_value("tasks.split", TasksSpec.model_fields["split"].default)
+_TRAIN_DATASET = _cel_value("tasks.dataset", TasksSpec.model_fields["dataset"].default)
+_TP_SIZE = _cel_value("engine.tensorParallelSize", EngineSpec.model_fields["tensor_parallel_size"].default)
+_ROLLOUT_GPUS = _cel_value("rollout.resources.gpu", RolloutResources.model_fields["gpu"].default)
+
+
 class FlowRunSpec(SpecModel):
     """The desired training run."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": f"{_EVAL_SPLIT} != {_TRAIN_SPLIT} || "
+                 f"(has(self.schedule) && has(self.schedule.evalTasks) && self.schedule.evalTasks != {_TRAIN_DATASET})",
+         "message": "evalSplit is the training split of the same dataset: held-out accuracy would be measured on "
+                    "training questions; set schedule.evalSplit to a held-out split or schedule.evalTasks to "
+                    "another dataset",
+         "fieldPath": ".schedule.evalSplit"},
+        {"rule": f"{_TP_SIZE} <= 1 || {_ROLLOUT_GPUS} >= {_TP_SIZE}",
+         "message": "tensorParallelSize is more than the rollout pod's GPUs (rollout.resources.gpu)",
+         "fieldPath": ".engine.tensorParallelSize"},
+        *({"rule": f"!has(self.storage) || !has(self.storage.{name}) || (has(self.storage.checkpointUri) && "
+                   f"self.storage.checkpointUri.startsWith('{prefix}'))",
+           "message": message, "fieldPath": f".storage.{name}"}
+          for name, prefix, message in [
+              ("credentialsSecret", "s3://", "only used with an s3:// checkpointUri"),
+              ("s3Endpoint", "s3://", "only used with an s3:// checkpointUri"),
+              ("volumeClaimName", "file:///", "needs an absolute file:/// checkpointUri to mount the claim at")]),
+    ]})
 
     model: ModelSpec = Field(default_factory=ModelSpec, description="Planner, reference and fixed-module models.")
     tools: list[ToolSpec] = Field(
@@ -445,6 +496,12 @@ class FlowRunSpec(SpecModel):
         if storage.volume_claim_name is not None and not (storage.checkpoint_uri or "").startswith("file:///"):
             raise field_error("storage.volumeClaimName",
                               "needs an absolute file:/// checkpointUri to mount the claim at")
+        schedule, tasks = self.schedule, self.tasks
+        if schedule.eval_split == tasks.split and schedule.eval_tasks in (None, tasks.dataset):
+            raise field_error("schedule.evalSplit",
+                              f"{schedule.eval_split!r} is also tasks.split of dataset {tasks.dataset!r}: held-out "
+                              "accuracy would be measured on training questions; set schedule.evalSplit to a "
+                              "held-out split (e.g. test) or schedule.evalTasks to another dataset")
         tp, rollout_gpus = self.engine.tensor_parallel_size, self.rollout.resources.gpu
         if tp > 1 and rollout_gpus < tp:
             raise field_error("engine.tensorParallelSize",
@@ -491,6 +548,18 @@ class FlowRunStatus(SpecModel):
     mlflow_run_id: str | None = Field(None, description="MLflow run id of this training run.")
     start_time: datetime | None = Field(None, description="When the run (last) became active.")
     completion_time: datetime | None = Field(None, description="When the run Succeeded or Failed.")
+
+
+#: The longest name whose every child name fits (the replica limits keep "-rollout-N" and
+#: "-sandbox-N" shorter than the longest fixed suffix).
+MAX_NAME_LENGTH: Final = KUBERNETES_NAME_MAX - max(len(s) for s in (*_CHILD_SUFFIXES, "-rollout-1023", "-sandbox-1023"))
+#: CEL rules on the whole object (the CRD schema's root, where metadata.name is visible).
+RESOURCE_VALIDATIONS: Final = [{
+    "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+    "message": f"metadata.name is too long: children such as <name>-sandbox-policy must fit 63 characters; use at "
+               f"most {MAX_NAME_LENGTH}",
+    "fieldPath": ".metadata.name",
+}]
 
 
 class FlowRun(SpecModel):
