@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import copy
+import functools
 import hashlib
 import itertools
 import json
@@ -213,6 +214,52 @@ def unknown_fields(value: Any, schema: Mapping[str, Any], path: str = "") -> lis
     elif isinstance(value, list) and isinstance(schema.get("items"), Mapping):
         for i, item in enumerate(value):
             found += unknown_fields(item, schema["items"], f"{path}[{i}]")
+    return found
+
+
+def with_defaults(schema: Mapping[str, Any], value: Any) -> Any:
+    """``value`` with a structural schema's defaults filled in, as the API server does before validating."""
+    if isinstance(value, Mapping):
+        properties = schema.get("properties", {})
+        value = {**{k: p["default"] for k, p in properties.items() if "default" in p and k not in value}, **value}
+        return {k: with_defaults(properties[k], v) if k in properties else v for k, v in value.items()}
+    if isinstance(value, list) and isinstance(schema.get("items"), Mapping):
+        return [with_defaults(schema["items"], v) for v in value]
+    return value
+
+
+@functools.cache
+def _cel_program(rule: str) -> Any:
+    import celpy  # the dev extra's cel-python; only CRDs with rules need it
+
+    environment = celpy.Environment()
+    return environment.program(environment.compile(rule))
+
+
+def cel_violations(schema: Mapping[str, Any], value: Any, path: str = "") -> list[str]:
+    """``path: message`` for each ``x-kubernetes-validations`` rule ``value`` breaks, as the API server says it.
+
+    Each rule runs on the node that declares it (``self``), after defaulting; the error names the
+    node's path plus the rule's ``fieldPath``. CEL is evaluated by cel-python, without the
+    Kubernetes extension libraries (those rules would fail to compile here).
+    """
+    import celpy
+
+    if not path:
+        value = with_defaults(schema, value)
+    found = []
+    for rule in schema.get("x-kubernetes-validations", []):
+        if not _cel_program(rule["rule"]).evaluate({"self": celpy.json_to_cel(value)}):
+            found.append(f"{(path + rule.get('fieldPath', '')).lstrip('.')}: {rule['message']}")
+    if isinstance(value, Mapping):
+        properties, extra = schema.get("properties", {}), schema.get("additionalProperties")
+        for key, item in value.items():
+            child = properties.get(key, extra if isinstance(extra, Mapping) else None)
+            if child is not None:
+                found += cel_violations(child, item, f"{path}.{key}")
+    elif isinstance(value, list) and isinstance(schema.get("items"), Mapping):
+        for i, item in enumerate(value):
+            found += cel_violations(schema["items"], item, f"{path}[{i}]")
     return found
 
 
@@ -470,7 +517,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     resource (discovery, printer columns, OpenAPI schema); ``Accept: ...;as=Table`` gets a server-side
     table; PATCH takes JSON, merge and strategic-merge patches (the last applied as a merge patch,
     see ``strategic_as_merge``); PUT replaces; ``fieldValidation=Strict`` refuses fields the
-    served schema does not declare. Not emulated: schema defaulting and type validation,
+    served schema does not declare; a created custom resource must pass its CRD's CEL rules
+    (``cel_violations``). Not emulated: storing schema defaults, type validation,
     server-side apply, ``kubectl logs``/``exec``; listing or creating namespaces (KMock's path parser
     fails on ``/api/v1/namespaces``; every namespace is there and Active).
     """
@@ -541,6 +589,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         action = request.action
         if request.resource is not None and action == kmock.action.UPDATE:
             self._check_patch_type(request)
+        if request.resource is not None and action == kmock.action.CREATE:
+            self._check_rules(request)
         if request.resource is not None and action in (kmock.action.CREATE, kmock.action.UPDATE):
             self._check_fields(request)
             version = str(next(_resource_versions))
@@ -667,6 +717,18 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             raise kmock.KubernetesError(status=400, reason="BadRequest", message=(
                 f'{kind} in version "{request.resource.version}" cannot be handled as a {kind}: strict decoding '
                 f"error: {', '.join(f'unknown field {f!r}'.replace(chr(39), chr(34)) for f in unknown)}"))
+
+    def _check_rules(self, request: Any) -> None:
+        """A CRD's CEL rules (``x-kubernetes-validations``) on a created object: 422 naming each field."""
+        schema = self._schema(request.resource)
+        if schema is None or not isinstance(request.data, dict):
+            return
+        violations = cel_violations(schema, request.data)
+        if violations:
+            kind = (self._info(request.resource) or kmock.ResourceInfo()).kind
+            name = request.data.get("metadata", {}).get("name")
+            raise kmock.KubernetesError(status=422, reason="Invalid", message=(
+                f'{kind}.{request.resource.group} "{name}" is invalid: ' + ", ".join(violations)))
 
     async def _serve_replace(self, request: Any) -> Any:
         """PUT: the object (or its status, for ``/status``) replaced whole, as ``kubectl replace`` does."""
@@ -1151,4 +1213,5 @@ def start_operator(kube: KubeApi, kmock_server: KMockServer) -> Iterator[Callabl
 
 __all__ = ["CONFIG_MAPS", "CRDS", "DEPLOYMENTS", "EVENTS", "FLOWRUNS", "FLOWSERVICES", "NETWORK_POLICIES", "PODS",
            "SECRETS", "SERVICES", "ApiServerEmulator", "FakeProgress", "KMockServer", "KubeApi", "Kubectl",
-           "OperatorThread", "find_kubectl", "human_duration", "wait_until", "write_kubeconfig"]
+           "OperatorThread", "cel_violations", "find_kubectl", "human_duration", "wait_until", "with_defaults",
+           "write_kubeconfig"]

@@ -2,68 +2,33 @@
 
 For each rule, a bad spec is refused twice with the same field path: by the pydantic models (what
 ``flowlane run`` and the operator check) and by the rule's CEL text as the generated CRD file
-carries it, evaluated the way the API server does (cel-python, per schema node, with the rule's
-``fieldPath``). The repository's examples pass every rule.
+carries it, evaluated the way the API server does (the emulator's ``cel_violations``: cel-python,
+per schema node, defaults applied, the rule's ``fieldPath``). The repository's examples pass every
+rule, and the real kubectl is refused by the emulator with the field path.
 """
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
 import celpy
 import pytest
 import yaml
+from fixtures_kube import Kubectl, cel_violations
+from test_kubectl import crds  # noqa: F401  (the fixture that applies the CRDs)
 
 from flowlane.api.errors import ConfigError
 from flowlane.api.flowrun import MAX_NAME_LENGTH, load_flowrun
 from flowlane.api.flowservice import load_flowservice
 
 REPO = Path(__file__).resolve().parent.parent
-_ENV = celpy.Environment()
-
-
-@functools.cache
-def compiled(rule: str) -> Any:
-    return _ENV.program(_ENV.compile(rule))
 
 
 def crd_schema(plural: str) -> dict[str, Any]:
     crd = yaml.safe_load((REPO / "crds" / f"{plural}.flowlane.dev.yaml").read_text())
     schema: dict[str, Any] = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     return schema
-
-
-def with_defaults(schema: dict[str, Any], value: Any) -> Any:
-    """``value`` with the schema's defaults filled in, as the API server does before it runs the rules."""
-    if isinstance(value, dict):
-        properties = schema.get("properties", {})
-        value = {**{k: p["default"] for k, p in properties.items() if "default" in p and k not in value}, **value}
-        return {k: with_defaults(properties[k], v) if k in properties else v for k, v in value.items()}
-    if isinstance(value, list) and isinstance(schema.get("items"), dict):
-        return [with_defaults(schema["items"], v) for v in value]
-    return value
-
-
-def cel_violations(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
-    """``path: message`` for every x-kubernetes-validations rule ``value`` breaks, as the API server reports them."""
-    if not path:
-        value = with_defaults(schema, value)
-    found = []
-    for rule in schema.get("x-kubernetes-validations", []):
-        if not compiled(rule["rule"]).evaluate({"self": celpy.json_to_cel(value)}):
-            found.append(f"{(path + rule.get('fieldPath', '')).lstrip('.')}: {rule['message']}")
-    if isinstance(value, dict):
-        properties, extra = schema.get("properties", {}), schema.get("additionalProperties")
-        for key, item in value.items():
-            child = properties.get(key, extra if isinstance(extra, dict) else None)
-            if child is not None:
-                found += cel_violations(child, item, f"{path}.{key}")
-    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
-        for i, item in enumerate(value):
-            found += cel_violations(schema["items"], item, f"{path}[{i}]")
-    return found
 
 
 def flowrun(spec: dict[str, Any], name: str = "demo") -> dict[str, Any]:
@@ -151,5 +116,16 @@ def test_every_rule_in_the_crds_compiles_and_names_its_field() -> None:
     flowrun_rules = rules(crd_schema("flowruns"))
     assert len(flowrun_rules) == len({path for _, path in BAD_FLOWRUNS.values()})  # each has its bad spec here
     for rule in flowrun_rules + rules(crd_schema("flowservices")):
-        _ENV.compile(rule["rule"])
+        celpy.Environment().compile(rule["rule"])
         assert rule["message"]
+
+
+@pytest.mark.usefixtures("crds")
+def test_kubectl_apply_of_a_bad_flowrun_is_refused_with_the_field_path(kubectl: Kubectl) -> None:
+    bad, _ = BAD_FLOWRUNS["tensorParallelSize above the GPUs"]
+    refused = kubectl("apply", "-f", "-", input=yaml.safe_dump(bad), check=False)
+    assert refused.returncode == 1
+    assert 'FlowRun.flowlane.dev "demo" is invalid: spec.engine.tensorParallelSize: tensorParallelSize is more ' \
+        "than the rollout pod's GPUs" in refused.stderr
+    good = {**bad, "spec": {**bad["spec"], "rollout": {"resources": {"gpu": 2}}}}
+    kubectl("apply", "-f", "-", input=yaml.safe_dump(good))
