@@ -239,10 +239,8 @@ class NodeAgent:
             if pod.get("metadata", {}).get("deletionTimestamp"):
                 continue
             uid = _uid(pod)
-            state = self.pods.get(uid)
-            if state is None:
-                state = self._admit(pod, uid)
-            self._step(state, pod, services, policies)
+            known = self.pods.get(uid)
+            self._step(known if known is not None else self._admit(pod, uid), pod, services, policies)
         self._sync_deployments(pods)
 
     def _sync_deployments(self, pods: list[dict[str, Any]]) -> None:
@@ -606,8 +604,22 @@ class NodeAgent:
         return args
 
     def _remove(self, state: PodState, grace_s: int) -> None:
-        podman("rm", "--force", "--time", str(grace_s), state.container, check=False, timeout=grace_s + 60)
+        podman("stop", "--time", str(grace_s), state.container, check=False, timeout=grace_s + 60)
+        # A kubelet keeps a gone pod's logs for a while; here they stay in the node's log folder.
+        logs = podman("logs", state.container, check=False)
+        if logs.stdout or logs.stderr:
+            folder = self.workdir / "logs"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{state.container}.log").write_text(logs.stdout + logs.stderr)
+        podman("rm", "--force", "--time", "0", state.container, check=False, timeout=60)
         shutil.rmtree(state.workdir, ignore_errors=True)
+
+    def saved_logs(self, namespace: str, pod: str) -> str:
+        """Logs of the removed containers of every pod object named ``pod``, oldest first."""
+        folder = self.workdir / "logs"
+        files = sorted(folder.glob(f"k8s_{namespace}_{pod}_*.log"), key=lambda f: f.stat().st_mtime) \
+            if folder.is_dir() else []
+        return "".join(f.read_text(errors="replace") for f in files)
 
 
 def _uid(pod: Mapping[str, Any]) -> str:

@@ -203,8 +203,10 @@ class OneMachineCluster:
         return pod_container(self.namespace, pod)
 
     def pod_logs(self, pod: str, tail: int = 200) -> str:
-        result = podman("logs", "--tail", str(tail), self.pod_container(pod), check=False)
-        return result.stdout + result.stderr
+        """The last ``tail`` lines the pod named ``pod`` logged, across its restarts and removal."""
+        result = podman("logs", self.pod_container(pod), check=False)
+        saved = self.agent.saved_logs(self.namespace, pod) if self.agent else ""
+        return "\n".join((saved + result.stdout + result.stderr).splitlines()[-tail:])
 
     def s3_secret(self, name: str = "s3-credentials") -> dict[str, Any]:
         assert self.s3 is not None

@@ -28,6 +28,8 @@ import yaml
 from node_agent import podman
 from one_machine_cluster import IMAGES, REPO, OneMachineCluster
 
+from flowlane.kit.checkpoints import MANIFEST_NAME
+
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(3000)]
 
 RUN = "math-mini"
@@ -139,7 +141,7 @@ def test_checkpoints_land_in_s3_from_the_pods(cluster_run: ClusterRun) -> None:
     assert cluster_run.cluster.s3 is not None
     client = cluster_run.cluster.s3.client()
     names = {o.object_name for o in client.list_objects(cluster_run.bucket, prefix=f"{RUN}/", recursive=True)}
-    manifests = sorted(n for n in names if n.endswith("manifest.json"))
+    manifests = sorted(n for n in names if n.endswith(f"/{MANIFEST_NAME}"))
     assert manifests, names
     assert cluster_run.final["lastCheckpoint"].startswith(f"s3://{cluster_run.bucket}/{RUN}/")
 
@@ -177,7 +179,7 @@ def test_status_comes_from_the_run_and_kubectl_shows_it(cluster_run: ClusterRun)
 def served(cluster_run: ClusterRun) -> Iterator[str]:
     cluster = cluster_run.cluster
     service = {"apiVersion": "flowlane.dev/v1alpha1", "kind": "FlowService", "metadata": {"name": "math-agent"},
-               "spec": {"flowRun": {"name": RUN, "checkpoint": "latest"}, "tools": [{"name": "python"}],
+               "spec": {"model": {"flowRun": {"name": RUN, "checkpoint": "latest"}}, "tools": [{"name": "python"}],
                         "agent": {"maxTurns": 2},
                         "resources": {"cpu": "2", "memory": "6Gi"}}}
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(service))
@@ -211,7 +213,8 @@ def test_a_flowservice_serves_the_latest_checkpoint_to_the_openai_client(served:
 def flowrun_with_sandbox_image(name: str, image: str) -> dict[str, Any]:
     return {"apiVersion": "flowlane.dev/v1alpha1", "kind": "FlowRun", "metadata": {"name": name},
             "spec": {"tools": [{"name": "python"}], "tasks": {"dataset": "arithmetic"},
-                     "schedule": {"steps": 1, "evalInterval": 0}, "sandbox": {"resources": {"image": image}}}}
+                     "schedule": {"steps": 1, "checkpointInterval": 1, "evalInterval": 0},
+                     "sandbox": {"resources": {"image": image}}}}
 
 
 def test_a_missing_image_shows_in_status_as_image_pull_backoff(cluster: OneMachineCluster) -> None:
