@@ -14,6 +14,9 @@ emulator counts every request by client (User-Agent), verb and resource; only th
 - **steady state**: requests per second per Running run over ``--window-s`` seconds at the
   default 10 s reconcile interval, with a learner whose step advances on every status call (so
   every interval has a new status to write), then the same per finished (Succeeded) run;
+- **CPU ms per FlowRun**: CPU time of the operator's process from the first create until every
+  child of the burst exists, per run: what the burst costs, whatever else loads the machine; the
+  same for the emulator's process (what the requests cost an API server written in Python);
 - **operator RSS**: resident memory of the operator's process at the end (it holds the indexes).
 
 Each mode runs in a fresh process with a fresh emulator. ``current`` is the operator as it is;
@@ -35,6 +38,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -129,10 +133,15 @@ class RemoteKMock:
 
     def requests_by_kind(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        for client, verb, resource, count in self._get(REQUESTS_PATH):
+        for client, verb, kind, count in self._get(REQUESTS_PATH):
             if client in OPERATOR_CLIENTS:
-                out[f"{verb} {resource}"] = out.get(f"{verb} {resource}", 0) + count
+                out[f"{verb} {kind}"] = out.get(f"{verb} {kind}", 0) + count
         return out
+
+    def cpu_s(self) -> float:
+        """CPU seconds the emulator's process has used (``/proc/<pid>/stat``: utime + stime)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         assert self.process.stdin is not None
@@ -194,6 +203,12 @@ def all_in_phase(api: KubeApi, names: list[str], phase: str) -> bool:
     return all(found.get(n) == phase for n in names)
 
 
+def cpu_s() -> float:
+    """CPU seconds of this process (the operator; the benchmark's client is a small share of it)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def rss_mib() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -223,21 +238,25 @@ def run_single(server: RemoteKMock, count: int) -> list[float]:
 
 
 def run_burst(server: RemoteKMock, count: int, window_s: float) -> dict[str, Any]:
+    # One client for every thread (httpx's is thread-safe): building one (its SSL context) costs more
+    # than a request, and in this process it would take the GIL from the operator being measured.
     api = KubeApi(server.url, "bench-burst")
     progress = TrainingProgress()
     operator = start_operator(server, api.namespace, progress, 10.0)  # the default interval
     names = [f"burst-{i}" for i in range(count)]
     try:
-        before = server.operator_requests()
+        before, cpu_before, server_cpu_before = server.operator_requests(), cpu_s(), server.cpu_s()
         started = time.monotonic()
         with ThreadPoolExecutor(max_workers=16) as pool:  # as fast as the API server takes them
-            list(pool.map(lambda name: KubeApi(server.url, api.namespace).create(FLOWRUNS, flowrun(name)), names))
+            list(pool.map(lambda name: api.create(FLOWRUNS, flowrun(name)), names))
         done = wait_until(partial(all_latencies, server, api.namespace, names), timeout=1200, interval=0.2)
         all_done_s = time.monotonic() - started
+        cpu_per_run_ms = (cpu_s() - cpu_before) / count * 1000
+        server_cpu_per_run_ms = (server.cpu_s() - server_cpu_before) / count * 1000
         # Play the kubelet: every pod Running, then wait for every run to say so.
         pods = [p["metadata"]["name"] for p in api.objects(PODS)]
         with ThreadPoolExecutor(max_workers=16) as pool:
-            list(pool.map(lambda pod: KubeApi(server.url, api.namespace).set_pod_phase(pod, "Running"), pods))
+            list(pool.map(lambda pod: api.set_pod_phase(pod, "Running"), pods))
         wait_until(lambda: all_in_phase(api, names, "Running"), timeout=1200, interval=0.5)
         to_running = (server.operator_requests() - before) / count
 
@@ -252,7 +271,9 @@ def run_burst(server: RemoteKMock, count: int, window_s: float) -> dict[str, Any
         before = server.operator_requests()
         time.sleep(window_s)
         finished_rate = (server.operator_requests() - before) / count / window_s
-        return {"latencies": list(done.values()), "all_done_s": all_done_s, "to_running": to_running,
+        return {"latencies": list(done.values()), "all_done_s": all_done_s, "cpu_ms": cpu_per_run_ms,
+                "server_cpu_ms": server_cpu_per_run_ms,
+                "to_running": to_running,
                 "running_rate": running_rate, "finished_rate": finished_rate, "rss_mib": rss_mib()}
     finally:
         operator.stop()
@@ -302,14 +323,17 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(f"\nOperator at scale, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} CPUs, "
           f"load average {load:.1f}; KMock in its own process over HTTP; {args.burst} FlowRuns at once\n")
-    head = ["mode", "1 run p50 ms", f"{args.burst} runs p50 s", "p99 s", "all done s", "req/run to Running",
+    head = ["mode", "1 run p50 ms", f"{args.burst} runs p50 s", "p99 s", "all done s", "operator CPU ms/run",
+            "API server CPU ms/run",
+            "req/run to Running",
             "req/s per Running run", "req/s per finished run", "operator RSS MiB"]
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join("---" for _ in head) + "|")
     for mode, r in results.items():
         single = f"{statistics.median(r['single']) * 1000:.0f}" if r["single"] else "-"
         print(f"| {mode} | {single} | {statistics.median(r['latencies']):.2f} | {percentile(r['latencies'], 0.99):.2f} "
-              f"| {r['all_done_s']:.1f} | {r['to_running']:.1f} | {r['running_rate']:.3f} | {r['finished_rate']:.3f} "
+              f"| {r['all_done_s']:.1f} | {r['cpu_ms']:.0f} | {r['server_cpu_ms']:.0f} | {r['to_running']:.1f} "
+              f"| {r['running_rate']:.3f} | {r['finished_rate']:.3f} "
               f"| {r['rss_mib']:.0f} |")
     for mode, r in results.items():
         top = sorted(r["requests_by_kind"].items(), key=lambda kv: -kv[1])[:8]

@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import copy
 import json
 import logging
 import secrets
@@ -654,8 +653,12 @@ def _try_flowrun(body: Mapping[str, Any], defaults: ClusterDefaults) -> FlowRun 
 
 
 def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of a kopf body (a view over the watch event's data) that nothing else changes."""
-    return copy.deepcopy(dict(body))
+    """A copy of a kopf body (a view over the watch event's data) that nothing else changes.
+
+    (A JSON round trip: the data came as JSON, and it copies several times faster than deepcopy.)
+    """
+    copied: dict[str, Any] = json.loads(json.dumps(dict(body)))
+    return copied
 
 
 def _mapping(value: Any) -> Mapping[str, Any]:
