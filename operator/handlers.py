@@ -149,13 +149,17 @@ REJECTION_STATUSES = frozenset({400, 403, 422})
 class KubeClient:
     """A small async Kubernetes REST client on aiohttp (kopf keeps its own client private).
 
-    Credentials come from the same ``kopf.ConnectionInfo`` kopf logs in with. Lists filter by
-    label on the client too, so the client behaves the same against API emulators that ignore
-    label selectors.
+    Credentials come from the same ``kopf.ConnectionInfo`` kopf logs in with. A bound
+    service-account token expires (the kubelet rotates its file): on a 401 the client logs in
+    again through ``relogin`` (which reads the token anew) and retries once. Lists filter by label
+    on the client too, so the client behaves the same against API emulators that ignore label
+    selectors.
     """
 
-    def __init__(self, info: kopf.ConnectionInfo | None = None) -> None:
+    def __init__(self, info: kopf.ConnectionInfo | None = None,
+                 relogin: Callable[[], kopf.ConnectionInfo | None] | None = None) -> None:
         self._info = info
+        self.relogin = relogin
         self._session: aiohttp.ClientSession | None = None
         self._ssl: ssl.SSLContext | bool = True
         self._tempfiles: list[Any] = []
@@ -203,14 +207,33 @@ class KubeClient:
         return self._session
 
     async def _request(self, method: str, path: str, *, ok: Iterable[int] = (), **kwargs: Any) -> tuple[int, Any]:
+        status, data, text = await self._send(method, path, **kwargs)
+        if status == 401 and await self._fresh_credentials():
+            status, data, text = await self._send(method, path, **kwargs)
+        if status >= 400 and status not in ok:
+            message = data.get("message", text) if isinstance(data, dict) else str(text)
+            raise ApiError(status, method, path, str(message)[:300])
+        return status, data
+
+    async def _send(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any, str]:
         session = await self._http()
         async with session.request(method, path, ssl=self._ssl, **kwargs) as response:
             text = await response.text()
             data = json.loads(text) if text and text.lstrip().startswith(("{", "[")) else text
-            if response.status >= 400 and response.status not in ok:
-                message = data.get("message", text) if isinstance(data, dict) else str(text)
-                raise ApiError(response.status, method, path, str(message)[:300])
-            return response.status, data
+            return response.status, data, text
+
+    async def _fresh_credentials(self) -> bool:
+        """Log in again (a rotated token file, a renewed kubeconfig); False when nothing changed."""
+        info = self.relogin() if self.relogin is not None else None
+        if info is None or (self._info is not None and info.token == self._info.token
+                            and info.certificate_data == self._info.certificate_data):
+            return False
+        logger.info("the API server refused the operator's credentials (401): logged in again")
+        self._info = info
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        return True
 
     async def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
         status, data = await self._request("GET", kind.path(namespace, name), ok=(404,))
@@ -693,6 +716,7 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
         info = connection(config, **kwargs)
         if info is not None:
             reconciler.client.connect(info)
+            reconciler.client.relogin = lambda: connection(config, **kwargs)  # reads the token file again
         return info
 
     # Indexes first: kopf fills them from each watch's initial list before any handler below runs.
