@@ -57,6 +57,9 @@ from flowlane.operator.graph import SecretEnv
 from flowlane.operator.render import (
     ANNOTATION_CHECKPOINT,
     ANNOTATION_HASH,
+    KUEUE_ADMISSION_GATE,
+    KUEUE_POD_GROUP_LABEL,
+    KUEUE_QUEUE_LABEL,
     LABEL_EPOCH,
     RenderOptions,
     child_name,
@@ -199,6 +202,12 @@ def pod_waiting(pod: Mapping[str, Any]) -> str | None:
         if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason"):
             return f"{object_name(pod)}: {cond['reason']}: {cond.get('message', '')}".rstrip(": ")
     return None
+
+
+def pod_queued(pod: Mapping[str, Any]) -> bool:
+    """Whether Kueue still holds the pod (its admission scheduling gate is on)."""
+    gates = (pod.get("spec") or {}).get("schedulingGates") or []
+    return any(isinstance(g, Mapping) and g.get("name") == KUEUE_ADMISSION_GATE for g in gates)
 
 
 def parse_run_status(raw: Any) -> FlowRunStatus:
@@ -460,12 +469,23 @@ def plan_flowrun(body: Mapping[str, Any], children: RunChildren, progress: Progr
     stale_names = {object_name(p) for p in stale}
     running = [p for p in live_pods if object_name(p) in desired and object_name(p) not in stale_names
                and pod_up(p)]
-    _group_conditions(st, flowrun.name, desired, present, running, children.rejected)
+    queued = [p for p in live_pods if pod_queued(p)]
+    _group_conditions(st, flowrun.name, desired, present, running, children.rejected, bool(queued))
     if len(running) == len(desired) and not plan.create:
         st.condition(ConditionType.READY, True, "AllPodsRunning", f"{len(desired)} pods running")
         st.condition(ConditionType.RUNNING, True, "AllPodsRunning", f"{len(desired)} pods running")
         st.clear(ConditionType.RESTARTING, "GroupRunning")
         st.phase(Phase.RUNNING, f"{len(desired)} pods running", "Running")
+    elif queued:
+        labels = queued[0].get("metadata", {}).get("labels", {})
+        message = (f"waiting for Kueue to admit pod group {labels.get(KUEUE_POD_GROUP_LABEL, '?')} from queue "
+                   f"{labels.get(KUEUE_QUEUE_LABEL, '?')}: {len(queued)}/{len(desired)} pods held")
+        st.condition(ConditionType.READY, False, "Queued", message)
+        st.condition(ConditionType.RUNNING, False, "Queued", message)
+        if st.new.phase is not Phase.RESTARTING:
+            st.phase(Phase.PENDING, message, "Queued")
+        else:
+            st.new.message = message
     elif children.rejected:
         message = "the API server refused pods: " + "; ".join(children.rejected)
         old_admitted = get_condition(st.old.conditions, ConditionType.ADMITTED.value)
@@ -495,10 +515,13 @@ def plan_flowrun(body: Mapping[str, Any], children: RunChildren, progress: Progr
 
 
 def _group_conditions(st: _RunStatus, run: str, desired: Mapping[str, Any], present: set[str],
-                      running: list[dict[str, Any]], rejected: list[str]) -> None:
-    """Admitted (the API server took every pod) and RolloutDegraded (the learner runs, a worker does not)."""
+                      running: list[dict[str, Any]], rejected: list[str], queued: bool) -> None:
+    """Admitted (the API server took every pod, and Kueue, if queued, let them run) and
+    RolloutDegraded (the learner runs, a worker does not)."""
     if rejected:
         st.condition(ConditionType.ADMITTED, False, "CreateRejected", "; ".join(rejected))
+    elif queued:
+        st.condition(ConditionType.ADMITTED, False, "Queued", "the pod group waits in its Kueue queue")
     elif desired and set(desired) <= present:
         st.condition(ConditionType.ADMITTED, True, "PodsCreated", f"the API server took all {len(desired)} pods")
     up = {object_name(p) for p in running}

@@ -72,6 +72,12 @@ LABEL_MEMBER = "flowlane.dev/component"
 LABEL_EPOCH = "flowlane.dev/epoch"
 ANNOTATION_HASH = "flowlane.dev/spec-hash"
 ANNOTATION_CHECKPOINT = "flowlane.dev/checkpoint"
+# Kueue's plain-Pod integration: a queue-name label (spec.podTemplate.labels) queues the pods; a
+# group name and total count make the run's pods one workload, admitted whole or not at all.
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_POD_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
+KUEUE_POD_GROUP_COUNT = "kueue.x-k8s.io/pod-group-total-count"
+KUEUE_ADMISSION_GATE = "kueue.x-k8s.io/admission"  # the scheduling gate Kueue lifts on admission
 
 # libyaml's emitter writes the same text ~10x faster; the pure-Python one is the fallback.
 _YAML_DUMPER: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
@@ -430,14 +436,22 @@ def _pod(graph: ProcessGraph, component: Component, owner: Owner, flowrun: FlowR
     }
     template = flowrun.spec.pod_template
     labels = template.labels | component_labels(graph.run, component)  # the operator's own labels win
-    spec_hash = content_hash(pod_spec, labels, template.annotations, config_text)
+    annotations = dict(template.annotations)
+    if KUEUE_QUEUE_LABEL in template.labels:  # one Kueue workload per group epoch: a restart queues anew
+        labels[KUEUE_POD_GROUP_LABEL] = kueue_pod_group(graph.run, epoch)
+        annotations[KUEUE_POD_GROUP_COUNT] = str(len(graph.components))
+    spec_hash = content_hash(pod_spec, labels, annotations, config_text)
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": _meta(child_name(graph.run, component.name), owner,
-                          labels | {LABEL_EPOCH: str(epoch)}, template.annotations | {ANNOTATION_HASH: spec_hash}),
+                          labels | {LABEL_EPOCH: str(epoch)}, annotations | {ANNOTATION_HASH: spec_hash}),
         "spec": pod_spec,
     }
+
+
+def kueue_pod_group(run: str, epoch: int) -> str:
+    return f"{run}-{epoch}"
 
 
 # -- FlowService -----------------------------------------------------------------------------------

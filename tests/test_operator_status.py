@@ -130,7 +130,7 @@ def test_a_quota_refusal_from_the_api_server_reaches_status_and_clears_once_it_i
     quota["exceeded"] = False
     wait_until(lambda: "quota-demo-learner" in kube.names(PODS), what="the learner created once the quota allows")
     wait_until(lambda: len(kube.names(PODS, {"flowlane.dev/flowrun": "quota-demo"})) == 4, what="all pods")
-    wait_until(lambda: condition(kube, "Admitted", "quota-demo").get("status") == "True", what=f"Admitted {status(kube, 'quota-demo')}")
+    wait_until(lambda: condition(kube, "Admitted", "quota-demo").get("status") == "True", what="Admitted")
     run_group(kube, "quota-demo")
 
 
@@ -144,3 +144,53 @@ def test_a_group_restart_and_phase_changes_post_events(kube: KubeApi, start_oper
     reasons = [e.get("reason") for e in kube.objects(EVENTS)
                if e.get("involvedObject", {}).get("name") == "demo"]
     assert "Running" in reasons and "GroupRestart" in reasons
+
+
+QUEUED = "{podTemplate: {labels: {kueue.x-k8s.io/queue-name: team-a}}, storage: {checkpointUri: 's3://b/x'}}"
+
+
+def gated(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**p, "spec": {**p["spec"], "schedulingGates": [{"name": "kueue.x-k8s.io/admission"}]},
+             "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+                                                            "reason": "SchedulingGated"}]}} for p in pods]
+
+
+def test_a_run_whose_pods_kueue_holds_is_pending_and_not_admitted_without_a_stuck_warning() -> None:
+    obj = body(QUEUED, status={"phase": "Pending"})
+    result = whole_run(obj, gated(pods_for(obj, epoch=0)))
+    found = conditions(result)
+    assert (found["Admitted"]["status"], found["Admitted"]["reason"]) == ("False", "Queued")
+    assert (found["Ready"]["status"], found["Ready"]["reason"]) == ("False", "Queued")
+    assert result.status["phase"] == "Pending"
+    assert result.status["message"] == "waiting for Kueue to admit pod group demo-0 from queue team-a: 3/3 pods held"
+    assert [e.reason for e in result.events] == []
+
+
+def test_a_run_kueue_admitted_runs() -> None:
+    obj = body(QUEUED, status={"phase": "Pending"})
+    held = whole_run(obj, gated(pods_for(obj, epoch=0)))
+    admitted = whole_run({**obj, "status": held.status}, pods_for(obj, epoch=0))
+    assert admitted.status["phase"] == "Running"
+    assert (conditions(admitted)["Admitted"]["status"], conditions(admitted)["Admitted"]["reason"]) == (
+        "True", "PodsCreated")
+
+
+def test_a_queued_flowrun_stays_pending_until_kueue_admits_it_then_runs(kube: KubeApi, start_operator: Any) -> None:
+    start_operator(reconcile_interval_s=0.3)
+    kube.create(FLOWRUNS, flowrun("queued", podTemplate={"labels": {"kueue.x-k8s.io/queue-name": "team-a"}}))
+    wait_until(lambda: len(kube.names(PODS, {"flowlane.dev/flowrun": "queued"})) == 4, what="the pods")
+    pods = kube.names(PODS, {"flowlane.dev/flowrun": "queued"})
+    for name in pods:  # play Kueue's webhook: hold every pod of the group
+        kube.patch(PODS, name, {"spec": {"schedulingGates": [{"name": "kueue.x-k8s.io/admission"}]}})
+    message = "waiting for Kueue to admit pod group queued-0 from queue team-a: 4/4 pods held"
+    held = wait_until(lambda: status(kube, "queued") if status(kube, "queued").get("message") == message else None,
+                      what="the run held in its queue")
+    assert held["phase"] == "Pending"
+    assert (condition(kube, "Admitted", "queued")["status"], condition(kube, "Admitted", "queued")["reason"]) == (
+        "False", "Queued")
+    assert {p["metadata"]["labels"]["kueue.x-k8s.io/pod-group-name"]
+            for p in kube.objects(PODS, {"flowlane.dev/flowrun": "queued"})} == {"queued-0"}
+    for name in pods:  # admission: Kueue lifts the gates, the pods start
+        kube.patch(PODS, name, {"spec": {"schedulingGates": None}})
+    run_group(kube, "queued")
+    assert condition(kube, "Admitted", "queued")["status"] == "True"

@@ -107,3 +107,20 @@ def test_every_run_gets_a_disruption_budget_for_its_learner_and_rollout_pods() -
     assert budget["spec"] == {"maxUnavailable": 0, "selector": {
         "matchLabels": {"flowlane.dev/flowrun": "demo"},
         "matchExpressions": [{"key": "flowlane.dev/role", "operator": "In", "values": ["learner", "rollout"]}]}}
+
+
+def test_a_queued_run_forms_one_kueue_pod_group_per_epoch() -> None:
+    pods = flowrun_pods("{labels: {kueue.x-k8s.io/queue-name: team-a}}")
+    assert {p["metadata"]["labels"]["kueue.x-k8s.io/pod-group-name"] for p in pods} == {"demo-0"}
+    assert {p["metadata"]["annotations"]["kueue.x-k8s.io/pod-group-total-count"] for p in pods} == {"3"}
+    assert all(p["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a" for p in pods)
+    run = load_flowrun("apiVersion: flowlane.dev/v1alpha1\nkind: FlowRun\nmetadata: {name: demo, namespace: ml}\n"
+                       "spec: {storage: {checkpointUri: 's3://b/demo'}, podTemplate: {labels: "
+                       "{kueue.x-k8s.io/queue-name: team-a}}}\n")
+    restarted = render_flowrun(run, epoch=2).pods
+    assert {p["metadata"]["labels"]["kueue.x-k8s.io/pod-group-name"] for p in restarted} == {"demo-2"}
+
+
+def test_without_a_queue_pods_carry_no_kueue_group() -> None:
+    pod = flowrun_pods("{labels: {team: a}}")[0]
+    assert not [k for k in (*pod["metadata"]["labels"], *pod["metadata"]["annotations"]) if k.startswith("kueue.")]
