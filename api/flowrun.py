@@ -415,27 +415,31 @@ _TP_SIZE = _cel_value("engine.tensorParallelSize", EngineSpec.model_fields["tens
 _ROLLOUT_GPUS = _cel_value("rollout.resources.gpu", RolloutResources.model_fields["gpu"].default)
 
 
+#: The cross-field rules of FlowRunSpec._cross_field as CEL, on the spec object.
+_SPEC_RULES: list[Any] = [
+    {"rule": f"{_EVAL_SPLIT} != {_TRAIN_SPLIT} || "
+             f"(has(self.schedule) && has(self.schedule.evalTasks) && self.schedule.evalTasks != {_TRAIN_DATASET})",
+     "message": "evalSplit is the training split of the same dataset: held-out accuracy would be measured on "
+                "training questions; set schedule.evalSplit to a held-out split or schedule.evalTasks to "
+                "another dataset",
+     "fieldPath": ".schedule.evalSplit"},
+    {"rule": f"{_TP_SIZE} <= 1 || {_ROLLOUT_GPUS} >= {_TP_SIZE}",
+     "message": "tensorParallelSize is more than the rollout pod's GPUs (rollout.resources.gpu)",
+     "fieldPath": ".engine.tensorParallelSize"},
+    *({"rule": f"!has(self.storage) || !has(self.storage.{name}) || (has(self.storage.checkpointUri) && "
+               f"self.storage.checkpointUri.startsWith('{prefix}'))",
+       "message": message, "fieldPath": f".storage.{name}"}
+      for name, prefix, message in [
+          ("credentialsSecret", "s3://", "only used with an s3:// checkpointUri"),
+          ("s3Endpoint", "s3://", "only used with an s3:// checkpointUri"),
+          ("volumeClaimName", "file:///", "needs an absolute file:/// checkpointUri to mount the claim at")]),
+]
+
+
 class FlowRunSpec(SpecModel):
     """The desired training run."""
 
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
-        {"rule": f"{_EVAL_SPLIT} != {_TRAIN_SPLIT} || "
-                 f"(has(self.schedule) && has(self.schedule.evalTasks) && self.schedule.evalTasks != {_TRAIN_DATASET})",
-         "message": "evalSplit is the training split of the same dataset: held-out accuracy would be measured on "
-                    "training questions; set schedule.evalSplit to a held-out split or schedule.evalTasks to "
-                    "another dataset",
-         "fieldPath": ".schedule.evalSplit"},
-        {"rule": f"{_TP_SIZE} <= 1 || {_ROLLOUT_GPUS} >= {_TP_SIZE}",
-         "message": "tensorParallelSize is more than the rollout pod's GPUs (rollout.resources.gpu)",
-         "fieldPath": ".engine.tensorParallelSize"},
-        *({"rule": f"!has(self.storage) || !has(self.storage.{name}) || (has(self.storage.checkpointUri) && "
-                   f"self.storage.checkpointUri.startsWith('{prefix}'))",
-           "message": message, "fieldPath": f".storage.{name}"}
-          for name, prefix, message in [
-              ("credentialsSecret", "s3://", "only used with an s3:// checkpointUri"),
-              ("s3Endpoint", "s3://", "only used with an s3:// checkpointUri"),
-              ("volumeClaimName", "file:///", "needs an absolute file:/// checkpointUri to mount the claim at")]),
-    ]})
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": _SPEC_RULES})
 
     model: ModelSpec = Field(default_factory=ModelSpec, description="Planner, reference and fixed-module models.")
     tools: list[ToolSpec] = Field(
