@@ -66,7 +66,9 @@ from flowlane.operator.reconcile import (
     object_name,
     plan_flowrun,
     plan_flowservice,
+    pod_node,
     pod_phase,
+    pod_stuck_terminating,
     pod_terminating,
     referenced_secrets,
     status_patch,
@@ -107,6 +109,11 @@ class Kind:
             path += f"/{subresource}"
         return path
 
+    def cluster_path(self, name: str) -> str:
+        """The path of a cluster-scoped object (a Node)."""
+        base = f"/api/{self.version}" if not self.group else f"/apis/{self.group}/{self.version}"
+        return f"{base}/{self.plural}/{name}"
+
 
 PODS = Kind("", "v1", "pods")
 SERVICES = Kind("", "v1", "services")
@@ -115,6 +122,7 @@ SECRETS = Kind("", "v1", "secrets")
 NETWORK_POLICIES = Kind("networking.k8s.io", "v1", "networkpolicies")
 DEPLOYMENTS = Kind("apps", "v1", "deployments")
 DISRUPTION_BUDGETS = Kind("policy", "v1", "poddisruptionbudgets")
+NODES = Kind("", "v1", "nodes")  # cluster-scoped
 FLOWRUNS = Kind("flowlane.dev", "v1alpha1", FLOWRUN_PLURAL)
 FLOWSERVICES = Kind("flowlane.dev", "v1alpha1", FLOWSERVICE_PLURAL)
 KINDS_BY_OBJECT = {("v1", "Pod"): PODS, ("v1", "Service"): SERVICES, ("v1", "ConfigMap"): CONFIG_MAPS,
@@ -261,13 +269,24 @@ class KubeClient:
         )
         return None if status == 404 else (data if isinstance(data, dict) else {})
 
-    async def delete(self, kind: Kind, namespace: str, name: str) -> bool:
-        """Delete an object (background propagation); False when it was already gone."""
-        status, _ = await self._request(
-            "DELETE", kind.path(namespace, name), ok=(404,),
-            json={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"},
-        )
+    async def delete(self, kind: Kind, namespace: str, name: str, grace_period_s: int | None = None) -> bool:
+        """Delete an object (background propagation; ``grace_period_s=0`` forces it); False when already gone."""
+        options: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+        if grace_period_s is not None:
+            options["gracePeriodSeconds"] = grace_period_s
+        status, _ = await self._request("DELETE", kind.path(namespace, name), ok=(404,), json=options)
         return status != 404
+
+    async def node_lost(self, name: str) -> bool:
+        """Whether a Node is gone or not Ready; False when the operator may not read Nodes."""
+        status, data = await self._request("GET", NODES.cluster_path(name), ok=(403, 404))
+        if status == 403:
+            logger.info("may not read node %s (RBAC): pods stuck Terminating on it are not force-deleted", name)
+            return False
+        if status == 404:
+            return True
+        conditions = ((data or {}).get("status") or {}).get("conditions") or [] if isinstance(data, dict) else []
+        return not any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
     async def close(self) -> None:
         if self._session is not None:
@@ -524,6 +543,7 @@ class Reconciler:
                 await self._check_secrets(flowrun, children)  # running pods already found their Secrets
             progress = await self._progress(flowrun, pods)
         children.rejected = self._rejected.get((namespace, name), [])
+        children.lost_nodes = await self._lost_nodes(pods)
         plan = plan_flowrun(body, children, progress, self.clock(), self.config.render, self.config.defaults)
         rejected = await self._apply(FLOWRUNS, body, plan, flowrun)
         if rejected != children.rejected:
@@ -540,6 +560,13 @@ class Reconciler:
         if any(plan.status.get(k) != old.get(k) for k in ("lastCheckpoint", "bestCheckpoint")):
             for service in await self.flowservices_using(namespace, name):  # roll them to the new checkpoint
                 await self.poke(FLOWSERVICE_KIND, namespace, service)
+
+    async def _lost_nodes(self, pods: list[dict[str, Any]]) -> frozenset[str]:
+        """The lost nodes among those holding pods stuck Terminating (one GET per such node, none otherwise)."""
+        now = self.clock()
+        nodes = {n for p in pods if pod_terminating(p) and pod_stuck_terminating(p, now) and (n := pod_node(p))}
+        lost = await asyncio.gather(*(self.client.node_lost(n) for n in sorted(nodes)))
+        return frozenset(n for n, gone in zip(sorted(nodes), lost, strict=True) if gone)
 
     async def _check_secrets(self, flowrun: FlowRun, children: RunChildren) -> None:
         for secret, where in referenced_secrets(flowrun):
@@ -581,6 +608,11 @@ class Reconciler:
         # Children are independent of each other: each step's calls go out concurrently.
         await asyncio.gather(*(self.client.delete(kind_of(o), namespace, object_name(o))
                                for o in self._not_yet_deleted(plan.delete)))
+        for pod in plan.force_delete:
+            logger.warning("force-deleting pod %s/%s: Terminating on lost node %s", namespace, object_name(pod),
+                           pod_node(pod))
+        await asyncio.gather(*(self.client.delete(PODS, namespace, object_name(p), grace_period_s=0)
+                               for p in plan.force_delete))
         await asyncio.gather(*(self.client.patch(kind_of(d), namespace, object_name(d), merge_patch(o, d))
                                for o, d in plan.update))
         creates = list(plan.create)

@@ -125,6 +125,8 @@ class Plan:
     create_token_secret: bool = False
     events: list[Event] = field(default_factory=list)
     delete_self: bool = False
+    #: Pods stuck Terminating on a lost node: deleted with grace period 0 (their kubelet is gone).
+    force_delete: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -140,6 +142,8 @@ class RunChildren:
     missing_secrets: list[str] = field(default_factory=list)
     #: Creates the API server refused last time (a quota, an admission webhook), one line each.
     rejected: list[str] = field(default_factory=list)
+    #: Nodes of this run's pods that are NotReady or gone (read only for pods stuck Terminating).
+    lost_nodes: frozenset[str] = frozenset()
 
 
 def object_name(obj: Mapping[str, Any]) -> str:
@@ -161,6 +165,32 @@ def pod_up(pod: Mapping[str, Any]) -> bool:
 
 def pod_terminating(pod: Mapping[str, Any]) -> bool:
     return bool(pod.get("metadata", {}).get("deletionTimestamp"))
+
+
+#: How long past its deletion deadline (deletionTimestamp: the deletion plus the grace period) a
+#: pod on a lost node may stay Terminating before it is force-deleted.
+FORCE_DELETE_AFTER_S = 30.0
+
+
+def pod_stuck_terminating(pod: Mapping[str, Any], now: datetime) -> bool:
+    """Terminating and past its deletion deadline by FORCE_DELETE_AFTER_S: its kubelet did not finish."""
+    deadline = pod.get("metadata", {}).get("deletionTimestamp")
+    try:
+        when = datetime.fromisoformat(str(deadline).replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return now >= when + timedelta(seconds=FORCE_DELETE_AFTER_S)
+
+
+def pod_disrupted(pod: Mapping[str, Any]) -> bool:
+    """Deleted by a disruption (node lost, eviction, preemption): its DisruptionTarget condition is True."""
+    return any(c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+               for c in (pod.get("status") or {}).get("conditions") or [])
+
+
+def pod_node(pod: Mapping[str, Any]) -> str | None:
+    node = (pod.get("spec") or {}).get("nodeName")
+    return node if isinstance(node, str) and node else None
 
 
 def pod_epoch(pod: Mapping[str, Any]) -> int | None:
@@ -416,10 +446,18 @@ def plan_flowrun(body: Mapping[str, Any], children: RunChildren, progress: Progr
 
     epoch = st.new.restart_count
     services_by_name = {child_name(flowrun.name, c.name): c.service for c in rendered.graph.components}
+    # A pod on a lost node stays Terminating and keeps its name: free the name for its replacement.
+    plan.force_delete = [p for p in children.pods if pod_terminating(p) and pod_node(p) in children.lost_nodes
+                         and pod_stuck_terminating(p, now)]
     failed = [p for p in live_pods if pod_phase(p) == "Failed" and pod_epoch(p) == epoch
               and not services_by_name.get(object_name(p), False)]
-    if failed:
-        reason = pod_failure(failed[0])
+    # A member of the current group evicted (its node lost, a preemption, a drain) is lost as
+    # surely as a failed one; Kubernetes marks such deletions with the DisruptionTarget condition.
+    evicted = [p for p in children.pods if pod_terminating(p) and pod_epoch(p) == epoch and pod_disrupted(p)
+               and pod_phase(p) not in ("Succeeded", "Failed") and not services_by_name.get(object_name(p), False)]
+    if failed or evicted:
+        reason = pod_failure(failed[0]) if failed else f"pod {object_name(evicted[0])} was evicted" + (
+            f" from node {pod_node(evicted[0])}" if pod_node(evicted[0]) else "")
         if epoch >= spec.backoff_limit:
             plan.delete += active_pods
             st.finish(Phase.FAILED, "BackoffLimitExceeded",

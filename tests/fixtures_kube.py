@@ -72,6 +72,8 @@ _RESOURCES: dict[str, kmock.ResourceInfo] = {
     "v1/secrets": kmock.ResourceInfo(kind="Secret", singular="secret", namespaced=True),
     "v1/events": kmock.ResourceInfo(kind="Event", singular="event", namespaced=True, shortnames={"ev"}),
     "v1/namespaces": kmock.ResourceInfo(kind="Namespace", singular="namespace", namespaced=False, shortnames={"ns"}),
+    "v1/nodes": kmock.ResourceInfo(kind="Node", singular="node", namespaced=False, shortnames={"no"},
+                                   subresources={"status"}),
     "networking.k8s.io/v1/networkpolicies": kmock.ResourceInfo(
         kind="NetworkPolicy", singular="networkpolicy", namespaced=True, shortnames={"netpol"}),
     "policy/v1/poddisruptionbudgets": kmock.ResourceInfo(

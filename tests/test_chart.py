@@ -268,7 +268,8 @@ def test_namespace_scope_keeps_workload_rules_out_of_cluster_roles(
             "apiGroups": ["apiextensions.k8s.io"],
             "resources": ["customresourcedefinitions"],
             "verbs": ["get", "list", "watch"],
-        }
+        },
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},  # is a stuck pod's node lost?
     ]
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import kmock
@@ -12,6 +13,7 @@ from test_operator import (
     MEMBERS,
     body,
     condition,
+    epochs,
     fail_pod,
     flowrun,
     plan,
@@ -23,6 +25,7 @@ from test_operator import (
 )
 
 from flowlane.api.flowrun import load_flowrun
+from flowlane.operator.handlers import NODES
 from flowlane.operator.reconcile import Progress, RunChildren, plan_flowrun
 from flowlane.operator.render import RenderOptions, render_flowrun
 from flowlane.operator.settings import ClusterDefaults
@@ -194,3 +197,63 @@ def test_a_queued_flowrun_stays_pending_until_kueue_admits_it_then_runs(kube: Ku
         kube.patch(PODS, name, {"spec": {"schedulingGates": None}})
     run_group(kube, "queued")
     assert condition(kube, "Admitted", "queued")["status"] == "True"
+
+
+# -- node loss --------------------------------------------------------------------------------------
+
+
+def evicted_from(pod: dict[str, Any], node: str, deleted_s_ago: float) -> dict[str, Any]:
+    """``pod`` as the node lifecycle controller leaves it on a lost node: Terminating, DisruptionTarget."""
+    when = (NOW - timedelta(seconds=deleted_s_ago)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {**pod, "metadata": {**pod["metadata"], "deletionTimestamp": when},
+            "spec": {**pod["spec"], "nodeName": node},
+            "status": {"phase": "Running", "conditions": [
+                {"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager"}]}}
+
+
+def test_a_member_evicted_from_a_lost_node_restarts_the_group_and_is_force_deleted() -> None:
+    obj = body(status={"phase": "Running"})
+    pods = pods_for(obj, epoch=0)
+    pods[0] = evicted_from(pods[0], "node-a", deleted_s_ago=120)
+    result = plan_flowrun(obj, RunChildren(pods=pods, lost_nodes=frozenset({"node-a"})), None, NOW,
+                          RenderOptions(), ClusterDefaults())
+    assert result.status["restartCount"] == 1
+    assert result.status["message"] == "pod demo-learner was evicted from node node-a; restarting the group (1/3)"
+    assert [p["metadata"]["name"] for p in result.force_delete] == ["demo-learner"]
+
+
+def test_a_stuck_pod_is_force_deleted_only_on_a_lost_node_and_past_its_deadline() -> None:
+    obj = body(status={"phase": "Restarting", "restartCount": 1})
+    old = [evicted_from(p, "node-a", deleted_s_ago=120) for p in pods_for(obj, epoch=0)]
+
+    def forced(pods: list[dict[str, Any]], lost: frozenset[str]) -> list[str]:
+        result = plan_flowrun(obj, RunChildren(pods=pods, lost_nodes=lost), None, NOW, RenderOptions(),
+                              ClusterDefaults())
+        return sorted(p["metadata"]["name"] for p in result.force_delete)
+
+    assert forced(old, frozenset({"node-a"})) == ["demo-learner", "demo-rollout-0", "demo-sandbox-0"]
+    assert forced(old, frozenset()) == []  # a slow kubelet on a live node finishes the deletion itself
+    recent = [evicted_from(p, "node-a", deleted_s_ago=10) for p in pods_for(obj, epoch=0)]
+    assert forced(recent, frozenset({"node-a"})) == []
+
+
+def test_a_run_recovers_from_a_lost_node_within_its_backoff_budget(
+        kube: KubeApi, kmock_server: KMockServer, start_operator: Any) -> None:
+    start_operator(reconcile_interval_s=0.3)
+    kube.create(FLOWRUNS, flowrun("lost"))
+    wait_members(kube, MEMBERS, "lost")
+    run_group(kube, "lost")
+    node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": f"{kube.namespace}-a"},  # its kubelet is gone
+            "status": {"conditions": [{"type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown"}]}}
+    kube.http.post(NODES.cluster_path("").rstrip("/"), json=node).raise_for_status()
+    # The learner's node is lost: the taint manager evicts the pod, whose kubelet never confirms it.
+    kube.patch(PODS, "lost-learner", {"spec": {"nodeName": f"{kube.namespace}-a"}})
+    kube.set_pod_phase("lost-learner", "Running", conditions=[
+        {"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager"}])
+    stuck = datetime.now(UTC) - timedelta(seconds=90)
+    kube.patch(PODS, "lost-learner", {"metadata": {"deletionTimestamp": stuck.strftime("%Y-%m-%dT%H:%M:%SZ")}})
+    wait_until(lambda: status(kube, "lost").get("restartCount") == 1, what="a group restart")
+    wait_until(lambda: epochs(kube, "lost") == {"1"} and len(kube.names(PODS, {"flowlane.dev/flowrun": "lost"})) == 4,
+               what="the group recreated at epoch 1, the stuck learner gone")
+    run_group(kube, "lost")
+    assert status(kube, "lost")["restartCount"] == 1
