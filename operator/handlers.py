@@ -498,7 +498,7 @@ class Reconciler:
                 method = self._reconcile_flowrun if kind == FLOWRUN_KIND else self._reconcile_flowservice
                 await self._measured(kind, method, namespace, name)
         except Exception as exc:  # a poke must never take the event handler down; the timer retries
-            logger.warning("reconcile of %s %s/%s failed: %s", kind, namespace, name, exc)
+            logger.warning("reconcile of %s %s/%s failed: %s", kind, namespace, name, str(exc) or repr(exc))
         finally:
             self._pending.discard(key)
 
