@@ -42,8 +42,10 @@ def remove_leftovers(prefix: str = "flowlane-test-") -> None:
         podman("network", "rm", "--force", *stale_networks, check=False)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster(built_images: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OneMachineCluster]:
+    """Module-scoped: its pods run as uid 10001, the uid the sandbox tests later run code as, and
+    RLIMIT_NPROC counts every process of a uid; the cluster must be gone before they start."""
     remove_leftovers()
     network = f"flowlane-test-{os.getpid()}"
     with one_machine_cluster(tmp_path_factory.mktemp("cluster"), namespace="flowlane-e2e", network=network,

@@ -49,6 +49,7 @@ from typing import Any
 
 from flowlane.api.errors import FlowlaneError, ModelNotFoundError
 from flowlane.kit.checkpoints import CHECKPOINT_POINTER, is_training_state, open_checkpoint
+from flowlane.kit.checkpoints import MANIFEST_NAME as MANIFEST_FILE
 
 MANIFEST_NAME = "flowlane-manifest.json"
 MANIFEST_FORMAT = 1
@@ -260,7 +261,7 @@ def fetch_s3_model_dir(uri: str, cache_dir: Path | None = None) -> Path | None:
     except Exception as exc:  # minio's S3Error and transport errors: one line naming the URI
         raise ModelNotFoundError(f"model {uri}: listing the S3 prefix failed: {exc}") from None
     files = {o.object_name[len(base):]: o for o in objects}
-    if "config.json" not in files:
+    if "config.json" not in files or MANIFEST_FILE in files:  # a flowlane checkpoint has a manifest
         return None
     digest = hashlib.sha256(f"s3://{bucket}/{prefix}".encode())
     for name in sorted(files):
