@@ -88,6 +88,11 @@ class ClusterRun:
                              f"rollout:\n{self.cluster.pod_logs(RUN + '-rollout-0', 60)}")
 
 
+def checkpoint_step(status: dict[str, Any]) -> int:
+    match = re.search(r"step-(\d+)$", str(status.get("lastCheckpoint") or ""))
+    return int(match.group(1)) if match else 0
+
+
 def step_of(status: dict[str, Any]) -> int:
     return int((status.get("progress") or status).get("step") or 0)
 
@@ -109,7 +114,8 @@ def cluster_run(cluster: OneMachineCluster) -> Iterator[ClusterRun]:
     restarted = run.wait(lambda s: int(s.get("restartCount") or 0) >= 1 and s.get("phase") == "Running", 900,
                          "a group restart after the learner was killed")
     # A rollout worker dies mid-run; then the sandbox pod is deleted through the API.
-    run.wait(lambda s: step_of(s) > step_of(restarted) or step_of(s) >= 2, 900, "progress after the restart")
+    # (after the next checkpoint, so the restart resumes where the status stands and never counts back)
+    run.wait(lambda s: checkpoint_step(s) > checkpoint_step(restarted), 900, "a checkpoint after the restart")
     podman("kill", "--signal", "KILL", cluster.pod_container(f"{RUN}-rollout-0"))
     run.killed["rollout"] = str(step_of(run.status()))
     run.wait(lambda s: int(s.get("restartCount") or 0) >= 2 and s.get("phase") == "Running", 900,
