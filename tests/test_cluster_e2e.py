@@ -202,6 +202,17 @@ def served(cluster_run: ClusterRun) -> Iterator[str]:
     pods = json.loads(cluster.kubectl("get", "pods", "-l", "flowlane.dev/flowservice=math-agent", "-o",
                                       "json").stdout)["items"]
     ip = next(p["status"]["podIP"] for p in pods if p["status"].get("phase") == "Running")
+    # The node agent runs no probes: wait for what the pod's readinessProbe checks (the model loaded).
+    import httpx
+
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://{ip}:8000/readyz", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(3)
     yield f"http://{ip}:8000/v1"
 
 
@@ -216,16 +227,19 @@ def test_a_flowservice_serves_the_latest_checkpoint_to_the_openai_client(served:
     assert reply.choices[0].finish_reason in ("stop", "length")
 
 
-def flowrun_with_sandbox_image(name: str, image: str) -> dict[str, Any]:
+def flowrun_with_sandbox_image(cluster: OneMachineCluster, name: str, image: str) -> dict[str, Any]:
+    assert cluster.s3 is not None
     return {"apiVersion": "flowlane.dev/v1alpha1", "kind": "FlowRun", "metadata": {"name": name},
             "spec": {"tools": [{"name": "python"}], "tasks": {"dataset": "arithmetic"},
                      "schedule": {"steps": 1, "checkpointInterval": 1, "evalInterval": 0},
+                     "storage": {"checkpointUri": f"s3://{cluster.s3.make_bucket(name)}/{name}",
+                                 "s3Endpoint": cluster.s3.url, "credentialsSecret": {"name": "s3-credentials"}},
                      "sandbox": {"resources": {"image": image}}}}
 
 
 def test_a_missing_image_shows_in_status_as_image_pull_backoff(cluster: OneMachineCluster) -> None:
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(
-        flowrun_with_sandbox_image("no-image", "ghcr.io/flowlane/flowlane-sandbox:does-not-exist")))
+        flowrun_with_sandbox_image(cluster, "no-image", "ghcr.io/flowlane/flowlane-sandbox:does-not-exist")))
     try:
         status = wait_status(cluster, "no-image", lambda s: "ImagePullBackOff" in str(s.get("message", "")), 240)
         assert status["phase"] == "Pending"
@@ -240,7 +254,7 @@ def test_a_pod_whose_command_fails_shows_crash_loop_backoff_with_its_last_log_li
         cluster: OneMachineCluster) -> None:
     # The operator image has the CLI but not the sandbox's parts: `flowlane sandbox` exits at start.
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(
-        flowrun_with_sandbox_image("bad-command", IMAGES["operator"])))
+        flowrun_with_sandbox_image(cluster, "bad-command", IMAGES["operator"])))
     try:
         status = wait_status(cluster, "bad-command", lambda s: "CrashLoopBackOff" in str(s.get("message", "")), 300)
         assert status["phase"] != "Running"
