@@ -349,6 +349,16 @@ class _RunStatus:
         if self.old.phase != phase:
             self.events.append(Event(EventType.WARNING if warning else EventType.NORMAL, reason, message))
 
+    def not_running(self, reason: str, message: str, phase_reason: str) -> None:
+        """Ready and Running false for ``reason``; Pending, unless a group restart is in progress
+        (its phase stays, with this message)."""
+        self.condition(ConditionType.READY, False, reason, message)
+        self.condition(ConditionType.RUNNING, False, reason, message)
+        if self.new.phase is not Phase.RESTARTING:
+            self.phase(Phase.PENDING, message, phase_reason)
+        else:
+            self.new.message = message
+
     def finish(self, phase: Phase, reason: str, message: str) -> None:
         failed = phase is Phase.FAILED
         self.phase(phase, message, reason, warning=failed)
@@ -518,23 +528,13 @@ def plan_flowrun(body: Mapping[str, Any], children: RunChildren, progress: Progr
         labels = queued[0].get("metadata", {}).get("labels", {})
         message = (f"waiting for Kueue to admit pod group {labels.get(KUEUE_POD_GROUP_LABEL, '?')} from queue "
                    f"{labels.get(KUEUE_QUEUE_LABEL, '?')}: {len(queued)}/{len(desired)} pods held")
-        st.condition(ConditionType.READY, False, "Queued", message)
-        st.condition(ConditionType.RUNNING, False, "Queued", message)
-        if st.new.phase is not Phase.RESTARTING:
-            st.phase(Phase.PENDING, message, "Queued")
-        else:
-            st.new.message = message
+        st.not_running("Queued", message, "Queued")
     elif children.rejected:
         message = "the API server refused pods: " + "; ".join(children.rejected)
         old_admitted = get_condition(st.old.conditions, ConditionType.ADMITTED.value)
         if old_admitted is None or old_admitted.message != "; ".join(children.rejected):
             st.events.append(Event(EventType.WARNING, "CreateRejected", message))
-        st.condition(ConditionType.READY, False, "CreateRejected", message)
-        st.condition(ConditionType.RUNNING, False, "CreateRejected", message)
-        if st.new.phase is not Phase.RESTARTING:
-            st.phase(Phase.PENDING, message, "CreateRejected")
-        else:
-            st.new.message = message
+        st.not_running("CreateRejected", message, "CreateRejected")
     else:
         stuck = [w for p in live_pods if (w := pod_waiting(p))]
         waiting = sorted(set(desired) - {object_name(p) for p in running})
@@ -543,12 +543,7 @@ def plan_flowrun(body: Mapping[str, Any], children: RunChildren, progress: Progr
         old_ready = get_condition(st.old.conditions, ConditionType.READY.value)
         if stuck and (old_ready is None or old_ready.reason != "PodsStuck" or old_ready.message != message):
             st.events.append(Event(EventType.WARNING, "PodsStuck", message))
-        st.condition(ConditionType.READY, False, "PodsNotRunning" if not stuck else "PodsStuck", message)
-        st.condition(ConditionType.RUNNING, False, "PodsNotRunning" if not stuck else "PodsStuck", message)
-        if st.new.phase is not Phase.RESTARTING:
-            st.phase(Phase.PENDING, message, "Pending")
-        else:
-            st.new.message = message
+        st.not_running("PodsStuck" if stuck else "PodsNotRunning", message, "Pending")
     return done()
 
 
