@@ -60,6 +60,12 @@ class RunRecord:
     returncode: int = -1
     output: str = ""
     killed: dict[str, int] = field(default_factory=dict)  # component -> pid killed
+    # Where this invocation's output starts in the output file (a resumed run appends to it).
+    output_offset: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        out = output_file(self.run_dir)
+        self.output_offset = out.stat().st_size if out.exists() else 0
 
     def log(self, component: str) -> str:
         return (self.run_dir / "logs" / f"{component}.log").read_text(errors="replace")
@@ -74,13 +80,34 @@ def component_pid(run_dir: Path, role: str) -> int | None:
     return None
 
 
-def wait_for(predicate, timeout_s: float, what: str) -> None:
+def wait_for(predicate, timeout_s: float, what: str, run_dir: Path | None = None,
+             proc: subprocess.Popen[str] | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():
             return
+        if proc is not None and proc.poll() is not None:
+            output = output_file(run_dir).read_text(errors="replace") if run_dir else ""
+            raise AssertionError(f"`flowlane run` exited ({proc.returncode}) before {what}:\n"
+                                 f"{output[-4000:]}\n{situation(run_dir)}")
         time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}\n{situation(run_dir)}")
+
+
+def situation(run_dir: Path | None, lines: int = 15) -> str:
+    """What a timeout needs to be understood: the machine's load, its busiest processes, and the
+    last lines of every component log."""
+    parts = [f"load average {os.getloadavg()}"]
+    procs = sorted(psutil.process_iter(["pid", "username", "cpu_times", "cmdline"]),
+                   key=lambda p: -sum((p.info["cpu_times"] or (0, 0))[:2]))
+    for proc in procs[:8]:
+        cpu = sum((proc.info["cpu_times"] or (0, 0))[:2])
+        parts.append(f"  {proc.info['pid']} {proc.info['username']} {cpu:.0f}s cpu: "
+                     f"{' '.join(proc.info['cmdline'] or [])[:160]}")
+    for log in sorted((run_dir / "logs").glob("*.log")) if run_dir else []:
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        parts.append(f"--- {log.name} (last {len(tail)} lines)\n" + "\n".join(tail))
+    return "\n".join(parts)
 
 
 def learner_log_has(run_dir: Path, pattern: str) -> bool:
@@ -89,18 +116,31 @@ def learner_log_has(run_dir: Path, pattern: str) -> bool:
 
 
 def start(config: Path, run_dir: Path, *extra: str) -> subprocess.Popen[str]:
+    """``flowlane run`` with its output going to a file beside the run directory: a pipe that
+    nobody reads until the end would block the supervisor once 64 KiB of output pile up."""
     env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.Popen([*FLOWLANE, "run", str(config), "--run-dir", str(run_dir), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+    out = output_file(run_dir)
+    with out.open("a") as sink:
+        return subprocess.Popen([*FLOWLANE, "run", str(config), "--run-dir", str(run_dir), *extra],
+                                stdout=sink, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
+
+
+def output_file(run_dir: Path) -> Path:
+    return run_dir.parent / f"{run_dir.name}.out"
 
 
 def finish(proc: subprocess.Popen[str], record: RunRecord, timeout_s: float) -> None:
+    """Wait for the run; ``record.output`` is what this invocation printed."""
+    out = output_file(record.run_dir)
     try:
-        record.output, _ = proc.communicate(timeout=timeout_s)
+        proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGINT)
-        record.output, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
+    with out.open("rb") as f:
+        f.seek(record.output_offset)
+        record.output = f.read().decode(errors="replace")
     record.returncode = proc.returncode
 
 
@@ -114,14 +154,14 @@ def chaos_run(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iter
     proc = start(config, record.run_dir)
     try:
         run_dir = record.run_dir
-        wait_for(lambda: learner_log_has(run_dir, r"step 1/3"), 900, "the first step")
+        wait_for(lambda: learner_log_has(run_dir, r"step 1/3"), 900, "the first step", run_dir, proc)
         for role in ("rollout", "sandbox"):
             pid = component_pid(run_dir, role)
             assert pid is not None, f"no {role} process found"
             os.kill(pid, signal.SIGKILL)
             record.killed[role] = pid
         wait_for(lambda: learner_log_has(run_dir, r"checkpoint \S+step-00000002 written"), 900,
-                 "the step-2 checkpoint")
+                 "the step-2 checkpoint", run_dir, proc)
         pid = component_pid(run_dir, "learner")
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
