@@ -18,6 +18,7 @@ Run ``python bench/checkpoint_io.py [--size-mb 540] [--repeats 1]``.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -33,6 +34,10 @@ from flowlane.kit.checkpoints import CheckpointStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from fixtures_services import MotoS3Server  # the same S3 endpoint the tests use
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # bench scripts run as files: see bench/common.py
 
 MB = 1_000_000
 
@@ -151,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size-mb", type=int, default=540, help="checkpoint size (default: a 135M fp32 model)")
     parser.add_argument("--repeats", type=int, default=1, help="report the best of this many runs")
     args = parser.parse_args(argv)
+    common.print_header("flowlane checkpoint I/O benchmark", [f"{args.size_mb} MB, best of {args.repeats}"])
     print(format_table(run(args.size_mb, args.repeats)))
 
 

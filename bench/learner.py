@@ -25,10 +25,8 @@ Run ``python bench/learner.py [--threads 1] [--steps 2] [--questions 2] [--group
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import os
-import platform
 import statistics
 import sys
 import time
@@ -43,6 +41,10 @@ from flowlane.runtime.models import resolve_model
 from flowlane.trainer.batching import BatchLayout
 from flowlane.trainer.learner import Learner, LearnerConfig
 from flowlane.trainer.synthetic import synthetic_trajectories
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # bench scripts run as files: see bench/common.py
 
 
 def bench_mode(
@@ -93,22 +95,6 @@ def format_table(rows: list[dict[str, Any]], headers: list[str]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (
-        f"{platform.node()} | {cpu} | {os.cpu_count()} cores, torch threads {torch.get_num_threads()} | "
-        f"load avg {load:.1f} | torch {torch.__version__}"
-    )
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="model directory or known name")
@@ -140,8 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         system_tokens=args.system_tokens, shared_first_prompt=args.system_tokens > 0,
     )
     turns = sum(len(t.planner_turns) for t in trajectories)
-    print(f"# flowlane learner benchmark, {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"# machine: {machine()}")
+    common.print_header("flowlane learner benchmark", [f"torch threads {torch.get_num_threads()}"])
     print(
         f"# model: {model_dir.name} (float32, full fine-tuning, KL reference); data: {len(trajectories)} "
         f"trajectories, {turns} planner turns"

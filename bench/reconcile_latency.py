@@ -68,6 +68,10 @@ from flowlane.operator import handlers
 from flowlane.operator.reconcile import Progress, RunRef
 from flowlane.operator.settings import OperatorConfig
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # bench scripts run as files: see bench/common.py
+
 CHILDREN = [("pods", "learner"), ("pods", "rollout-0"), ("pods", "sandbox-0"), ("services", "learner"),
             ("services", "sandbox-0"), ("configmaps", "config"), ("networkpolicies", "sandbox-policy"),
             ("poddisruptionbudgets", "pdb"), ("secrets", "grpc-token")]
@@ -325,6 +329,7 @@ def main() -> None:
             sys.exit(f"{mode}: the benchmark process exited {child.returncode}:\n{child.stderr[-4000:]}")
         results[mode] = json.loads(child.stdout.strip().splitlines()[-1])
     load = os.getloadavg()[0]
+    common.print_header("flowlane operator at scale")
     print(f"\nOperator at scale, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} CPUs, "
           f"load average {load:.1f}; KMock in its own process over HTTP; {args.burst} FlowRuns at once\n")
     head = ["mode", "1 run p50 ms", f"{args.burst} runs p50 s", "p99 s", "all done s", "operator CPU ms/run",

