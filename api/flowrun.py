@@ -210,6 +210,16 @@ class AlgorithmSpec(SpecModel):
     skip_uniform_groups: bool = Field(
         True, description="Skip questions whose G rewards are all equal (zero advantage, no signal)."
     )
+    ppo_epochs: int = Field(
+        1, ge=1, le=64,
+        description="Passes over a step's trajectories; >1 reuses them against the policy before the step "
+        "(log-probs taken once up front), so clipLow/clipHigh bound how far the step moves.",
+    )
+    mini_batches: int = Field(
+        1, ge=1, le=4096,
+        description="Optimizer updates per pass: a step's question groups split evenly into this many; >1 "
+        "clips later updates against the policy before the step.",
+    )
     tis_cap: float = Field(
         2.0, ge=1.0, le=100.0,
         description="Truncated importance sampling cap for stale samples (maxStaleness > 0).",

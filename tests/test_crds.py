@@ -132,6 +132,8 @@ def test_quantities_are_int_or_string_with_the_kubernetes_pattern() -> None:
     ({"rollout": {"replicas": 0}}, "spec.rollout.replicas: minimum"),
     ({"algorithm": {"klEstimator": "k2"}}, "spec.algorithm.klEstimator: enum"),
     ({"algorithm": {"clipLow": 1.0}}, "spec.algorithm.clipLow: maximum"),
+    ({"algorithm": {"ppoEpochs": 0}}, "spec.algorithm.ppoEpochs: minimum"),
+    ({"algorithm": {"miniBatches": 0}}, "spec.algorithm.miniBatches: minimum"),
     ({"rollout": {"resources": {"cpu": "lots"}}}, "spec.rollout.resources.cpu: pattern"),
     ({"storage": {"checkpointUri": "http://x"}}, "spec.storage.checkpointUri: pattern"),
     ({"tools": [{"name": "Bad Name"}]}, "spec.tools.0.name: pattern"),

@@ -146,6 +146,30 @@ def test_clipped_tokens_get_no_gradient() -> None:
     close(log_prob.grad, [0.0, 0.0, 1.1, -0.7])
 
 
+@pytest.mark.parametrize("with_importance", [False, True])
+def test_the_clipped_terms_carry_exactly_zero_gradient(with_importance: bool) -> None:
+    # Many tokens, ratios spread well beyond both clip edges, weighted as the learner weights them:
+    # every token whose clipped term is active gets a gradient of exactly 0 (not merely small), and
+    # every other token a non-zero one.
+    generator = torch.Generator().manual_seed(0)
+    n = 400
+    old = -torch.rand(n, generator=generator, dtype=torch.float64) * 4
+    log_prob = (old + torch.randn(n, generator=generator, dtype=torch.float64) * 0.5).requires_grad_(True)
+    advantages = torch.randn(n, generator=generator, dtype=torch.float64)
+    importance = torch.rand(n, generator=generator, dtype=torch.float64) + 0.5 if with_importance else None
+    terms = clipped_policy_loss(log_prob, old, advantages, 0.2, 0.3, importance)
+    clipped = terms.clipped_low | terms.clipped_high
+    assert 0.1 < clipped.double().mean().item() < 0.9  # both kinds of token are well represented
+    assert terms.clipped_low.any() and terms.clipped_high.any()
+    weights = torch.rand(n, generator=generator, dtype=torch.float32) + 0.1
+    (grad,) = torch.autograd.grad(aggregate(terms.loss, weights), log_prob, retain_graph=True)
+    assert torch.equal(grad[clipped], torch.zeros_like(grad[clipped]))
+    assert (grad[~clipped] != 0).all()
+    # the loss of the clipped tokens alone is a constant of log_prob
+    (clipped_grad,) = torch.autograd.grad(terms.loss[clipped].sum(), log_prob)
+    assert torch.count_nonzero(clipped_grad) == 0
+
+
 def test_importance_weights_scale_the_loss_without_gradient_through_them() -> None:
     weights = torch.tensor([2.0, 0.5, 1.0, 0.25], dtype=torch.float64, requires_grad=True)
     terms = _terms(weights)

@@ -223,6 +223,10 @@ def test_config_errors_name_the_field() -> None:
         LearnerConfig(model_path="m", lr_schedule=LRSchedule.COSINE, warmup_steps=5, total_steps=5)
     with pytest.raises(ConfigError, match=r"lora.r: must be >= 1"):
         LearnerConfig(model_path="m", lora=LoraSettings(r=0))
+    with pytest.raises(ConfigError, match=r"ppo_epochs: must be >= 1, got 0"):
+        LearnerConfig(model_path="m", ppo_epochs=0)
+    with pytest.raises(ConfigError, match=r"mini_batches_per_step: must be >= 1, got 0"):
+        LearnerConfig(model_path="m", mini_batches_per_step=0)
 
 
 def test_lr_schedule_warms_up_then_decays() -> None:
@@ -268,6 +272,43 @@ def test_positive_advantage_turn_gains_log_prob_and_negative_turn_loses_it(real_
     assert metrics["updated"] == 1.0 and metrics["policy_version"] == 1.0
     assert good_after.sum() > good_before.sum() + 0.1
     assert bad_after.sum() < bad_before.sum() - 0.1
+
+
+def test_a_second_ppo_epoch_clips_real_planner_turns(real_model_dir: Path) -> None:
+    # Real planner turns of the bundled model, sampled on-policy (behaviour = the learner's own
+    # log-probs): with ppoEpochs 2 the second pass is taken against the policy before the step, so
+    # the first pass's move shows as ratios away from 1 and the clip range acts on some tokens.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(real_model_dir))
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    questions = {"What is 17 * 3?": ("Tool Name: Python_Coder\nSub-Goal: compute 17 * 3",
+                                     "Tool Name: Wikipedia_Search\nSub-Goal: read about numbers"),
+                 "Who wrote Hamlet?": ("Tool Name: Wikipedia_Search\nSub-Goal: find the author of Hamlet",
+                                       "Tool Name: Python_Coder\nSub-Goal: print('Hamlet')")}
+    # the spec's default lr (algorithm.lr: 1e-5); measured: clip_frac_low 0.09, clip_frac_high 0.05
+    learner = Learner(LearnerConfig(model_path=str(real_model_dir), lr=1e-5, kl_beta=0.0, dtype="float32",
+                                    ppo_epochs=2))
+    try:
+        trajectories = []
+        for question, responses in questions.items():
+            prompt = ids(tokenizer.apply_chat_template([{"role": "user", "content": f"Which tool answers: {question}"}],
+                                                       tokenize=False, add_generation_prompt=True))
+            for reward, response in zip((1.0, 0.0), responses, strict=True):
+                behaviour = learner.log_probs(prompt, ids(response)).tolist()
+                turn = PlannerTurn(prompt, ids(response), behaviour, policy_version=0)
+                trajectories.append(Trajectory(question=question, question_id=question, reward=reward,
+                                               planner_turns=[turn]))
+        metrics = learner.step(trajectories)
+    finally:
+        learner.close()
+    assert metrics["optimizer_updates"] == 2.0 and metrics["policy_version"] == 1.0
+    assert metrics["clip_frac_high"] > 0 and metrics["clip_frac_low"] > 0
+    assert metrics["clip_frac"] == pytest.approx(metrics["clip_frac_low"] + metrics["clip_frac_high"])
+    assert metrics["approx_kl"] > 0
 
 
 # --- the tiny model: engine behaviour ------------------------------------------------------------
@@ -333,9 +374,32 @@ def test_step_reports_the_metrics_tracking_needs(make_learner) -> None:
 def test_later_mini_batches_are_clipped_against_the_policy_before_the_step(make_learner) -> None:
     learner = make_learner(mini_batches_per_step=2, lr=0.05)
     metrics = learner.step(synthetic_trajectories(6, questions=4, rewards=[[1, 0, 0], [0, 1, 1], [1, 0, 1], [0, 0, 1]]))
-    # the first update moves the policy, so the second update sees ratios != 1
+    # the first update moves the policy, so the second update sees ratios != 1 and some clip
+    assert metrics["optimizer_updates"] == 2.0
     assert metrics["approx_kl"] > 0
+    assert metrics["clip_frac"] > 0
+    assert metrics["clip_frac"] == pytest.approx(metrics["clip_frac_low"] + metrics["clip_frac_high"])
     assert learner.policy_version == 1
+
+
+def test_one_on_policy_update_never_clips(make_learner) -> None:
+    # ppoEpochs 1, miniBatches 1: the ratio is exactly 1, so the clip range cannot act.
+    metrics = make_learner(lr=0.05).step(synthetic_trajectories(6, questions=4,
+                                                                rewards=[[1, 0, 0], [0, 1, 1], [1, 0, 1], [0, 0, 1]]))
+    assert metrics["optimizer_updates"] == 1.0
+    assert (metrics["clip_frac_low"], metrics["clip_frac_high"], metrics["approx_kl"]) == (0.0, 0.0, 0.0)
+
+
+def test_ppo_epochs_reuse_the_step_against_the_policy_before_it(make_learner) -> None:
+    trajectories = synthetic_trajectories(6, questions=4, rewards=[[1, 0, 0], [0, 1, 1], [1, 0, 1], [0, 0, 1]])
+    learner = make_learner(ppo_epochs=3, mini_batches_per_step=2, lr=0.05)
+    metrics = learner.step(trajectories)
+    assert metrics["optimizer_updates"] == 6.0 and learner.policy_version == 1
+    assert metrics["clip_frac"] > 0 and metrics["approx_kl"] > 0
+    # pi_old is the policy before the step, not the one before each update: with an lr of 0 the
+    # three passes see ratio 1 throughout
+    frozen = make_learner(ppo_epochs=3, lr=1e-12).step(trajectories)
+    assert frozen["clip_frac"] == 0.0 and frozen["approx_kl"] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_token_ids_outside_the_vocabulary_are_an_error(make_learner) -> None:

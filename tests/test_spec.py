@@ -98,6 +98,19 @@ def test_checkpoint_interval_longer_than_the_run_is_a_cross_field_error() -> Non
     ]
 
 
+def test_ppo_epochs_and_mini_batches_reach_the_learner_and_must_be_at_least_one() -> None:
+    from flowlane.trainer.learner_service import learner_config
+
+    spec = load_flowrun(HEADER).spec
+    assert (spec.algorithm.ppo_epochs, spec.algorithm.mini_batches) == (1, 1)
+    config = learner_config(load_flowrun(HEADER + "spec: {algorithm: {ppoEpochs: 2, miniBatches: 3}}").spec)
+    assert (config.ppo_epochs, config.mini_batches_per_step) == (2, 3)
+    assert problems(HEADER + "spec: {algorithm: {ppoEpochs: 0, miniBatches: 0}}") == [
+        "spec.algorithm.ppoEpochs: must be >= 1, got 0",
+        "spec.algorithm.miniBatches: must be >= 1, got 0",
+    ]
+
+
 def test_duplicate_tool_names_point_at_the_second_one() -> None:
     assert problems(HEADER + "spec: {tools: [{name: python}, {name: search}, {name: python}]}") == [
         "spec.tools[2].name: duplicate tool 'python'; list each tool once"

@@ -15,6 +15,11 @@ stamped with. One ``step(trajectories)`` call is one update:
    backpropagate its share of the loss (gradients accumulate across micro-batches);
 5. clip the gradient norm, step the optimizer and the lr schedule, bump the policy version.
 
+With ``mini_batches_per_step`` > 1 or ``ppo_epochs`` > 1, steps 4-5 run once per mini-batch and
+pass (PPO-style) and every ratio is taken against the log-probs of the policy before the step,
+computed once up front; the clip range then bounds how far the step moves the policy and the
+``clip_frac*`` metrics count the tokens whose clipped term was active (no gradient).
+
 DeepSpeed runs in one process without a launcher: when no distributed environment is set, the
 learner sets a single-rank one (gloo on CPU) itself. Under a launcher (``torchrun``, as
 ``flowlane run`` and the learner pod start several ranks) the environment it provides is used as
@@ -112,7 +117,10 @@ class LearnerConfig:
     as many micro-batches as ``micro_batch_tokens`` requires and all of their gradients
     accumulate into one optimizer step (each micro-batch's loss already carries its share of the
     update's averaging weights, so the result does not depend on the packing).
-    ``mini_batches_per_step`` > 1 splits a step's groups into several such updates (PPO-style).
+    ``mini_batches_per_step`` > 1 splits a step's groups into several such updates and
+    ``ppo_epochs`` > 1 runs over all of them that many times (PPO-style); with either, the
+    log-probs of the policy before the step are computed once up front and every update's ratio
+    is taken against them, so the clip range bounds how far one step moves the policy.
     """
 
     model_path: str  # HF-layout model directory (or a name runtime.models.resolve_model knows)
@@ -138,7 +146,8 @@ class LearnerConfig:
     # to end (best with a varlen flash-attention backend). See flowlane.trainer.batching.
     batch_layout: BatchLayout = BatchLayout.SHARED
     attn_implementation: str | None = None  # transformers attention backend; None: its default (sdpa)
-    mini_batches_per_step: int = 1  # optimizer updates per step(); the groups are split evenly
+    mini_batches_per_step: int = 1  # optimizer updates per pass over a step; the groups are split evenly
+    ppo_epochs: int = 1  # passes over a step's samples, >= 1; each pass runs every mini-batch's update
     max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
     zero_stage: int = 0  # DeepSpeed ZeRO stage, 0-3
     dtype: Dtype = Dtype.AUTO
@@ -191,6 +200,7 @@ class LearnerConfig:
                 self.mini_batches_per_step >= 1,
                 f"mini_batches_per_step: must be >= 1, got {self.mini_batches_per_step}",
             ),
+            (self.ppo_epochs >= 1, f"ppo_epochs: must be >= 1, got {self.ppo_epochs}"),
             (self.max_grad_norm >= 0, f"max_grad_norm: must be >= 0 (0 disables), got {self.max_grad_norm}"),
             (self.zero_stage in (0, 1, 2, 3), f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}"),
             (self.temperature > 0, f"temperature: must be > 0, got {self.temperature}"),
@@ -523,29 +533,35 @@ class Learner:
             metrics["step_time_s"] = time.perf_counter() - started
             return metrics
 
-        # With several updates per step, the ratio of later updates is taken against the policy
-        # before the first one, so those log-probs are computed up front.
-        old = self._score(samples) if len(batch.updates) > 1 else None
+        # With several updates per step (mini-batches, epochs), every update's ratio is taken
+        # against the policy before the first one (pi_old), so those log-probs are computed once up
+        # front, without gradient. With one update the policy is still pi_old: its own detached
+        # log-probs serve (ratio 1, nothing clips) and the extra forward pass is saved.
+        updates = [(offset, update) for offset, update in zip(
+            itertools.accumulate((len(u) for u in batch.updates), initial=0), batch.updates, strict=False)]
+        passes = [updates] * config.ppo_epochs
+        n_updates = len(updates) * config.ppo_epochs
+        old = self._score(samples) if n_updates > 1 else None
         totals = _Totals()
         grad_norms: list[float] = []
         lrs: list[float] = []
-        offset = 0
-        for update in batch.updates:
-            old_update = old[offset : offset + len(update)] if old is not None else None
-            offset += len(update)
-            lrs.append(float(self.optimizer.param_groups[0]["lr"]))
-            self._accumulate(update, old_update, totals)
-            grad_norm = self._optimizer_step()
-            if grad_norm is not None:
-                grad_norms.append(grad_norm)
+        for epoch in passes:
+            for offset, update in epoch:
+                old_update = old[offset : offset + len(update)] if old is not None else None
+                lrs.append(float(self.optimizer.param_groups[0]["lr"]))
+                self._accumulate(update, old_update, totals)
+                grad_norm = self._optimizer_step()
+                if grad_norm is not None:
+                    grad_norms.append(grad_norm)
         self.policy_version += 1
         if self.world_size > 1:
             totals = totals.summed_over_ranks()
         elapsed = time.perf_counter() - started
-        metrics.update(totals.as_metrics(len(batch.updates)))
+        metrics.update(totals.as_metrics(n_updates))
         metrics.update(
             {
                 "updated": 1.0,
+                "optimizer_updates": float(n_updates),
                 "lr": lrs[-1],
                 "policy_version": float(self.policy_version),
                 "step_time_s": elapsed,

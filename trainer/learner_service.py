@@ -427,6 +427,8 @@ def learner_config(spec: Any) -> Any:
         temperature=max(algo.temperature, 1e-3),
         tis_cap=algo.tis_cap,
         skip_uniform_groups=algo.skip_uniform_groups,
+        mini_batches_per_step=algo.mini_batches,
+        ppo_epochs=algo.ppo_epochs,
         seed=algo.seed,
     )
 
