@@ -174,8 +174,19 @@ def default_tools() -> list[ToolSpec]:
     return [ToolSpec(name="python"), ToolSpec(name="generator")]
 
 
+#: Why ``tasks.reward: judge`` is refused: nothing gives a FlowRun's workers a judge model.
+JUDGE_REFUSED: Final = ("needs an LLM judge model, and a FlowRun has no field to name one and its rollout workers "
+                        "run no judge engine; use exact, numeric, choice or game24")
+
+
 class TasksSpec(SpecModel):
     """Where training questions come from and how answers are scored."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [{
+        "rule": f"!has(self.reward) || self.reward != '{RewardKind.JUDGE.value}'",
+        "message": f"reward judge {JUDGE_REFUSED}",
+        "fieldPath": ".reward",
+    }]})
 
     dataset: str = Field(
         DEFAULT_TASKS,
@@ -184,8 +195,16 @@ class TasksSpec(SpecModel):
         "or an s3:// URI of one.",
     )
     split: str = Field("train", min_length=1, description="Split of the dataset used for training.")
-    reward: RewardKind = Field(RewardKind.NUMERIC, description="How a final answer is scored (reward 0 or 1).")
+    reward: RewardKind = Field(RewardKind.NUMERIC, description="How a final answer of user data is scored (reward "
+                               "0 or 1): exact, numeric, choice or game24; judge is refused (no judge model is "
+                               "wired); bundled sets score with their own.")
     limit: int | None = Field(None, ge=1, description="Use at most this many training questions.")
+
+    @model_validator(mode="after")
+    def _offline_reward(self) -> TasksSpec:
+        if self.reward is RewardKind.JUDGE:
+            raise field_error("reward", f"judge (also spelled llm_judge) {JUDGE_REFUSED}")
+        return self
 
 
 class AlgorithmSpec(SpecModel):

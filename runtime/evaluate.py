@@ -53,14 +53,22 @@ async def evaluate(model: str, tasks_spec: str, split: str, *, engine_kind: str 
                    tools: Sequence[str] = ("python", "generator"), max_turns: int = 10,
                    limit: int | None = None, concurrency: int = 32, seed: int = 0,
                    fixed: str | None = None, dtype: str = "auto") -> tuple[EvalResult, list[Any]]:
+    from flowlane.api.enums import RewardKind
+    from flowlane.api.errors import ConfigError
     from flowlane.kit.tasks import load_tasks
     from flowlane.runtime.agent.agent import Agent, AgentConfig, AgentRequest
     from flowlane.runtime.engines.factory import close_engines, open_engines
+    from flowlane.runtime.rewards import resolve_kind
     from flowlane.runtime.tools.registry import build_tools
 
     tasks = load_tasks(tasks_spec, split)
     if limit:
         tasks = tasks[:limit]
+    judged = [t.id for t in tasks if resolve_kind(t.reward) is RewardKind.JUDGE]
+    if judged:  # refused before the engines start, not after every question has run
+        raise ConfigError(f"{tasks_spec} ({split}): {len(judged)} tasks (e.g. {judged[0]}) are scored with reward "
+                          "judge, which needs an LLM judge model that flowlane eval does not run; give those rows "
+                          "an offline reward (exact, numeric, choice or game24)")
     options: dict[str, Any] = {"dtype": dtype, "seed": seed}
     # a frozen model for the executor, verifier and generator (spec.model.fixed) when given
     engine, fixed_engine = await open_engines(engine_kind, model, fixed, **options)

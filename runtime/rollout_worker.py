@@ -174,6 +174,7 @@ class RolloutWorker:
         return nbytes
 
     async def _roll_out(self, agents: dict[bool, Any], tasks: Any, version: int) -> list[Any]:
+        from flowlane.api.errors import ConfigError
         from flowlane.runtime.grpc_common import trajectory_to_record
         from flowlane.runtime.rewards import score
 
@@ -181,7 +182,11 @@ class RolloutWorker:
             agent = agents[bool(task.eval)]
             traj = await agent.run(task.question, question_id=task.question_id, gold_answer=task.answer,
                                    seed=int(task.seed))
-            traj.reward = score(task.reward_kind, traj.answer, task)
+            try:
+                traj.reward = score(task.reward_kind, traj.answer, task)
+            except ConfigError as err:  # e.g. reward judge: the spec and the learner refuse it; never crash here
+                log.error("task %s cannot be scored (%s); its trajectory gets reward 0", task.question_id, err)
+                traj.reward = 0.0
             return trajectory_to_record(traj, task.unit_id, self.worker_id)
 
         records = list(await asyncio.gather(*(one(t) for t in tasks)))

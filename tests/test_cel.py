@@ -49,6 +49,8 @@ BAD_FLOWRUNS = {
     "tensorParallelSize without GPUs": (
         flowrun({"engine": {"tensorParallelSize": 4}}), "spec.engine.tensorParallelSize"),
     "weightSync nccl": (flowrun({"engine": {"weightSync": "nccl"}}), "spec.engine.weightSync"),
+    "reward judge without a judge model": (
+        flowrun({"tasks": {"dataset": "/data/qa.jsonl", "reward": "judge"}}), "spec.tasks.reward"),
     "several learner pods": (flowrun({"learner": {"replicas": 2}}), "spec.learner.replicas"),
     "ranks other than the GPUs": (flowrun({"learner": {"ranks": 2, "resources": {"gpu": 1}}}), "spec.learner.ranks"),
     "credentialsSecret without s3": (

@@ -211,3 +211,40 @@ async def test_llm_judge_asks_for_a_schema_when_the_engine_enforces_one() -> Non
 def test_llm_judge_is_refused_by_the_sync_score() -> None:
     with pytest.raises(ConfigError, match="needs a judge model"):
         score(RewardKind.JUDGE, "x", task("x"))
+
+
+def test_a_rollout_worker_scores_an_unscorable_task_zero_instead_of_crashing(caplog: pytest.LogCaptureFixture) -> None:
+    # reward judge never reaches a worker (the spec and the learner refuse it); if one does, the
+    # worker logs it and goes on: its trajectory gets reward 0 and the other tasks are scored.
+    import asyncio
+    from types import SimpleNamespace
+
+    from flowlane.runtime.rollout_worker import RolloutWorker, WorkerStats
+    from flowlane.runtime.trajectory import Trajectory
+
+    class Agent:
+        async def run(self, question: str, question_id: str, gold_answer: str, seed: int) -> Trajectory:
+            return Trajectory(question=question, question_id=question_id, answer="4")
+
+    def unit(kind: str, n: int) -> SimpleNamespace:
+        return SimpleNamespace(eval=False, question="2 + 2?", question_id=f"q{n}", answer="4", seed=0,
+                               reward_kind=kind, unit_id=f"u{n}", meta={})
+
+    worker = SimpleNamespace(worker_id="rollout-0/x", stats=WorkerStats())
+    records = asyncio.run(RolloutWorker._roll_out(worker, {False: Agent()},  # type: ignore[arg-type]
+                                                  [unit("judge", 0), unit("numeric", 1)], 0))
+    assert [r.reward for r in records] == [0.0, 1.0]
+    assert "task q0 cannot be scored (reward 'judge' needs a judge model" in caplog.text
+
+
+def test_flowlane_eval_refuses_judge_rows_before_starting_an_engine(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+    import json
+
+    from flowlane.runtime.evaluate import evaluate
+
+    rows = [{"question": "2 + 2?", "answer": "4", "source": "mine", "reward": "llm_judge"}]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ConfigError, match=r"1 tasks \(e.g. qa-00000\) are scored with reward judge"):
+        asyncio.run(evaluate("no-such-model", str(path), "all", engine_kind="transformers"))

@@ -111,6 +111,13 @@ def test_ppo_epochs_and_mini_batches_reach_the_learner_and_must_be_at_least_one(
     ]
 
 
+@pytest.mark.parametrize("spelling", ["judge", "llm_judge", "LLM_Judge"])
+def test_reward_judge_is_refused_at_validation_naming_the_missing_judge_model(spelling: str) -> None:
+    (problem,) = problems(HEADER + f"spec: {{tasks: {{dataset: /data/qa.jsonl, reward: {spelling}}}}}")
+    assert problem.startswith("spec.tasks.reward: judge (also spelled llm_judge) needs an LLM judge model")
+    assert problem.endswith("use exact, numeric, choice or game24")
+
+
 def test_duplicate_tool_names_point_at_the_second_one() -> None:
     assert problems(HEADER + "spec: {tools: [{name: python}, {name: search}, {name: python}]}") == [
         "spec.tools[2].name: duplicate tool 'python'; list each tool once"

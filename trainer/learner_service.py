@@ -33,7 +33,9 @@ from typing import Any
 
 import typer
 
-from flowlane.api.enums import Dtype
+from flowlane.api.enums import Dtype, RewardKind
+from flowlane.api.errors import ConfigError
+from flowlane.api.flowrun import JUDGE_REFUSED
 from flowlane.kit import logs
 
 log = logging.getLogger("flowlane.learner")
@@ -397,9 +399,13 @@ def _load_tasks(dataset: str, split: str, reward: str) -> list[Any]:
     from flowlane.kit.tasks import bundled_task_sets, load_tasks
 
     tasks = load_tasks(dataset, split)
-    if dataset in bundled_task_sets():
-        return tasks
-    return [dataclasses.replace(task, reward=reward) for task in tasks]
+    if dataset not in bundled_task_sets():
+        return [dataclasses.replace(task, reward=reward) for task in tasks]
+    judged = [task.id for task in tasks if task.reward == RewardKind.JUDGE.value]
+    if judged:  # refused here, before any worker leases one and fails to score it
+        raise ConfigError(f"dataset {dataset!r} split {split!r}: {len(judged)} tasks (e.g. {judged[0]}) are scored "
+                          f"with reward judge, which {JUDGE_REFUSED}")
+    return tasks
 
 
 def learner_config(spec: Any) -> Any:
