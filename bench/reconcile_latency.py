@@ -64,7 +64,7 @@ from fixtures_kube import (
     wait_until,
 )
 
-from flowlane.operator import handlers
+from flowlane.operator import handlers, kube_reconciler
 from flowlane.operator.reconcile import Progress, RunRef
 from flowlane.operator.settings import OperatorConfig
 
@@ -171,10 +171,10 @@ class TrainingProgress:
 @contextlib.contextmanager
 def baseline_operator() -> Iterator[None]:
     """The operator with the issue-14 savings switched off (what it did before them)."""
-    with mock.patch.object(handlers.Reconciler, "use_indexes", lambda self, indexes: None), \
+    with mock.patch.object(kube_reconciler.Reconciler, "use_indexes", lambda self, indexes: None), \
             mock.patch.object(handlers, "watch_only_flowlane_children", lambda settings: None), \
             mock.patch.object(handlers, "timer_active", lambda **kw: True), \
-            mock.patch.object(handlers, "_all_pods_present", lambda flowrun, pods: False):
+            mock.patch.object(kube_reconciler, "_all_pods_present", lambda flowrun, pods: False):
         yield
 
 

@@ -4,7 +4,7 @@ The operator is level-triggered. Whatever woke it up (a resource created or edit
 changing, the periodic timer, the operator restarting), a reconcile reads the resource, its
 children and the learner's progress, and hands them to ``plan_flowrun`` / ``plan_flowservice``.
 These return a ``Plan``: the status to write, children to create, update or delete, and events to
-post. The shell in ``handlers.py`` applies it in a crash-safe order: status first, then deletions,
+post. The shell in ``kube_reconciler.py`` applies it in a crash-safe order: status first, then deletions,
 then creations.
 
 Writing the status first is what makes restarts exact: a group restart records the new

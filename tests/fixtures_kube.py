@@ -46,7 +46,7 @@ import httpx
 import kmock
 import pytest
 
-from flowlane.operator.handlers import (
+from flowlane.operator.kube_client import (
     CONFIG_MAPS,
     DEPLOYMENTS,
     FLOWRUNS,

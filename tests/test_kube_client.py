@@ -7,7 +7,7 @@ from typing import Any
 import aiohttp.web
 import kopf
 
-from flowlane.operator.handlers import PODS, KubeClient
+from flowlane.operator.kube_client import PODS, KubeClient
 
 
 async def test_an_expired_token_is_read_again_and_the_request_retried() -> None:
@@ -61,7 +61,7 @@ async def test_a_refused_token_that_stays_refused_is_an_error_not_a_loop() -> No
         logins.append(1)
         return kopf.ConnectionInfo(server=f"http://127.0.0.1:{port}", token="revoked", scheme="Bearer")
 
-    from flowlane.operator.handlers import ApiError
+    from flowlane.operator.kube_client import ApiError
 
     client = KubeClient(login(), relogin=login)
     try:

@@ -11,7 +11,8 @@ import kopf
 from fixtures_kube import FLOWRUNS, PODS, KMockServer, KubeApi
 from test_operator import MEMBERS, flowrun, run_group, wait_members, wait_phase
 
-from flowlane.operator.handlers import USER_AGENT, watch_only_flowlane_children
+from flowlane.operator.handlers import watch_only_flowlane_children
+from flowlane.operator.kube_client import USER_AGENT
 from flowlane.operator.reconcile import Progress, RunRef
 
 Counts = dict[tuple[str, str, str], int]

@@ -25,7 +25,7 @@ from test_operator import (
 )
 
 from flowlane.api.flowrun import load_flowrun
-from flowlane.operator.handlers import NODES
+from flowlane.operator.kube_client import NODES
 from flowlane.operator.reconcile import Progress, RunChildren, plan_flowrun
 from flowlane.operator.render import RenderOptions, render_flowrun
 from flowlane.operator.settings import ClusterDefaults

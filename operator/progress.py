@@ -1,0 +1,83 @@
+"""Progress from a running FlowRun's learner: its ``GetStatus`` gRPC call.
+
+The reconciler (``kube_reconciler.py``) asks a ``ProgressSource`` for a running learner's step,
+reward and checkpoints. The protocol and the data it returns (``ProgressSource``, ``Progress``,
+``RunRef``) are defined with the pure planning code in ``reconcile.py``, which consumes them; this
+module holds the operator's default implementation, ``GrpcProgressSource``. Tests feed their own.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+
+from flowlane.api.flowrun import Phase
+from flowlane.operator.kube_client import SECRETS, KubeClient
+from flowlane.operator.reconcile import Progress, RunRef
+
+logger = logging.getLogger("flowlane.operator")
+
+
+class GrpcProgressSource:
+    """Asks the learner's ``GetStatus`` RPC, with the run's token read from its Secret."""
+
+    def __init__(self, client: KubeClient, timeout_s: float = 3.0) -> None:
+        self.client = client
+        self.timeout_s = timeout_s
+        # One Secret read per run, not one per interval; dropped when the learner refuses it.
+        self._tokens: dict[tuple[str, str, str], str] = {}
+
+    async def token(self, run: RunRef) -> str | None:
+        key = (run.namespace, run.token.secret, run.token.key)
+        if key not in self._tokens:
+            token = await self._read_token(run)
+            if not token:
+                return None
+            self._tokens[key] = token
+        return self._tokens[key]
+
+    async def _read_token(self, run: RunRef) -> str | None:
+        secret = await self.client.get(SECRETS, run.namespace, run.token.secret) or {}
+        if run.token.key in (secret.get("stringData") or {}):  # not yet converted (emulators)
+            return str(secret["stringData"][run.token.key]).strip()
+        encoded = (secret.get("data") or {}).get(run.token.key)
+        return base64.b64decode(encoded).decode().strip() if encoded else None
+
+    async def __call__(self, run: RunRef) -> Progress | None:
+        try:
+            import grpc.aio
+
+            from flowlane.api import learner_pb2, learner_pb2_grpc
+            from flowlane.runtime.grpc_common import open_channel
+        except ImportError:  # a build without the gRPC stubs: no progress, the run goes on
+            return None
+        token = await self.token(run)
+        if not token:
+            return None
+        async with open_channel(run.learner_address, token) as channel:
+            try:
+                status = await learner_pb2_grpc.LearnerStub(channel).GetStatus(
+                    learner_pb2.StatusRequest(), timeout=self.timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                logger.info("learner %s: GetStatus failed: %s", run.learner_address, exc.code())
+                if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    self._tokens.pop((run.namespace, run.token.secret, run.token.key), None)
+                return None
+        if status.phase == Phase.PENDING.value:
+            # Still starting: a restarted learner serves before it has restored its checkpoint,
+            # and its step 0 would make the run's status count backwards.
+            return None
+        return Progress(
+            step=status.step, total_steps=status.total_steps or None, policy_version=status.policy_version,
+            reward=status.reward_mean,
+            held_out_accuracy=status.held_out_accuracy if status.HasField("held_out_accuracy") else None,
+            baseline_accuracy=status.baseline_accuracy if status.HasField("baseline_accuracy") else None,
+            last_checkpoint=status.last_checkpoint or None, mlflow_run_id=status.mlflow_run_id or None,
+            finished=status.phase == Phase.SUCCEEDED.value,
+        )
+
+
+# ================================================================================================
+
+
+__all__ = ["GrpcProgressSource"]
