@@ -37,6 +37,11 @@ class PlannerTurn:
     policy_version: int
     text: str = ""
     parsed: bool = True  # False when the output had to go through the fallback parser
+    # The JSON schema the engine's grammar constrained sampling with (as the engine was given it,
+    # JSON text); "" when sampling was unconstrained. The log-probs are then under the
+    # grammar-masked distribution, and the learner re-scores under the same mask
+    # (``flowlane.trainer.constrained``).
+    json_schema: str = ""
 
     def __post_init__(self) -> None:
         if len(self.logprobs) != len(self.response_ids):

@@ -75,6 +75,7 @@ from flowlane.kit.lora import (
 from flowlane.kit.models import resolve_model
 from flowlane.trainer import flow_grpo
 from flowlane.trainer.batching import BatchLayout, MicroBatch, lay_out, plan_sequences
+from flowlane.trainer.constrained import GrammarMasks, masked_log_softmax
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +266,7 @@ class TurnSample:
     policy_version: int
     advantage: float
     trajectory: int  # index of its trajectory within the update
+    json_schema: str = ""  # the schema it was sampled under ("" unconstrained); scored under its mask
 
 
 @dataclass
@@ -335,6 +337,7 @@ def prepare_batch(
                             policy_version=turn.policy_version,
                             advantage=advantage,
                             trajectory=trajectory_in_update,
+                            json_schema=turn.json_schema,
                         )
                     )
                 trajectory_in_update += bool(trained)
@@ -497,6 +500,8 @@ class Learner:
         if self.reference is not None:
             self.reference.to(self.device)
         self._kl = flow_grpo.KL_ESTIMATORS[config.kl_estimator]
+        # Turns sampled under a JSON schema are scored under its grammar mask (see ``constrained``).
+        self._grammar = GrammarMasks(self.model_dir, int(self.base_identity.get("vocab_size") or 0))
 
     # --- one update ------------------------------------------------------------------------------
 
@@ -584,7 +589,8 @@ class Learner:
             indices = plans[0 if planned is None else planned]
             chosen = [samples[i] for i in indices]
             batch = lay_out([pairs[i] for i in indices], config.batch_layout)
-            log_prob, entropy = self._log_probs(batch, with_entropy=True)
+            allowed = self._allowed(chosen)
+            log_prob, entropy = self._log_probs(batch, with_entropy=True, allowed=allowed)
             weight = torch.cat([weights[i] for i in indices]).to(self.device)
             advantage = torch.cat(
                 [torch.full((len(s.response_ids),), s.advantage, dtype=torch.float32) for s in chosen]
@@ -606,7 +612,7 @@ class Learner:
             kl_value = 0.0
             if self._has_reference:
                 with torch.no_grad():
-                    ref_log_prob, _ = self._log_probs(batch, with_entropy=False, reference=True)
+                    ref_log_prob, _ = self._log_probs(batch, with_entropy=False, reference=True, allowed=allowed)
                 kl = flow_grpo.aggregate(self._kl(log_prob, ref_log_prob), weight)
                 loss = loss + config.kl_beta * kl
                 kl_value = float(kl.item())
@@ -673,10 +679,22 @@ class Learner:
     def _has_reference(self) -> bool:
         return self.config.kl_beta > 0
 
+    def _allowed(self, samples: Sequence[TurnSample]) -> torch.Tensor | None:
+        """The grammar masks (R, vocab) of a micro-batch's samples, in its token order; None if unconstrained."""
+        return self._grammar.allowed([(s.json_schema, s.response_ids) for s in samples])
+
     def _log_probs(
-        self, batch: MicroBatch, with_entropy: bool, reference: bool = False
+        self,
+        batch: MicroBatch,
+        with_entropy: bool,
+        reference: bool = False,
+        allowed: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probs (R,) of the batch's response tokens under logits / temperature, and entropies."""
+        """Log-probs (R,) of the batch's response tokens under logits / temperature, and entropies.
+
+        ``allowed`` (R, vocab; True = allowed): the grammar masks of schema-constrained turns; the
+        log-softmax is then over the allowed tokens only, the distribution those turns were sampled from.
+        """
         keep = batch.logits_to_keep
         inputs: dict[str, Any] = {
             "input_ids": batch.input_ids.to(self.device),
@@ -697,7 +715,7 @@ class Learner:
         if batch.attention_mask is not None:  # padded rows keep a few positions per row that are not scored
             logits = logits.index_select(0, batch.logit_index.to(self.device))
         logits = logits.float() / self.config.temperature
-        log_softmax = torch.log_softmax(logits, dim=-1)
+        log_softmax = masked_log_softmax(logits, allowed)
         log_prob = log_softmax.gather(-1, batch.target_ids.to(self.device).unsqueeze(-1)).squeeze(-1)
         entropy = flow_grpo.entropy_from_log_probs(log_softmax.detach()) if with_entropy else None
         return log_prob, entropy
@@ -710,17 +728,20 @@ class Learner:
         pairs = [(s.prompt_ids, s.response_ids) for s in samples]
         for indices in plan_sequences(pairs, self.config.micro_batch_tokens, layout):
             batch = lay_out([pairs[i] for i in indices], layout)
-            log_prob, _ = self._log_probs(batch, with_entropy=False)
+            allowed = self._allowed([samples[i] for i in indices])
+            log_prob, _ = self._log_probs(batch, with_entropy=False, allowed=allowed)
             pieces = torch.split(log_prob.detach(), [len(samples[i].response_ids) for i in indices])
             for i, piece in zip(indices, pieces, strict=True):
                 result[i] = piece
         return [r if r is not None else torch.zeros(0) for r in result]
 
-    def log_probs(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> torch.Tensor:
-        """Current log-probs of one response given its prompt (under logits / temperature)."""
+    def log_probs(self, prompt_ids: Sequence[int], response_ids: Sequence[int], json_schema: str = "") -> torch.Tensor:
+        """Current log-probs of one response given its prompt (under logits / temperature; with
+        ``json_schema``, under that schema's grammar mask, as a turn sampled under it is scored)."""
         with torch.no_grad():
             batch = lay_out([(prompt_ids, response_ids)], self.config.batch_layout)
-            log_prob, _ = self._log_probs(batch, with_entropy=False)
+            allowed = self._grammar.allowed([(json_schema, response_ids)])
+            log_prob, _ = self._log_probs(batch, with_entropy=False, allowed=allowed)
         return log_prob.cpu()
 
     def _check_token_ids(self, samples: Sequence[TurnSample]) -> None:

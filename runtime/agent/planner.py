@@ -57,6 +57,7 @@ def planner_turn_from(generation: Generation, *, exact_ids: bool, parsed: bool) 
         policy_version=generation.policy_version,
         text=generation.text,
         parsed=parsed,
+        json_schema=generation.json_schema,
     )
 
 

@@ -45,6 +45,9 @@ class Generation:
     text: str
     finish_reason: str = "stop"
     policy_version: int = 0
+    # The JSON schema the engine enforced while sampling (JSON text), "" when it enforced none;
+    # with one, ``logprobs`` are under the schema-masked distribution.
+    json_schema: str = ""
 
 
 class LLMEngine(abc.ABC):

@@ -12,8 +12,12 @@ What this adapter adds on top of ``vllm.v1.engine.async_llm.AsyncLLM``:
   log-prob of each sampled token is taken *after* temperature and top-p, i.e. under the
   distribution it was actually sampled from (what Flow-GRPO's ``pi_old`` is). With temperature 0
   (greedy) it is the log-prob under the unscaled distribution. With a JSON schema, the grammar
-  mask is applied before sampling, so the log-prob is under the schema-constrained distribution.
-- **Structured output.** ``SamplingSettings.json_schema`` becomes vLLM structured outputs.
+  mask is applied before sampling, so the log-prob is under the schema-constrained distribution;
+  the generation records the schema (``Generation.json_schema``) so that the learner can re-score
+  under the same mask (``flowlane.trainer.constrained``).
+- **Structured output.** ``SamplingSettings.json_schema`` becomes vLLM structured outputs (the
+  xgrammar backend for the planner's schema; ``engine_args`` must not set
+  ``structured_outputs_config.disable_any_whitespace``, which the learner's replay assumes off).
 - **Weight sync without restart.** ``load_weights`` writes the new tensors in buckets of whole
   layers (``WEIGHT_BUCKET_BYTES``), one safetensors file at a time, and asks the worker, through
   ``collective_rpc`` and the worker extension below, to load each into the running model; so
@@ -31,6 +35,7 @@ guard its entry point with ``if __name__ == "__main__":``.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import tempfile
 import uuid
@@ -184,9 +189,8 @@ class VLLMEngine(LLMEngine):
                 f"prompt has {prompt_len} tokens but the vLLM engine's max_model_len is "
                 f"{self.max_model_len}; shorten the prompt or raise max_model_len"
             )
-        structured = (
-            StructuredOutputsParams(json=settings.json_schema) if settings.json_schema is not None else None
-        )
+        schema = schema_text(settings)
+        structured = StructuredOutputsParams(json=schema) if schema else None
         return SamplingParams(
             max_tokens=min(settings.max_tokens, room),
             temperature=settings.temperature,
@@ -224,6 +228,7 @@ class VLLMEngine(LLMEngine):
             text=completion.text,
             finish_reason=str(completion.finish_reason or "stop"),
             policy_version=version,
+            json_schema=schema_text(settings),
         )
 
     async def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], policy_version: int) -> None:
@@ -270,6 +275,11 @@ class VLLMEngine(LLMEngine):
         # Drop the engine now: vLLM's own finaliser would otherwise run again at interpreter exit,
         # when the modules it needs are already torn down.
         del self._llm
+
+
+def schema_text(settings: SamplingSettings) -> str:
+    """The JSON schema of ``settings`` as the text vLLM compiles and the turn records ("" for none)."""
+    return json.dumps(settings.json_schema) if settings.json_schema is not None else ""
 
 
 #: Upper bound of one staged weight bucket; a single layer larger than this is staged alone.
