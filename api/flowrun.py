@@ -405,6 +405,11 @@ class ScheduleSpec(SpecModel):
         "rule": "self.checkpointInterval <= self.steps",
         "message": "checkpointInterval must be <= steps, or no checkpoint is written before the end",
         "fieldPath": ".checkpointInterval",
+    }, {
+        "rule": "self.evalInterval == 0 || double(self.validationFraction) > 0.0",
+        "message": "mid-run evaluation scores the validation split and validationFraction 0 carves none; set "
+                   "evalInterval: 0 or validationFraction > 0",
+        "fieldPath": ".validationFraction",
     }]})
 
     steps: int = Field(40, ge=1, le=10_000_000, description="Training steps (policy updates).")
@@ -412,13 +417,21 @@ class ScheduleSpec(SpecModel):
         10, ge=1, description="Write a checkpoint every this many steps (and at the end)."
     )
     eval_interval: int = Field(
-        10, ge=0, description="Evaluate every this many steps; 0: only before and after training."
+        10, ge=0, description="Score the validation split every this many steps (and at the end; the best "
+        "checkpoint is chosen by it); 0: none. The test split (evalSplit) is scored once before and once "
+        "after training.",
+    )
+    validation_fraction: float = Field(
+        0.1, ge=0.0, le=0.5, description="Share of the training split held out as the validation split (chosen "
+        "by a hash of algorithm.seed and each question's id, so stable across restarts); training uses the rest.",
     )
     eval_tasks: str | None = Field(
         None, min_length=1, description="Task set for evaluation; default: spec.tasks.dataset."
     )
-    eval_split: str = Field("test", min_length=1, description="Held-out split used for evaluation.")
-    eval_limit: int | None = Field(None, ge=1, description="Evaluate on at most this many questions.")
+    eval_split: str = Field("test", min_length=1, description="Held-out test split, scored before and after "
+                            "training; never used to choose a checkpoint.")
+    eval_limit: int | None = Field(None, ge=1, description="Score at most this many questions of the validation "
+                                   "and of the test split.")
     eval_max_turns: int = Field(10, ge=1, le=64, description="Planner turn budget at evaluation (10 in the paper).")
 
     @model_validator(mode="after")
@@ -426,6 +439,10 @@ class ScheduleSpec(SpecModel):
         if self.checkpoint_interval > self.steps:
             raise field_error("checkpointInterval", f"must be <= steps ({self.steps}), got "
                               f"{self.checkpoint_interval}: no checkpoint would be written before the end")
+        if self.eval_interval and not self.validation_fraction:
+            raise field_error("validationFraction", f"0 carves no validation split, but evalInterval "
+                              f"({self.eval_interval}) scores it during training; set evalInterval: 0 or "
+                              "validationFraction > 0 (e.g. 0.1)")
         return self
 
 
@@ -437,6 +454,8 @@ def _cel_value(path: str, default: object) -> str:
     return f"({guards} ? self.{path} : {literal})"
 
 
+#: The split name that holds every row, the training split's among them.
+ALL_SPLIT: Final = "all"
 _EVAL_SPLIT = _cel_value("schedule.evalSplit", ScheduleSpec.model_fields["eval_split"].default)
 _TRAIN_SPLIT = _cel_value("tasks.split", TasksSpec.model_fields["split"].default)
 _TRAIN_DATASET = _cel_value("tasks.dataset", TasksSpec.model_fields["dataset"].default)
@@ -446,11 +465,11 @@ _ROLLOUT_GPUS = _cel_value("rollout.resources.gpu", RolloutResources.model_field
 
 #: The cross-field rules of FlowRunSpec._cross_field as CEL, on the spec object.
 _SPEC_RULES: list[Any] = [
-    {"rule": f"{_EVAL_SPLIT} != {_TRAIN_SPLIT} || "
-             f"(has(self.schedule) && has(self.schedule.evalTasks) && self.schedule.evalTasks != {_TRAIN_DATASET})",
-     "message": "evalSplit is the training split of the same dataset: held-out accuracy would be measured on "
-                "training questions; set schedule.evalSplit to a held-out split or schedule.evalTasks to "
-                "another dataset",
+    {"rule": f"({_EVAL_SPLIT} != {_TRAIN_SPLIT} && {_EVAL_SPLIT} != '{ALL_SPLIT}' && {_TRAIN_SPLIT} != '{ALL_SPLIT}') "
+             f"|| (has(self.schedule) && has(self.schedule.evalTasks) && self.schedule.evalTasks != {_TRAIN_DATASET})",
+     "message": "evalSplit overlaps the training split of the same dataset (the same split, or 'all' on either "
+                "side): test accuracy would be measured on training questions; set schedule.evalSplit to a "
+                "held-out split or schedule.evalTasks to another dataset",
      "fieldPath": ".schedule.evalSplit"},
     {"rule": f"{_TP_SIZE} <= 1 || {_ROLLOUT_GPUS} >= {_TP_SIZE}",
      "message": "tensorParallelSize is more than the rollout pod's GPUs (rollout.resources.gpu)",
@@ -530,11 +549,14 @@ class FlowRunSpec(SpecModel):
             raise field_error("storage.volumeClaimName",
                               "needs an absolute file:/// checkpointUri to mount the claim at")
         schedule, tasks = self.schedule, self.tasks
-        if schedule.eval_split == tasks.split and schedule.eval_tasks in (None, tasks.dataset):
+        overlap = schedule.eval_split == tasks.split or ALL_SPLIT in (schedule.eval_split, tasks.split)
+        if overlap and schedule.eval_tasks in (None, tasks.dataset):
+            what = ("is also tasks.split" if schedule.eval_split == tasks.split else
+                    f"overlaps tasks.split {tasks.split!r} ('{ALL_SPLIT}' holds every row)")
             raise field_error("schedule.evalSplit",
-                              f"{schedule.eval_split!r} is also tasks.split of dataset {tasks.dataset!r}: held-out "
-                              "accuracy would be measured on training questions; set schedule.evalSplit to a "
-                              "held-out split (e.g. test) or schedule.evalTasks to another dataset")
+                              f"{schedule.eval_split!r} {what} of dataset {tasks.dataset!r}: test accuracy would "
+                              "be measured on training questions; set schedule.evalSplit to a held-out split "
+                              "(e.g. test) or schedule.evalTasks to another dataset")
         tp, rollout_gpus = self.engine.tensor_parallel_size, self.rollout.resources.gpu
         if tp > 1 and rollout_gpus < tp:
             raise field_error("engine.tensorParallelSize",

@@ -4,8 +4,8 @@ Four parts, each selectable with ``--only`` (default: all):
 
 - ``learning``: ``flowlane run`` on a FlowRun file (default ``examples/flowrun.yaml``) to the end,
   in a fresh temporary run directory, as a user would run it. Reported from the run's MLflow store:
-  held-out accuracy of the untrained planner (``eval/baseline_accuracy``) vs the trained one (the
-  last ``eval/accuracy``), and the wall-clock time of the whole command. Target on the 2-core
+  held-out accuracy of the untrained planner (``test/baseline_accuracy``) vs the trained one (the
+  last ``test/accuracy``), and the wall-clock time of the whole command. Target on the 2-core
   machine: at least +10 points within 30 minutes.
 - ``breakdown`` (comes with every FlowRun this script runs): per-step seconds from the learner's
   MLflow metrics: ``time/rollout_s`` (the learner waiting for the step's trajectories, which
@@ -216,7 +216,7 @@ def part_learning(args: argparse.Namespace, workdir: Path) -> list[FlowRunResult
         print(f"\n### Learning result ({config.name})\n\nnot run: {config}: {problem}")
         return []
     result = run_flowrun("learning", config, workdir / "learning", args.learning_timeout_s)
-    base, final = result.last("eval/baseline_accuracy"), result.last("eval/accuracy")
+    base, final = result.last("test/baseline_accuracy"), result.last("test/accuracy")
     gain = None if base is None or final is None else 100 * (final - base)
     ok = gain is not None and gain >= LEARNING_TARGET_POINTS and result.wall_s <= LEARNING_TARGET_S
     steps = len(result.values("time/step_s"))

@@ -43,6 +43,11 @@ BAD_FLOWRUNS = {
     "evalSplit is the given training split": (
         flowrun({"tasks": {"split": "all"}, "schedule": {"evalSplit": "all", "evalTasks": "arithmetic"}}),
         "spec.schedule.evalSplit"),
+    "training on all of the evaluated dataset": (flowrun({"tasks": {"split": "all"}}), "spec.schedule.evalSplit"),
+    "evaluating all of the trained dataset": (
+        flowrun({"schedule": {"evalSplit": "all"}}), "spec.schedule.evalSplit"),
+    "validationFraction 0 with mid-run evaluation": (
+        flowrun({"schedule": {"validationFraction": 0}}), "spec.schedule.validationFraction"),
     "tensorParallelSize above the GPUs": (
         flowrun({"engine": {"tensorParallelSize": 2}, "rollout": {"resources": {"gpu": 1}}}),
         "spec.engine.tensorParallelSize"),
@@ -81,13 +86,14 @@ def test_each_rule_refuses_its_bad_flowrun_in_pydantic_and_in_the_crd_with_the_f
 
 @pytest.mark.parametrize("obj", [
     flowrun({"schedule": {"evalSplit": "train", "evalTasks": "gsm8k"}}),  # another dataset's train split
+    flowrun({"schedule": {"validationFraction": 0, "evalInterval": 0}}),
     flowrun({"engine": {"tensorParallelSize": 2}, "rollout": {"resources": {"gpu": 2}}}),
     flowrun({"learner": {"ranks": 2}}),
     flowrun({"storage": {**S3, "credentialsSecret": {"name": "s3"}, "s3Endpoint": "http://minio:9000"}}),
     flowrun({"storage": {"checkpointUri": "file:///ckpt", "volumeClaimName": "ckpt"}}),
     flowrun({}, name="r" * MAX_NAME_LENGTH),
     flowrun({"podTemplate": {"labels": {"kueue.x-k8s.io/queue-name": "team-a"}}}),
-], ids=["other-dataset", "tp-fits", "cpu-ranks", "s3", "pvc", "longest-name", "kueue-label"])
+], ids=["other-dataset", "no-validation", "tp-fits", "cpu-ranks", "s3", "pvc", "longest-name", "kueue-label"])
 def test_the_rules_accept_the_specs_next_to_their_bad_ones(obj: dict[str, Any]) -> None:
     load_flowrun(yaml.safe_dump(obj))
     assert cel_violations(crd_schema("flowruns"), obj) == []

@@ -139,3 +139,36 @@ def test_evaluation_is_leased_in_few_large_waves(tmp_path, replicas, first, seco
     assert not {u["unit_id"] for u in units} & {u["unit_id"] for u in more}
     runtime.eval_round = None  # training units keep the step's size: questions x group
     assert len(runtime.lease("w0/a", 0)[0]) == 16
+
+
+def test_the_validation_split_is_carved_from_the_training_split_and_the_test_split_kept_apart(tmp_path) -> None:
+    from flowlane.api.flowrun import FlowRun
+    from flowlane.kit.tasks import load_tasks
+    from flowlane.trainer.learner_service import LearnerRuntime
+
+    run = FlowRun.model_validate({"metadata": {"name": "x"}, "spec": {"schedule": {"validationFraction": 0.2}}})
+    runtime = LearnerRuntime(run, tmp_path)
+    train_split = load_tasks("arithmetic", "train")
+    ids = {t.id for t in runtime.train_tasks}, {t.id for t in runtime.val_tasks}, {t.id for t in runtime.eval_tasks}
+    assert len(ids[1]) == round(0.2 * len(train_split)) and not ids[0] & ids[1]
+    assert ids[0] | ids[1] == {t.id for t in train_split}  # nothing of the training split is lost
+    assert not (ids[0] | ids[1]) & ids[2] and len(ids[2]) == 100  # the test split is the bundled test split
+    again = LearnerRuntime(run, tmp_path)  # a restarted learner carves the same validation split
+    assert [t.id for t in again.val_tasks] == [t.id for t in runtime.val_tasks]
+
+
+def test_a_test_set_that_shares_questions_with_the_training_set_is_refused(tmp_path) -> None:
+    import json
+
+    from flowlane.api.flowrun import FlowRun
+    from flowlane.runtime.errors import ConfigError
+    from flowlane.trainer.learner_service import LearnerRuntime
+
+    rows = [{"question": f"What is {i} + 1?", "answer": str(i + 1), "source": "mine"} for i in range(20)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[15:]))
+    run = FlowRun.model_validate({"metadata": {"name": "x"}, "spec": {
+        "tasks": {"dataset": str(tmp_path / "train.jsonl"), "split": "all"},
+        "schedule": {"evalTasks": str(tmp_path / "test.jsonl"), "evalSplit": "all"}}})
+    with pytest.raises(ConfigError, match=r"spec.schedule.evalSplit: 5 of the 5 questions of .* are also training"):
+        LearnerRuntime(run, tmp_path)

@@ -133,6 +133,7 @@ def test_quantities_are_int_or_string_with_the_kubernetes_pattern() -> None:
     ({"algorithm": {"klEstimator": "k2"}}, "spec.algorithm.klEstimator: enum"),
     ({"algorithm": {"clipLow": 1.0}}, "spec.algorithm.clipLow: maximum"),
     ({"algorithm": {"ppoEpochs": 0}}, "spec.algorithm.ppoEpochs: minimum"),
+    ({"schedule": {"validationFraction": 0.6}}, "spec.schedule.validationFraction: maximum"),
     ({"algorithm": {"miniBatches": 0}}, "spec.algorithm.miniBatches: minimum"),
     ({"rollout": {"resources": {"cpu": "lots"}}}, "spec.rollout.resources.cpu: pattern"),
     ({"storage": {"checkpointUri": "http://x"}}, "spec.storage.checkpointUri: pattern"),

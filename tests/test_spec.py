@@ -118,6 +118,30 @@ def test_reward_judge_is_refused_at_validation_naming_the_missing_judge_model(sp
     assert problem.endswith("use exact, numeric, choice or game24")
 
 
+def test_validation_fraction_is_checked_with_its_path() -> None:
+    assert load_flowrun(HEADER).spec.schedule.validation_fraction == 0.1
+    assert problems(HEADER + "spec: {schedule: {validationFraction: 0.6}}") == [
+        "spec.schedule.validationFraction: must be <= 0.5, got 0.6"]
+    assert problems(HEADER + "spec: {schedule: {validationFraction: -0.1}}") == [
+        "spec.schedule.validationFraction: must be >= 0.0, got -0.1"]
+    assert problems(HEADER + "spec: {schedule: {validationFraction: 0}}") == [
+        "spec.schedule.validationFraction: 0 carves no validation split, but evalInterval (10) scores it during "
+        "training; set evalInterval: 0 or validationFraction > 0 (e.g. 0.1)"]
+    load_flowrun(HEADER + "spec: {schedule: {validationFraction: 0, evalInterval: 0}}")
+
+
+@pytest.mark.parametrize(("tasks", "schedule", "what"), [
+    ("{split: train}", "{evalSplit: train}", "'train' is also tasks.split"),
+    ("{split: all}", "{}", "'test' overlaps tasks.split 'all' ('all' holds every row)"),
+    ("{split: train}", "{evalSplit: all, evalTasks: arithmetic}",
+     "'all' overlaps tasks.split 'train' ('all' holds every row)"),
+])
+def test_an_evaluation_split_that_overlaps_the_training_split_is_refused(tasks: str, schedule: str, what: str) -> None:
+    (problem,) = problems(HEADER + f"spec: {{tasks: {tasks}, schedule: {schedule}}}")
+    assert problem.startswith(f"spec.schedule.evalSplit: {what} of dataset 'arithmetic': test accuracy would be "
+                              "measured on training questions")
+
+
 def test_duplicate_tool_names_point_at_the_second_one() -> None:
     assert problems(HEADER + "spec: {tools: [{name: python}, {name: search}, {name: python}]}") == [
         "spec.tools[2].name: duplicate tool 'python'; list each tool once"

@@ -253,3 +253,22 @@ def test_s3_without_credentials_names_the_variables(monkeypatch: pytest.MonkeyPa
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ConfigError, match="set FLOWLANE_S3_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY"):
         load_tasks("s3://bucket/tasks.jsonl", "all")
+
+
+def test_the_validation_split_is_disjoint_deterministic_and_stable() -> None:
+    from flowlane.kit.tasks import carve_validation
+
+    tasks = load_tasks("arithmetic", "train")
+    train, validation = carve_validation(tasks, 0.1, seed=0)
+    assert len(validation) == round(0.1 * len(tasks)) and len(train) + len(validation) == len(tasks)
+    assert not {t.id for t in train} & {t.id for t in validation}
+    assert carve_validation(tasks, 0.1, seed=0) == (train, validation)  # the same every time
+    # a task's side depends on its own id and the seed, not on the order of the file
+    _, shuffled = carve_validation(list(reversed(tasks)), 0.1, seed=0)
+    assert {t.id for t in shuffled} == {t.id for t in validation}
+    assert {t.id for t in carve_validation(tasks, 0.1, seed=1)[1]} != {t.id for t in validation}
+    assert carve_validation(tasks, 0.0, seed=0) == (tasks, [])
+    assert [len(part) for part in carve_validation(tasks[:2], 0.5, seed=0)] == [1, 1]  # one left to train on
+    assert [len(part) for part in carve_validation(tasks[:1], 0.5, seed=0)] == [1, 0]
+    with pytest.raises(ConfigError, match=r"validation fraction: must be in \[0, 0.5\], got 0.7"):
+        carve_validation(tasks, 0.7, seed=0)

@@ -72,8 +72,9 @@ class EvalRound:
 class Progress:
     step: int = 0
     reward_mean: float = math.nan
-    held_out_accuracy: float | None = None
-    baseline_accuracy: float | None = None
+    held_out_accuracy: float | None = None  # the test split (evalSplit) after training
+    baseline_accuracy: float | None = None  # the test split before training
+    validation_accuracy: float | None = None  # the latest score of the validation split
     last_checkpoint: str = ""
     mlflow_run_id: str = ""
     phase: str = "Pending"
@@ -94,13 +95,24 @@ class LearnerRuntime:
         self.resume = resume
         self.progress = Progress()
         self.total_steps = spec.schedule.steps
-        train = _load_tasks(spec.tasks.dataset, spec.tasks.split, spec.tasks.reward.value)
+        from flowlane.kit.tasks import carve_validation
+
+        schedule = spec.schedule
+        # The validation split (mid-run evaluation, the best checkpoint) is carved from the training
+        # split, so it is disjoint from what is trained on by construction; the test split (evalSplit)
+        # is scored only before and after training.
+        train, validation = carve_validation(
+            _load_tasks(spec.tasks.dataset, spec.tasks.split, spec.tasks.reward.value),
+            schedule.validation_fraction, spec.algorithm.seed)
         if spec.tasks.limit:
             train = train[: spec.tasks.limit]
         self.train_tasks = train
-        eval_set = spec.schedule.eval_tasks or spec.tasks.dataset
-        held_out = _load_tasks(eval_set, spec.schedule.eval_split, spec.tasks.reward.value)
-        self.eval_tasks = held_out[: spec.schedule.eval_limit] if spec.schedule.eval_limit else held_out
+        self.val_tasks = validation[: schedule.eval_limit] if schedule.eval_limit else validation
+        eval_set = schedule.eval_tasks or spec.tasks.dataset
+        held_out = _load_tasks(eval_set, schedule.eval_split, spec.tasks.reward.value)
+        _refuse_overlap(train + validation, held_out, eval_set, schedule.eval_split)
+        self.eval_tasks = held_out[: schedule.eval_limit] if schedule.eval_limit else held_out
+        self._validated: tuple[int, float] | None = None  # (step, validation accuracy) of the last validation
         self.coordinator: StepCoordinator[Any] = StepCoordinator(
             train, questions_per_step=spec.algorithm.batch_questions, group_size=spec.algorithm.group_size,
             seed=spec.algorithm.seed, max_staleness=spec.max_staleness,
@@ -165,6 +177,7 @@ class LearnerRuntime:
         self.progress.baseline_accuracy = ref.meta.get("baseline_accuracy")
         self.progress.mlflow_run_id = ref.meta.get("mlflow_run_id") or ""
         self.progress.held_out_accuracy = ref.meta.get("held_out_accuracy")
+        self.progress.validation_accuracy = ref.meta.get("validation_accuracy")
         # A finished run resumed with more steps goes on training; one with as many is done.
         self.finished = bool(ref.meta.get("finished")) and self.progress.step >= self.total_steps
         log.info("resumed from %s (step %d, policy version %d)", ref.name, self.progress.step,
@@ -181,7 +194,7 @@ class LearnerRuntime:
         self.progress.phase = "Running"
         await self._publish_weights()
         if self.progress.baseline_accuracy is None and self.progress.step == 0:
-            self.progress.baseline_accuracy = await self._evaluate("baseline")
+            self.progress.baseline_accuracy = await self._evaluate("baseline", self.eval_tasks, "test")
         interval = self.spec.schedule.checkpoint_interval
         eval_interval = self.spec.schedule.eval_interval
         while self.coordinator.learned_step < self.total_steps and not self._stop_requested:
@@ -213,8 +226,11 @@ class LearnerRuntime:
                 self.tracker.log_trajectories(step, trajectories[: min(4, len(trajectories))])
             log.info("step %d/%d reward %.3f loss %.4f (%.1fs rollout, %.1fs learn)", step, self.total_steps,
                      self.progress.reward_mean, metrics.get("loss", math.nan), rollout_s, learn_s)
-            if eval_interval and step % eval_interval == 0 and step < self.total_steps:
-                self.progress.held_out_accuracy = await self._evaluate(f"step-{step}")
+            if eval_interval and self.val_tasks and (step % eval_interval == 0 or step == self.total_steps):
+                accuracy = await self._evaluate(f"step-{step}", self.val_tasks, "val")
+                if accuracy is not None:
+                    self.progress.validation_accuracy = accuracy
+                    self._validated = (step, accuracy)
             if step % interval == 0 or step == self.total_steps:
                 await self.checkpoint()
         if self._stop_requested:
@@ -222,7 +238,7 @@ class LearnerRuntime:
                 await self.checkpoint()
             self.progress.phase = "Suspended"
             return
-        self.progress.held_out_accuracy = await self._evaluate("final")
+        self.progress.held_out_accuracy = await self._evaluate("final", self.eval_tasks, "test")
         await self.checkpoint(final=True)
         await asyncio.to_thread(self._log_final_model)
         self.progress.phase = "Succeeded"
@@ -237,10 +253,12 @@ class LearnerRuntime:
             await asyncio.sleep(0.1)
         return time.monotonic() - started
 
-    async def _evaluate(self, label: str) -> float | None:
-        if not self.eval_tasks or self._stop_requested:
+    async def _evaluate(self, label: str, tasks: list[Any], split: str) -> float | None:
+        """One evaluation round over ``tasks``; ``split`` ("val" or "test") prefixes its MLflow metrics."""
+        if not tasks or self._stop_requested:
             return None
-        self.eval_round = EvalRound(label, self.learner.policy_version, list(self.eval_tasks))
+        label = f"{split}-{label}"
+        self.eval_round = EvalRound(label, self.learner.policy_version, list(tasks))
         started = time.monotonic()
         while not self.eval_round.complete and not self._stop_requested:
             self.progress.message = (f"evaluating ({label}): "
@@ -251,10 +269,10 @@ class LearnerRuntime:
             return None
         accuracy = round_.accuracy()
         step = self.coordinator.learned_step
-        self.tracker.log_metrics(step, {"eval/accuracy": accuracy, "eval/time_s": time.monotonic() - started})
-        if label == "baseline":
-            self.tracker.log_metrics(step, {"eval/baseline_accuracy": accuracy})
-        log.info("held-out accuracy (%s, %d questions): %.3f", label, len(round_.tasks), accuracy)
+        self.tracker.log_metrics(step, {f"{split}/accuracy": accuracy, f"{split}/time_s": time.monotonic() - started})
+        if label == "test-baseline":
+            self.tracker.log_metrics(step, {"test/baseline_accuracy": accuracy})
+        log.info("%s accuracy (%s, %d questions): %.3f", split, label, len(round_.tasks), accuracy)
         return accuracy
 
     async def checkpoint(self, *, final: bool = False) -> None:
@@ -267,13 +285,17 @@ class LearnerRuntime:
                 "model": model_identity(self.learner.model_dir),
                 "baseline_accuracy": self.progress.baseline_accuracy,
                 "held_out_accuracy": self.progress.held_out_accuracy, "finished": final,
+                "validation_accuracy": self.progress.validation_accuracy,
                 "mlflow_run_id": self.progress.mlflow_run_id}
+
+        # The best checkpoint is chosen on the validation split, and only by a score of this very step.
+        validated = self._validated[1] if self._validated is not None and self._validated[0] == step else None
 
         def save() -> Any:
             with tempfile.TemporaryDirectory(prefix="flowlane-ckpt-", dir=self.run_dir) as tmp:
                 model_meta = self.learner.save_checkpoint_files(Path(tmp))
                 return self.store.save(step, Path(tmp), {**model_meta, **meta},
-                                       metric=self.progress.held_out_accuracy)
+                                       metric=validated)
 
         try:
             ref = await asyncio.to_thread(save)
@@ -406,6 +428,19 @@ def _load_tasks(dataset: str, split: str, reward: str) -> list[Any]:
         raise ConfigError(f"dataset {dataset!r} split {split!r}: {len(judged)} tasks (e.g. {judged[0]}) are scored "
                           f"with reward judge, which {JUDGE_REFUSED}")
     return tasks
+
+
+def _refuse_overlap(training: list[Any], test: list[Any], dataset: str, split: str) -> None:
+    """A ConfigError when a test question is also a training (or validation) question."""
+    def key(task: Any) -> str:
+        return " ".join(str(task.question).lower().split())
+
+    seen = {key(t) for t in training}
+    shared = [t for t in test if key(t) in seen]
+    if shared:
+        raise ConfigError(f"spec.schedule.evalSplit: {len(shared)} of the {len(test)} questions of {dataset!r} "
+                          f"split {split!r} are also training questions (e.g. {shared[0].question!r}): test "
+                          "accuracy would be measured on them; use a held-out split or dataset")
 
 
 def learner_config(spec: Any) -> Any:

@@ -8,6 +8,6 @@ questions about a fictional world, answerable only by searching the bundled corp
 """
 
 from flowlane.kit.tasks.loaders import bundled_task_sets, load_tasks
-from flowlane.kit.tasks.task import Split, Task, resolve_split
+from flowlane.kit.tasks.task import Split, Task, carve_validation, resolve_split
 
-__all__ = ["Split", "Task", "bundled_task_sets", "load_tasks", "resolve_split"]
+__all__ = ["Split", "Task", "bundled_task_sets", "carve_validation", "load_tasks", "resolve_split"]

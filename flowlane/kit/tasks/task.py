@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -62,3 +64,24 @@ class Task:
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "question": self.question, "answer": self.answer, "source": self.source,
                 "reward": self.reward, "meta": self.meta}
+
+
+def carve_validation(tasks: Sequence[Task], fraction: float, seed: int) -> tuple[list[Task], list[Task]]:
+    """Split a training split into (training, validation): disjoint, deterministic and stable.
+
+    Each task is ranked by a hash of ``seed`` and its id (and question), and the lowest-ranked
+    ``round(fraction * n)`` (at least one when ``fraction`` > 0) form the validation split. A task's
+    side depends only on its own id and the seed, not on the file's order; both parts keep the
+    input order. At least one task stays for training.
+    """
+    if not 0.0 <= fraction <= 0.5:
+        raise ConfigError(f"validation fraction: must be in [0, 0.5], got {fraction}")
+    count = min(max(1, round(fraction * len(tasks))), len(tasks) - 1) if fraction > 0 and tasks else 0
+    if count <= 0:
+        return list(tasks), []
+
+    def rank(task: Task) -> bytes:
+        return hashlib.sha256(f"{seed}\0{task.id}\0{task.question}".encode()).digest()
+
+    chosen = {id(task) for task in sorted(tasks, key=rank)[:count]}
+    return [t for t in tasks if id(t) not in chosen], [t for t in tasks if id(t) in chosen]
