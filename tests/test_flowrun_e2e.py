@@ -230,7 +230,7 @@ def test_metrics_and_trajectories_reach_mlflow(chaos_run: RunRecord) -> None:
     client = MlflowClient(tracking_uri=f"sqlite:///{chaos_run.run_dir / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     metrics = {key for r in runs for key in r.data.metrics}
-    assert {"loss", "eval/baseline_accuracy", "time/rollout_s", "time/learn_s"} <= metrics
+    assert {"loss", "test/baseline_accuracy", "time/rollout_s", "time/learn_s"} <= metrics
     samples = [(r.info.run_id, a.path) for r in runs
                for a in client.list_artifacts(r.info.run_id, "trajectories") if a.path.endswith(".json")]
     assert samples
@@ -343,7 +343,7 @@ def test_engine_options_from_the_spec_are_ones_the_engine_takes(kind: str, dtype
 
     from flowlane.api.flowrun import load_flowrun
     from flowlane.runtime.engines.factory import engine_class, parse_kind
-    from flowlane.runtime.rollout_worker import engine_options
+    from flowlane.runtime.rollout.worker import engine_options
 
     document = flowrun_yaml("opts", 2)
     document["spec"]["engine"] = {"kind": kind}
@@ -361,7 +361,7 @@ def test_on_a_gpu_the_fixed_engine_halves_each_engines_memory_fraction(
     import torch
 
     from flowlane.api.flowrun import load_flowrun
-    from flowlane.runtime.rollout_worker import engine_options
+    from flowlane.runtime.rollout.worker import engine_options
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     document = flowrun_yaml("gpu", 2)
