@@ -593,12 +593,15 @@ class FlowRunStatus(SpecModel):
     total_steps: int | None = Field(None, ge=0, description="Steps the run will take.")
     policy_version: int | None = Field(None, ge=0, description="Newest policy version the learner published.")
     reward: float | None = Field(None, description="Mean reward of the last step's trajectories.")
-    held_out_accuracy: float | None = Field(None, description="Latest held-out accuracy of the planner.")
-    baseline_accuracy: float | None = Field(None, description="Held-out accuracy of the untrained planner.")
-    best_held_out_accuracy: float | None = Field(None, description="Best held-out accuracy seen so far.")
+    held_out_accuracy: float | None = Field(
+        None, description="Accuracy of the trained planner on the held-out test split (scored once, at the end).")
+    baseline_accuracy: float | None = Field(None, description="Test-split accuracy of the untrained planner.")
+    validation_accuracy: float | None = Field(None, description="Latest accuracy on the validation split.")
+    best_validation_accuracy: float | None = Field(
+        None, description="Best validation accuracy of a checkpointed step (bestCheckpoint's).")
     last_checkpoint: str | None = Field(None, description="URI of the newest complete checkpoint.")
     best_checkpoint: str | None = Field(
-        None, description="Newest checkpoint when the best held-out accuracy was reported."
+        None, description="Checkpoint with the best validation accuracy (the test split never selects)."
     )
     mlflow_run_id: str | None = Field(None, description="MLflow run id of this training run.")
     start_time: datetime | None = Field(None, description="When the run (last) became active.")

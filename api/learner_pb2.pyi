@@ -161,7 +161,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LearnerStatus(_message.Message):
-    __slots__ = ("step", "policy_version", "reward_mean", "held_out_accuracy", "last_checkpoint", "mlflow_run_id", "phase", "total_steps", "baseline_accuracy", "trajectories", "step_time_s", "message")
+    __slots__ = ("step", "policy_version", "reward_mean", "held_out_accuracy", "last_checkpoint", "mlflow_run_id", "phase", "total_steps", "baseline_accuracy", "trajectories", "step_time_s", "message", "validation_accuracy", "best_checkpoint", "best_validation_accuracy")
     STEP_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     REWARD_MEAN_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +174,9 @@ class LearnerStatus(_message.Message):
     TRAJECTORIES_FIELD_NUMBER: _ClassVar[int]
     STEP_TIME_S_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    BEST_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    BEST_VALIDATION_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     step: int
     policy_version: int
     reward_mean: float
@@ -186,4 +189,7 @@ class LearnerStatus(_message.Message):
     trajectories: int
     step_time_s: float
     message: str
-    def __init__(self, step: _Optional[int] = ..., policy_version: _Optional[int] = ..., reward_mean: _Optional[float] = ..., held_out_accuracy: _Optional[float] = ..., last_checkpoint: _Optional[str] = ..., mlflow_run_id: _Optional[str] = ..., phase: _Optional[str] = ..., total_steps: _Optional[int] = ..., baseline_accuracy: _Optional[float] = ..., trajectories: _Optional[int] = ..., step_time_s: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
+    validation_accuracy: float
+    best_checkpoint: str
+    best_validation_accuracy: float
+    def __init__(self, step: _Optional[int] = ..., policy_version: _Optional[int] = ..., reward_mean: _Optional[float] = ..., held_out_accuracy: _Optional[float] = ..., last_checkpoint: _Optional[str] = ..., mlflow_run_id: _Optional[str] = ..., phase: _Optional[str] = ..., total_steps: _Optional[int] = ..., baseline_accuracy: _Optional[float] = ..., trajectories: _Optional[int] = ..., step_time_s: _Optional[float] = ..., message: _Optional[str] = ..., validation_accuracy: _Optional[float] = ..., best_checkpoint: _Optional[str] = ..., best_validation_accuracy: _Optional[float] = ...) -> None: ...

@@ -72,7 +72,11 @@ class GrpcProgressSource:
             reward=status.reward_mean,
             held_out_accuracy=status.held_out_accuracy if status.HasField("held_out_accuracy") else None,
             baseline_accuracy=status.baseline_accuracy if status.HasField("baseline_accuracy") else None,
+            validation_accuracy=status.validation_accuracy if status.HasField("validation_accuracy") else None,
             last_checkpoint=status.last_checkpoint or None, mlflow_run_id=status.mlflow_run_id or None,
+            best_checkpoint=status.best_checkpoint or None,
+            best_validation_accuracy=(status.best_validation_accuracy
+                                      if status.HasField("best_validation_accuracy") else None),
             finished=status.phase == Phase.SUCCEEDED.value,
         )
 

@@ -79,9 +79,12 @@ class Progress:
     total_steps: int | None = None
     policy_version: int | None = None
     reward: float | None = None
-    held_out_accuracy: float | None = None
-    baseline_accuracy: float | None = None
+    held_out_accuracy: float | None = None  # the test split after training
+    baseline_accuracy: float | None = None  # the test split before training
+    validation_accuracy: float | None = None  # the latest score of the validation split
     last_checkpoint: str | None = None
+    best_checkpoint: str | None = None  # the checkpoint with the best validation score
+    best_validation_accuracy: float | None = None
     mlflow_run_id: str | None = None
     finished: bool = False  # the learner finished every step
 
@@ -569,15 +572,14 @@ def _group_conditions(st: _RunStatus, run: str, desired: Mapping[str, Any], pres
 
 
 def _apply_progress(status: FlowRunStatus, progress: Progress) -> None:
+    # The best checkpoint is the learner's choice, by validation score: the test split is scored only
+    # after training, so it can never select among checkpoints.
     for name in ("step", "total_steps", "policy_version", "reward", "held_out_accuracy", "baseline_accuracy",
-                 "last_checkpoint", "mlflow_run_id"):
+                 "validation_accuracy", "last_checkpoint", "best_checkpoint", "best_validation_accuracy",
+                 "mlflow_run_id"):
         value = getattr(progress, name)
         if value is not None:
             setattr(status, name, value)
-    accuracy = progress.held_out_accuracy
-    if accuracy is not None and (status.best_held_out_accuracy is None or accuracy > status.best_held_out_accuracy):
-        status.best_held_out_accuracy = accuracy
-        status.best_checkpoint = progress.last_checkpoint or status.best_checkpoint
 
 
 @dataclass

@@ -172,3 +172,46 @@ def test_a_test_set_that_shares_questions_with_the_training_set_is_refused(tmp_p
         "schedule": {"evalTasks": str(tmp_path / "test.jsonl"), "evalSplit": "all"}}})
     with pytest.raises(ConfigError, match=r"spec.schedule.evalSplit: 5 of the 5 questions of .* are also training"):
         LearnerRuntime(run, tmp_path)
+
+
+def test_the_best_checkpoint_is_the_best_validated_step_and_survives_a_restart(tmp_path) -> None:
+    """The learner names the best checkpoint by validation score (ties: the newer), steps without a
+    validation score never become it, and a restarted learner reads it back from the store."""
+    import asyncio
+    import json
+    from pathlib import Path
+
+    from flowlane.api.flowrun import FlowRun
+    from flowlane.kit.checkpoints import CheckpointStore
+    from flowlane.trainer.learner_service import LearnerRuntime
+
+    class Writer:  # the learner's checkpoint part: a model config and one weights file
+        model_dir = tmp_path / "model"
+        policy_version = 0
+
+        def save_checkpoint_files(self, target: Path) -> dict:
+            (target / "model.bin").write_bytes(b"weights")
+            return {}
+
+    Writer.model_dir.mkdir()
+    (Writer.model_dir / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    run = FlowRun.model_validate({"metadata": {"name": "x"}, "spec": {}})
+    (tmp_path / "run").mkdir()
+    runtime = LearnerRuntime(run, tmp_path / "run")
+    runtime.learner = Writer()
+    runtime.store = CheckpointStore.from_uri(f"file://{tmp_path / 'ckpt'}", keep_last=1)
+    for step, validated in ((1, 0.4), (2, None), (3, 0.6), (4, 0.5), (5, 0.6), (6, None)):
+        runtime.coordinator.learned_step = step
+        runtime._validated = None if validated is None else (step, validated)
+        asyncio.run(runtime.checkpoint())
+    assert runtime.progress.last_checkpoint.endswith("step-00000006")
+    assert runtime.progress.best_checkpoint.endswith("step-00000005")
+    assert runtime.progress.best_validation_accuracy == 0.6
+
+    restarted = LearnerRuntime(run, tmp_path / "run")
+    restarted.learner = Writer()
+    restarted.store = runtime.store
+    restarted.learner.load_checkpoint_files = lambda path: None  # type: ignore[attr-defined]
+    assert restarted.restore()
+    assert (restarted.progress.best_checkpoint, restarted.progress.best_validation_accuracy) == (
+        runtime.progress.best_checkpoint, 0.6)

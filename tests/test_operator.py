@@ -167,18 +167,21 @@ def test_suspend_stops_the_pods_and_resume_starts_them_again(kube: KubeApi, star
 def test_learner_progress_appears_in_status(kube: KubeApi, start_operator: Any) -> None:
     progress = FakeProgress()
     progress.set("demo", Progress(step=7, total_steps=40, policy_version=7, reward=0.625, held_out_accuracy=0.3,
-                                  baseline_accuracy=0.2, last_checkpoint="s3://ckpt/demo/step-5",
-                                  mlflow_run_id="abc123"))
+                                  baseline_accuracy=0.2, validation_accuracy=0.25,
+                                  last_checkpoint="s3://ckpt/demo/step-6", best_checkpoint="s3://ckpt/demo/step-4",
+                                  best_validation_accuracy=0.5, mlflow_run_id="abc123"))
     start_operator(progress=progress, reconcile_interval_s=0.2)
     kube.create(FLOWRUNS, flowrun())
     wait_members(kube, MEMBERS)
     kube.run_pods("demo")
     current = wait_until(lambda: status(kube) if status(kube).get("step") == 7 else None, what="step 7")
+    # The best checkpoint is the learner's, chosen by validation score, not the newest nor the test score's.
     assert {k: current[k] for k in ("step", "totalSteps", "reward", "heldOutAccuracy", "baselineAccuracy",
-                                    "lastCheckpoint", "bestCheckpoint", "mlflowRunId")} == {
+                                    "validationAccuracy", "lastCheckpoint", "bestCheckpoint",
+                                    "bestValidationAccuracy", "mlflowRunId")} == {
         "step": 7, "totalSteps": 40, "reward": 0.625, "heldOutAccuracy": 0.3, "baselineAccuracy": 0.2,
-        "lastCheckpoint": "s3://ckpt/demo/step-5", "bestCheckpoint": "s3://ckpt/demo/step-5",
-        "mlflowRunId": "abc123"}
+        "validationAccuracy": 0.25, "lastCheckpoint": "s3://ckpt/demo/step-6",
+        "bestCheckpoint": "s3://ckpt/demo/step-4", "bestValidationAccuracy": 0.5, "mlflowRunId": "abc123"}
     assert progress.asked[-1].learner_address == f"demo-learner.{kube.namespace}.svc:50051"
 
 
@@ -350,7 +353,8 @@ async def test_grpc_progress_source_reads_the_learners_status_rpc(kube: KubeApi,
         async def GetStatus(self, request: Any, context: Any) -> Any:
             return learner_pb2.LearnerStatus(step=12, policy_version=12, reward_mean=0.75, held_out_accuracy=0.4,
                                              last_checkpoint="s3://b/step-10", mlflow_run_id="run-1",
-                                             phase="Running", total_steps=40)
+                                             phase="Running", total_steps=40, validation_accuracy=0.5,
+                                             best_checkpoint="s3://b/step-8", best_validation_accuracy=0.6)
 
     for name, token in (("tok", b"s3cret"), ("wrong", b"guess")):
         kube.create(SECRETS, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
@@ -364,7 +368,8 @@ async def test_grpc_progress_source_reads_the_learners_status_rpc(kube: KubeApi,
         source = GrpcProgressSource(client)
         assert await source(RunRef(kube.namespace, "demo", address, SecretEnv("tok", "token"))) == Progress(
             step=12, total_steps=40, policy_version=12, reward=0.75, held_out_accuracy=0.4,
-            last_checkpoint="s3://b/step-10", mlflow_run_id="run-1", finished=False)
+            validation_accuracy=0.5, last_checkpoint="s3://b/step-10", best_checkpoint="s3://b/step-8",
+            best_validation_accuracy=0.6, mlflow_run_id="run-1", finished=False)
         assert await source(RunRef(kube.namespace, "demo", address, SecretEnv("wrong", "token"))) is None
     finally:
         await client.close()

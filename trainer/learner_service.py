@@ -75,6 +75,8 @@ class Progress:
     held_out_accuracy: float | None = None  # the test split (evalSplit) after training
     baseline_accuracy: float | None = None  # the test split before training
     validation_accuracy: float | None = None  # the latest score of the validation split
+    best_checkpoint: str = ""  # the checkpoint with the best validation score (retention keeps it)
+    best_validation_accuracy: float | None = None
     last_checkpoint: str = ""
     mlflow_run_id: str = ""
     phase: str = "Pending"
@@ -178,6 +180,10 @@ class LearnerRuntime:
         self.progress.mlflow_run_id = ref.meta.get("mlflow_run_id") or ""
         self.progress.held_out_accuracy = ref.meta.get("held_out_accuracy")
         self.progress.validation_accuracy = ref.meta.get("validation_accuracy")
+        best = self.store.best()
+        if best is not None and best.metric is not None:
+            self.progress.best_checkpoint = f"{self.store.location}/{best.name}"
+            self.progress.best_validation_accuracy = best.metric
         # A finished run resumed with more steps goes on training; one with as many is done.
         self.finished = bool(ref.meta.get("finished")) and self.progress.step >= self.total_steps
         log.info("resumed from %s (step %d, policy version %d)", ref.name, self.progress.step,
@@ -305,6 +311,10 @@ class LearnerRuntime:
             self.progress.message = f"checkpoint failed: {err}"
             return
         self.progress.last_checkpoint = f"{self.store.location}/{ref.name}"
+        best = self.progress.best_validation_accuracy
+        if validated is not None and (best is None or validated >= best):  # ties: the newer, as retention
+            self.progress.best_checkpoint = self.progress.last_checkpoint
+            self.progress.best_validation_accuracy = validated
         self._dirty_since_checkpoint = False
         log.info("checkpoint %s written", self.progress.last_checkpoint)
 
@@ -571,8 +581,11 @@ def make_servicer(runtime: LearnerRuntime) -> Any:
                 reward_mean=0.0 if math.isnan(p.reward_mean) else p.reward_mean,
                 last_checkpoint=p.last_checkpoint, mlflow_run_id=p.mlflow_run_id, phase=p.phase,
                 total_steps=runtime.total_steps, trajectories=p.trajectories, step_time_s=p.step_time_s,
-                message=p.message,
+                message=p.message, best_checkpoint=p.best_checkpoint,
             )
+            for name in ("validation_accuracy", "best_validation_accuracy"):
+                if getattr(p, name) is not None:
+                    setattr(status, name, getattr(p, name))
             if p.held_out_accuracy is not None:
                 status.held_out_accuracy = p.held_out_accuracy
             if p.baseline_accuracy is not None:
