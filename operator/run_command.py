@@ -77,17 +77,17 @@ def check_fits(flowrun: Any, available_bytes: int | None = None) -> None:
 def check_sandbox_layers(flowrun: Any) -> None:
     """Refuse, before anything starts, a run whose sandbox components would refuse to start here
     (a mandatory layer missing from this kernel) and would otherwise fail in a restart loop."""
-    from flowlane.runtime import sandbox
     from flowlane.runtime.errors import ConfigError
+    from flowlane.runtime.sandbox import runner
 
     if flowrun.spec.sandbox.allow_weak_isolation:
         return  # the sandbox logs what it runs without
     try:
-        layers = asyncio.run(sandbox.probe_isolation())
+        layers = asyncio.run(runner.probe_isolation())
     except RuntimeError as exc:
         raise ConfigError(f"the code sandbox cannot run on this machine: {exc}") from None
     # The sandbox server makes itself non-dumpable first thing; this process does not.
-    missing = sandbox.missing_mandatory_layers((*layers, sandbox.IsolationLayer.NON_DUMPABLE_CALLER))
+    missing = runner.missing_mandatory_layers((*layers, runner.IsolationLayer.NON_DUMPABLE_CALLER))
     if missing:
         raise ConfigError(
             f"this machine lacks sandbox layers the agent's code must run under: {', '.join(missing)}; "
@@ -112,6 +112,8 @@ def _bar_info(status: Any) -> str:
         info += f" | held-out base {status.baseline_accuracy:.2f}"
     if status.HasField("held_out_accuracy"):
         info += f" now {status.held_out_accuracy:.2f}"
+    elif status.HasField("validation_accuracy"):
+        info += f" | validation {status.validation_accuracy:.2f}"
     if status.message:
         info += f" | {status.message}"
     return info
@@ -124,15 +126,18 @@ def _clock(seconds: float) -> str:
 
 
 def progress_line(status: Any, total_steps: int, elapsed_s: float) -> str:
-    """One log line for a learner status: step, mean reward, held-out accuracy, elapsed and ETA.
+    """One log line for a learner status: step, mean reward, the latest validation accuracy, elapsed
+    and ETA (and the test accuracy once training is over).
 
     The ETA extrapolates the mean time per finished step; before the first step it is unknown.
     """
     step = status.step
-    accuracy = f"{status.held_out_accuracy:.3f}" if status.HasField("held_out_accuracy") else "-"
+    accuracy = f"{status.validation_accuracy:.3f}" if status.HasField("validation_accuracy") else "-"
     eta = _clock(elapsed_s / step * max(total_steps - step, 0)) if step > 0 else "-"
-    line = (f"step {step}/{total_steps} reward {status.reward_mean:.3f} accuracy {accuracy} "
+    line = (f"step {step}/{total_steps} reward {status.reward_mean:.3f} validation {accuracy} "
             f"elapsed {_clock(elapsed_s)} eta {eta}")
+    if status.HasField("held_out_accuracy"):
+        line += f" test {status.held_out_accuracy:.3f}"
     return f"{line} | {status.message}" if status.message else line
 
 
@@ -232,6 +237,9 @@ def summary(flowrun: Any, run_dir: Path, outcome: str, status: Any | None) -> st
             lines.append(f"  held-out accuracy: untrained {base} -> trained {now}")
         if status.last_checkpoint:
             lines.append(f"  last checkpoint: {status.last_checkpoint}")
+        if status.best_checkpoint and status.HasField("best_validation_accuracy"):
+            lines.append(f"  best checkpoint (validation {status.best_validation_accuracy:.3f}): "
+                         f"{status.best_checkpoint}")
     if outcome != "completed":
         lines.append(f"  continue with: flowlane run {run_dir / 'run.yaml'} --resume --run-dir {run_dir}")
     tracking = flowrun.spec.tracking.mlflow_uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
