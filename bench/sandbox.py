@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 
-from flowlane.runtime.sandbox import Isolation, SandboxLimits, run_python
+from flowlane.runtime.sandbox.runner import Isolation, SandboxLimits, run_python
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

@@ -112,11 +112,11 @@ async def bench_engine(args: argparse.Namespace, prefix_caching: bool, pool: lis
     from flowlane.runtime.agent.conversation import Conversation
     from flowlane.runtime.engines.base import SamplingSettings
     from flowlane.runtime.engines.vllm_engine import VLLMEngine
-    from flowlane.runtime.gateway import GatewayConfig, create_app, running_gateway
-    from flowlane.runtime.gateway_metrics import MeteredEngine
-    from flowlane.runtime.gateway_protocol import ChatRequest, RequestLimits
-    from flowlane.runtime.gateway_sandbox import SandboxChild
     from flowlane.runtime.models import resolve_model
+    from flowlane.runtime.serving.gateway import GatewayConfig, create_app, running_gateway
+    from flowlane.runtime.serving.metrics import MeteredEngine
+    from flowlane.runtime.serving.protocol import ChatRequest, RequestLimits
+    from flowlane.runtime.serving.sandbox import SandboxChild
     from flowlane.runtime.tools.registry import build_tools
 
     levels = [int(part) for part in args.levels.split(",")]

@@ -29,14 +29,14 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "solve": ("flowlane.runtime.agent.commands", "solve", "Answer one question with the agent, step by step."),
     "run": ("flowlane.operator.run_command", "run", "Run a FlowRun on this machine (local processes)."),
     "eval": ("flowlane.runtime.evaluate", "eval_command", "Score a planner on a held-out task split."),
-    "serve": ("flowlane.runtime.gateway", "serve", "Serve an agent behind an OpenAI-compatible API."),
+    "serve": ("flowlane.runtime.serving.gateway", "serve", "Serve an agent behind an OpenAI-compatible API."),
     "learner": ("flowlane.trainer.learner_service", "learner", "Run the learner service (a FlowRun component)."),
-    "rollout": ("flowlane.runtime.rollout_worker", "rollout", "Run a rollout worker (a FlowRun component)."),
-    "sandbox": ("flowlane.runtime.sandbox_server", "sandbox", "Run the tool sandbox gRPC service."),
+    "rollout": ("flowlane.runtime.rollout.worker", "rollout", "Run a rollout worker (a FlowRun component)."),
+    "sandbox": ("flowlane.runtime.sandbox.server", "sandbox", "Run the tool sandbox gRPC service."),
     "generate": ("flowlane.operator.commands", "generate", "Regenerate CRDs and protobuf stubs."),
 }
 SUB_APPS: dict[str, tuple[str, str, str]] = {
-    "models": ("flowlane.runtime.model_commands", "models_app", "Import and list planner models."),
+    "models": ("flowlane.runtime.provisioning.commands", "models_app", "Import and list planner models."),
     "operator": ("flowlane.operator.commands", "operator_app", "Run the Kubernetes operator."),
 }
 

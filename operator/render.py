@@ -457,7 +457,7 @@ def kueue_pod_group(run: str, epoch: int) -> str:
 # -- FlowService -----------------------------------------------------------------------------------
 
 GATEWAY_COMPONENT = "gateway"
-ENV_GATEWAY_API_KEY = "FLOWLANE_API_KEY"  # the bearer token runtime/gateway.py requires on /v1/*
+ENV_GATEWAY_API_KEY = "FLOWLANE_API_KEY"  # the bearer token runtime/serving/gateway.py requires on /v1/*
 
 
 def gateway_name(service: str) -> str:
@@ -483,7 +483,7 @@ class RenderedService:
 
 
 def gateway_command(fsvc: FlowService, checkpoint: str) -> list[str]:
-    """``flowlane serve`` for this FlowService (runtime/gateway.py's flags)."""
+    """``flowlane serve`` for this FlowService (runtime/serving/gateway.py's flags)."""
     spec = fsvc.spec
     fixed = ["--fixed", spec.model.fixed] if spec.model.fixed else []
     return ["flowlane", "serve", "--model", checkpoint, *fixed, "--dtype", spec.model.dtype.value,

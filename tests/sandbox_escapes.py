@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flowlane.runtime.sandbox import (
+from flowlane.runtime.sandbox.runner import (
     Isolation,
     IsolationLayer,
     SandboxErrorKind,

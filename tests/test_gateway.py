@@ -8,7 +8,7 @@ Three kinds of tests:
 - a second real gateway on loopback around ``CannedEngine``, a fake engine, ONLY for what the real
   model cannot be made to do on demand: fail (500, and the server keeps serving), fail mid-stream,
   and run slowly enough to show that requests overlap;
-- the pure request/response translation (``gateway_protocol``), and ``flowlane serve`` with a bad
+- the pure request/response translation (``flowlane.runtime.serving.protocol``), and ``flowlane serve`` with a bad
   model path as a real subprocess.
 """
 
@@ -36,15 +36,15 @@ from typer.testing import CliRunner
 
 from flowlane.api.errors import EngineUnavailableError
 from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings
-from flowlane.runtime.gateway import PROMPT_RESERVE_TOKENS, GatewayConfig, create_app, running_gateway, serve
-from flowlane.runtime.gateway_protocol import (
+from flowlane.runtime.serving.gateway import PROMPT_RESERVE_TOKENS, GatewayConfig, create_app, running_gateway, serve
+from flowlane.runtime.serving.protocol import (
     ApiError,
     ErrorCode,
     RequestLimits,
     event_text,
     parse_chat_request,
 )
-from flowlane.runtime.gateway_sandbox import SandboxChild
+from flowlane.runtime.serving.sandbox import SandboxChild
 from flowlane.runtime.tools.base import Tool, ToolResult
 from flowlane.runtime.tools.registry import build_tools
 from flowlane.runtime.trajectory import Step, Trajectory, Verdict

@@ -25,7 +25,7 @@ from flowlane.runtime.grpc_common import (
     trajectory_from_record,
     trajectory_to_record,
 )
-from flowlane.runtime.sandbox_server import start_sandbox_server
+from flowlane.runtime.sandbox.server import start_sandbox_server
 from flowlane.runtime.trajectory import PlannerTurn, Step, StopReason, Trajectory, Verdict
 
 TOKEN = "grpc-test-token"

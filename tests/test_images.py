@@ -205,8 +205,8 @@ ENTRYPOINT_IMPORTS = {
         "grpc.aio",
         "flowlane.api.learner_pb2_grpc",  # the learner status RPC, imported lazily
     ],
-    "sandbox": ["flowlane.cli", "flowlane.runtime.sandbox_server", "flowlane.runtime.sandbox_seccomp",
-                "flowlane.runtime.sandbox_landlock", "flowlane.api.flowrun"],
+    "sandbox": ["flowlane.cli", "flowlane.runtime.sandbox.server", "flowlane.runtime.sandbox.seccomp",
+                "flowlane.runtime.sandbox.landlock", "flowlane.api.flowrun"],
 }
 # Imported only because they happen to be installed here: grpc probes for grpc_tools, aiohttp
 # uses aiodns (and its pycares) when present; cython_runtime is no distribution at all.

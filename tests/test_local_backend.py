@@ -34,7 +34,7 @@ from flowlane.operator.local import (
     local_argv,
     render,
 )
-from flowlane.runtime.sandbox_server import RemoteCodeRunner
+from flowlane.runtime.sandbox.server import RemoteCodeRunner
 
 PY = sys.executable
 

@@ -21,7 +21,7 @@ from flowlane.kit.models import (
 )
 from flowlane.runtime import models
 from flowlane.runtime.errors import FlowlaneError, ModelNotFoundError
-from flowlane.runtime.model_commands import models_app
+from flowlane.runtime.provisioning.commands import models_app
 
 NAME = "smollm2-135m-instruct"
 

@@ -261,7 +261,7 @@ def test_flowservice_deployment_rolls_without_downtime_to_the_checkpoint() -> No
 def test_flowservice_fixed_model_and_dtype_reach_the_gateway_command_flowlane_serve_parses() -> None:
     import typer
 
-    from flowlane.runtime.gateway import serve
+    from flowlane.runtime.serving.gateway import serve
 
     fsvc = load_flowservice(REPO / "examples" / "flowservice.yaml")
     fsvc.spec.model.fixed, fsvc.spec.model.dtype = "smollm2-135m-instruct", Dtype.BFLOAT16

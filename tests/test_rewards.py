@@ -219,7 +219,7 @@ def test_a_rollout_worker_scores_an_unscorable_task_zero_instead_of_crashing(cap
     import asyncio
     from types import SimpleNamespace
 
-    from flowlane.runtime.rollout_worker import RolloutWorker, WorkerStats
+    from flowlane.runtime.rollout.worker import RolloutWorker, WorkerStats
     from flowlane.runtime.trajectory import Trajectory
 
     class Agent:

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from flowlane.api.errors import ConfigError
-from flowlane.runtime import sandbox_child, sandbox_seccomp
-from flowlane.runtime.sandbox import (
+from flowlane.runtime.sandbox import child, seccomp
+from flowlane.runtime.sandbox.runner import (
     CodeRunner,
     Isolation,
     IsolationLayer,
@@ -63,7 +63,7 @@ async def test_every_isolation_layer_is_enforced_on_this_machine() -> None:
 def test_a_non_dumpable_caller_is_reported_as_a_layer_and_nothing_mandatory_is_missing() -> None:
     code = (
         "import asyncio\n"
-        "from flowlane.runtime.sandbox import make_non_dumpable, missing_mandatory_layers, probe_isolation\n"
+        "from flowlane.runtime.sandbox.runner import make_non_dumpable, missing_mandatory_layers, probe_isolation\n"
         "make_non_dumpable()\n"
         "print(missing_mandatory_layers(asyncio.run(probe_isolation())))"
     )
@@ -79,8 +79,8 @@ def test_missing_mandatory_layers_are_named() -> None:
 
 @pytest.mark.parametrize("run_pid", [1, 4242, 4_194_303])
 def test_the_seccomp_template_with_a_pid_put_in_is_what_libseccomp_builds_for_that_pid(run_pid: int) -> None:
-    template = sandbox_seccomp.program_template()
-    assert sandbox_child.seccomp_program_for(template, run_pid) == sandbox_seccomp.export_program(run_pid)
+    template = seccomp.program_template()
+    assert child.seccomp_program_for(template, run_pid) == seccomp.export_program(run_pid)
 
 
 async def test_the_child_imports_neither_flowlane_nor_site_nor_heavy_stdlib_modules() -> None:
@@ -94,7 +94,7 @@ async def test_the_child_imports_from_the_interpreters_site_packages_but_not_the
     result = await run_python("import sys\nprint('\\n'.join(sys.path))", FAST)
     paths = result.stdout.split()
     assert set(site.getsitepackages()) & set(os.path.realpath(p) for p in paths)
-    assert str(Path(sandbox_child.__file__).resolve().parent) not in paths
+    assert str(Path(child.__file__).resolve().parent) not in paths
 
 
 async def test_normal_code_prints_its_result() -> None:
@@ -109,7 +109,7 @@ async def test_exception_is_an_error_whose_traceback_shows_only_the_code() -> No
     assert result.message == "error: exit code 1: ZeroDivisionError: division by zero"
     assert 'File "<code>", line 2, in f' in result.stderr
     assert "return 1 / 0" in result.stderr
-    assert "sandbox.py" not in result.stderr
+    assert "child.py" not in result.stderr  # none of the bootstrap's frames
 
 
 async def test_infinite_loop_is_stopped_by_the_cpu_limit() -> None:

@@ -17,8 +17,8 @@ from flowlane import cli
 from flowlane.api.errors import ConfigError
 from flowlane.api.flowrun import load_flowrun
 from flowlane.operator import run_command
-from flowlane.runtime import sandbox
-from flowlane.runtime.sandbox import IsolationLayer
+from flowlane.runtime.sandbox import runner
+from flowlane.runtime.sandbox.runner import IsolationLayer
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "flowrun.yaml"
 WITHOUT_KERNEL_LAYERS = tuple(
@@ -38,7 +38,7 @@ def machine_without_seccomp_and_landlock(monkeypatch: pytest.MonkeyPatch) -> Non
     async def probe(*args: object) -> tuple[IsolationLayer, ...]:
         return WITHOUT_KERNEL_LAYERS
 
-    monkeypatch.setattr(sandbox, "probe_isolation", probe)
+    monkeypatch.setattr(runner, "probe_isolation", probe)
     monkeypatch.setattr(run_command, "check_fits", lambda flowrun: None)
 
 
@@ -66,7 +66,7 @@ def test_a_failing_probe_is_reported_as_a_config_error(tmp_path: Path, monkeypat
     async def probe(*args: object) -> tuple[IsolationLayer, ...]:
         raise RuntimeError("sandbox probe failed: error: sandbox setup failed: no /proc")
 
-    monkeypatch.setattr(sandbox, "probe_isolation", probe)
+    monkeypatch.setattr(runner, "probe_isolation", probe)
     with pytest.raises(ConfigError, match="the code sandbox cannot run on this machine: sandbox probe failed"):
         run_command.check_sandbox_layers(load_flowrun(flowrun_file(tmp_path, allow_weak_isolation=False)))
 

@@ -19,8 +19,8 @@ import psutil
 import pytest
 
 from flowlane.api import sandbox_pb2
-from flowlane.runtime.sandbox import SandboxErrorKind, SandboxLimits
-from flowlane.runtime.sandbox_server import DEFAULT_CEILING, RemoteCodeRunner, SandboxServicer, limits_from_proto
+from flowlane.runtime.sandbox.runner import SandboxErrorKind, SandboxLimits
+from flowlane.runtime.sandbox.server import DEFAULT_CEILING, RemoteCodeRunner, SandboxServicer, limits_from_proto
 
 TOKEN = "sandbox-test-token"
 MiB = 1024 * 1024
@@ -47,11 +47,11 @@ spec:
 
 
 def start_server(port: int = 0, max_concurrency: int = 2, config: Path | None = None) -> ServerProcess:
-    """``python -m flowlane.runtime.sandbox_server`` as a real subprocess; waits for its ready line."""
+    """``python -m flowlane.runtime.sandbox.server`` as a real subprocess; waits for its ready line."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWLANE_GRPC_TOKEN")}
     env["FLOWLANE_GRPC_TOKEN"] = TOKEN
     process = subprocess.Popen(
-        [sys.executable, "-m", "flowlane.runtime.sandbox_server", "--port", str(port),
+        [sys.executable, "-m", "flowlane.runtime.sandbox.server", "--port", str(port),
          "--max-concurrency", str(max_concurrency), *(["--config", str(config)] if config else [])],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
@@ -264,7 +264,7 @@ def test_sigterm_stops_the_server_gracefully() -> None:
 
 def test_server_without_a_token_refuses_to_start() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWLANE_GRPC_TOKEN")}
-    done = subprocess.run([sys.executable, "-m", "flowlane.runtime.sandbox_server", "--port", "0"],
+    done = subprocess.run([sys.executable, "-m", "flowlane.runtime.sandbox.server", "--port", "0"],
                           capture_output=True, text=True, env=env, timeout=30)
 
     assert done.returncode == 2

@@ -16,7 +16,7 @@ import torch
 
 from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings
 from flowlane.runtime.errors import ConfigError
-from flowlane.runtime.sandbox import LocalCodeRunner, SandboxLimits, SandboxResult
+from flowlane.runtime.sandbox.runner import LocalCodeRunner, SandboxLimits, SandboxResult
 from flowlane.runtime.tools import (
     GeneratorTool,
     PythonTool,

@@ -75,7 +75,7 @@ def test_the_store_keeps_the_two_newest_versions(tmp_path: Path) -> None:
 def test_a_store_worker_loads_the_version_into_its_engine_one_bucket_at_a_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flowlane.runtime.rollout_worker import RolloutWorker
+    from flowlane.runtime.rollout.worker import RolloutWorker
 
     flowrun = load_flowrun(HEADER + f"spec: {{engine: {{weightSync: store}}, "
                                     f"storage: {{checkpointUri: '{(tmp_path / 'ck').as_uri()}'}}}}")
@@ -147,7 +147,7 @@ def test_a_stream_that_ends_early_is_refused() -> None:
 
 def test_a_grpc_worker_loads_each_bucket_into_its_engine_as_it_arrives() -> None:
     from flowlane.kit.weights import WEIGHT_BUCKET_BYTES
-    from flowlane.runtime.rollout_worker import RolloutWorker
+    from flowlane.runtime.rollout.worker import RolloutWorker
 
     flowrun = load_flowrun(HEADER)
     state = {f"model.layers.{i}.mlp.up_proj.weight": torch.full((1024, 1024 + i), float(i)) for i in range(20)}

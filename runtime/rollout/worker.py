@@ -122,11 +122,11 @@ class RolloutWorker:
 
     def _code_runner(self) -> Any:
         if self.sandbox_addresses:
-            from flowlane.runtime.sandbox_server import RemoteCodeRunner
+            from flowlane.runtime.sandbox.server import RemoteCodeRunner
 
             index = abs(hash(self.worker_id)) % len(self.sandbox_addresses)
             return RemoteCodeRunner(self.sandbox_addresses[index], self.token)
-        from flowlane.runtime.sandbox import LocalCodeRunner
+        from flowlane.runtime.sandbox.runner import LocalCodeRunner
 
         return LocalCodeRunner()
 

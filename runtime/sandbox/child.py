@@ -5,12 +5,12 @@ call. It imports only what CPython's start-up already has or what is built in (`
 ``ctypes``, ``resource``, ``marshal``, ``_signal``, ``_thread``), never ``flowlane`` or anything
 that pulls in ``re``, ``enum`` or ``asyncio``, and the interpreter runs with ``-I -S -B``
 (``site`` and its ``.pth`` files would cost more than the rest of the bootstrap together). The
-caller (``runtime/sandbox.py``) does the expensive work once: it builds the seccomp program with
+caller (``runtime/sandbox/runner.py``) does the expensive work once: it builds the seccomp program with
 libseccomp and passes its bytes, and it passes the import path the code should see (the
 interpreter's site-packages). Everything arrives on stdin as one ``marshal`` blob (built in, so no
 ``json`` import): the settings, the seccomp program and the code.
 
-The process tree of a run, and which layer each process applies (see ``runtime/sandbox.py`` for
+The process tree of a run, and which layer each process applies (see ``runtime/sandbox/runner.py`` for
 what every layer is for)::
 
     caller ── tracker (namespaces and mounts as root, rlimits, no_new_privs, uid drop,
@@ -573,7 +573,7 @@ def command(python: str) -> list[str]:
     """The command line that starts the bootstrap with ``python``: no site, no user site, no
     environment variables, no bytecode writes; this folder on the path only while it imports."""
     here = os.path.dirname(os.path.realpath(__file__))
-    line = f"import sys; sys.path.insert(0, {here!r}); import sandbox_child; sandbox_child.main()"
+    line = f"import sys; sys.path.insert(0, {here!r}); import child; child.main()"
     return [python, "-I", "-S", "-B", "-c", line]
 
 
@@ -584,9 +584,9 @@ def main() -> None:
         config = marshal.loads(_read_stdin())
         landlock: Any = None
         if config["landlock"]:  # beside this file, so imported while this folder is on the path
-            import sandbox_landlock
+            import landlock as landlock_module
 
-            landlock = sandbox_landlock
+            landlock = landlock_module
         # The code sees the interpreter's own paths plus its site-packages, not this folder.
         sys.path[:] = [p for p in sys.path if p != here] + config["site_paths"]
         devnull = os.open(os.devnull, os.O_RDONLY)

@@ -40,8 +40,8 @@ the kernel or the interpreter, and reports which ones were in force for every ru
     child keeps every layer). Audit hooks are not a security boundary on their own (Python code
     can tamper with interpreter state), which is why the kernel layers exist.
 ``seccomp``, ``landlock`` (no privileges needed; mandatory)
-    The system calls and the files the code may use: ``runtime/sandbox_seccomp.py`` and
-    ``runtime/sandbox_landlock.py`` say what each stops.
+    The system calls and the files the code may use: ``runtime/sandbox/seccomp.py`` and
+    ``runtime/sandbox/landlock.py`` say what each stops.
 ``process_tracking`` (mandatory)
     A tracker process (a child subreaper) between the caller and the run inherits every orphan of
     the run, ``setsid`` daemons included, and kills them all when the run ends.
@@ -70,7 +70,7 @@ Known gaps, covered by the kernel layers rather than the hook: ``os.open(..., di
 relative to a directory opened for reading is not resolved by the hook (the open event carries
 no dir_fd); C extensions that write files without going through Python's audited calls.
 
-The child is ``runtime/sandbox_child.py``, a stdlib-only bootstrap started with ``python -I -S
+The child is ``runtime/sandbox/child.py``, a stdlib-only bootstrap started with ``python -I -S
 -B`` (every import there is paid per execution): it applies the layers in order (namespaces and
 mounts need root, so they come before the uid drop; the audit hook comes last, once nothing
 privileged is left to do), reports the layers on a private pipe, closes it, and only then executes
@@ -102,8 +102,8 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from flowlane.api.errors import ConfigError
-from flowlane.runtime import sandbox_child, sandbox_landlock
-from flowlane.runtime.sandbox_child import EXIT_BLOCKED, EXIT_FILE, EXIT_MEMORY, EXIT_PROCESS, EXIT_SETUP
+from flowlane.runtime.sandbox import child, landlock
+from flowlane.runtime.sandbox.child import EXIT_BLOCKED, EXIT_FILE, EXIT_MEMORY, EXIT_PROCESS, EXIT_SETUP
 
 __all__ = [
     "MANDATORY_LAYERS",
@@ -409,11 +409,11 @@ def make_non_dumpable() -> None:
 
     The sandbox server calls this first thing: as the pod's uid, code it runs shares that uid.
     """
-    sandbox_child.prctl(sandbox_child.PR_SET_DUMPABLE, 0)
+    child.prctl(child.PR_SET_DUMPABLE, 0)
 
 
 def _is_non_dumpable() -> bool:
-    return sandbox_child.prctl(sandbox_child.PR_GET_DUMPABLE) == 0
+    return child.prctl(child.PR_GET_DUMPABLE) == 0
 
 
 @functools.cache
@@ -423,7 +423,7 @@ def _refresh_child_bytecode() -> None:
     The child runs with -B and would otherwise compile both modules on every execution wherever
     the caller runs with PYTHONDONTWRITEBYTECODE (the images have install-time caches; a source
     tree being edited does not). A tree that cannot be written keeps the cost, nothing else."""
-    for module in (sandbox_child, sandbox_landlock):
+    for module in (child, landlock):
         source, cached = module.__file__ or "", importlib.util.cache_from_source(module.__file__ or "")
         with contextlib.suppress(OSError):
             if os.stat(cached).st_mtime >= os.stat(source).st_mtime:
@@ -442,9 +442,9 @@ def _site_paths() -> list[str]:
 def _seccomp_settings() -> dict[str, Any]:
     """The seccomp program template for the child, or why there is none."""
     try:
-        from flowlane.runtime import sandbox_seccomp
+        from flowlane.runtime.sandbox import seccomp
 
-        return {"seccomp_template": sandbox_seccomp.program_template(), "seccomp_unavailable": ""}
+        return {"seccomp_template": seccomp.program_template(), "seccomp_unavailable": ""}
     except (ImportError, OSError) as exc:
         return {"seccomp_template": None, "seccomp_unavailable": f"libseccomp: {exc}"}
 
@@ -563,7 +563,7 @@ async def run_python(
         }
         _refresh_child_bytecode()
         proc = await asyncio.create_subprocess_exec(
-            *sandbox_child.command(sys.executable),
+            *child.command(sys.executable),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -640,7 +640,7 @@ async def run_python(
 
 @dataclass
 class _ChildReport:
-    """What the child wrote on its control pipe (format: ``sandbox_child``'s docstring)."""
+    """What the child wrote on its control pipe (format: ``child``'s docstring)."""
 
     layers: tuple[IsolationLayer, ...] = ()  # in force for the run
     missing: list[str] = field(default_factory=list)  # requested but not applied, with the reason

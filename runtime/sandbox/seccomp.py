@@ -31,7 +31,7 @@ with libseccomp's own Python module).
 Built once, loaded every run: building the filter walks libseccomp's whole syscall table (tens of
 milliseconds), so the caller exports the BPF program once (``program_template``), for a
 placeholder pid, and every run's child puts its own pid in and loads the bytes with
-``prctl(PR_SET_SECCOMP)`` (``sandbox_child.seccomp_program_for`` and ``load_seccomp_program``):
+``prctl(PR_SET_SECCOMP)`` (``child.seccomp_program_for`` and ``load_seccomp_program``):
 the child never imports libseccomp.
 """
 
@@ -48,7 +48,7 @@ from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
 
-from flowlane.runtime.sandbox_child import SECCOMP_PID_PLACEHOLDER
+from flowlane.runtime.sandbox.child import SECCOMP_PID_PLACEHOLDER
 
 __all__ = ["FILTER_ERRNOS", "build_filter", "export_program", "load_binding", "program_template"]
 

@@ -3,7 +3,7 @@
 In a FlowRun, rollout workers do not run LLM-written code themselves: they send it to sandbox
 components (pods on a cluster, processes locally) so that the worker and its vLLM engine never
 share a machine's limits with untrusted code, and sandboxes scale on their own. The server is a
-thin shell around ``runtime/sandbox.py`` (which does the isolating): it translates messages,
+thin shell around ``runtime/sandbox/runner.py`` (which does the isolating): it translates messages,
 bounds concurrency, caps requested limits at its ceiling, and turns anything unexpected into a
 failed result instead of a failed RPC.
 
@@ -35,7 +35,7 @@ from flowlane.api import sandbox_pb2, sandbox_pb2_grpc
 from flowlane.api.errors import ConfigError, FlowlaneError
 from flowlane.kit import logs
 from flowlane.runtime import grpc_common
-from flowlane.runtime.sandbox import (
+from flowlane.runtime.sandbox.runner import (
     IsolationLayer,
     LocalCodeRunner,
     SandboxErrorKind,
@@ -325,7 +325,7 @@ async def _serve(host: str, port: int, max_concurrency: int, defaults: SandboxLi
 
 
 def main() -> None:
-    """``python -m flowlane.runtime.sandbox_server``: the command without the flowlane CLI around it."""
+    """``python -m flowlane.runtime.sandbox.server``: the command without the flowlane CLI around it."""
     try:
         typer.run(sandbox)
     except FlowlaneError as err:

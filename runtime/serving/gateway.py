@@ -23,16 +23,16 @@ Design points:
   run's engine requests (non-streaming requests too: the connection is watched while the agent
   works).
 - **No model code in this process.** The python tool runs in a sandbox server child with none of
-  the gateway's secrets, or on sandbox pods (``gateway_sandbox``).
+  the gateway's secrets, or on sandbox pods (``serving.sandbox``).
 - **Errors in OpenAI's shape** (``{"error": {"message", "type", "param", "code"}}``, see
-  ``gateway_protocol``), so clients raise their usual exceptions; an engine failure is a 500 for
+  ``serving.protocol``), so clients raise their usual exceptions; an engine failure is a 500 for
   that request and the server keeps serving the next one.
 - **Operations.** ``/healthz`` answers as soon as the process serves HTTP; ``/readyz`` only once
   the engine is loaded (``flowlane serve`` binds the port first and loads the model in the
   background, so a Kubernetes probe can tell "starting" from "dead"), and no longer once the
   engine has died (vLLM's core process gone: every later request would fail, so the pod should be
   taken out of the Service and restarted); ``/metrics`` is Prometheus
-  (``gateway_metrics``). Optional bearer-token auth guards ``/v1/*``; probes and metrics stay open
+  (``serving.metrics``). Optional bearer-token auth guards ``/v1/*``; probes and metrics stay open
   to the cluster.
 
 ``create_app`` builds the ASGI app around an engine that is already running (tests, benchmarks) or
@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from flowlane.api.errors import ConfigError, EngineUnavailableError, FlowlaneError
-from flowlane.runtime.gateway_protocol import (
+from flowlane.runtime.serving.protocol import (
     ApiError,
     ChatRequest,
     ErrorCode,
@@ -98,7 +98,7 @@ if TYPE_CHECKING:
     from flowlane.runtime.agent.agent import Agent, AgentConfig, EventKind
     from flowlane.runtime.agent.conversation import Conversation, TokenCounter
     from flowlane.runtime.engines.base import LLMEngine
-    from flowlane.runtime.gateway_metrics import GatewayMetrics
+    from flowlane.runtime.serving.metrics import GatewayMetrics
     from flowlane.runtime.tools.base import Tool
     from flowlane.runtime.trajectory import Step, Trajectory
 
@@ -166,7 +166,7 @@ class Gateway:
     """The request handlers and the state they share: the agent factory, readiness, metrics."""
 
     def __init__(self, config: GatewayConfig) -> None:
-        from flowlane.runtime.gateway_metrics import GatewayMetrics
+        from flowlane.runtime.serving.metrics import GatewayMetrics
 
         self.config = config
         self.metrics: GatewayMetrics = GatewayMetrics()
@@ -196,7 +196,7 @@ class Gateway:
         from flowlane.runtime.agent.agent import Agent
         from flowlane.runtime.agent.conversation import estimate_tokens
         from flowlane.runtime.engines.base import LLMEngine
-        from flowlane.runtime.gateway_metrics import MeteredEngine
+        from flowlane.runtime.serving.metrics import MeteredEngine
 
         self._count_tokens = estimate_tokens
         if isinstance(source, LLMEngine):
@@ -372,7 +372,7 @@ class Gateway:
     async def _run(self, chat: ChatRequest, conversation: Conversation, slot: _Slot,
                    on_event: Callable[..., None] | None = None) -> tuple[Trajectory, dict[str, int]]:
         """One agent run for ``chat`` in ``slot``, bounded by the request's budgets; (trajectory, usage)."""
-        from flowlane.runtime.gateway_metrics import Usage, metering
+        from flowlane.runtime.serving.metrics import Usage, metering
 
         assert self._factory is not None
         config = self._agent_config(chat)
@@ -785,7 +785,7 @@ def _serve(*, model: str, engine_kind: str, fixed: str | None, dtype: str, tools
         raise ConfigError(f"--history-max-tokens {history_max_tokens} does not fit --max-model-len {max_model_len}: "
                           f"module prompts need {PROMPT_RESERVE_TOKENS} more tokens; lower one or raise the other")
     if sandbox_address is not None:
-        from flowlane.runtime.gateway_sandbox import remote_runner
+        from flowlane.runtime.serving.sandbox import remote_runner
 
         remote_runner(sandbox_address)  # a bad address or a missing token fails before any model load
     if log_level.lower() not in LOG_LEVELS:
@@ -830,9 +830,9 @@ async def _serve_async(config: GatewayConfig, sock: socket.socket, *, engine_kin
                        max_model_len: int = 4096, sandbox_address: str | None = None) -> None:
     """Serve probes at once, load the engines in threads, then answer; close everything on exit."""
     from flowlane.runtime.engines.factory import close_engines, open_engines
-    from flowlane.runtime.gateway_metrics import MeteredEngine
-    from flowlane.runtime.gateway_sandbox import SandboxChild, remote_runner
-    from flowlane.runtime.sandbox_server import RemoteCodeRunner
+    from flowlane.runtime.sandbox.server import RemoteCodeRunner
+    from flowlane.runtime.serving.metrics import MeteredEngine
+    from flowlane.runtime.serving.sandbox import SandboxChild, remote_runner
     from flowlane.runtime.tools.registry import ToolName, build_tools
 
     gateway = Gateway(config)

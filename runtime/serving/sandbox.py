@@ -3,7 +3,7 @@
 The gateway process holds what an attacker wants: the API key clients authenticate with, the S3
 credentials the checkpoint came from, the keys of networked tools. Model-written code must not run
 next to them, not even in a subprocess that inherits their environment. So the gateway sends code
-over gRPC to the tool-sandbox server (``flowlane sandbox``, ``runtime/sandbox_server.py``), the
+over gRPC to the tool-sandbox server (``flowlane sandbox``, ``runtime/sandbox/server.py``), the
 same server and rules a FlowRun's rollout workers use:
 
 - **local child** (the default): the gateway starts the server as a child process on a loopback
@@ -34,8 +34,8 @@ import grpc
 
 from flowlane.api.errors import ConfigError, EngineUnavailableError
 from flowlane.runtime import grpc_common
-from flowlane.runtime.sandbox import SandboxLimits, SandboxResult
-from flowlane.runtime.sandbox_server import RemoteCodeRunner
+from flowlane.runtime.sandbox.runner import SandboxLimits, SandboxResult
+from flowlane.runtime.sandbox.server import RemoteCodeRunner
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class SandboxChild:
 
     async def _start_locked(self) -> None:
         port = _free_loopback_port()
-        command = [sys.executable, "-m", "flowlane.runtime.sandbox_server", "--host", "127.0.0.1",
+        command = [sys.executable, "-m", "flowlane.runtime.sandbox.server", "--host", "127.0.0.1",
                    "--port", str(port), "--max-concurrency", str(self.max_concurrency)]
         self._proc = await asyncio.create_subprocess_exec(
             *command, env=child_env(self._parent_env, self._token), stdin=asyncio.subprocess.DEVNULL,

@@ -16,7 +16,7 @@ from flowlane.runtime.errors import ConfigError
 
 if TYPE_CHECKING:
     from flowlane.runtime.engines.base import LLMEngine
-    from flowlane.runtime.sandbox import CodeRunner
+    from flowlane.runtime.sandbox.runner import CodeRunner
     from flowlane.runtime.tools.base import Tool
 
 
