@@ -39,7 +39,8 @@ from flowlane.api.enums import Dtype
 from flowlane.api.trajectory import Trajectory
 from flowlane.runtime.models import resolve_model
 from flowlane.trainer.batching import BatchLayout
-from flowlane.trainer.learner import Learner, LearnerConfig
+from flowlane.trainer.learner import Learner
+from flowlane.trainer.learner_config import LearnerConfig
 from flowlane.trainer.synthetic import synthetic_trajectories
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import save_file
 
 from flowlane.trainer.distributed import follow, lead
-from flowlane.trainer.learner import Learner, LearnerConfig
+from flowlane.trainer.learner import Learner
+from flowlane.trainer.learner_config import LearnerConfig
 
 
 def config(model_dir: str, stage: int) -> LearnerConfig:

@@ -162,7 +162,9 @@ async def test_masked_learner_log_probs_are_vllm_sampling_log_probs_under_the_pl
     from flowlane.runtime.agent.prompts import planner_schema
     from flowlane.runtime.engines.base import SamplingSettings
     from flowlane.trainer.flow_grpo import AdvantageMode
-    from flowlane.trainer.learner import Learner, LearnerConfig, prepare_batch
+    from flowlane.trainer.learner import Learner
+    from flowlane.trainer.learner_batch import prepare_batch
+    from flowlane.trainer.learner_config import LearnerConfig
 
     temperature = 0.7
     cards = [

@@ -30,7 +30,7 @@ from learner_helpers import make_tiny_model_dir, synthetic_trajectories
 from safetensors.torch import load_file
 
 from flowlane.runtime.errors import ConfigError
-from flowlane.trainer.learner import rank_share, uneven_shards
+from flowlane.trainer.distributed import rank_share, uneven_shards
 
 SCRIPT = Path(__file__).with_name("learner_ranks.py")
 STAGES = (2, 3)
@@ -115,7 +115,9 @@ def test_parameters_that_do_not_split_into_equal_zero3_shards_are_named() -> Non
 def test_zero3_over_ranks_that_do_not_divide_the_layers_is_refused_at_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flowlane.trainer.learner import Learner, LearnerConfig, ensure_distributed
+    from flowlane.trainer.distributed import ensure_distributed
+    from flowlane.trainer.learner import Learner
+    from flowlane.trainer.learner_config import LearnerConfig
 
     model = make_tiny_model_dir(tmp_path / "model", hidden_size=64)
     ensure_distributed()  # one real rank; the learner is then told there are three

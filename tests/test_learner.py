@@ -27,15 +27,9 @@ from flowlane.trainer.batching import (
     share_prefixes,
 )
 from flowlane.trainer.flow_grpo import AdvantageMode, Aggregation
-from flowlane.trainer.learner import (
-    Learner,
-    LearnerConfig,
-    LoraSettings,
-    LRSchedule,
-    lr_factor,
-    prepare_batch,
-    token_weights,
-)
+from flowlane.trainer.learner import Learner
+from flowlane.trainer.learner_batch import prepare_batch, token_weights
+from flowlane.trainer.learner_config import LearnerConfig, LoraSettings, LRSchedule, lr_factor
 
 
 @pytest.fixture(scope="module", autouse=True)

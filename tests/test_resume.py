@@ -16,7 +16,8 @@ import torch
 from learner_helpers import make_tiny_model_dir, synthetic_trajectories
 
 from flowlane.kit.checkpoints import CheckpointStore, model_identity
-from flowlane.trainer.learner import Learner, LearnerConfig, LoraSettings, LRSchedule
+from flowlane.trainer.learner import Learner
+from flowlane.trainer.learner_config import LearnerConfig, LoraSettings, LRSchedule
 
 STEPS = 4
 RESUME_AT = 2

@@ -15,6 +15,10 @@ The announcements travel on their own gloo group with a long timeout: a follower
 for the next step as long as the rollouts take, while the default group keeps DeepSpeed's
 timeout for the collectives themselves. A rank that dies ends the others through the launcher
 (torchrun stops the whole group), and the group restarts together.
+
+It also holds what the learner's engine needs to run on the ranks: ``ensure_distributed`` (the
+process group, a single local rank when no launcher set one up), ``rank_share`` (which of an
+update's micro-batches a rank runs) and ``uneven_shards`` (the parameters ZeRO-3 cannot split).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import datetime
 import enum
 import logging
 import os
+import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -133,3 +138,49 @@ def follow(learner: Any, channel: RankChannel | None = None) -> int:
             learner.save_checkpoint_files(Path(args[0]))
         elif call is Call.LOAD:
             learner.load_checkpoint_files(Path(args[0]))
+
+
+# --- setting up the ranks (the learner engine calls these) ---------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def rank_share(micro_batches: int, rank: int, world_size: int) -> list[int | None]:
+    """Micro-batch indices rank ``rank`` runs: round-robin, padded with None (a zero-weight pass
+    over micro-batch 0) so that every rank runs ``ceil(micro_batches / world_size)`` passes."""
+    mine: list[int | None] = list(range(rank, micro_batches, world_size))
+    passes = -(-micro_batches // world_size)
+    return mine + [None] * (passes - len(mine))
+
+
+def uneven_shards(numels: Sequence[tuple[str, int]], world_size: int) -> list[tuple[str, int]]:
+    """The parameters (name, element count) that ZeRO-3 cannot split into ``world_size`` equal shards."""
+    return [(name, numel) for name, numel in numels if numel % world_size]
+
+
+def ensure_distributed() -> None:
+    """Initialise torch.distributed for DeepSpeed; a single local rank when no launcher set one up."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if get_accelerator().device_name() == "cpu":
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce kernel on first use
+        # (minutes on a 2-core machine); a single rank never calls it and several CPU ranks use
+        # gloo's all-reduce instead. Mark it unavailable: DeepSpeed keeps this probe result in one
+        # module-level dict meant to be edited.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(
+        dist_backend=get_accelerator().communication_backend_name(), auto_mpi_discovery=False, verbose=False
+    )

@@ -36,6 +36,10 @@ sum over all micro-batches, as on one rank.
 Checkpoints (``save_checkpoint_files``) are a directory that vLLM and transformers load directly
 (safetensors, config, tokenizer; with LoRA the adapter files) plus everything exact resumption
 needs: DeepSpeed's optimizer and lr-scheduler state, the RNG states, the step and policy version.
+
+The engine's parts live next to it: the config and lr schedule in ``learner_config``, preparing a
+step's samples in ``learner_batch``, the step metrics in ``learner_metrics``, the checkpoint's RNG
+and format details in ``learner_state``, and setting up the ranks in ``distributed``.
 """
 
 from __future__ import annotations
@@ -47,14 +51,9 @@ import itertools
 import json
 import logging
 import math
-import os
-import random
 import shutil
-import socket
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +63,7 @@ import torch
 from flowlane.api.enums import Dtype
 from flowlane.api.errors import ConfigError, FlowlaneError
 from flowlane.api.trajectory import Trajectory
-from flowlane.kit.checkpoints import DEEPSPEED_DIR, RNG_FILE
+from flowlane.kit.checkpoints import DEEPSPEED_DIR
 from flowlane.kit.dtype import resolve_dtype
 from flowlane.kit.lora import (
     STATE_FILE,
@@ -74,335 +73,23 @@ from flowlane.kit.lora import (
 )
 from flowlane.kit.models import resolve_model
 from flowlane.trainer import flow_grpo
-from flowlane.trainer.batching import BatchLayout, MicroBatch, lay_out, plan_sequences
+from flowlane.trainer.batching import MicroBatch, lay_out, plan_sequences
 from flowlane.trainer.constrained import GrammarMasks, masked_log_softmax
+from flowlane.trainer.distributed import ensure_distributed, rank_share, uneven_shards
+from flowlane.trainer.learner_batch import TurnSample, prepare_batch, token_weights
+from flowlane.trainer.learner_config import LearnerConfig, LoraSettings, ScheduleFn
+from flowlane.trainer.learner_metrics import Totals
+from flowlane.trainer.learner_state import (
+    CHECKPOINT_FORMAT,
+    DEEPSPEED_TAG,
+    jsonable,
+    rng_file,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = 1
-DEEPSPEED_TAG = "state"
-
-
-
-class LRSchedule(StrEnum):
-    CONSTANT = "constant"
-    LINEAR = "linear"
-    COSINE = "cosine"
-
-
-@dataclass
-class LoraSettings:
-    """A LoRA adapter instead of full fine-tuning: only the adapter is trained and checkpointed."""
-
-    r: int = 16  # adapter rank, >= 1
-    alpha: int = 32  # scaling numerator: the update is scaled by alpha / r
-    dropout: float = 0.0  # dropout on the adapter input, in [0, 1); 0 keeps old/new log-probs comparable
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-    def validate(self) -> None:
-        if self.r < 1:
-            raise ConfigError(f"lora.r: must be >= 1, got {self.r}")
-        if self.alpha <= 0:
-            raise ConfigError(f"lora.alpha: must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.dropout}")
-        if not self.target_modules:
-            raise ConfigError("lora.target_modules: must name at least one module, e.g. ['q_proj', 'v_proj']")
-
-
-@dataclass
-class LearnerConfig:
-    """Everything the learner needs, as plain data. Defaults follow the paper where it says.
-
-    Gradient accumulation is by tokens, not by a fixed count: an update's turns are laid out in
-    as many micro-batches as ``micro_batch_tokens`` requires and all of their gradients
-    accumulate into one optimizer step (each micro-batch's loss already carries its share of the
-    update's averaging weights, so the result does not depend on the packing).
-    ``mini_batches_per_step`` > 1 splits a step's groups into several such updates and
-    ``ppo_epochs`` > 1 runs over all of them that many times (PPO-style); with either, the
-    log-probs of the policy before the step are computed once up front and every update's ratio
-    is taken against them, so the clip range bounds how far one step moves the policy.
-    """
-
-    model_path: str  # HF-layout model directory (or a name runtime.models.resolve_model knows)
-    lr: float = 1e-6  # peak learning rate (paper: 1e-6), > 0
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas, each in [0, 1)
-    weight_decay: float = 0.01  # AdamW decoupled weight decay, >= 0
-    warmup_steps: int = 0  # updates with a linear ramp up to lr, >= 0
-    lr_schedule: LRSchedule = LRSchedule.CONSTANT  # shape after warmup
-    total_steps: int = 0  # length of a linear/cosine decay (required > warmup_steps for those)
-    min_lr_ratio: float = 0.0  # lr floor of a decay, as a fraction of lr, in [0, 1]
-    clip_eps_low: float = 0.2  # ratio clipped below at 1 - clip_eps_low, in [0, 1)
-    clip_eps_high: float = 0.3  # ratio clipped above at 1 + clip_eps_high (reference code: 0.3), >= 0
-    kl_beta: float = 0.001  # weight of the KL penalty (paper: 0.001); 0 drops the reference model
-    kl_estimator: flow_grpo.KLEstimator = flow_grpo.KLEstimator.K3
-    advantage_mode: flow_grpo.AdvantageMode = flow_grpo.AdvantageMode.TRAJECTORY
-    advantage_eps: float = 1e-6  # added to the group std, > 0
-    normalize_advantage_std: bool = True  # divide by the group std (False: mean-centred only)
-    aggregation: flow_grpo.Aggregation = flow_grpo.Aggregation.PAPER
-    # Tokens (prompt + response, padding included) per forward pass, >= 1; raise it on GPUs.
-    micro_batch_tokens: int = 2048
-    # shared: turns merged into a prefix tree, common prompt prefixes computed once (2.5x padded on
-    # real-shaped planner turns, bench/learner.py); padded: length-sorted rows; packed: turns end
-    # to end (best with a varlen flash-attention backend). See flowlane.trainer.batching.
-    batch_layout: BatchLayout = BatchLayout.SHARED
-    attn_implementation: str | None = None  # transformers attention backend; None: its default (sdpa)
-    mini_batches_per_step: int = 1  # optimizer updates per pass over a step; the groups are split evenly
-    ppo_epochs: int = 1  # passes over a step's samples, >= 1; each pass runs every mini-batch's update
-    max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
-    zero_stage: int = 0  # DeepSpeed ZeRO stage, 0-3
-    dtype: Dtype = Dtype.AUTO
-    lora: LoraSettings | None = None  # None: full fine-tuning
-    temperature: float = 1.0  # the sampling temperature of the rollouts: logits are divided by it, > 0
-    tis_cap: float | None = 2.0  # cap of the truncated importance weight; None disables TIS
-    skip_uniform_groups: bool = True  # drop groups whose rewards are all equal (they are counted anyway)
-    gradient_checkpointing: bool = False  # trade compute for activation memory
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        # Accept plain strings (from YAML/JSON) for the enum fields.
-        for name, kind in (
-            ("lr_schedule", LRSchedule),
-            ("kl_estimator", flow_grpo.KLEstimator),
-            ("advantage_mode", flow_grpo.AdvantageMode),
-            ("aggregation", flow_grpo.Aggregation),
-            ("dtype", Dtype),
-            ("batch_layout", BatchLayout),
-        ):
-            value = getattr(self, name)
-            try:
-                setattr(self, name, kind(value))
-            except ValueError:
-                choices = ", ".join(member.value for member in kind)
-                raise ConfigError(f"{name}: unknown value {value!r}; choose one of: {choices}") from None
-        if isinstance(self.lora, dict):
-            self.lora = LoraSettings(**self.lora)
-        if self.lora is not None:
-            self.lora.target_modules = tuple(self.lora.target_modules)
-        if self.dtype is Dtype.FLOAT16:
-            # float16 training needs loss scaling, which this learner does not do.
-            raise ConfigError("dtype: float16 is not supported by the learner; choose one of: auto, float32, bfloat16")
-        self.betas = (float(self.betas[0]), float(self.betas[1]))
-        self.validate()
-
-    def validate(self) -> None:
-        checks: list[tuple[bool, str]] = [
-            (self.lr > 0, f"lr: must be > 0, got {self.lr}"),
-            (all(0 <= b < 1 for b in self.betas), f"betas: each must be in [0, 1), got {self.betas}"),
-            (self.weight_decay >= 0, f"weight_decay: must be >= 0, got {self.weight_decay}"),
-            (self.warmup_steps >= 0, f"warmup_steps: must be >= 0, got {self.warmup_steps}"),
-            (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}"),
-            (0 <= self.clip_eps_low < 1, f"clip_eps_low: must be in [0, 1), got {self.clip_eps_low}"),
-            (self.clip_eps_high >= 0, f"clip_eps_high: must be >= 0, got {self.clip_eps_high}"),
-            (self.kl_beta >= 0, f"kl_beta: must be >= 0, got {self.kl_beta}"),
-            (self.advantage_eps > 0, f"advantage_eps: must be > 0, got {self.advantage_eps}"),
-            (self.micro_batch_tokens >= 1, f"micro_batch_tokens: must be >= 1, got {self.micro_batch_tokens}"),
-            (
-                self.mini_batches_per_step >= 1,
-                f"mini_batches_per_step: must be >= 1, got {self.mini_batches_per_step}",
-            ),
-            (self.ppo_epochs >= 1, f"ppo_epochs: must be >= 1, got {self.ppo_epochs}"),
-            (self.max_grad_norm >= 0, f"max_grad_norm: must be >= 0 (0 disables), got {self.max_grad_norm}"),
-            (self.zero_stage in (0, 1, 2, 3), f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}"),
-            (self.temperature > 0, f"temperature: must be > 0, got {self.temperature}"),
-            (
-                self.tis_cap is None or self.tis_cap > 0,
-                f"tis_cap: must be > 0 or null to disable, got {self.tis_cap}",
-            ),
-            (
-                self.lr_schedule == LRSchedule.CONSTANT or self.total_steps > self.warmup_steps,
-                f"total_steps: a {self.lr_schedule} schedule needs total_steps > warmup_steps "
-                f"({self.warmup_steps}), got {self.total_steps}",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-        if self.lora is not None:
-            self.lora.validate()
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: LRSchedule, min_ratio: float) -> float:
-    """Multiplier of the peak lr for update number ``step`` (0-based).
-
-    Warmup ramps linearly so the first update already moves ((step + 1) / warmup_steps); after it
-    the lr stays constant or decays linearly / along a half cosine to ``min_ratio`` at ``total_steps``.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == LRSchedule.CONSTANT:
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    shape = 1.0 - progress if schedule == LRSchedule.LINEAR else 0.5 * (1.0 + math.cos(math.pi * progress))
-    return min_ratio + (1.0 - min_ratio) * shape
-
-
-@dataclass
-class _ScheduleFn:
-    """Picklable lr multiplier for ``LambdaLR`` (its state_dict then round-trips)."""
-
-    warmup_steps: int
-    total_steps: int
-    schedule: str
-    min_ratio: float
-
-    def __call__(self, step: int) -> float:
-        return lr_factor(step, self.warmup_steps, self.total_steps, LRSchedule(self.schedule), self.min_ratio)
-
-
-# --- preparing an update (pure) ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TurnSample:
-    """One planner turn as the loss sees it."""
-
-    prompt_ids: Sequence[int]
-    response_ids: Sequence[int]
-    behaviour_logprobs: Sequence[float]
-    policy_version: int
-    advantage: float
-    trajectory: int  # index of its trajectory within the update
-    json_schema: str = ""  # the schema it was sampled under ("" unconstrained); scored under its mask
-
-
-@dataclass
-class PreparedBatch:
-    """The trainable part of a step's trajectories, split into optimizer updates."""
-
-    updates: list[list[TurnSample]] = field(default_factory=list)  # one list per mini-batch
-    groups: int = 0
-    groups_uniform: int = 0
-    groups_skipped: int = 0
-    trajectories: int = 0
-    turns: int = 0
-    advantages: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # per trained trajectory
-    reward_mean: float = 0.0
-
-
-def prepare_batch(
-    trajectories: Sequence[Trajectory],
-    advantage_mode: flow_grpo.AdvantageMode,
-    advantage_eps: float,
-    normalize_std: bool,
-    skip_uniform_groups: bool,
-    mini_batches: int = 1,
-) -> PreparedBatch:
-    """Group, score and flatten trajectories into turn samples; pure, no model involved."""
-    groups: dict[str, list[Trajectory]] = {}
-    for position, trajectory in enumerate(trajectories):
-        if trajectory.reward is None:
-            raise FlowlaneError(
-                f"trajectory {position} (question_id={trajectory.question_id!r}) has no reward; "
-                "score trajectories before sending them to the learner"
-            )
-        groups.setdefault(trajectory.question_id or trajectory.question, []).append(trajectory)
-    prepared = PreparedBatch(groups=len(groups))
-    if not groups:
-        return prepared
-    ordered = list(groups.values())
-    flat = [t for group in ordered for t in group]
-    group_index = torch.tensor([g for g, group in enumerate(ordered) for _ in group], dtype=torch.long)
-    rewards = torch.tensor([float(t.reward or 0.0) for t in flat], dtype=torch.float64)
-    turns = torch.tensor([len(t.planner_turns) for t in flat], dtype=torch.long)
-    prepared.reward_mean = float(rewards.mean().item())
-    uniform = flow_grpo.uniform_groups(rewards, group_index)
-    prepared.groups_uniform = int(uniform.sum().item())
-    estimator = flow_grpo.ADVANTAGE_ESTIMATORS[advantage_mode]
-    advantages = estimator(rewards, group_index, turns, advantage_eps, normalize_std)
-
-    keep = [g for g in range(len(ordered)) if not (skip_uniform_groups and bool(uniform[g]))]
-    prepared.groups_skipped = len(ordered) - len(keep)
-    n_updates = max(1, min(mini_batches, len(keep)))
-    chunks = [keep[i * len(keep) // n_updates : (i + 1) * len(keep) // n_updates] for i in range(n_updates)]
-    kept_advantages: list[float] = []
-    starts = list(itertools.accumulate((len(group) for group in ordered), initial=0))  # group -> first in flat
-    for chunk in chunks:
-        samples: list[TurnSample] = []
-        trajectory_in_update = 0
-        for g in chunk:
-            for k, trajectory in enumerate(ordered[g]):
-                advantage = float(advantages[starts[g] + k].item())
-                kept_advantages.append(advantage)
-                trained = [turn for turn in trajectory.planner_turns if turn.response_ids]
-                for turn in trained:
-                    samples.append(
-                        TurnSample(
-                            prompt_ids=turn.prompt_ids,
-                            response_ids=turn.response_ids,
-                            behaviour_logprobs=turn.logprobs,
-                            policy_version=turn.policy_version,
-                            advantage=advantage,
-                            trajectory=trajectory_in_update,
-                            json_schema=turn.json_schema,
-                        )
-                    )
-                trajectory_in_update += bool(trained)
-                prepared.trajectories += 1
-        prepared.turns += len(samples)
-        if samples:
-            prepared.updates.append(samples)
-    prepared.advantages = torch.tensor(kept_advantages, dtype=torch.float32)
-    return prepared
-
-
-def token_weights(samples: Sequence[TurnSample], aggregation: flow_grpo.Aggregation) -> list[torch.Tensor]:
-    """Per-token loss weights of each sample for the whole update (see ``flow_grpo.losses``)."""
-    token_turn = torch.cat(
-        [torch.full((len(s.response_ids),), i, dtype=torch.long) for i, s in enumerate(samples)]
-    )
-    turn_trajectory = torch.tensor([s.trajectory for s in samples], dtype=torch.long)
-    weights = flow_grpo.AGGREGATIONS[aggregation](token_turn, turn_trajectory)
-    return list(torch.split(weights, [len(s.response_ids) for s in samples]))
-
-
-# --- the learner -----------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def rank_share(micro_batches: int, rank: int, world_size: int) -> list[int | None]:
-    """Micro-batch indices rank ``rank`` runs: round-robin, padded with None (a zero-weight pass
-    over micro-batch 0) so that every rank runs ``ceil(micro_batches / world_size)`` passes."""
-    mine: list[int | None] = list(range(rank, micro_batches, world_size))
-    passes = -(-micro_batches // world_size)
-    return mine + [None] * (passes - len(mine))
-
-
-def uneven_shards(numels: Sequence[tuple[str, int]], world_size: int) -> list[tuple[str, int]]:
-    """The parameters (name, element count) that ZeRO-3 cannot split into ``world_size`` equal shards."""
-    return [(name, numel) for name, numel in numels if numel % world_size]
-
-
-def ensure_distributed() -> None:
-    """Initialise torch.distributed for DeepSpeed; a single local rank when no launcher set one up."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    if not torch.distributed.is_initialized():
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    if get_accelerator().device_name() == "cpu":
-        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce kernel on first use
-        # (minutes on a 2-core machine); a single rank never calls it and several CPU ranks use
-        # gloo's all-reduce instead. Mark it unavailable: DeepSpeed keeps this probe result in one
-        # module-level dict meant to be edited.
-        import deepspeed.ops
-
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(
-        dist_backend=get_accelerator().communication_backend_name(), auto_mpi_discovery=False, verbose=False
-    )
 
 
 def _resolve_dtype(dtype: Dtype) -> torch.dtype:
@@ -410,10 +97,12 @@ def _resolve_dtype(dtype: Dtype) -> torch.dtype:
     return resolved
 
 
+
 class Learner:
     """The policy in a DeepSpeed engine, a reference model, and one ``step`` per Flow-GRPO update."""
 
     def __init__(self, config: LearnerConfig) -> None:
+        # deepspeed and transformers are imported here, not with the module: they take seconds to load.
         import deepspeed
         from transformers import AutoModelForCausalLM
 
@@ -421,7 +110,7 @@ class Learner:
         self.model_dir = resolve_model(config.model_path)
         self.policy_version = 0
         self.steps = 0
-        _seed_everything(config.seed)
+        seed_everything(config.seed)
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         ensure_distributed()
 
@@ -475,7 +164,7 @@ class Learner:
         )
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
-            _ScheduleFn(config.warmup_steps, config.total_steps, config.lr_schedule.value, config.min_lr_ratio),
+            ScheduleFn(config.warmup_steps, config.total_steps, config.lr_schedule.value, config.min_lr_ratio),
         )
         bf16 = self.dtype == torch.bfloat16
         # Stage 0 in float32 has no DeepSpeed optimizer wrapper that reports the gradient norm, so
@@ -547,7 +236,7 @@ class Learner:
         passes = [updates] * config.ppo_epochs
         n_updates = len(updates) * config.ppo_epochs
         old = self._score(samples) if n_updates > 1 else None
-        totals = _Totals()
+        totals = Totals()
         grad_norms: list[float] = []
         lrs: list[float] = []
         for epoch in passes:
@@ -578,7 +267,7 @@ class Learner:
         return metrics
 
     def _accumulate(
-        self, samples: Sequence[TurnSample], old: Sequence[torch.Tensor] | None, totals: _Totals
+        self, samples: Sequence[TurnSample], old: Sequence[torch.Tensor] | None, totals: Totals
     ) -> None:
         """Forward + backward of every micro-batch of one update; gradients accumulate."""
         config = self.config
@@ -652,7 +341,7 @@ class Learner:
             config.normalize_advantage_std,
             config.skip_uniform_groups,
         )
-        totals = _Totals()
+        totals = Totals()
         for update in batch.updates:
             self._accumulate(update, None, totals)
         grads = {
@@ -830,7 +519,7 @@ class Learner:
             save_latest=False,
             exclude_frozen_parameters=self.is_lora,
         )
-        torch.save(_rng_state(), directory / _rng_file(self.rank))
+        torch.save(rng_state(), directory / rng_file(self.rank))
         meta = {
             "format": CHECKPOINT_FORMAT,
             "step": self.steps,
@@ -841,7 +530,7 @@ class Learner:
             "zero_stage": self.config.zero_stage,
             "world_size": self.world_size,
             "dtype": str(self.dtype).removeprefix("torch."),
-            "config": _jsonable(self.config.to_dict()),
+            "config": jsonable(self.config.to_dict()),
         }
         if lead:
             (directory / STATE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -869,7 +558,7 @@ class Learner:
                 f"checkpoint {directory}: DeepSpeed found no state under {directory / DEEPSPEED_DIR}; "
                 "the checkpoint is incomplete, resume from an earlier one"
             )
-        _set_rng_state(torch.load(directory / _rng_file(self.rank), weights_only=True))
+        set_rng_state(torch.load(directory / rng_file(self.rank), weights_only=True))
         self.steps = int(meta["step"])
         self.policy_version = int(meta["policy_version"])
         return meta
@@ -904,7 +593,7 @@ class Learner:
                 f"checkpoint {directory} holds {meta.get('training')} fine-tuning state but this learner "
                 f"is configured for {mode}; set lora to match the run that wrote it"
             )
-        if self.is_lora and meta.get("lora") != _jsonable(dataclasses.asdict(self.config.lora or LoraSettings())):
+        if self.is_lora and meta.get("lora") != jsonable(dataclasses.asdict(self.config.lora or LoraSettings())):
             raise FlowlaneError(
                 f"checkpoint {directory} has a LoRA adapter {meta.get('lora')} that differs from this "
                 f"learner's lora settings; use the same r, alpha and target_modules to resume"
@@ -932,57 +621,6 @@ class Learner:
         gc.collect()
 
 
-@dataclass
-class _Totals:
-    """Sums over the micro-batches of a step, turned into means at the end."""
-
-    loss: float = 0.0
-    policy_loss: float = 0.0
-    kl: float = 0.0
-    tokens: int = 0
-    tokens_processed: int = 0  # prompt + response tokens run through the model
-    tokens_computed: int = 0  # positions run through the model: plus padding, minus shared prefixes
-    micro_batches: int = 0
-    clipped_low: int = 0
-    clipped_high: int = 0
-    entropy_sum: float = 0.0
-    approx_kl_sum: float = 0.0
-    behaviour_kl_sum: float = 0.0
-    tis_sum: float = 0.0
-    tis_capped: int = 0
-
-    def summed_over_ranks(self) -> _Totals:
-        """Each field summed over all ranks (each counted only its own micro-batches)."""
-        names = [f.name for f in dataclasses.fields(self)]
-        values = torch.tensor([float(getattr(self, name)) for name in names], dtype=torch.float64)
-        torch.distributed.all_reduce(values)
-        kinds = {f.name: type(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        return _Totals(**{name: kinds[name](value) for name, value in zip(names, values.tolist(), strict=True)})
-
-    def as_metrics(self, updates: int) -> dict[str, float]:
-        n = max(self.tokens, 1)
-        return {
-            # Each update's loss is a weighted mean; report the mean over updates.
-            "loss": self.loss / updates,
-            "policy_loss": self.policy_loss / updates,
-            "kl": self.kl / updates,
-            "tokens": float(self.tokens),
-            "tokens_processed": float(self.tokens_processed),
-            # Padding adds computed positions, the shared layout's prefix tree removes them.
-            "padding_frac": max(0.0, 1.0 - self.tokens_processed / max(self.tokens_computed, 1)),
-            "computed_frac": self.tokens_computed / self.tokens_processed if self.tokens_processed else 0.0,
-            "micro_batches": float(self.micro_batches),
-            "clip_frac_low": self.clipped_low / n,
-            "clip_frac_high": self.clipped_high / n,
-            "clip_frac": (self.clipped_low + self.clipped_high) / n,
-            "entropy": self.entropy_sum / n,
-            "approx_kl": self.approx_kl_sum / n,
-            "behaviour_approx_kl": self.behaviour_kl_sum / n,
-            "tis_weight_mean": self.tis_sum / n if self.tis_sum else 1.0,
-            "tis_capped_frac": self.tis_capped / n,
-        }
-
-
 def _is_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
@@ -998,55 +636,3 @@ def _gathered(params: list[torch.Tensor]) -> Iterator[None]:
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
         yield
-
-
-def _rng_file(rank: int) -> str:
-    """Rank 0's RNG state at the top (as with one rank), the other ranks' next to their ZeRO shards."""
-    return RNG_FILE if rank == 0 else f"{DEEPSPEED_DIR}/rng_state_rank{rank}.pt"
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    kind, keys, position, has_gauss, cached = np.random.get_state(legacy=True)
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {
-            "kind": kind,
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            "position": int(position),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    numpy_state = state["numpy"]
-    np.random.set_state(
-        (
-            numpy_state["kind"],
-            numpy_state["keys"].numpy().astype(np.uint32),
-            numpy_state["position"],
-            numpy_state["has_gauss"],
-            numpy_state["cached_gaussian"],
-        )
-    )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _jsonable(value: Any) -> Any:
-    """Round-trip through JSON types (tuples become lists, enums their values)."""
-    return json.loads(json.dumps(value, default=str))

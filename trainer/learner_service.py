@@ -26,17 +26,25 @@ import signal
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import typer
 
 from flowlane.api.enums import Dtype, RewardKind
 from flowlane.api.errors import ConfigError
-from flowlane.api.flowrun import JUDGE_REFUSED
+from flowlane.api.flowrun import JUDGE_REFUSED, Phase
 from flowlane.kit import logs
+
+if TYPE_CHECKING:  # for the annotations only: torch, the store and MLflow load when build() needs them
+    import torch
+
+    from flowlane.api.trajectory import Trajectory
+    from flowlane.kit.checkpoints import CheckpointStore
+    from flowlane.kit.tracking import Tracker
+    from flowlane.trainer.learner_config import LearnerConfig
 
 log = logging.getLogger("flowlane.learner")
 
@@ -44,6 +52,21 @@ log = logging.getLogger("flowlane.learner")
 #: wave and asks again when the whole wave is done, so a wave's slowest trajectory sets its time:
 #: few large waves (its engine batches up to 64 sequences) beat many training-batch-sized ones.
 EVAL_LEASE_MAX = 64
+
+
+class TrainingLearner(Protocol):
+    """What the loop uses of its learner: a ``Learner``, or with several ranks the ``LeadLearner`` around it."""
+
+    policy_version: int
+    model_dir: Path
+
+    def step(self, trajectories: Sequence[Trajectory]) -> dict[str, float]: ...
+
+    def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]: ...
+
+    def save_checkpoint_files(self, directory: Path) -> dict[str, Any]: ...
+
+    def load_checkpoint_files(self, directory: Path) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -79,7 +102,7 @@ class Progress:
     best_validation_accuracy: float | None = None
     last_checkpoint: str = ""
     mlflow_run_id: str = ""
-    phase: str = "Pending"
+    phase: Phase = Phase.PENDING
     trajectories: int = 0
     step_time_s: float = 0.0
     message: str = ""
@@ -123,10 +146,11 @@ class LearnerRuntime:
         self.done = asyncio.Event()
         self.version_changed = asyncio.Condition()
         self.weights_cache: tuple[int, list[Any]] | None = None
-        self.learner: Any = None
-        self.store: Any = None
-        self.weights_store: Any = None  # engine.weightSync: store -- versions go there, not over gRPC
-        self.tracker: Any = None
+        # Made by build(); None until then (lease() and GetStatus answer before it and check the learner).
+        self.learner: TrainingLearner = None  # type: ignore[assignment]
+        self.store: CheckpointStore = None  # type: ignore[assignment]
+        self.weights_store: CheckpointStore | None = None  # engine.weightSync: store -- versions go there, not gRPC
+        self.tracker: Tracker = None  # type: ignore[assignment]
         self.incarnations: dict[str, str] = {}  # worker name -> current incarnation id
         self.step_started = time.monotonic()
         self._stop_requested = False
@@ -194,10 +218,10 @@ class LearnerRuntime:
     async def train(self) -> None:
         if self.finished:
             # Restarted after the run had completed (the final checkpoint is written last).
-            self.progress.phase = "Succeeded"
+            self.progress.phase = Phase.SUCCEEDED
             self.done.set()
             return
-        self.progress.phase = "Running"
+        self.progress.phase = Phase.RUNNING
         await self._publish_weights()
         if self.progress.baseline_accuracy is None and self.progress.step == 0:
             self.progress.baseline_accuracy = await self._evaluate("baseline", self.eval_tasks, "test")
@@ -242,13 +266,15 @@ class LearnerRuntime:
         if self._stop_requested:
             if self._dirty_since_checkpoint:
                 await self.checkpoint()
-            self.progress.phase = "Suspended"
+            self.progress.phase = Phase.SUSPENDED
             return
         self.progress.held_out_accuracy = await self._evaluate("final", self.eval_tasks, "test")
         await self.checkpoint(final=True)
         await asyncio.to_thread(self._log_final_model)
-        self.progress.phase = "Succeeded"
-        self.tracker.end("FINISHED")
+        self.progress.phase = Phase.SUCCEEDED
+        from flowlane.kit.tracking import RunStatus
+
+        self.tracker.end(RunStatus.FINISHED)
         self.done.set()
 
     async def _wait_for_step(self) -> float:
@@ -453,9 +479,9 @@ def _refuse_overlap(training: list[Any], test: list[Any], dataset: str, split: s
                           "accuracy would be measured on them; use a held-out split or dataset")
 
 
-def learner_config(spec: Any) -> Any:
+def learner_config(spec: Any) -> LearnerConfig:
     """The learner's plain-data config from a FlowRun spec (the one place the two meet)."""
-    from flowlane.trainer.learner import LearnerConfig, LoraSettings
+    from flowlane.trainer.learner_config import LearnerConfig, LoraSettings
 
     algo = spec.algorithm
     lora = spec.model.lora
@@ -579,7 +605,7 @@ def make_servicer(runtime: LearnerRuntime) -> Any:
             status = learner_pb2.LearnerStatus(
                 step=p.step, policy_version=runtime.learner.policy_version if runtime.learner else 0,
                 reward_mean=0.0 if math.isnan(p.reward_mean) else p.reward_mean,
-                last_checkpoint=p.last_checkpoint, mlflow_run_id=p.mlflow_run_id, phase=p.phase,
+                last_checkpoint=p.last_checkpoint, mlflow_run_id=p.mlflow_run_id, phase=p.phase.value,
                 total_steps=runtime.total_steps, trajectories=p.trajectories, step_time_s=p.step_time_s,
                 message=p.message, best_checkpoint=p.best_checkpoint,
             )
@@ -623,7 +649,7 @@ async def serve_learner(flowrun: Any, run_dir: Path, host: str, port: int, resum
     from flowlane.trainer.distributed import release_followers
 
     release_followers(runtime.learner)
-    return 0 if runtime.progress.phase in ("Succeeded", "Suspended") else 1
+    return 0 if runtime.progress.phase in (Phase.SUCCEEDED, Phase.SUSPENDED) else 1
 
 
 def learner(
