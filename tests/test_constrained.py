@@ -31,21 +31,10 @@ YES_NO = json.dumps({
 
 
 @pytest.fixture(scope="module")
-def bundled_dir(request: pytest.FixtureRequest) -> Path:
-    """The bundled model's directory (only its tokenizer is read by the fast tests)."""
-    try:
-        return Path(request.getfixturevalue("model_dir"))
-    except pytest.FixtureLookupError:
-        from flowlane.runtime.models import resolve_model
-
-        return resolve_model("smollm2-135m-instruct")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(bundled_dir: Path) -> Any:
+def tokenizer(model_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(bundled_dir)
+    return AutoTokenizer.from_pretrained(model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +55,12 @@ def json_reply(tokenizer: Any, text: str) -> list[int]:
 
 
 def test_the_replayed_mask_allows_each_sampled_token_and_normalises_over_the_allowed_ones(
-    bundled_dir: Path, tokenizer
+    model_dir: Path, tokenizer
 ) -> None:
     eos = tokenizer.eos_token_id
     response = json_reply(tokenizer, '{"answer": "yes"}')
     vocab = len(tokenizer)
-    masks = GrammarMasks(bundled_dir, vocab)
+    masks = GrammarMasks(model_dir, vocab)
 
     allowed = masks.allowed([(YES_NO, response)])
 
@@ -90,20 +79,20 @@ def test_the_replayed_mask_allows_each_sampled_token_and_normalises_over_the_all
     torch.testing.assert_close(masked_log_softmax(logits, None), torch.log_softmax(logits, dim=-1))
 
 
-def test_rows_past_the_tokenizer_are_never_allowed(bundled_dir: Path, tokenizer) -> None:
+def test_rows_past_the_tokenizer_are_never_allowed(model_dir: Path, tokenizer) -> None:
     """The model's logits may be wider than the tokenizer (padded embedding rows); vLLM's
     xgrammar backend masks those rows, and so does the replay."""
     response = json_reply(tokenizer, '{"answer": "no"}')
     width = len(tokenizer) + 64
 
-    allowed = GrammarMasks(bundled_dir, width).allowed([(YES_NO, response)])
+    allowed = GrammarMasks(model_dir, width).allowed([(YES_NO, response)])
 
     assert allowed is not None and allowed.shape == (len(response), width)
     assert not allowed[:, len(tokenizer):].any()
 
 
-def test_unconstrained_turns_stay_unmasked_and_batches_keep_token_order(bundled_dir: Path, tokenizer) -> None:
-    masks = GrammarMasks(bundled_dir, len(tokenizer))
+def test_unconstrained_turns_stay_unmasked_and_batches_keep_token_order(model_dir: Path, tokenizer) -> None:
+    masks = GrammarMasks(model_dir, len(tokenizer))
     constrained = json_reply(tokenizer, '{"answer": "no"}')
     free = tokenizer.encode("just text", add_special_tokens=False)
 
@@ -116,8 +105,8 @@ def test_unconstrained_turns_stay_unmasked_and_batches_keep_token_order(bundled_
     assert torch.equal(mixed[len(free):], alone)
 
 
-def test_a_turn_the_grammar_rejects_is_scored_unmasked(bundled_dir: Path, tokenizer) -> None:
-    masks = GrammarMasks(bundled_dir, len(tokenizer))
+def test_a_turn_the_grammar_rejects_is_scored_unmasked(model_dir: Path, tokenizer) -> None:
+    masks = GrammarMasks(model_dir, len(tokenizer))
     wrong = tokenizer.encode('{"answer": "maybe"}', add_special_tokens=False)
 
     allowed = masks.allowed([(YES_NO, wrong)])

@@ -42,17 +42,6 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(previous)
 
 
-@pytest.fixture(scope="session")
-def real_model_dir(request: pytest.FixtureRequest) -> Path:
-    """The bundled real model: the shared ``model_dir`` fixture when it exists, else an import."""
-    try:
-        return Path(request.getfixturevalue("model_dir"))
-    except pytest.FixtureLookupError:
-        from flowlane.runtime.models import resolve_model
-
-        return resolve_model("smollm2-135m-instruct")
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"), seed=0)
@@ -235,17 +224,17 @@ def test_lr_schedule_warms_up_then_decays() -> None:
 # --- the real model: learning direction ----------------------------------------------------------
 
 
-def test_positive_advantage_turn_gains_log_prob_and_negative_turn_loses_it(real_model_dir: Path) -> None:
+def test_positive_advantage_turn_gains_log_prob_and_negative_turn_loses_it(model_dir: Path) -> None:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(real_model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Which tool answers: what is 17 * 3?"}], tokenize=False, add_generation_prompt=True
     )
     prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
     good = tokenizer("Tool Name: Python_Coder\nSub-Goal: compute 17 * 3", add_special_tokens=False)["input_ids"]
     bad = tokenizer("Tool Name: Wikipedia_Search\nSub-Goal: read about numbers", add_special_tokens=False)["input_ids"]
-    learner = Learner(LearnerConfig(model_path=str(real_model_dir), lr=1e-5, kl_beta=0.0, dtype="float32"))
+    learner = Learner(LearnerConfig(model_path=str(model_dir), lr=1e-5, kl_beta=0.0, dtype="float32"))
     try:
         good_before = learner.log_probs(prompt, good)
         bad_before = learner.log_probs(prompt, bad)
@@ -268,13 +257,13 @@ def test_positive_advantage_turn_gains_log_prob_and_negative_turn_loses_it(real_
     assert bad_after.sum() < bad_before.sum() - 0.1
 
 
-def test_a_second_ppo_epoch_clips_real_planner_turns(real_model_dir: Path) -> None:
+def test_a_second_ppo_epoch_clips_real_planner_turns(model_dir: Path) -> None:
     # Real planner turns of the bundled model, sampled on-policy (behaviour = the learner's own
     # log-probs): with ppoEpochs 2 the second pass is taken against the policy before the step, so
     # the first pass's move shows as ratios away from 1 and the clip range acts on some tokens.
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(real_model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
 
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -284,7 +273,7 @@ def test_a_second_ppo_epoch_clips_real_planner_turns(real_model_dir: Path) -> No
                  "Who wrote Hamlet?": ("Tool Name: Wikipedia_Search\nSub-Goal: find the author of Hamlet",
                                        "Tool Name: Python_Coder\nSub-Goal: print('Hamlet')")}
     # the spec's default lr (algorithm.lr: 1e-5); measured: clip_frac_low 0.09, clip_frac_high 0.05
-    learner = Learner(LearnerConfig(model_path=str(real_model_dir), lr=1e-5, kl_beta=0.0, dtype="float32",
+    learner = Learner(LearnerConfig(model_path=str(model_dir), lr=1e-5, kl_beta=0.0, dtype="float32",
                                     ppo_epochs=2))
     try:
         trajectories = []
