@@ -54,6 +54,12 @@ from flowlane.operator.graph import ENV_GRPC_TOKEN, Component, ProcessGraph, res
 from flowlane.operator.graph import Protocol as PortProtocol
 
 LOOPBACK = "127.0.0.1"
+#: torch.distributed's rendezvous settings. A component never inherits them: each learner sets up
+#: its own group (one rank on a free port, or torchrun for several), and a MASTER_PORT left in the
+#: caller's environment (a shell under torchrun, a test process that ran DeepSpeed) names a port
+#: that is already taken, so the learner's TCPStore failed with EADDRINUSE and the run never started.
+RENDEZVOUS_ENV = frozenset({"RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                            "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"})
 _PR_SET_PDEATHSIG = 1
 log = logging.getLogger(__name__)
 
@@ -554,7 +560,8 @@ class LocalSupervisor:
 
     def _rendered(self, component: Component) -> tuple[list[str], dict[str, str]]:
         argv = [render(arg, self.ports) for arg in local_argv(component.argv)]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.common_env,
+        inherited = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_ENV}
+        env = {**inherited, "PYTHONUNBUFFERED": "1", **self.common_env,
                **{k: render(v, self.ports) for k, v in component.env.items()},
                **self._secret_env[component.name]}
         return argv, env

@@ -347,6 +347,23 @@ async def test_missing_secret_is_named_before_anything_starts(tmp_path: Path, mo
     assert supervisor.events == []
 
 
+async def test_components_never_inherit_a_torch_distributed_rendezvous(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A MASTER_PORT in the caller's environment (a shell under torchrun, a process that ran
+    DeepSpeed) is a port already taken: a learner that inherited it could not start its group."""
+    for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "60201"), ("RANK", "3"),
+                        ("WORLD_SIZE", "4"), ("LOCAL_RANK", "3"), ("FLOWLANE_TEST_KEPT", "yes")):
+        monkeypatch.setenv(name, value)
+    show = "import json, os; print(json.dumps({k: os.environ.get(k) for k in sorted(os.environ)}))"
+    supervisor = LocalSupervisor([component("learner", show)], tmp_path, fast_policy())
+    await supervisor.start()
+    assert await asyncio.wait_for(supervisor.wait(), 30) is RunOutcome.COMPLETED
+
+    seen = json.loads((tmp_path / "logs" / "learner.log").read_text().splitlines()[-1])
+    assert not {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"} & set(seen)
+    assert seen["FLOWLANE_TEST_KEPT"] == "yes"
+
+
 async def test_graph_token_is_generated_and_shared_by_every_component(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FLOWLANE_GRPC_TOKEN", raising=False)
