@@ -27,7 +27,7 @@ import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
-from flowlane.runtime.agent.agent import Agent, AgentConfig, AgentRequest, EventKind
+from flowlane.runtime.agent.agent import Agent, AgentConfig, AgentEventKind, AgentRequest
 from flowlane.runtime.agent.commands import StepPrinter, solve
 from flowlane.runtime.agent.conversation import (
     ChatTurn,
@@ -427,10 +427,10 @@ async def test_generated_tokens_count_every_module() -> None:
 async def test_events_arrive_in_loop_order() -> None:
     engine = scripted("STOP")
     agent = Agent(engine, engine, [RecordingTool()], AgentConfig())
-    seen: list[EventKind] = []
+    seen: list[AgentEventKind] = []
     await agent.run("What is 6*7?", on_event=lambda kind, traj, step: seen.append(kind))
-    assert seen == [EventKind.ANALYSIS, EventKind.PLAN, EventKind.COMMAND, EventKind.RESULT,
-                    EventKind.VERDICT, EventKind.ANSWER]
+    assert seen == [AgentEventKind.ANALYSIS, AgentEventKind.PLAN, AgentEventKind.COMMAND, AgentEventKind.RESULT,
+                    AgentEventKind.VERDICT, AgentEventKind.ANSWER]
 
 
 async def test_run_many_overlaps_trajectories_up_to_the_bound_and_keeps_order() -> None:

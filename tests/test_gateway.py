@@ -38,8 +38,8 @@ from flowlane.api.errors import EngineUnavailableError
 from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings
 from flowlane.runtime.serving.gateway import PROMPT_RESERVE_TOKENS, GatewayConfig, create_app, running_gateway, serve
 from flowlane.runtime.serving.protocol import (
-    ApiError,
     ErrorCode,
+    OpenAIError,
     RequestLimits,
     event_text,
     parse_chat_request,
@@ -741,13 +741,13 @@ def test_the_question_is_the_last_user_message_with_text_parts_joined() -> None:
     ids=["image-part", "n", "zero-turns", "string-turns", "temperature", "steps-display", "empty-model"],
 )
 def test_invalid_fields_are_named_in_the_error(body: dict[str, Any], code: ErrorCode, param: str) -> None:
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(OpenAIError) as caught:
         parse(**body)
     assert (caught.value.status, caught.value.code, caught.value.param) == (400, code, param)
 
 
 def test_a_json_array_body_is_invalid_json_for_the_api() -> None:
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(OpenAIError) as caught:
         parse_chat_request(b"[1, 2]", LIMITS)
     assert caught.value.code is ErrorCode.INVALID_JSON
 

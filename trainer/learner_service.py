@@ -92,7 +92,7 @@ class EvalRound:
 
 
 @dataclass
-class Progress:
+class TrainingProgress:
     step: int = 0
     reward_mean: float = math.nan
     held_out_accuracy: float | None = None  # the test split (evalSplit) after training
@@ -118,7 +118,7 @@ class LearnerRuntime:
         self.spec = spec = flowrun.spec
         self.run_dir = run_dir
         self.resume = resume
-        self.progress = Progress()
+        self.progress = TrainingProgress()
         self.total_steps = spec.schedule.steps
         from flowlane.kit.tasks import carve_validation
 

@@ -14,7 +14,7 @@ _EXPORTS = {
     "Agent": "flowlane.runtime.agent.agent",
     "AgentConfig": "flowlane.runtime.agent.agent",
     "AgentRequest": "flowlane.runtime.agent.agent",
-    "EventKind": "flowlane.runtime.agent.agent",
+    "AgentEventKind": "flowlane.runtime.agent.agent",
 }
 
 __all__ = list(_EXPORTS)

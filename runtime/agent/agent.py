@@ -99,7 +99,7 @@ class AgentRequest:
     seed: int | None = None
 
 
-class EventKind(StrEnum):
+class AgentEventKind(StrEnum):
     """What just happened in a run; ``on_event`` callbacks get it with the trajectory and step."""
 
     ANALYSIS = "analysis"
@@ -110,7 +110,7 @@ class EventKind(StrEnum):
     ANSWER = "answer"
 
 
-EventCallback = Callable[[EventKind, Trajectory, Step | None], None]
+EventCallback = Callable[[AgentEventKind, Trajectory, Step | None], None]
 
 
 class _TimeBudgetSpent(Exception):
@@ -165,7 +165,7 @@ class Agent:
                         max_total_chars=self.config.memory_total_chars, history=conversation.history)
         traj = Trajectory(question=text, question_id=question_id, gold_answer=gold_answer, steps=memory.steps)
 
-        def emit(kind: EventKind, step: Step | None = None) -> None:
+        def emit(kind: AgentEventKind, step: Step | None = None) -> None:
             if on_event is not None:
                 on_event(kind, traj, step)
 
@@ -202,7 +202,7 @@ class Agent:
             if not generation.text.strip():
                 traj.count_parse_failure(Module.GENERATOR)
         traj.duration_s = time.monotonic() - started
-        emit(EventKind.ANSWER)
+        emit(AgentEventKind.ANSWER)
         return traj
 
     async def run_many(
@@ -230,7 +230,7 @@ class Agent:
         instructions: str,
         deadline: float,
         seed: int | None,
-        emit: Callable[[EventKind, Step | None], None],
+        emit: Callable[[AgentEventKind, Step | None], None],
     ) -> None:
         cfg = self.config
         question = traj.question
@@ -238,7 +238,7 @@ class Agent:
         analysis = await _within(deadline, self.analyzer.analyze(question, self.cards, seed=seed, history=history))
         self._count(traj, analysis)
         traj.query_analysis = analysis.text.strip()
-        emit(EventKind.ANALYSIS, None)
+        emit(AgentEventKind.ANALYSIS, None)
 
         for turn in range(1, cfg.max_turns + 1):
             turn_started = time.monotonic()
@@ -252,7 +252,7 @@ class Agent:
             step = Step(turn=turn, tool_name=plan.step.tool_name, sub_goal=plan.step.sub_goal,
                         context=plan.step.context, justification=plan.step.justification)
             memory.add(step)
-            emit(EventKind.PLAN, step)
+            emit(AgentEventKind.PLAN, step)
             try:
                 stop = await self._act_and_verify(traj, memory, step, deadline, seed, emit)
             except _TimeBudgetSpent:
@@ -274,7 +274,7 @@ class Agent:
         step: Step,
         deadline: float,
         seed: int | None,
-        emit: Callable[[EventKind, Step | None], None],
+        emit: Callable[[AgentEventKind, Step | None], None],
     ) -> StopReason | None:
         """Executor, tool, verifier for one planned step; the stop reason if the loop ends here."""
         cfg = self.config
@@ -288,18 +288,18 @@ class Agent:
         if command.parsed is not None:
             self._note_parse(traj, Module.EXECUTOR, command.parsed)
         step.command = command.command
-        emit(EventKind.COMMAND, step)
+        emit(AgentEventKind.COMMAND, step)
 
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise _TimeBudgetSpent
         result = await self.executor.execute(tool, step.command, timeout_s=min(cfg.tool_timeout_s, remaining))
         self._record_tool(traj, step, result)
-        emit(EventKind.RESULT, step)
+        emit(AgentEventKind.RESULT, step)
 
         if step.turn == cfg.max_turns:  # the verifier's answer could not change anything
             step.verdict, step.verifier_reason = Verdict.STOP, "turn budget reached (verifier not asked)"
-            emit(EventKind.VERDICT, step)
+            emit(AgentEventKind.VERDICT, step)
             return StopReason.TURN_BUDGET
         verdict = await _within(deadline, self.verifier.verify(
             traj.question, traj.query_analysis, memory.render(), turn=step.turn, seed=seed,
@@ -308,7 +308,7 @@ class Agent:
         self._count(traj, verdict.generation)
         self._note_parse(traj, Module.VERIFIER, verdict.parsed)
         step.verdict, step.verifier_reason = verdict.verdict, verdict.parsed.value.reason
-        emit(EventKind.VERDICT, step)
+        emit(AgentEventKind.VERDICT, step)
         return StopReason.VERIFIER_STOP if verdict.verdict is Verdict.STOP else None
 
     @staticmethod

@@ -25,7 +25,7 @@ import typer
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from flowlane.runtime.agent.agent import AgentConfig, EventKind
+    from flowlane.runtime.agent.agent import AgentConfig, AgentEventKind
     from flowlane.runtime.trajectory import Step, Trajectory
 
 DEFAULT_TOOLS = "python,search,generator"
@@ -184,32 +184,32 @@ class StepPrinter:
     def __init__(self, console: Console) -> None:
         self.console = console
 
-    def __call__(self, kind: EventKind, traj: Trajectory, step: Step | None) -> None:
+    def __call__(self, kind: AgentEventKind, traj: Trajectory, step: Step | None) -> None:
         from rich.markup import escape
 
-        from flowlane.runtime.agent.agent import EventKind
+        from flowlane.runtime.agent.agent import AgentEventKind
         from flowlane.runtime.agent.memory import truncate
 
         c = self.console
-        if kind is EventKind.ANALYSIS:
+        if kind is AgentEventKind.ANALYSIS:
             c.print(f"[bold]Question:[/bold] {escape(traj.question)}")
             c.print(f"[dim]Analysis: {escape(truncate(traj.query_analysis, 400))}[/dim]")
-        elif kind is EventKind.PLAN and step is not None:
+        elif kind is AgentEventKind.PLAN and step is not None:
             parsed = traj.planner_turns[-1].parsed if traj.planner_turns else True
             flag = "" if parsed else " [yellow](fallback parse)[/yellow]"
             c.print(f"\n[bold cyan]Turn {step.turn}[/bold cyan] planner -> [bold]{escape(step.tool_name)}[/bold]{flag}")
             c.print(f"  sub-goal: {escape(step.sub_goal)}")
-        elif kind is EventKind.COMMAND and step is not None:
+        elif kind is AgentEventKind.COMMAND and step is not None:
             c.print(f"  command: [green]{escape(truncate(step.command, RESULT_PREVIEW_CHARS))}[/green]")
-        elif kind is EventKind.RESULT and step is not None:
+        elif kind is AgentEventKind.RESULT and step is not None:
             style = "" if step.tool_ok else "red"
             label = "result" if step.tool_ok else "result (tool failed)"
             text = escape(truncate(step.result, RESULT_PREVIEW_CHARS)) or "(empty)"
             c.print(f"  {label}: " + (f"[{style}]{text}[/{style}]" if style else text))
-        elif kind is EventKind.VERDICT and step is not None:
+        elif kind is AgentEventKind.VERDICT and step is not None:
             colour = "magenta" if step.verdict.value == "STOP" else "blue"
             c.print(f"  verifier: [{colour}]{step.verdict.value}[/{colour}] {escape(step.verifier_reason)}")
-        elif kind is EventKind.ANSWER:
+        elif kind is AgentEventKind.ANSWER:
             c.print(f"\n[bold]Answer:[/bold] {escape(traj.answer)}")
             failures = ", ".join(f"{k} {v}" for k, v in traj.parse_failures.items()) or "none"
             c.print(

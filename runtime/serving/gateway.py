@@ -65,10 +65,10 @@ import typer
 
 from flowlane.api.errors import ConfigError, EngineUnavailableError, FlowlaneError
 from flowlane.runtime.serving.protocol import (
-    ApiError,
     ChatRequest,
     ErrorCode,
     ErrorType,
+    OpenAIError,
     RequestLimits,
     StepDisplay,
     answer_delta,
@@ -95,7 +95,7 @@ if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.responses import Response
 
-    from flowlane.runtime.agent.agent import Agent, AgentConfig, EventKind
+    from flowlane.runtime.agent.agent import Agent, AgentConfig, AgentEventKind
     from flowlane.runtime.agent.conversation import Conversation, TokenCounter
     from flowlane.runtime.engines.base import LLMEngine
     from flowlane.runtime.serving.metrics import GatewayMetrics
@@ -241,7 +241,7 @@ class Gateway:
             Route("/metrics", self.metrics_endpoint, methods=["GET"]),
         ]
         app = Starlette(routes=routes, exception_handlers={
-            ApiError: self._api_error_response,  # type: ignore[dict-item]  # starlette types handlers for any Exception
+            OpenAIError: self._api_error_response,  # type: ignore[dict-item]  # starlette types handlers for any Exception
             HTTPException: self._http_error_response,
         })
         app.add_middleware(_RequestMetrics, metrics=self.metrics)
@@ -255,7 +255,7 @@ class Gateway:
         raw = await self._read_body(request)
         chat = parse_chat_request(raw, self.config.limits)
         if chat.model != self.config.served_model_name:
-            raise ApiError(404, f"model {chat.model!r} is not served here; this gateway serves "
+            raise OpenAIError(404, f"model {chat.model!r} is not served here; this gateway serves "
                            f"{self.config.served_model_name!r} (see GET /v1/models)",
                            code=ErrorCode.MODEL_NOT_FOUND, param="model")
         if not self.ready:
@@ -295,7 +295,7 @@ class Gateway:
         self._authorize(request)
         model_id = request.path_params["model_id"]
         if model_id != self.config.served_model_name:
-            raise ApiError(404, f"model {model_id!r} is not served here; this gateway serves "
+            raise OpenAIError(404, f"model {model_id!r} is not served here; this gateway serves "
                            f"{self.config.served_model_name!r}", code=ErrorCode.MODEL_NOT_FOUND, param="model")
         return JSONResponse(model_card(model_id, self.created))
 
@@ -328,7 +328,7 @@ class Gateway:
             return fit_conversation(conversation, self.config.history_max_tokens,
                                     self._count_tokens or estimate_tokens)
         except ConversationTooLong as err:
-            raise ApiError(400, f"{err}; this server's history cap is {err.max_tokens} tokens "
+            raise OpenAIError(400, f"{err}; this server's history cap is {err.max_tokens} tokens "
                            "(flowlane serve --history-max-tokens)",
                            code=ErrorCode.CONTEXT_LENGTH_EXCEEDED, param="messages") from None
 
@@ -338,7 +338,7 @@ class Gateway:
         if self.runs_in_flight >= limit:
             # With every slot busy, a run ends about every mean_run_s / limit seconds.
             retry_after = max(1, math.ceil(self._mean_run_s / limit))
-            raise ApiError(429, f"the server is running {limit} agent runs, its limit; retry in {retry_after} s",
+            raise OpenAIError(429, f"the server is running {limit} agent runs, its limit; retry in {retry_after} s",
                            type=ErrorType.RATE_LIMIT, code=ErrorCode.RATE_LIMITED,
                            headers={"retry-after": str(retry_after)})
         self.runs_in_flight += 1
@@ -365,7 +365,7 @@ class Gateway:
         if run.cancelled() or not run.done():
             with contextlib.suppress(BaseException):
                 await run
-            raise ApiError(499, "the client closed the connection; the agent run was cancelled",
+            raise OpenAIError(499, "the client closed the connection; the agent run was cancelled",
                            code=ErrorCode.CLIENT_CLOSED)
         return run.result()
 
@@ -386,13 +386,13 @@ class Gateway:
         except TimeoutError:
             if not deadline.expired():
                 raise self._engine_error(TimeoutError("an engine call timed out")) from None
-            raise ApiError(504, f"the agent did not finish within {ceiling_s:g} s, past its time limit; ask "
+            raise OpenAIError(504, f"the agent did not finish within {ceiling_s:g} s, past its time limit; ask "
                            "for fewer turns (max_turns) or a shorter max_time_s",
                            type=ErrorType.TIMEOUT, code=ErrorCode.TIMEOUT) from None
-        except ApiError:
+        except OpenAIError:
             raise
         except ConfigError as err:  # e.g. the question makes a prompt longer than the model's context
-            raise ApiError(400, f"the request cannot be served: {err}", code=ErrorCode.INVALID_VALUE) from None
+            raise OpenAIError(400, f"the request cannot be served: {err}", code=ErrorCode.INVALID_VALUE) from None
         except Exception as err:
             raise self._engine_error(err) from err
         finally:
@@ -406,16 +406,16 @@ class Gateway:
     async def _stream(self, chat: ChatRequest, conversation: Conversation, slot: _Slot, request_id: str,
                       created: int, display: StepDisplay) -> AsyncIterator[bytes]:
         """The SSE body: a role chunk, one chunk per agent event as it happens, the summary, [DONE]."""
-        from flowlane.runtime.agent.agent import EventKind
+        from flowlane.runtime.agent.agent import AgentEventKind
 
         def chunk(delta: dict[str, Any], **extra: Any) -> dict[str, Any]:
             return chunk_body(request_id=request_id, created=created, model=chat.model, delta=delta, **extra)
 
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
 
-        def on_event(kind: EventKind, traj: Trajectory, step: Step | None) -> None:
+        def on_event(kind: AgentEventKind, traj: Trajectory, step: Step | None) -> None:
             # Rendered now: the step object keeps changing after the event.
-            if kind is EventKind.ANSWER:
+            if kind is AgentEventKind.ANSWER:
                 delta = answer_delta(display, traj.answer)
             else:
                 text = event_text(kind.value, traj, step)
@@ -430,7 +430,7 @@ class Gateway:
                 yield sse_event(item)
             try:
                 traj, usage = task.result()
-            except ApiError as err:
+            except OpenAIError as err:
                 # The 200 status is already sent: the error travels as an event, which OpenAI
                 # clients raise as an APIError.
                 self.metrics.observe_error(err.code.value)
@@ -479,15 +479,15 @@ class Gateway:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise ApiError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
+            raise OpenAIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
                            type=ErrorType.INVALID_REQUEST, code=ErrorCode.INVALID_API_KEY)
         if not hmac.compare_digest(token.strip().encode(), expected.encode()):
-            raise ApiError(401, "incorrect API key provided; use the key this gateway was started with",
+            raise OpenAIError(401, "incorrect API key provided; use the key this gateway was started with",
                            type=ErrorType.INVALID_REQUEST, code=ErrorCode.INVALID_API_KEY)
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.config.max_body_bytes
-        too_large = ApiError(413, f"the request body is larger than {limit} bytes; shorten the messages",
+        too_large = OpenAIError(413, f"the request body is larger than {limit} bytes; shorten the messages",
                              code=ErrorCode.BODY_TOO_LARGE)
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
@@ -501,20 +501,20 @@ class Gateway:
             chunks.append(part)
         return b"".join(chunks)
 
-    def _not_ready_error(self) -> ApiError:
+    def _not_ready_error(self) -> OpenAIError:
         detail = f"the engine is unusable ({self.engine_error}); restart the server" if self.engine_error else \
             "the engine is still loading; retry when GET /readyz answers 200"
-        return ApiError(503, detail, type=ErrorType.SERVER, code=ErrorCode.NOT_READY)
+        return OpenAIError(503, detail, type=ErrorType.SERVER, code=ErrorCode.NOT_READY)
 
-    def _engine_error(self, err: BaseException) -> ApiError:
+    def _engine_error(self, err: BaseException) -> OpenAIError:
         log.error("agent run failed", exc_info=err)
         first_line = (str(err).strip().splitlines() or ["no message"])[0]
         if _engine_is_dead(err):  # no request can succeed any more: /readyz says so, the pod restarts
             self.engine_error = f"{type(err).__name__}: {first_line}"
-        return ApiError(500, f"the agent run failed ({type(err).__name__}: {first_line}); the server keeps "
+        return OpenAIError(500, f"the agent run failed ({type(err).__name__}: {first_line}); the server keeps "
                         "serving, retry or check the server log", type=ErrorType.SERVER, code=ErrorCode.ENGINE_ERROR)
 
-    async def _api_error_response(self, request: Request, err: ApiError) -> Response:
+    async def _api_error_response(self, request: Request, err: OpenAIError) -> Response:
         from starlette.responses import JSONResponse
 
         self.metrics.observe_error(err.code.value)

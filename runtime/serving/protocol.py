@@ -6,7 +6,7 @@ whole AgentFlow trajectory instead of one generation. This module is the transla
 I/O so that it can be read and tested on its own:
 
 - **Requests in.** ``parse_chat_request`` turns a raw body into a ``ChatRequest`` or raises an
-  ``ApiError`` carrying the HTTP status and the OpenAI error body (``{"error": {"message", "type",
+  ``OpenAIError`` carrying the HTTP status and the OpenAI error body (``{"error": {"message", "type",
   "param", "code"}}``) that clients turn into ``BadRequestError``, ``NotFoundError``, ... The agent
   answers the **last user message** inside the whole conversation: earlier user/assistant turns
   and system/developer messages become a ``Conversation`` (``runtime/agent/conversation.py``).
@@ -142,7 +142,7 @@ def finish_reason_of(traj: Trajectory) -> FinishReason:
     return FinishReason.LENGTH if traj.answer_finish_reason == "length" else FinishReason.STOP
 
 
-class ApiError(Exception):
+class OpenAIError(Exception):
     """A request that cannot be served, with its HTTP status and OpenAI-style error body."""
 
     def __init__(self, status: int, message: str, *, type: ErrorType = ErrorType.INVALID_REQUEST,
@@ -163,8 +163,8 @@ def error_body(message: str, type: ErrorType, code: ErrorCode, param: str | None
     return {"error": {"message": message, "type": type.value, "param": param, "code": code.value}}
 
 
-def bad_request(message: str, code: ErrorCode = ErrorCode.INVALID_VALUE, param: str | None = None) -> ApiError:
-    return ApiError(400, message, code=code, param=param)
+def bad_request(message: str, code: ErrorCode = ErrorCode.INVALID_VALUE, param: str | None = None) -> OpenAIError:
+    return OpenAIError(400, message, code=code, param=param)
 
 
 # ------------------------------------------------------------------------------------ requests
@@ -204,7 +204,7 @@ class ChatRequest:
 
 
 def parse_chat_request(raw: bytes, limits: RequestLimits) -> ChatRequest:
-    """The request in ``raw`` (a JSON body), checked; ``ApiError`` (400) naming the first problem."""
+    """The request in ``raw`` (a JSON body), checked; ``OpenAIError`` (400) naming the first problem."""
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as err:
@@ -486,7 +486,7 @@ def answer_delta(display: StepDisplay, answer: str) -> dict[str, Any]:
 def event_text(kind: str, traj: Trajectory, step: Step | None) -> str:
     """A readable line (or a few) for one agent event, as a person following the stream reads it.
 
-    ``kind`` is an ``EventKind`` value: analysis, plan, command, result, verdict, answer.
+    ``kind`` is an ``AgentEventKind`` value: analysis, plan, command, result, verdict, answer.
     """
     if kind == "analysis":
         return f"Analysis: {_clip(traj.query_analysis)}\n"
