@@ -67,17 +67,14 @@ class GrpcProgressSource:
             # Still starting: a restarted learner serves before it has restored its checkpoint,
             # and its step 0 would make the run's status count backwards.
             return None
+        optional = {name: getattr(status, name) if status.HasField(name) else None
+                    for name in ("held_out_accuracy", "baseline_accuracy", "validation_accuracy",
+                                 "best_validation_accuracy")}
         return Progress(
             step=status.step, total_steps=status.total_steps or None, policy_version=status.policy_version,
-            reward=status.reward_mean,
-            held_out_accuracy=status.held_out_accuracy if status.HasField("held_out_accuracy") else None,
-            baseline_accuracy=status.baseline_accuracy if status.HasField("baseline_accuracy") else None,
-            validation_accuracy=status.validation_accuracy if status.HasField("validation_accuracy") else None,
-            last_checkpoint=status.last_checkpoint or None, mlflow_run_id=status.mlflow_run_id or None,
-            best_checkpoint=status.best_checkpoint or None,
-            best_validation_accuracy=(status.best_validation_accuracy
-                                      if status.HasField("best_validation_accuracy") else None),
-            finished=status.phase == Phase.SUCCEEDED.value,
+            reward=status.reward_mean, last_checkpoint=status.last_checkpoint or None,
+            mlflow_run_id=status.mlflow_run_id or None, best_checkpoint=status.best_checkpoint or None,
+            finished=status.phase == Phase.SUCCEEDED.value, **optional,
         )
 
 

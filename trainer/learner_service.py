@@ -609,13 +609,10 @@ def make_servicer(runtime: LearnerRuntime) -> Any:
                 total_steps=runtime.total_steps, trajectories=p.trajectories, step_time_s=p.step_time_s,
                 message=p.message, best_checkpoint=p.best_checkpoint,
             )
-            for name in ("validation_accuracy", "best_validation_accuracy"):
+            # The optional fields stay unset (HasField false) until the learner knows them.
+            for name in ("held_out_accuracy", "baseline_accuracy", "validation_accuracy", "best_validation_accuracy"):
                 if getattr(p, name) is not None:
                     setattr(status, name, getattr(p, name))
-            if p.held_out_accuracy is not None:
-                status.held_out_accuracy = p.held_out_accuracy
-            if p.baseline_accuracy is not None:
-                status.baseline_accuracy = p.baseline_accuracy
             return status
 
     return LearnerServicer()
