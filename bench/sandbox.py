@@ -20,7 +20,9 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 
-from flowlane.runtime.sandbox.runner import Isolation, SandboxLimits, run_python
+from flowlane.runtime.sandbox.layers import Isolation
+from flowlane.runtime.sandbox.limits import SandboxLimits
+from flowlane.runtime.sandbox.runner import run_python
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

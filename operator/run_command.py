@@ -79,6 +79,7 @@ def check_sandbox_layers(flowrun: Any) -> None:
     (a mandatory layer missing from this kernel) and would otherwise fail in a restart loop."""
     from flowlane.runtime.errors import ConfigError
     from flowlane.runtime.sandbox import runner
+    from flowlane.runtime.sandbox.layers import IsolationLayer, missing_mandatory_layers
 
     if flowrun.spec.sandbox.allow_weak_isolation:
         return  # the sandbox logs what it runs without
@@ -87,7 +88,7 @@ def check_sandbox_layers(flowrun: Any) -> None:
     except RuntimeError as exc:
         raise ConfigError(f"the code sandbox cannot run on this machine: {exc}") from None
     # The sandbox server makes itself non-dumpable first thing; this process does not.
-    missing = runner.missing_mandatory_layers((*layers, runner.IsolationLayer.NON_DUMPABLE_CALLER))
+    missing = missing_mandatory_layers((*layers, IsolationLayer.NON_DUMPABLE_CALLER))
     if missing:
         raise ConfigError(
             f"this machine lacks sandbox layers the agent's code must run under: {', '.join(missing)}; "

@@ -34,14 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flowlane.runtime.sandbox.runner import (
-    Isolation,
-    IsolationLayer,
-    SandboxErrorKind,
-    SandboxLimits,
-    SandboxResult,
-    run_python,
-)
+from flowlane.runtime.sandbox.layers import Isolation, IsolationLayer
+from flowlane.runtime.sandbox.limits import SandboxLimits
+from flowlane.runtime.sandbox.result import SandboxErrorKind, SandboxResult
+from flowlane.runtime.sandbox.runner import run_python
 
 LIMITS = SandboxLimits(cpu_time_s=2, wall_time_s=8, memory_bytes=256 * 1024 * 1024, max_processes=24,
                        max_file_bytes=4 * 1024 * 1024, max_output_bytes=64 * 1024)

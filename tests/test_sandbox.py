@@ -22,18 +22,10 @@ import pytest
 
 from flowlane.api.errors import ConfigError
 from flowlane.runtime.sandbox import child, seccomp
-from flowlane.runtime.sandbox.runner import (
-    CodeRunner,
-    Isolation,
-    IsolationLayer,
-    LocalCodeRunner,
-    SandboxErrorKind,
-    SandboxLimits,
-    SandboxResult,
-    missing_mandatory_layers,
-    probe_isolation,
-    run_python,
-)
+from flowlane.runtime.sandbox.layers import Isolation, IsolationLayer, missing_mandatory_layers
+from flowlane.runtime.sandbox.limits import SandboxLimits
+from flowlane.runtime.sandbox.result import SandboxErrorKind, SandboxResult
+from flowlane.runtime.sandbox.runner import CodeRunner, LocalCodeRunner, probe_isolation, run_python
 
 sys.path.insert(0, str(Path(__file__).parent))
 import sandbox_escapes  # a plain module beside the tests, also run on its own
@@ -63,7 +55,8 @@ async def test_every_isolation_layer_is_enforced_on_this_machine() -> None:
 def test_a_non_dumpable_caller_is_reported_as_a_layer_and_nothing_mandatory_is_missing() -> None:
     code = (
         "import asyncio\n"
-        "from flowlane.runtime.sandbox.runner import make_non_dumpable, missing_mandatory_layers, probe_isolation\n"
+        "from flowlane.runtime.sandbox.layers import make_non_dumpable, missing_mandatory_layers\n"
+        "from flowlane.runtime.sandbox.runner import probe_isolation\n"
         "make_non_dumpable()\n"
         "print(missing_mandatory_layers(asyncio.run(probe_isolation())))"
     )

@@ -18,7 +18,7 @@ from flowlane.api.errors import ConfigError
 from flowlane.api.flowrun import load_flowrun
 from flowlane.operator import run_command
 from flowlane.runtime.sandbox import runner
-from flowlane.runtime.sandbox.runner import IsolationLayer
+from flowlane.runtime.sandbox.layers import IsolationLayer
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "flowrun.yaml"
 WITHOUT_KERNEL_LAYERS = tuple(

@@ -19,7 +19,8 @@ import psutil
 import pytest
 
 from flowlane.api import sandbox_pb2
-from flowlane.runtime.sandbox.runner import SandboxErrorKind, SandboxLimits
+from flowlane.runtime.sandbox.limits import SandboxLimits
+from flowlane.runtime.sandbox.result import SandboxErrorKind
 from flowlane.runtime.sandbox.server import DEFAULT_CEILING, RemoteCodeRunner, SandboxServicer, limits_from_proto
 
 TOKEN = "sandbox-test-token"

@@ -16,7 +16,9 @@ import torch
 
 from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings
 from flowlane.runtime.errors import ConfigError
-from flowlane.runtime.sandbox.runner import LocalCodeRunner, SandboxLimits, SandboxResult
+from flowlane.runtime.sandbox.limits import SandboxLimits
+from flowlane.runtime.sandbox.result import SandboxResult
+from flowlane.runtime.sandbox.runner import LocalCodeRunner
 from flowlane.runtime.tools import (
     GeneratorTool,
     PythonTool,

@@ -1,6 +1,9 @@
 """The code sandbox: model-written Python under stacked isolation layers, and its gRPC server.
 
-``runner`` (``run_python``, the limits, layers and results, ``LocalCodeRunner``), ``child`` (the
+``runner`` (``run_python``, ``LocalCodeRunner``), ``layers`` (the isolation layers and
+``Isolation``), ``limits`` (``SandboxLimits``), ``result`` (``SandboxResult`` and how a run's end
+is classified), ``process_control`` (the per-run uid, killing what a run leaves),
+``child_launch`` (what the child is prepared with, what it reports back), ``child`` (the
 stdlib-only bootstrap each run starts in), ``landlock`` and ``seccomp`` (two of its kernel
 layers) and ``server`` (``flowlane sandbox``: the gRPC service and ``RemoteCodeRunner``, its
 client).

@@ -76,162 +76,35 @@ mounts need root, so they come before the uid drop; the audit hook comes last, o
 privileged is left to do), reports the layers on a private pipe, closes it, and only then executes
 the user code. This side does the costly parts once per process: the seccomp program (built with
 libseccomp, exported as BPF) and the import path (site-packages, so the child can skip ``site``).
+
+Where each part lives: this module runs a program (``run_python``, ``LocalCodeRunner``); ``layers``
+names the layers and the request (``Isolation``), ``limits`` the limits, ``result`` what a run
+returns and how its end is classified, ``process_control`` the per-run uid and the killing of
+what a run leaves, ``child_launch`` what the child is prepared with and what it reports back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import functools
-import importlib.util
 import marshal
 import math
 import os
-import py_compile
-import random
 import shutil
-import signal
-import site
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from flowlane.api.errors import ConfigError
-from flowlane.runtime.sandbox import child, landlock
-from flowlane.runtime.sandbox.child import EXIT_BLOCKED, EXIT_FILE, EXIT_MEMORY, EXIT_PROCESS, EXIT_SETUP
+from flowlane.runtime.sandbox import child
+from flowlane.runtime.sandbox.child_launch import read_control, refresh_child_bytecode, seccomp_settings, site_paths
+from flowlane.runtime.sandbox.layers import Isolation, IsolationLayer, is_non_dumpable
+from flowlane.runtime.sandbox.limits import SandboxLimits
+from flowlane.runtime.sandbox.process_control import UidLease, exit_of, kill_all_of_uid, kill_group, stop_tracker
+from flowlane.runtime.sandbox.result import SandboxErrorKind, SandboxResult, classify_exit
 
-__all__ = [
-    "MANDATORY_LAYERS",
-    "CodeRunner",
-    "Isolation",
-    "IsolationLayer",
-    "LocalCodeRunner",
-    "SandboxErrorKind",
-    "SandboxLimits",
-    "SandboxResult",
-    "make_non_dumpable",
-    "missing_mandatory_layers",
-    "probe_isolation",
-    "run_python",
-]
-
-MiB = 1024 * 1024
-
-
-class SandboxErrorKind(StrEnum):
-    """Why a run did not end normally."""
-
-    TIMEOUT = "timeout"  # wall-clock limit: the caller killed the process group
-    CPU_LIMIT = "cpu_limit"  # RLIMIT_CPU: SIGXCPU
-    MEMORY_LIMIT = "memory_limit"  # RLIMIT_AS: an uncaught MemoryError
-    PROCESS_LIMIT = "process_limit"  # RLIMIT_NPROC: fork or thread creation failed, uncaught
-    FILE_LIMIT = "file_limit"  # RLIMIT_FSIZE: a write failed with EFBIG, uncaught
-    KILLED = "killed"  # ended by another signal (SIGKILL, SIGSEGV, ...)
-    BLOCKED = "blocked"  # the audit hook refused an operation and the code did not handle it
-    ERROR = "error"  # any other non-zero exit (an exception in the code, a bad setup)
-
-
-class IsolationLayer(StrEnum):
-    """The independent protections a run can have (see the module docstring)."""
-
-    RLIMITS = "rlimits"
-    UNPRIVILEGED_UID = "unprivileged_uid"
-    NO_NEW_PRIVS = "no_new_privs"
-    NETWORK_NAMESPACE = "network_namespace"
-    PRIVATE_TMP = "private_tmp"
-    AUDIT_HOOK = "audit_hook"
-    SECCOMP = "seccomp"
-    LANDLOCK = "landlock"
-    PROCESS_TRACKING = "process_tracking"
-    NON_DUMPABLE_CALLER = "non_dumpable_caller"
-
-
-#: Layers a run that executes model code for a FlowRun or FlowService must have, wherever it runs
-#: (they need no privileges); ``unprivileged_uid`` joins them when the caller is root. The sandbox
-#: server refuses to start without them unless told otherwise (``allowWeakIsolation``).
-MANDATORY_LAYERS = frozenset({
-    IsolationLayer.RLIMITS, IsolationLayer.NO_NEW_PRIVS, IsolationLayer.SECCOMP, IsolationLayer.LANDLOCK,
-    IsolationLayer.PROCESS_TRACKING, IsolationLayer.NON_DUMPABLE_CALLER,
-})
-
-
-def missing_mandatory_layers(layers: tuple[IsolationLayer, ...], *, as_root: bool | None = None) -> list[str]:
-    """The mandatory layers not in ``layers``, by name, in a stable order."""
-    needed = set(MANDATORY_LAYERS)
-    if os.geteuid() == 0 if as_root is None else as_root:
-        needed.add(IsolationLayer.UNPRIVILEGED_UID)
-    return sorted(layer.value for layer in needed - set(layers))
-
-
-@dataclass(frozen=True)
-class SandboxLimits:
-    """Resource limits of one run. Defaults suit LLM-written snippets (math, parsing, small sims)."""
-
-    cpu_time_s: float = 5.0  # CPU seconds (RLIMIT_CPU, rounded up to whole seconds)
-    wall_time_s: float = 10.0  # wall-clock seconds, including interpreter start-up
-    memory_bytes: int = 1024 * MiB  # address space (RLIMIT_AS); numpy + sympy need about 200 MiB
-    max_processes: int = 32  # processes and threads of the run's uid (RLIMIT_NPROC)
-    max_file_bytes: int = 16 * MiB  # largest file the code may write (RLIMIT_FSIZE)
-    max_output_bytes: int = 64 * 1024  # kept per stream (stdout, stderr); the rest is dropped
-    max_open_files: int = 256  # RLIMIT_NOFILE
-
-    def __post_init__(self) -> None:
-        for name in ("cpu_time_s", "wall_time_s"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"sandbox limits: {name} must be > 0, got {getattr(self, name)}")
-        for name in ("memory_bytes", "max_processes", "max_file_bytes", "max_output_bytes", "max_open_files"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"sandbox limits: {name} must be >= 1, got {getattr(self, name)}")
-
-
-@dataclass(frozen=True)
-class Isolation:
-    """Which optional layers to apply. Rlimits, and the uid drop when running as root, always apply.
-
-    Switching layers off exists so tests can show each layer holding on its own.
-    """
-
-    network_namespace: bool = True
-    private_tmp: bool = True
-    audit_hook: bool = True
-    no_new_privs: bool = True
-    seccomp: bool = True
-    landlock: bool = True
-    #: Refuse to run (kind ``error``) when a requested layer cannot be applied on this machine.
-    strict: bool = False
-
-
-@dataclass
-class SandboxResult:
-    stdout: str
-    stderr: str
-    exit_code: int | None  # negative: killed by that signal; None: never started
-    ok: bool
-    error_kind: SandboxErrorKind | None = None
-    message: str = ""  # one line for humans and LLMs ("timeout: wall-clock limit of 2s")
-    truncated: bool = False  # stdout or stderr went over max_output_bytes
-    duration_s: float = 0.0
-    isolation: tuple[IsolationLayer, ...] = ()  # layers that were in force for this run
-    sandbox_uid: int | None = None  # the per-run uid when the caller was root
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["error_kind"] = self.error_kind.value if self.error_kind else None
-        data["isolation"] = [layer.value for layer in self.isolation]
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SandboxResult:
-        data = dict(data)
-        data["error_kind"] = SandboxErrorKind(data["error_kind"]) if data.get("error_kind") else None
-        data["isolation"] = tuple(IsolationLayer(v) for v in data.get("isolation", ()))
-        return cls(**data)
+__all__ = ["CodeRunner", "LocalCodeRunner", "probe_isolation", "run_python"]
 
 
 @runtime_checkable
@@ -264,95 +137,9 @@ class LocalCodeRunner:
             )
 
 
-# --------------------------------------------------------------------------------------------
-# The caller side.
-
-# How the bootstrap classifies an uncaught exception (user code can fake these exit codes, which
-# only misreports its own failure).
-_EXIT_KINDS = {
-    EXIT_MEMORY: SandboxErrorKind.MEMORY_LIMIT,
-    EXIT_BLOCKED: SandboxErrorKind.BLOCKED,
-    EXIT_PROCESS: SandboxErrorKind.PROCESS_LIMIT,
-    EXIT_FILE: SandboxErrorKind.FILE_LIMIT,
-}
 
 _MAX_CODE_BYTES = 1024 * 1024
 _READ_CHUNK = 64 * 1024
-# Per-run uids come from this range (inside 16 bits so that user-namespaced containers, which
-# usually map only 0..65535, can still switch to them). Lock files keep concurrent callers, in
-# this process or others, from sharing one.
-_UID_RANGE = range(40000, 60000)
-_UID_LOCK_DIR = Path(tempfile.gettempdir()) / "flowlane-sandbox-uids"
-_UID_PICKER = random.SystemRandom()  # never touches (or depends on) the seeded global RNG
-
-
-class _UidLease:
-    """An exclusive per-run uid, held through a lock file for the duration of the run."""
-
-    def __init__(self) -> None:
-        _UID_LOCK_DIR.mkdir(mode=0o700, exist_ok=True)
-        for _ in range(200):
-            uid = _UID_PICKER.choice(_UID_RANGE)
-            fd = os.open(_UID_LOCK_DIR / f"{uid}.lock", os.O_CREAT | os.O_RDWR, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            self.uid, self._fd = uid, fd
-            return
-        raise RuntimeError(f"sandbox: no free uid in {_UID_RANGE} after 200 tries")
-
-    def release(self) -> None:
-        os.close(self._fd)  # closing drops the flock
-
-
-def _running_pids_of_uid(uid: int) -> list[int]:
-    """Live (non-zombie) processes whose real uid is ``uid``."""
-    pids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            status = Path(entry.path, "status").read_text()
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        if fields.get("Uid", "").split()[:1] == [str(uid)] and not fields.get("State", "").strip().startswith(
-            "Z"
-        ):
-            pids.append(int(entry.name))
-    return pids
-
-
-async def _kill_all_of_uid(uid: int) -> int:
-    """Kill every process of ``uid``; returns how many were alive at the first look.
-
-    ``kill -KILL -1`` sent by a helper shell running as that uid reaches all of its processes in one
-    atomic sweep (no pid-reuse race, no fork race); a few rounds cover processes that were still
-    being created.
-    """
-    first = len(_running_pids_of_uid(uid))
-    alive = first
-    for _ in range(20):
-        if not alive:
-            break
-        helper = await asyncio.create_subprocess_exec(
-            "/bin/sh",  # any uid can run it (the interpreter may sit in a directory it cannot read)
-            "-c",
-            "kill -KILL -1 2>/dev/null; exit 0",
-            user=uid,
-            group=uid,
-            extra_groups=[],
-            env={},
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        await helper.wait()
-        await asyncio.sleep(0.01)
-        alive = len(_running_pids_of_uid(uid))
-    return first
 
 
 async def _read_capped(stream: asyncio.StreamReader | None, cap: int) -> tuple[bytes, bool]:
@@ -370,131 +157,6 @@ async def _read_capped(stream: asyncio.StreamReader | None, cap: int) -> tuple[b
             kept += chunk
     return bytes(kept), overflow
 
-
-def _exit_of(pid: int) -> asyncio.Future[None]:
-    """A future that completes when ``pid`` exits.
-
-    ``Process.wait()`` on Python 3.11 also waits for the stdout/stderr pipes to close, which a
-    background grandchild can hold open; a pidfd fires on the exit of the process itself.
-    """
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:  # already gone
-        done.set_result(None)
-        return done
-
-    def on_exit() -> None:
-        if not done.done():
-            done.set_result(None)
-
-    def cleanup(_: asyncio.Future[None]) -> None:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
-
-    loop.add_reader(pidfd, on_exit)
-    done.add_done_callback(cleanup)
-    return done
-
-
-def _kill_group(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
-
-
-def make_non_dumpable() -> None:
-    """PR_SET_DUMPABLE 0 for this process: its ``/proc/<pid>`` files (environ, mem, maps, fd) then
-    belong to root, and ptrace and process_vm_* refuse it, even for processes of its own uid.
-
-    The sandbox server calls this first thing: as the pod's uid, code it runs shares that uid.
-    """
-    child.prctl(child.PR_SET_DUMPABLE, 0)
-
-
-def _is_non_dumpable() -> bool:
-    return child.prctl(child.PR_GET_DUMPABLE) == 0
-
-
-@functools.cache
-def _refresh_child_bytecode() -> None:
-    """Write the child modules' bytecode caches where they are stale, once per process.
-
-    The child runs with -B and would otherwise compile both modules on every execution wherever
-    the caller runs with PYTHONDONTWRITEBYTECODE (the images have install-time caches; a source
-    tree being edited does not). A tree that cannot be written keeps the cost, nothing else."""
-    for module in (child, landlock):
-        source, cached = module.__file__ or "", importlib.util.cache_from_source(module.__file__ or "")
-        with contextlib.suppress(OSError):
-            if os.stat(cached).st_mtime >= os.stat(source).st_mtime:
-                continue
-        with contextlib.suppress(OSError, py_compile.PyCompileError):
-            py_compile.compile(source, cfile=cached, doraise=True)
-
-
-@functools.cache
-def _site_paths() -> list[str]:
-    """The site-packages directories the code imports from: what ``site`` would add for this
-    interpreter, found once here so that the child can skip ``site`` (``.pth`` files are not run)."""
-    return [p for p in site.getsitepackages() if os.path.isdir(p)]
-
-
-def _seccomp_settings() -> dict[str, Any]:
-    """The seccomp program template for the child, or why there is none."""
-    try:
-        from flowlane.runtime.sandbox import seccomp
-
-        return {"seccomp_template": seccomp.program_template(), "seccomp_unavailable": ""}
-    except (ImportError, OSError) as exc:
-        return {"seccomp_template": None, "seccomp_unavailable": f"libseccomp: {exc}"}
-
-
-async def _stop_tracker(proc: asyncio.subprocess.Process) -> None:
-    """Ask the run's tracker to kill every process of the run (SIGTERM), then kill its group."""
-    exited = _exit_of(proc.pid)  # a fresh one: the deadline cancelled the first
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(proc.pid, signal.SIGTERM)
-    try:
-        await asyncio.wait_for(exited, timeout=2)
-    except TimeoutError:
-        pass
-    finally:
-        exited.cancel()
-    _kill_group(proc.pid)
-
-
-def _classify(
-    returncode: int | None, timed_out: bool, limits: SandboxLimits, stderr: str
-) -> tuple[SandboxErrorKind | None, str]:
-    if timed_out:
-        return SandboxErrorKind.TIMEOUT, f"timeout: wall-clock limit of {limits.wall_time_s:g}s"
-    if returncode == 0:
-        return None, ""
-    if returncode is None:
-        return SandboxErrorKind.ERROR, "error: the process did not start"
-    if returncode == -signal.SIGXCPU:
-        return SandboxErrorKind.CPU_LIMIT, f"cpu_limit: CPU-time limit of {math.ceil(limits.cpu_time_s)}s"
-    if returncode == -signal.SIGXFSZ:
-        return SandboxErrorKind.FILE_LIMIT, f"file_limit: file-size limit of {limits.max_file_bytes} bytes"
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = str(-returncode)
-        return SandboxErrorKind.KILLED, f"killed: by signal {name}"
-    kind = _EXIT_KINDS.get(returncode)
-    if kind is SandboxErrorKind.MEMORY_LIMIT:
-        return kind, f"memory_limit: memory limit of {limits.memory_bytes // MiB} MiB"
-    if kind is SandboxErrorKind.PROCESS_LIMIT:
-        return kind, f"process_limit: process/thread limit of {limits.max_processes}"
-    if kind is SandboxErrorKind.FILE_LIMIT:
-        return kind, f"file_limit: file-size limit of {limits.max_file_bytes} bytes"
-    last_line = next((ln for ln in reversed(stderr.strip().splitlines()) if ln.strip()), "")
-    if kind is SandboxErrorKind.BLOCKED:
-        return kind, f"blocked: {last_line}" if last_line else "blocked"
-    if returncode == EXIT_SETUP:
-        return SandboxErrorKind.ERROR, f"error: sandbox setup failed: {last_line}"
-    return SandboxErrorKind.ERROR, f"error: exit code {returncode}" + (f": {last_line}" if last_line else "")
 
 
 async def run_python(
@@ -514,12 +176,12 @@ async def run_python(
         return SandboxResult(
             "", "", None, False, SandboxErrorKind.ERROR, f"error: code is over {_MAX_CODE_BYTES} bytes"
         )
-    if isolation.strict and not _is_non_dumpable():
+    if isolation.strict and not is_non_dumpable():
         return SandboxResult("", "", None, False, SandboxErrorKind.ERROR,
                              "error: strict isolation: unavailable layers: non_dumpable_caller (the calling "
                              "process is dumpable: call make_non_dumpable() first)")
     as_root = os.geteuid() == 0
-    lease = _UidLease() if as_root else None
+    lease = UidLease() if as_root else None
     uid = lease.uid if lease else None
     scratch = Path(tempfile.mkdtemp(prefix="flowlane-sbx-", dir=scratch_root)).resolve()
     control_r, control_w = os.pipe()
@@ -532,7 +194,7 @@ async def run_python(
             "scratch": str(scratch),
             "uid": uid,
             "control_fd": control_w,
-            "site_paths": _site_paths(),
+            "site_paths": site_paths(),
             "cpu_time_s": math.ceil(limits.cpu_time_s),
             "memory_bytes": limits.memory_bytes,
             "max_processes": limits.max_processes,
@@ -545,7 +207,7 @@ async def run_python(
             "seccomp": isolation.seccomp,
             "landlock": isolation.landlock,
             "strict": isolation.strict,
-            **(_seccomp_settings() if isolation.seccomp else {"seccomp_template": None}),
+            **(seccomp_settings() if isolation.seccomp else {"seccomp_template": None}),
             "code": encoded,
         }
         env = {
@@ -561,7 +223,7 @@ async def run_python(
             "MKL_NUM_THREADS": "1",
             "NUMBA_NUM_THREADS": "1",
         }
-        _refresh_child_bytecode()
+        refresh_child_bytecode()
         proc = await asyncio.create_subprocess_exec(
             *child.command(sys.executable),
             stdin=asyncio.subprocess.PIPE,
@@ -574,7 +236,7 @@ async def run_python(
         )
         os.close(control_w)
         control_w = -1
-        exited = _exit_of(proc.pid)
+        exited = exit_of(proc.pid)
         readers = gathered = asyncio.gather(
             _read_capped(proc.stdout, limits.max_output_bytes),
             _read_capped(proc.stderr, limits.max_output_bytes),
@@ -594,11 +256,11 @@ async def run_python(
             # The tracker first (it kills every process of the run, wherever it moved), then the
             # group, then, unless the tracker reported its sweep complete, every process of the
             # run's uid (a tracker killed before its sweep leaves orphans of the run to init).
-            await _stop_tracker(proc) if timed_out else _kill_group(proc.pid)
-            report = _read_control(control_r)
+            await stop_tracker(proc) if timed_out else kill_group(proc.pid)
+            report = read_control(control_r)
             leftovers = report.swept or 0
             if uid is not None and report.swept is None:
-                leftovers += await _kill_all_of_uid(uid)
+                leftovers += await kill_all_of_uid(uid)
             exited.cancel()
             with contextlib.suppress(TimeoutError):  # a pipe held by a process we could not kill
                 await asyncio.wait_for(proc.wait(), timeout=5)
@@ -607,11 +269,11 @@ async def run_python(
         except TimeoutError:  # a pipe held open by a process we could not kill (non-root)
             (out, out_over), (err, err_over) = (b"", True), (b"", True)
         layers, missing = report.layers, report.missing
-        if layers and _is_non_dumpable():
+        if layers and is_non_dumpable():
             layers += (IsolationLayer.NON_DUMPABLE_CALLER,)
         stdout = out.decode("utf-8", errors="replace")
         stderr = err.decode("utf-8", errors="replace")
-        kind, message = _classify(proc.returncode, timed_out, limits, stderr)
+        kind, message = classify_exit(proc.returncode, timed_out, limits, stderr)
         return SandboxResult(
             stdout=stdout,
             stderr=stderr,
@@ -636,34 +298,6 @@ async def run_python(
         shutil.rmtree(scratch, ignore_errors=True)
         if lease:
             lease.release()
-
-
-@dataclass
-class _ChildReport:
-    """What the child wrote on its control pipe (format: ``child``'s docstring)."""
-
-    layers: tuple[IsolationLayer, ...] = ()  # in force for the run
-    missing: list[str] = field(default_factory=list)  # requested but not applied, with the reason
-    swept: int | None = None  # processes the tracker killed after the run; None: no complete sweep
-
-
-def _read_control(fd: int) -> _ChildReport:
-    """Whatever is on the control pipe by now (non-blocking); unknown lines are ignored."""
-    data = b""
-    with contextlib.suppress(BlockingIOError, OSError):
-        while chunk := os.read(fd, 4096):
-            data += chunk
-    report = _ChildReport()
-    known = {layer.value for layer in IsolationLayer}
-    for line in data.decode("utf-8", errors="replace").splitlines():
-        tag, _, value = line.partition(" ")
-        if tag == "layer" and value in known:
-            report.layers += (IsolationLayer(value),)
-        elif tag == "missing":
-            report.missing.append(value)
-        elif tag == "swept" and value.isdigit():
-            report.swept = int(value)
-    return report
 
 
 async def probe_isolation(isolation: Isolation = Isolation()) -> tuple[IsolationLayer, ...]:

@@ -35,16 +35,10 @@ from flowlane.api import sandbox_pb2, sandbox_pb2_grpc
 from flowlane.api.errors import ConfigError, FlowlaneError
 from flowlane.kit import logs
 from flowlane.runtime import grpc_common
-from flowlane.runtime.sandbox.runner import (
-    IsolationLayer,
-    LocalCodeRunner,
-    SandboxErrorKind,
-    SandboxLimits,
-    SandboxResult,
-    make_non_dumpable,
-    missing_mandatory_layers,
-    probe_isolation,
-)
+from flowlane.runtime.sandbox.layers import IsolationLayer, make_non_dumpable, missing_mandatory_layers
+from flowlane.runtime.sandbox.limits import SandboxLimits
+from flowlane.runtime.sandbox.result import SandboxErrorKind, SandboxResult
+from flowlane.runtime.sandbox.runner import LocalCodeRunner, probe_isolation
 
 MiB = 1024 * 1024
 #: The most any request may ask for; a request's larger values are lowered to these.

@@ -34,7 +34,8 @@ import grpc
 
 from flowlane.api.errors import ConfigError, EngineUnavailableError
 from flowlane.runtime import grpc_common
-from flowlane.runtime.sandbox.runner import SandboxLimits, SandboxResult
+from flowlane.runtime.sandbox.limits import SandboxLimits
+from flowlane.runtime.sandbox.result import SandboxResult
 from flowlane.runtime.sandbox.server import RemoteCodeRunner
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,9 @@ import math
 import re
 from typing import Any
 
-from flowlane.runtime.sandbox.runner import CodeRunner, LocalCodeRunner, SandboxLimits, SandboxResult
+from flowlane.runtime.sandbox.limits import SandboxLimits
+from flowlane.runtime.sandbox.result import SandboxResult
+from flowlane.runtime.sandbox.runner import CodeRunner, LocalCodeRunner
 from flowlane.runtime.tools.base import Tool, ToolResult
 
 #: Characters of program output the planner sees (the sandbox already capped what it kept).
