@@ -28,347 +28,53 @@ machine this module plays those roles for the components of ``graph.compile_grap
 Logs go to ``<run_dir>/logs/<component>.log`` (stdout and stderr together, appended across
 restarts). The API is asyncio: ``start()``, ``wait()``, ``stop()``, and an ``on_event`` callback
 that sees every start, readiness, exit, restart and failure.
+
+This module is the supervisor (``LocalSupervisor``); ``local_plan`` decides order, ports,
+placeholders and secrets before anything starts, ``local_processes`` holds the process-group
+primitives and the watchdog, ``local_status`` the states, events, outcome and restart policy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
-import errno
 import logging
 import os
 import signal
-import socket
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import IO, Any
 
-from flowlane.api.errors import FlowlaneError
-from flowlane.operator.graph import ENV_GRPC_TOKEN, Component, ProcessGraph, resolve
-from flowlane.operator.graph import Protocol as PortProtocol
+from flowlane.operator.graph import ENV_GRPC_TOKEN, Component, ProcessGraph
+from flowlane.operator.local_plan import (
+    LOOPBACK,
+    ReadinessKind,
+    StartupError,
+    allocate_ports,
+    dependency_levels,
+    local_argv,
+    readiness_of,
+    render,
+    secret_values,
+)
+from flowlane.operator.local_processes import Watchdog, child_preexec, probe_grpc, probe_tcp, signal_group
+from flowlane.operator.local_status import (
+    ComponentState,
+    ComponentStatus,
+    EventKind,
+    RestartPolicy,
+    RunOutcome,
+    SupervisorEvent,
+)
 
-LOOPBACK = "127.0.0.1"
 #: torch.distributed's rendezvous settings. A component never inherits them: each learner sets up
 #: its own group (one rank on a free port, or torchrun for several), and a MASTER_PORT left in the
 #: caller's environment (a shell under torchrun, a test process that ran DeepSpeed) names a port
 #: that is already taken, so the learner's TCPStore failed with EADDRINUSE and the run never started.
 RENDEZVOUS_ENV = frozenset({"RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
                             "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"})
-_PR_SET_PDEATHSIG = 1
 log = logging.getLogger(__name__)
-
-
-class PortInUseError(FlowlaneError):
-    """A component asked for a fixed port that another process holds."""
-
-
-class StartupError(FlowlaneError):
-    """A component did not become ready, or the graph itself is unusable."""
-
-
-class ReadinessKind(StrEnum):
-    NONE = "none"  # ready as soon as the process is started
-    TCP = "tcp"  # a TCP connect to the port succeeds
-    GRPC = "grpc"  # a gRPC server answers the HTTP/2 handshake on the port
-
-
-@dataclass(frozen=True)
-class RestartPolicy:
-    restart_limit: int = 6  # restarts allowed per component before the run fails
-    backoff_initial_s: float = 1.0
-    backoff_max_s: float = 30.0
-    reset_after_s: float = 60.0  # a run this long without crashing resets the back-off
-    stop_grace_s: float = 10.0  # SIGTERM -> SIGKILL
-    ready_timeout_s: float = 300.0  # from process start until its ready port answers (model loading)
-
-    def backoff_s(self, consecutive_crashes: int) -> float:
-        """Delay before restart number ``consecutive_crashes`` (1-based): 1, 2, 4, ... capped."""
-        return min(self.backoff_max_s, self.backoff_initial_s * 2 ** max(0, consecutive_crashes - 1))
-
-
-class ComponentState(StrEnum):
-    PENDING = "pending"  # waiting for dependencies
-    STARTING = "starting"  # started, not ready yet
-    READY = "ready"
-    BACKOFF = "backoff"  # crashed, waiting to restart
-    COMPLETED = "completed"  # a job that exited 0
-    FAILED = "failed"  # restart limit reached
-    STOPPED = "stopped"
-
-
-class EventKind(StrEnum):
-    STARTED = "started"
-    READY = "ready"
-    EXITED = "exited"
-    RESTARTING = "restarting"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    STOPPED = "stopped"
-
-
-@dataclass(frozen=True)
-class SupervisorEvent:
-    kind: EventKind
-    component: str
-    message: str = ""
-    pid: int | None = None
-    exit_code: int | None = None  # negative: killed by that signal
-    restarts: int = 0
-    delay_s: float = 0.0  # RESTARTING: back-off before the next start
-    time: float = field(default_factory=time.time)
-
-
-class RunOutcome(StrEnum):
-    COMPLETED = "completed"  # every job (non-service component) exited 0
-    FAILED = "failed"  # a component hit its restart limit or never became ready
-    STOPPED = "stopped"  # stop() (or a signal) ended the run
-
-
-@dataclass
-class ComponentStatus:
-    name: str
-    state: ComponentState = ComponentState.PENDING
-    pid: int | None = None
-    restarts: int = 0
-    last_exit_code: int | None = None
-    log_path: Path | None = None
-    ports: dict[str, int] = field(default_factory=dict)
-
-
-# --- pure helpers ------------------------------------------------------------------------------
-
-
-def dependency_levels(components: Sequence[Component]) -> list[list[str]]:
-    """Component names grouped so each group depends only on earlier groups.
-
-    Raises ``StartupError`` for duplicate names, unknown dependencies and cycles.
-    """
-    names = [c.name for c in components]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise StartupError(f"duplicate component names: {', '.join(duplicates)}")
-    by_name = {c.name: c for c in components}
-    for c in components:
-        unknown = [d for d in c.depends_on if d not in by_name]
-        if unknown:
-            raise StartupError(f"component {c.name!r} depends on unknown component(s): {', '.join(unknown)}")
-    levels: list[list[str]] = []
-    placed: set[str] = set()
-    remaining = list(names)
-    while remaining:
-        level = [n for n in remaining if all(d in placed for d in by_name[n].depends_on)]
-        if not level:
-            raise StartupError(f"dependency cycle among components: {', '.join(remaining)}")
-        levels.append(level)
-        placed.update(level)
-        remaining = [n for n in remaining if n not in placed]
-    return levels
-
-
-def render(text: str, ports: Mapping[str, Mapping[str, int]]) -> str:
-    """Fill the graph's ``{port:comp.name}`` / ``{address:comp.name}`` placeholders with loopback values."""
-
-    def port_of(component: str, port_name: str) -> int:
-        try:
-            return ports[component][port_name]
-        except KeyError:
-            raise StartupError(f"a placeholder names port {port_name!r} of component {component!r}, "
-                               "which the graph does not declare") from None
-
-    return resolve(text, lambda c, p: f"{LOOPBACK}:{port_of(c, p)}", port_of)
-
-
-def readiness_of(component: Component) -> tuple[ReadinessKind, str]:
-    """How to tell ``component`` is ready: the probe kind and the port name to probe."""
-    if component.ready_port is None:
-        return ReadinessKind.NONE, ""
-    protocol = component.port(component.ready_port).protocol
-    return (ReadinessKind.GRPC if protocol is PortProtocol.GRPC else ReadinessKind.TCP), component.ready_port
-
-
-def local_argv(argv: Sequence[str]) -> list[str]:
-    """``flowlane ...`` runs with this interpreter, so components share the supervisor's installation."""
-    if argv and argv[0] == "flowlane":
-        return [sys.executable, "-m", "flowlane.cli", *argv[1:]]
-    if argv and argv[0] == "torchrun":  # the launcher of this interpreter, whatever is on PATH
-        return [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
-    return list(argv)
-
-
-def allocate_ports(
-    components: Sequence[Component],
-    overrides: Mapping[str, Mapping[str, int]] | None = None,
-    host: str = LOOPBACK,
-) -> dict[str, dict[str, int]]:
-    """Choose a port for every declared port: ``overrides[component][port]`` if given, else any free one.
-
-    All probe sockets stay open until every port is chosen, so two components never get the
-    same port. Raises ``PortInUseError`` naming the component, port name and number.
-    """
-    overrides = overrides or {}
-    chosen: dict[str, dict[str, int]] = {}
-    probes: list[socket.socket] = []
-    try:
-        for c in components:
-            chosen[c.name] = {}
-            for port in c.ports:
-                requested = overrides.get(c.name, {}).get(port.name, 0)
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                probes.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    sock.bind((host, requested))
-                except OSError as err:
-                    if err.errno == errno.EADDRINUSE:
-                        raise PortInUseError(
-                            f"component {c.name!r} port {port.name!r}: {host}:{requested} is already in use; "
-                            "stop the process holding it or request another port (0 picks a free one)"
-                        ) from None
-                    raise PortInUseError(f"component {c.name!r} port {port.name!r}: cannot bind "
-                                         f"{host}:{requested} ({err.strerror})") from None
-                chosen[c.name][port.name] = int(sock.getsockname()[1])
-    finally:
-        for sock in probes:
-            sock.close()
-    return chosen
-
-
-def secret_values(
-    components: Sequence[Component], secrets: Mapping[str, str], environ: Mapping[str, str]
-) -> dict[str, dict[str, str]]:
-    """Per component, the ``secret_env`` values a local process gets (from ``secrets``, else ``environ``).
-
-    Raises ``StartupError`` naming the first variable found in neither.
-    """
-    values: dict[str, dict[str, str]] = {}
-    for c in components:
-        values[c.name] = {}
-        for env_name, ref in c.secret_env.items():
-            value = secrets.get(env_name, environ.get(env_name))
-            if value is None:
-                raise StartupError(
-                    f"component {c.name!r} needs {env_name} (Secret {ref.secret!r}, key {ref.key!r} on "
-                    f"Kubernetes): set {env_name} in the environment for a local run"
-                )
-            values[c.name][env_name] = value
-    return values
-
-
-# --- processes ---------------------------------------------------------------------------------
-
-
-def _libc_prctl() -> Callable[..., int] | None:
-    path = ctypes.util.find_library("c")
-    if not sys.platform.startswith("linux") or path is None:
-        return None
-    prctl: Callable[..., int] = ctypes.CDLL(path, use_errno=True).prctl
-    return prctl
-
-
-_PRCTL = _libc_prctl()  # resolved before any fork: no dynamic loading in a forked child
-
-
-def _child_preexec(parent_pid: int) -> Callable[[], None]:
-    """Runs in the forked child before exec: die with the supervisor, even by SIGKILL."""
-
-    def preexec() -> None:
-        if _PRCTL is not None:
-            _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        if os.getppid() != parent_pid:  # the supervisor died between fork and prctl
-            os._exit(1)
-
-    return preexec
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> bool:
-    """Send ``sig`` to a process group; False when no process is left in it."""
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-async def _probe_tcp(port: int) -> bool:
-    try:
-        _, writer = await asyncio.open_connection(LOOPBACK, port)
-    except OSError:
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
-
-
-async def _probe_grpc(port: int, timeout_s: float) -> bool:
-    from flowlane.runtime.grpc_common import wait_for_channel
-
-    return await wait_for_channel(f"{LOOPBACK}:{port}", timeout_s)
-
-
-class _Watchdog:
-    """A helper process that kills registered process groups when the supervisor disappears.
-
-    It reads ``+<pgid>`` / ``-<pgid>`` lines on stdin; end of input (the supervisor exited, by
-    any means) makes it SIGKILL every group still registered, then exit.
-    """
-
-    def __init__(self) -> None:
-        self._proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        self._proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "flowlane.operator.local", "--watchdog",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
-        )
-
-    def _send(self, line: str) -> None:
-        if self._proc is not None and self._proc.stdin is not None and not self._proc.stdin.is_closing():
-            self._proc.stdin.write(line.encode())
-
-    def register(self, pgid: int) -> None:
-        self._send(f"+{pgid}\n")
-
-    def forget(self, pgid: int) -> None:
-        self._send(f"-{pgid}\n")
-
-    async def close(self) -> None:
-        if self._proc is None:
-            return
-        if self._proc.stdin is not None:
-            self._proc.stdin.close()
-        try:
-            await asyncio.wait_for(self._proc.wait(), 5)
-        except TimeoutError:
-            self._proc.kill()
-            await self._proc.wait()
-        self._proc = None
-
-
-def _watchdog_main() -> None:
-    """Entry point of the watchdog process (``python -m flowlane.operator.local --watchdog``)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    groups: set[int] = set()
-    for line in sys.stdin:
-        line = line.strip()
-        if line.startswith("+"):
-            groups.add(int(line[1:]))
-        elif line.startswith("-"):
-            groups.discard(int(line[1:]))
-    for pgid in groups:
-        _signal_group(pgid, signal.SIGKILL)
-
-
-# --- the supervisor ----------------------------------------------------------------------------
 
 
 class _Running:
@@ -423,7 +129,7 @@ class LocalSupervisor:
         self.outcome: RunOutcome | None = None
         self.failure: str = ""
         self._running: dict[str, _Running] = {c.name: _Running(c) for c in components}
-        self._watchdog = _Watchdog()
+        self._watchdog = Watchdog()
         self._done = asyncio.Event()
         self._stopping = False
         self._stop_lock = asyncio.Lock()
@@ -519,7 +225,7 @@ class LocalSupervisor:
         """SIGKILL every component's process group immediately."""
         for running in self._running.values():
             if running.process is not None and running.process.returncode is None:
-                _signal_group(running.process.pid, signal.SIGKILL)
+                signal_group(running.process.pid, signal.SIGKILL)
 
     # --- internals ---
 
@@ -573,7 +279,7 @@ class LocalSupervisor:
             process = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT,
                 env=env, start_new_session=True,
-                preexec_fn=_child_preexec(os.getpid()),
+                preexec_fn=child_preexec(os.getpid()),
             )
         except OSError as err:
             raise StartupError(f"component {name!r}: cannot run {argv[0]!r} ({err.strerror})") from None
@@ -592,9 +298,9 @@ class LocalSupervisor:
             if left <= 0:
                 return False
             if kind is ReadinessKind.TCP:
-                ok = await _probe_tcp(port)
+                ok = await probe_tcp(port)
             else:
-                ok = await _probe_grpc(port, min(left, 1.0))
+                ok = await probe_grpc(port, min(left, 1.0))
             if ok:
                 return process.returncode is None
             await asyncio.sleep(0.1)
@@ -637,7 +343,7 @@ class LocalSupervisor:
                 with contextlib.suppress(asyncio.CancelledError):
                     await ready_task
                 # The leader is gone; anything it left in its group goes too.
-                _signal_group(process.pid, signal.SIGKILL)
+                signal_group(process.pid, signal.SIGKILL)
                 self._watchdog.forget(process.pid)
                 status.last_exit_code = code
                 if self._stopping:
@@ -689,24 +395,17 @@ class LocalSupervisor:
         process = running.process
         status = self.status[name]
         if process is not None and process.returncode is None:
-            _signal_group(process.pid, signal.SIGTERM)
+            signal_group(process.pid, signal.SIGTERM)
             try:
                 await asyncio.wait_for(process.wait(), self.policy.stop_grace_s)
             except TimeoutError:
-                _signal_group(process.pid, signal.SIGKILL)
+                signal_group(process.pid, signal.SIGKILL)
                 await process.wait()
         if process is not None:
             # Children that outlived the leader, or ignored SIGTERM.
-            _signal_group(process.pid, signal.SIGKILL)
+            signal_group(process.pid, signal.SIGKILL)
             self._watchdog.forget(process.pid)
             status.last_exit_code = process.returncode
         if status.state not in (ComponentState.COMPLETED, ComponentState.FAILED, ComponentState.PENDING):
             status.state = ComponentState.STOPPED
             self._emit(EventKind.STOPPED, name, exit_code=process.returncode if process else None)
-
-
-if __name__ == "__main__":
-    if sys.argv[1:] == ["--watchdog"]:
-        _watchdog_main()
-    else:
-        sys.exit("usage: python -m flowlane.operator.local --watchdog (started by LocalSupervisor)")

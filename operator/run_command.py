@@ -150,7 +150,8 @@ async def drive(flowrun: Any, run_dir: Path, *, quiet: bool = False) -> tuple[st
 
     from flowlane.kit.grpc_common import generate_token
     from flowlane.operator.graph import compile_graph
-    from flowlane.operator.local import EventKind, LocalSupervisor, RestartPolicy, SupervisorEvent
+    from flowlane.operator.local import LocalSupervisor
+    from flowlane.operator.local_status import EventKind, RestartPolicy, SupervisorEvent
 
     config_path = run_dir / "run.yaml"
     graph = compile_graph(flowrun, config_path=str(config_path.resolve()))
@@ -173,7 +174,7 @@ async def drive(flowrun: Any, run_dir: Path, *, quiet: bool = False) -> tuple[st
                   f"{flowrun.spec.schedule.steps} steps; logs in {run_dir / 'logs'}")
     await supervisor.start()
     supervisor.install_signal_handlers()
-    learner_address = supervisor.address("learner", "grpc")
+    learner_address = supervisor.address(graph.lead_learner, "grpc")
     last: Any | None = None
     waiter = asyncio.create_task(supervisor.wait())
     if console.is_terminal:

@@ -22,18 +22,9 @@ import yaml
 from flowlane.api.common import Resources
 from flowlane.api.flowrun import load_flowrun
 from flowlane.operator.graph import Component, Port, Protocol, Role, SecretEnv, compile_graph
-from flowlane.operator.local import (
-    ComponentState,
-    EventKind,
-    LocalSupervisor,
-    PortInUseError,
-    RestartPolicy,
-    RunOutcome,
-    StartupError,
-    dependency_levels,
-    local_argv,
-    render,
-)
+from flowlane.operator.local import LocalSupervisor
+from flowlane.operator.local_plan import PortInUseError, StartupError, dependency_levels, local_argv, render
+from flowlane.operator.local_status import ComponentState, EventKind, RestartPolicy, RunOutcome
 from flowlane.runtime.sandbox.server import RemoteCodeRunner
 
 PY = sys.executable

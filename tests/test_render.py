@@ -13,7 +13,7 @@ import yaml
 from flowlane.api.flowrun import Dtype, FlowRun, ModelVolume, load_flowrun
 from flowlane.api.flowservice import load_flowservice
 from flowlane.operator.graph import POD_CONFIG_PATH, Role, SecretEnv, compile_graph, resolve
-from flowlane.operator.local import dependency_levels
+from flowlane.operator.local_plan import dependency_levels
 from flowlane.operator.render import (
     ANNOTATION_CHECKPOINT,
     ANNOTATION_HASH,
