@@ -113,9 +113,12 @@ async def bench_engine(args: argparse.Namespace, prefix_caching: bool, pool: lis
     from flowlane.runtime.engines.base import SamplingSettings
     from flowlane.runtime.engines.vllm_engine import VLLMEngine
     from flowlane.runtime.models import resolve_model
-    from flowlane.runtime.serving.gateway import GatewayConfig, create_app, running_gateway
+    from flowlane.runtime.serving.app import create_app
+    from flowlane.runtime.serving.config import GatewayConfig
+    from flowlane.runtime.serving.gateway import running_gateway
     from flowlane.runtime.serving.metrics import MeteredEngine
     from flowlane.runtime.serving.protocol import ChatRequest, RequestLimits
+    from flowlane.runtime.serving.runs import agent_config
     from flowlane.runtime.serving.sandbox import SandboxChild
     from flowlane.runtime.tools.registry import build_tools
 
@@ -136,10 +139,9 @@ async def bench_engine(args: argparse.Namespace, prefix_caching: bool, pool: lis
     results: list[Level] = []
     try:
         app = create_app(engine, tools, config=config)
-        gateway = app.state.gateway
         # The in-process agent gets exactly the budgets the gateway gives a request.
-        agent_config = gateway._agent_config(ChatRequest(model=MODEL_ID, conversation=Conversation("-"),
-                                                         max_turns=args.max_turns, max_time_s=300.0))
+        budgets = agent_config(config, ChatRequest(model=MODEL_ID, conversation=Conversation("-"),
+                                                   max_turns=args.max_turns, max_time_s=300.0))
         async with running_gateway(app) as url:
             client = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600.0)
 
@@ -151,7 +153,7 @@ async def bench_engine(args: argparse.Namespace, prefix_caching: bool, pool: lis
                 return response.usage.completion_tokens, int(response.model_extra["agentflow"]["turns"])
 
             async def in_process(question: str) -> tuple[int, int]:
-                traj = await Agent(engine, engine, tools, agent_config).run(question)
+                traj = await Agent(engine, engine, tools, budgets).run(question)
                 return traj.generated_tokens, len(traj.steps)
 
             async def via_engine(question: str) -> tuple[int, int]:

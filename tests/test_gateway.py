@@ -36,7 +36,9 @@ from typer.testing import CliRunner
 
 from flowlane.api.errors import EngineUnavailableError
 from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings
-from flowlane.runtime.serving.gateway import PROMPT_RESERVE_TOKENS, GatewayConfig, create_app, running_gateway, serve
+from flowlane.runtime.serving.app import create_app
+from flowlane.runtime.serving.config import PROMPT_RESERVE_TOKENS, GatewayConfig
+from flowlane.runtime.serving.gateway import running_gateway, serve
 from flowlane.runtime.serving.protocol import (
     ErrorCode,
     OpenAIError,
