@@ -5,5 +5,5 @@
 ``runs`` (one request's agent run: budgets, errors, cancellation), ``streaming`` (the SSE body),
 ``protocol`` (the pure OpenAI request and response translation), ``metrics`` (Prometheus series
 and per-request token usage) and ``sandbox`` (where a served agent's python tool runs: a
-supervised sandbox server child, or remote sandbox pods).
+supervised sandbox server child that dies with the gateway, or remote sandbox pods).
 """

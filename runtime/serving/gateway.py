@@ -23,7 +23,7 @@ Design points:
   run's engine requests (non-streaming requests too: the connection is watched while the agent
   works).
 - **No model code in this process.** The python tool runs in a sandbox server child with none of
-  the gateway's secrets, or on sandbox pods (``serving.sandbox``).
+  the gateway's secrets, which dies with the gateway, or on sandbox pods (``serving.sandbox``).
 - **Errors in OpenAI's shape** (``{"error": {"message", "type", "param", "code"}}``, see
   ``serving.protocol``), so clients raise their usual exceptions; an engine failure is a 500 for
   that request and the server keeps serving the next one.

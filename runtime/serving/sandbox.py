@@ -9,7 +9,12 @@ same server and rules a FlowRun's rollout workers use:
 - **local child** (the default): the gateway starts the server as a child process on a loopback
   port, with a fresh gRPC token and an environment built from an allowlist (``child_env``): the
   interpreter's search path and locale, and nothing else the gateway was given. The child is
-  restarted if it dies, and stopped with the gateway.
+  restarted if it dies, and stopped with the gateway. It also dies *with* the gateway: a gateway
+  killed by SIGKILL or the OOM killer runs no clean-up, and outside a pod nothing else would stop
+  the orphan. The child runs this module (``child_main``), which arms ``PR_SET_PDEATHSIG`` first
+  (the kernel sends SIGKILL when the parent exits, by any means) and checks that its parent is
+  still the gateway's pid, which closes the race of a gateway dying before the signal was armed;
+  then it runs the ``flowlane sandbox`` command, whose code runs die with it in turn.
 - **remote** (``--sandbox-address``): sandbox pods or any server reached by ``host:port``; the
   token comes from ``FLOWLANE_GRPC_TOKEN`` (or its ``_FILE`` twin) as for every gRPC client.
 
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -28,12 +34,13 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import grpc
 
 from flowlane.api.errors import ConfigError, EngineUnavailableError
 from flowlane.runtime import grpc_common
+from flowlane.runtime.sandbox import server as sandbox_server
 from flowlane.runtime.sandbox.limits import SandboxLimits
 from flowlane.runtime.sandbox.result import SandboxResult
 from flowlane.runtime.sandbox.server import RemoteCodeRunner
@@ -48,6 +55,11 @@ CHILD_ENV_PREFIX = "FLOWLANE_SANDBOX_"
 START_TIMEOUT_S = 60.0
 STOP_GRACE_S = 10.0
 RESTART_BACKOFF_S = 1.0
+#: prctl(2) option (<linux/prctl.h>): the signal this process gets when its parent exits.
+PR_SET_PDEATHSIG = 1
+#: The first argument of ``child_main``: the pid the child must die with.
+PARENT_PID_FLAG = "--parent-pid"
+CHILD_MODULE = "flowlane.runtime.serving.sandbox"
 
 
 def child_env(parent: Mapping[str, str], token: str) -> dict[str, str]:
@@ -104,7 +116,9 @@ class SandboxChild:
 
     async def _start_locked(self) -> None:
         port = _free_loopback_port()
-        command = [sys.executable, "-m", "flowlane.runtime.sandbox.server", "--host", "127.0.0.1",
+        # The loop's thread forks the child: the death signal follows that thread, the process's
+        # main thread under ``flowlane serve``.
+        command = [sys.executable, "-m", CHILD_MODULE, PARENT_PID_FLAG, str(os.getpid()), "--host", "127.0.0.1",
                    "--port", str(port), "--max-concurrency", str(self.max_concurrency)]
         self._proc = await asyncio.create_subprocess_exec(
             *command, env=child_env(self._parent_env, self._token), stdin=asyncio.subprocess.DEVNULL,
@@ -182,3 +196,36 @@ def remote_runner(address: str, *, limits: SandboxLimits | None = None) -> Remot
     if not host or not port.isdigit():
         raise ConfigError(f"--sandbox-address must be HOST:PORT, got {address!r}")
     return RemoteCodeRunner(address, grpc_common.require_token(), limits=limits)
+
+
+def die_with_parent(parent_pid: int, sig: signal.Signals = signal.SIGKILL) -> None:
+    """Have the kernel send ``sig`` to this process when its parent exits, however it exits.
+
+    Exits at once (status 1) if the parent is no longer ``parent_pid``: it died before the signal
+    was armed, and this process was already handed to another parent that will never send it.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    unused = ctypes.c_ulong(0)
+    if libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(int(sig)), unused, unused, unused) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+    if os.getppid() != parent_pid:
+        raise SystemExit(f"flowlane sandbox child: its parent {parent_pid} exited before the child started; "
+                         "not serving without it")
+
+
+def child_main(argv: Sequence[str] | None = None) -> None:
+    """``python -m flowlane.runtime.serving.sandbox --parent-pid PID [flowlane sandbox options]``.
+
+    The sandbox child's entry point: bound to the gateway's lifetime first, then the sandbox server.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) < 2 or args[0] != PARENT_PID_FLAG or not args[1].isdigit():
+        raise SystemExit(f"usage: python -m {CHILD_MODULE} {PARENT_PID_FLAG} PID [flowlane sandbox options]")
+    die_with_parent(int(args[1]))
+    sys.argv = [sys.argv[0], *args[2:]]
+    sandbox_server.main()
+
+
+if __name__ == "__main__":
+    child_main()
