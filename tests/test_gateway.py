@@ -38,7 +38,7 @@ from flowlane.api.errors import EngineUnavailableError
 from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings
 from flowlane.runtime.serving.app import create_app
 from flowlane.runtime.serving.config import PROMPT_RESERVE_TOKENS, GatewayConfig
-from flowlane.runtime.serving.gateway import running_gateway, serve
+from flowlane.runtime.serving.gateway import bind_socket, running_gateway, serve
 from flowlane.runtime.serving.protocol import (
     ErrorCode,
     OpenAIError,
@@ -768,6 +768,28 @@ def test_step_events_read_as_text() -> None:
 
 
 # ============================================================================ flowlane serve
+
+
+@in_session_loop
+async def test_connections_to_the_gateway_socket_send_without_nagle_delay() -> None:
+    """Accepted connections get TCP_NODELAY: with Nagle's algorithm on, a response body waited
+    for the client's delayed ACK of the headers, ~40 ms per request."""
+    sock = bind_socket("127.0.0.1", 0)
+    nodelay: list[int] = []
+
+    async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nodelay.append(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        writer.close()
+
+    server = await asyncio.start_server(accepted, sock=sock)  # as uvicorn serves the socket
+    try:
+        reader, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        assert await reader.read() == b""  # closed by the server, after it looked
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert nodelay == [1]
 
 
 def test_serve_with_a_missing_checkpoint_exits_with_a_one_line_error(tmp_path: Path) -> None:

@@ -80,7 +80,11 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host:port`` (0: any free port); a one-line error when taken."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # The protocol named, not left 0: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on
+    # connections whose socket says IPPROTO_TCP, and accepted sockets copy the listener's. With
+    # Nagle on, a response's body waited for the client's delayed ACK of its headers: ~40 ms on
+    # every request (bench/serve.py's "gateway adds").
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
