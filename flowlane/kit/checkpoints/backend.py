@@ -31,9 +31,17 @@ class Backend(ABC):
 
     @abstractmethod
     def write_step(
-        self, name: str, sources: Sequence[tuple[str, Path]], manifest_for: Callable[[list[ManifestFile]], bytes]
+        self, name: str, sources: Sequence[tuple[str, Path]], manifest_for: Callable[[list[ManifestFile]], bytes],
+        parts: Sequence[ManifestFile] = (),
     ) -> None:
-        """Write the files, then ``manifest_for(written files)`` as the manifest, last."""
+        """Write the files, then ``manifest_for(written files and parts)`` as the manifest, last.
+
+        ``parts`` are files of the same step that other writers put there with ``write_part``.
+        """
+
+    @abstractmethod
+    def write_part(self, name: str, sources: Sequence[tuple[str, Path]]) -> list[ManifestFile]:
+        """Write another writer's files of step ``name``, invisible until ``write_step`` names them."""
 
     @abstractmethod
     def fetch(self, key: str, dest: Path) -> tuple[int, str]:

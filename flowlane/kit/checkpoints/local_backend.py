@@ -62,7 +62,8 @@ class LocalBackend(Backend):
         self._write_atomic(self.root / POINTER_NAME, data)
 
     def write_step(
-        self, name: str, sources: Sequence[tuple[str, Path]], manifest_for: Callable[[list[ManifestFile]], bytes]
+        self, name: str, sources: Sequence[tuple[str, Path]], manifest_for: Callable[[list[ManifestFile]], bytes],
+        parts: Sequence[ManifestFile] = (),
     ) -> None:
         final = self.root / name
         staging = self.root / f".{name}.partial-{uuid.uuid4().hex[:8]}"
@@ -74,6 +75,15 @@ class LocalBackend(Backend):
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 size, digest = _copy_and_hash(src, dest, durable=True)
                 written.append(ManifestFile(rel, size, digest))
+            for part in parts:  # other writers' files: moved in, never copied again
+                dest = staging / part.path
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.replace(self._parts_dir(name) / part.path, dest)
+                except FileNotFoundError:
+                    raise CheckpointError(f"checkpoint {final}: the part {part.path} another writer reported is "
+                                          "missing; that writer's upload failed, nothing is written") from None
+                written.append(part)
             self._write_atomic(staging / MANIFEST_NAME, manifest_for(written))
             if final.exists():  # re-saving a step: retire the old one without a visible gap in files
                 retired = self.root / f".{name}.retired-{uuid.uuid4().hex[:8]}"
@@ -82,11 +92,31 @@ class LocalBackend(Backend):
                 shutil.rmtree(retired, ignore_errors=True)
             staging.rename(final)
             _fsync_dir(self.root)
+            shutil.rmtree(self._parts_dir(name), ignore_errors=True)
+        except CheckpointError:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise CheckpointError(
                 f"cannot write checkpoint {final}: {exc.strerror or exc}; check free space and permissions"
             ) from None
+
+    def _parts_dir(self, name: str) -> Path:
+        return self.root / f".{name}.parts"  # hidden: not a step directory
+
+    def write_part(self, name: str, sources: Sequence[tuple[str, Path]]) -> list[ManifestFile]:
+        written = []
+        try:
+            for rel, src in sources:
+                dest = self._parts_dir(name) / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                size, digest = _copy_and_hash(src, dest, durable=True)
+                written.append(ManifestFile(rel, size, digest))
+        except OSError as exc:
+            raise CheckpointError(f"cannot write part of checkpoint {self.root / name}: {exc.strerror or exc}; check "
+                                  "free space and permissions") from None
+        return written
 
     def fetch(self, key: str, dest: Path) -> tuple[int, str]:
         try:

@@ -224,15 +224,34 @@ class S3Backend(Backend):
         self._put_bytes(POINTER_NAME, data)
 
     def write_step(
-        self, name: str, sources: Sequence[tuple[str, Path]], manifest_for: Callable[[list[ManifestFile]], bytes]
+        self, name: str, sources: Sequence[tuple[str, Path]], manifest_for: Callable[[list[ManifestFile]], bytes],
+        parts: Sequence[ManifestFile] = (),
     ) -> None:
         step_prefix = self._key(f"{name}/")
-        if self._call(f"listing {step_prefix}", lambda: next(self._list(step_prefix), None)) is not None:
+        if parts:  # other writers' files are already in place: clear only what is not theirs
+            keep = {self._key(f"{name}/{part.path}") for part in parts}
+            self._delete_keys(step_prefix, lambda key: key not in keep)
+        elif self._call(f"listing {step_prefix}", lambda: next(self._list(step_prefix), None)) is not None:
             self.delete_step(name)  # re-saving a step, or leftovers of a failed save: start clean
         written = []
         for rel, src in sources:
             written.append(self._upload(f"{name}/{rel}", src))
-        self._put_bytes(f"{name}/{MANIFEST_NAME}", manifest_for(written))
+        self._put_bytes(f"{name}/{MANIFEST_NAME}", manifest_for([*written, *parts]))
+
+    def write_part(self, name: str, sources: Sequence[tuple[str, Path]]) -> list[ManifestFile]:
+        # Straight into the step's prefix: without the manifest, the step does not exist yet.
+        return [self._upload(f"{name}/{rel}", src) for rel, src in sources]
+
+    def _delete_keys(self, prefix: str, doomed: Callable[[str], bool]) -> None:
+        from minio.deleteobjects import DeleteObject
+
+        def remove() -> None:
+            keys = [o.object_name for o in self._list(prefix) if doomed(o.object_name)]
+            errors = list(self.client.remove_objects(self.bucket, (DeleteObject(k) for k in keys)))
+            if errors:
+                raise CheckpointError(f"could not delete {len(errors)} objects under {prefix}: {errors[0]}")
+
+        self._call(f"deleting leftovers under {prefix}", remove)
 
     def _upload(self, key: str, src: Path) -> ManifestFile:
         size = src.stat().st_size

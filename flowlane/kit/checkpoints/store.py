@@ -14,7 +14,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -93,14 +93,23 @@ class CheckpointStore:
 
     # -- writing
 
-    def save(self, step: int, source_dir: Path, meta: Mapping[str, Any], metric: float | None = None) -> CheckpointRef:
+    def save(self, step: int, source_dir: Path, meta: Mapping[str, Any], metric: float | None = None,
+             *, parts: Sequence[ManifestFile] = ()) -> CheckpointRef:
         """Store every file under ``source_dir`` as checkpoint ``step``; manifest last, then ``latest``.
+
+        ``parts`` are the files other writers of this step put in with :meth:`save_part` (learner
+        pods that do not share this one's filesystem upload their own shards); the manifest lists
+        them with this writer's files, so the checkpoint appears with all of them or not at all.
 
         Raises :class:`CheckpointError` when the checkpoint could not be written (the previous
         complete checkpoint stays the latest) and :class:`ConfigError` for bad arguments.
         """
         source_dir = Path(source_dir)
         sources = _collect_sources(source_dir)
+        clash = sorted({rel for rel, _ in sources} & {part.path for part in parts})
+        if clash:
+            raise ConfigError(f"checkpoint step {step}: {clash[0]} is both in {source_dir} and in another writer's "
+                              "part; each file has one writer")
         if step < 0 or step > 99_999_999:
             raise ConfigError(f"checkpoint step: must be in [0, 99999999], got {step}")
         try:
@@ -117,7 +126,7 @@ class CheckpointStore:
             manifest_holder.append(build_manifest(step, files, meta_json, metric, time.time()))
             return manifest_holder[-1]
 
-        self._backend.write_step(name, sources, manifest_for)
+        self._backend.write_step(name, sources, manifest_for, parts)
         ref = parse_manifest(manifest_holder[-1], step, f"{self.location}/{name}")
         pointer = {"step": step, "path": name, "updated_at": datetime.now(UTC).isoformat()}
         try:
@@ -129,6 +138,12 @@ class CheckpointStore:
         except CheckpointError as exc:  # the checkpoint is safe; old ones linger until the next save
             log.warning("checkpoint retention at %s skipped: %s", self.location, exc)
         return ref
+
+    def save_part(self, step: int, source_dir: Path) -> list[ManifestFile]:
+        """Upload every file under ``source_dir`` as part of checkpoint ``step``, which stays
+        invisible until the committing writer's :meth:`save` names the returned files in ``parts``."""
+        sources = _collect_sources(Path(source_dir))
+        return self._backend.write_part(step_dir_name(step), sources)
 
     def delete(self, ref: CheckpointRef) -> None:
         """Remove a checkpoint (its manifest first, so it is never seen half-deleted)."""
