@@ -86,6 +86,7 @@ class ConditionType(enum.StrEnum):
     READY = "Ready"  # every pod of the group runs
     RUNNING = "Running"  # every pod of the group runs (Ready's twin, named as training operators name it)
     ROLLOUT_DEGRADED = "RolloutDegraded"  # the learner runs but a rollout worker is missing or not up
+    WEIGHTS_SYNCED = "WeightsSynced"  # every rollout worker samples with the learner's current policy version
     CHECKPOINTED = "Checkpointed"  # a complete checkpoint exists; its URI is the message
     RESTARTING = "Restarting"
     SUSPENDED = "Suspended"
@@ -583,8 +584,8 @@ class FlowRunStatus(SpecModel):
     message: str | None = Field(None, description="One line on the current phase: what happens or what to fix.")
     conditions: list[Condition] = Field(
         default_factory=list,
-        description="Accepted, Admitted, Ready, Running, RolloutDegraded, Checkpointed, Restarting, Suspended, "
-        "Succeeded, Failed; each with a reason and a message.",
+        description="Accepted, Admitted, Ready, Running, RolloutDegraded, WeightsSynced, Checkpointed, Restarting, "
+        "Suspended, Succeeded, Failed; each with a reason and a message.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     observed_generation: int | None = Field(None, ge=0, description="metadata.generation the status reflects.")
@@ -592,6 +593,14 @@ class FlowRunStatus(SpecModel):
     step: int | None = Field(None, ge=0, description="Training steps completed (from the learner).")
     total_steps: int | None = Field(None, ge=0, description="Steps the run will take.")
     policy_version: int | None = Field(None, ge=0, description="Newest policy version the learner published.")
+    worker_policy_versions: dict[str, int] | None = Field(
+        None, description="Rollout worker (rollout-0, ...) -> the policy version its latest trajectory was sampled "
+        "with; a worker that has not submitted since it (re)started is absent.")
+    staleness: int | None = Field(
+        None, ge=0, description="policyVersion minus the oldest version in workerPolicyVersions.")
+    last_weight_sync_seconds: float | None = Field(
+        None, ge=0, description="Wall time of the newest version's weight sync: the learner publishing it plus the "
+        "slowest worker's transfer of it so far.")
     reward: float | None = Field(None, description="Mean reward of the last step's trajectories.")
     held_out_accuracy: float | None = Field(
         None, description="Accuracy of the trained planner on the held-out test split (scored once, at the end).")

@@ -161,7 +161,14 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LearnerStatus(_message.Message):
-    __slots__ = ("step", "policy_version", "reward_mean", "held_out_accuracy", "last_checkpoint", "mlflow_run_id", "phase", "total_steps", "baseline_accuracy", "trajectories", "step_time_s", "message", "validation_accuracy", "best_checkpoint", "best_validation_accuracy")
+    __slots__ = ("step", "policy_version", "reward_mean", "held_out_accuracy", "last_checkpoint", "mlflow_run_id", "phase", "total_steps", "baseline_accuracy", "trajectories", "step_time_s", "message", "validation_accuracy", "best_checkpoint", "best_validation_accuracy", "worker_policy_versions", "staleness", "last_weight_sync_s")
+    class WorkerPolicyVersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     STEP_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     REWARD_MEAN_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +184,9 @@ class LearnerStatus(_message.Message):
     VALIDATION_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     BEST_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     BEST_VALIDATION_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    WORKER_POLICY_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
+    LAST_WEIGHT_SYNC_S_FIELD_NUMBER: _ClassVar[int]
     step: int
     policy_version: int
     reward_mean: float
@@ -192,4 +202,7 @@ class LearnerStatus(_message.Message):
     validation_accuracy: float
     best_checkpoint: str
     best_validation_accuracy: float
-    def __init__(self, step: _Optional[int] = ..., policy_version: _Optional[int] = ..., reward_mean: _Optional[float] = ..., held_out_accuracy: _Optional[float] = ..., last_checkpoint: _Optional[str] = ..., mlflow_run_id: _Optional[str] = ..., phase: _Optional[str] = ..., total_steps: _Optional[int] = ..., baseline_accuracy: _Optional[float] = ..., trajectories: _Optional[int] = ..., step_time_s: _Optional[float] = ..., message: _Optional[str] = ..., validation_accuracy: _Optional[float] = ..., best_checkpoint: _Optional[str] = ..., best_validation_accuracy: _Optional[float] = ...) -> None: ...
+    worker_policy_versions: _containers.ScalarMap[str, int]
+    staleness: int
+    last_weight_sync_s: float
+    def __init__(self, step: _Optional[int] = ..., policy_version: _Optional[int] = ..., reward_mean: _Optional[float] = ..., held_out_accuracy: _Optional[float] = ..., last_checkpoint: _Optional[str] = ..., mlflow_run_id: _Optional[str] = ..., phase: _Optional[str] = ..., total_steps: _Optional[int] = ..., baseline_accuracy: _Optional[float] = ..., trajectories: _Optional[int] = ..., step_time_s: _Optional[float] = ..., message: _Optional[str] = ..., validation_accuracy: _Optional[float] = ..., best_checkpoint: _Optional[str] = ..., best_validation_accuracy: _Optional[float] = ..., worker_policy_versions: _Optional[_Mapping[str, int]] = ..., staleness: _Optional[int] = ..., last_weight_sync_s: _Optional[float] = ...) -> None: ...

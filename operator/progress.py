@@ -69,12 +69,15 @@ class GrpcProgressSource:
             return None
         optional = {name: getattr(status, name) if status.HasField(name) else None
                     for name in ("held_out_accuracy", "baseline_accuracy", "validation_accuracy",
-                                 "best_validation_accuracy")}
+                                 "best_validation_accuracy", "staleness")}
         return Progress(
             step=status.step, total_steps=status.total_steps or None, policy_version=status.policy_version,
             reward=status.reward_mean, last_checkpoint=status.last_checkpoint or None,
             mlflow_run_id=status.mlflow_run_id or None, best_checkpoint=status.best_checkpoint or None,
-            finished=status.phase == Phase.SUCCEEDED.value, **optional,
+            finished=status.phase == Phase.SUCCEEDED.value,
+            worker_policy_versions=dict(status.worker_policy_versions),
+            last_weight_sync_seconds=status.last_weight_sync_s if status.HasField("last_weight_sync_s") else None,
+            **optional,
         )
 
 

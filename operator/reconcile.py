@@ -53,7 +53,7 @@ from flowlane.api.flowservice import (
     ServiceConditionType,
     ServicePhase,
 )
-from flowlane.operator.graph import SecretEnv
+from flowlane.operator.graph import Role, SecretEnv
 from flowlane.operator.render import (
     ANNOTATION_CHECKPOINT,
     ANNOTATION_HASH,
@@ -87,6 +87,10 @@ class Progress:
     best_validation_accuracy: float | None = None
     mlflow_run_id: str | None = None
     finished: bool = False  # the learner finished every step
+    #: Rollout worker name -> the policy version of its latest trajectory (None: the learner does not say).
+    worker_policy_versions: Mapping[str, int] | None = None
+    staleness: int | None = None  # policy_version minus the oldest worker's version
+    last_weight_sync_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -425,6 +429,8 @@ def plan_flowrun(body: Mapping[str, Any], children: RunChildren, progress: Progr
 
     spec = flowrun.spec
     rendered = render_flowrun(flowrun, epoch=st.new.restart_count, options=options)
+    if progress is not None:
+        _weights_synced(st, progress, [c.name for c in rendered.graph.components if c.role is Role.ROLLOUT])
     _sync_static(rendered.static_children(),
                  [*children.config_maps, *children.services, *children.network_policies,
                   *children.disruption_budgets], plan)
@@ -450,7 +456,7 @@ def plan_flowrun(body: Mapping[str, Any], children: RunChildren, progress: Progr
                   f"active for more than activeDeadlineSeconds ({deadline}s); raise it to let runs go on longer")
         return done()
 
-    learner_name = child_name(flowrun.name, "learner")
+    learner_name = child_name(flowrun.name, rendered.graph.lead_learner)  # rank 0 finishes the run
     learner = next((p for p in live_pods if object_name(p) == learner_name), None)
     if (learner is not None and pod_phase(learner) == "Succeeded") or (progress is not None and progress.finished):
         plan.delete += active_pods
@@ -521,7 +527,8 @@ def plan_flowrun(body: Mapping[str, Any], children: RunChildren, progress: Progr
     running = [p for p in live_pods if object_name(p) in desired and object_name(p) not in stale_names
                and pod_up(p)]
     queued = [p for p in live_pods if pod_queued(p)]
-    _group_conditions(st, flowrun.name, desired, present, running, children.rejected, bool(queued))
+    _group_conditions(st, flowrun.name, desired, present, running, children.rejected, bool(queued),
+                      rendered.graph.lead_learner)
     if len(running) == len(desired) and not plan.create:
         st.condition(ConditionType.READY, True, "AllPodsRunning", f"{len(desired)} pods running")
         st.condition(ConditionType.RUNNING, True, "AllPodsRunning", f"{len(desired)} pods running")
@@ -551,7 +558,8 @@ def plan_flowrun(body: Mapping[str, Any], children: RunChildren, progress: Progr
 
 
 def _group_conditions(st: _RunStatus, run: str, desired: Mapping[str, Any], present: set[str],
-                      running: list[dict[str, Any]], rejected: list[str], queued: bool) -> None:
+                      running: list[dict[str, Any]], rejected: list[str], queued: bool,
+                      lead_learner: str = "learner") -> None:
     """Admitted (the API server took every pod, and Kueue, if queued, let them run) and
     RolloutDegraded (the learner runs, a worker does not)."""
     if rejected:
@@ -561,7 +569,7 @@ def _group_conditions(st: _RunStatus, run: str, desired: Mapping[str, Any], pres
     elif desired and set(desired) <= present:
         st.condition(ConditionType.ADMITTED, True, "PodsCreated", f"the API server took all {len(desired)} pods")
     up = {object_name(p) for p in running}
-    learner = child_name(run, "learner")
+    learner = child_name(run, lead_learner)
     workers = sorted(n for n in desired if n.startswith(child_name(run, "rollout-")))
     down = [n.removeprefix(run + "-") for n in workers if n not in up]
     if learner in up and down:
@@ -576,10 +584,32 @@ def _apply_progress(status: FlowRunStatus, progress: Progress) -> None:
     # after training, so it can never select among checkpoints.
     for name in ("step", "total_steps", "policy_version", "reward", "held_out_accuracy", "baseline_accuracy",
                  "validation_accuracy", "last_checkpoint", "best_checkpoint", "best_validation_accuracy",
-                 "mlflow_run_id"):
+                 "mlflow_run_id", "staleness", "last_weight_sync_seconds"):
         value = getattr(progress, name)
         if value is not None:
             setattr(status, name, value)
+    if progress.worker_policy_versions is not None:  # the learner's whole map: a restarted worker drops out
+        status.worker_policy_versions = dict(sorted(progress.worker_policy_versions.items()))
+
+
+def _weights_synced(st: _RunStatus, progress: Progress, workers: list[str]) -> None:
+    """WeightsSynced: every rollout worker samples with the learner's current policy version."""
+    versions, current = progress.worker_policy_versions, progress.policy_version
+    if versions is None or current is None:
+        return  # a learner that does not report per-worker versions: no claim either way
+    missing = [w for w in workers if w not in versions]
+    # Ahead counts too: a learner restored from an older checkpoint is not what that worker samples with.
+    behind = [w for w in workers if w in versions and versions[w] != current]
+    if missing:
+        st.condition(ConditionType.WEIGHTS_SYNCED, False, "WorkerMissing",
+                     f"no trajectory since (re)start from {', '.join(missing)}; the learner is at version {current}")
+    elif behind:
+        st.condition(ConditionType.WEIGHTS_SYNCED, False, "WorkersBehind",
+                     ", ".join(f"{w} at version {versions[w]}" for w in behind)
+                     + f"; the learner is at version {current}")
+    else:
+        st.condition(ConditionType.WEIGHTS_SYNCED, True, "AllWorkersSynced",
+                     f"{len(workers)} rollout workers on policy version {current}")
 
 
 @dataclass

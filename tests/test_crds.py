@@ -100,7 +100,7 @@ def test_flowrun_crd_has_status_subresource_printer_columns_and_short_name() -> 
     version = crd["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
     assert [c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")] == [
-        "Phase", "Step", "Policy", "Reward", "Restarts", "Age"]
+        "Phase", "Step", "Policy", "Staleness", "Sync-s", "Reward", "Restarts", "Age"]
     assert crd["spec"]["names"]["shortNames"] == ["fr"]
     assert crd["spec"]["names"]["categories"] == ["flowlane"]
 
@@ -195,6 +195,8 @@ def all_status_fields(model: type[FlowRunStatus] | type[FlowServiceStatus]) -> d
             values[alias] = "Failed" if model is FlowRunStatus else "Ready"
         elif "datetime" in text:
             values[alias] = now
+        elif "dict" in text:
+            values[alias] = {"rollout-0": 1}
         elif "int" in text:
             values[alias] = 1
         elif "float" in text:
@@ -212,6 +214,8 @@ def test_status_schema_keeps_everything_the_operator_writes(crd: dict[str, Any],
     status = all_status_fields(model)
 
     def pruned(obj: Any, schema: dict[str, Any], path: str) -> list[str]:
+        if isinstance(obj, dict) and isinstance(schema.get("additionalProperties"), dict):  # a map: keys kept
+            return [p for k, v in obj.items() for p in pruned(v, schema["additionalProperties"], f"{path}.{k}")]
         if isinstance(obj, dict):
             props = schema.get("properties", {})
             out = [f"{path}.{k}" for k in obj if k not in props]

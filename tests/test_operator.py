@@ -354,7 +354,9 @@ async def test_grpc_progress_source_reads_the_learners_status_rpc(kube: KubeApi,
             return learner_pb2.LearnerStatus(step=12, policy_version=12, reward_mean=0.75, held_out_accuracy=0.4,
                                              last_checkpoint="s3://b/step-10", mlflow_run_id="run-1",
                                              phase="Running", total_steps=40, validation_accuracy=0.5,
-                                             best_checkpoint="s3://b/step-8", best_validation_accuracy=0.6)
+                                             best_checkpoint="s3://b/step-8", best_validation_accuracy=0.6,
+                                             worker_policy_versions={"rollout-0": 12, "rollout-1": 11},
+                                             staleness=1, last_weight_sync_s=0.75)
 
     for name, token in (("tok", b"s3cret"), ("wrong", b"guess")):
         kube.create(SECRETS, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
@@ -369,7 +371,8 @@ async def test_grpc_progress_source_reads_the_learners_status_rpc(kube: KubeApi,
         assert await source(RunRef(kube.namespace, "demo", address, SecretEnv("tok", "token"))) == Progress(
             step=12, total_steps=40, policy_version=12, reward=0.75, held_out_accuracy=0.4,
             validation_accuracy=0.5, last_checkpoint="s3://b/step-10", best_checkpoint="s3://b/step-8",
-            best_validation_accuracy=0.6, mlflow_run_id="run-1", finished=False)
+            best_validation_accuracy=0.6, mlflow_run_id="run-1", finished=False,
+            worker_policy_versions={"rollout-0": 12, "rollout-1": 11}, staleness=1, last_weight_sync_seconds=0.75)
         assert await source(RunRef(kube.namespace, "demo", address, SecretEnv("wrong", "token"))) is None
     finally:
         await client.close()

@@ -8,7 +8,7 @@ from typing import Any
 
 import kmock
 import yaml
-from fixtures_kube import EVENTS, FLOWRUNS, PODS, KMockServer, KubeApi, wait_until
+from fixtures_kube import EVENTS, FLOWRUNS, PODS, SECRETS, FakeProgress, KMockServer, KubeApi, wait_until
 from test_operator import (
     MEMBERS,
     body,
@@ -257,3 +257,137 @@ def test_a_run_recovers_from_a_lost_node_within_its_backoff_budget(
                what="the group recreated at epoch 1, the stuck learner gone")
     run_group(kube, "lost")
     assert status(kube, "lost")["restartCount"] == 1
+
+
+# -- weights sync ------------------------------------------------------------------------------------
+
+
+def synced(obj: dict[str, Any], progress: Progress) -> tuple[str, str, str]:
+    weights = conditions(plan(obj, pods_for(obj, epoch=0), progress))["WeightsSynced"]
+    return weights["status"], weights["reason"], weights["message"]
+
+
+def test_weights_synced_names_the_workers_behind_or_missing() -> None:
+    obj = body("{rollout: {replicas: 3}, storage: {checkpointUri: 's3://b/x'}}", status={"phase": "Running"})
+    at = {"rollout-0": 7, "rollout-1": 7, "rollout-2": 7}
+    assert synced(obj, Progress(policy_version=7, worker_policy_versions=at)) == (
+        "True", "AllWorkersSynced", "3 rollout workers on policy version 7")
+    assert synced(obj, Progress(policy_version=8, worker_policy_versions={**at, "rollout-0": 8, "rollout-2": 6})) == (
+        "False", "WorkersBehind", "rollout-1 at version 7, rollout-2 at version 6; the learner is at version 8")
+    assert synced(obj, Progress(policy_version=7, worker_policy_versions={"rollout-1": 7})) == (
+        "False", "WorkerMissing",
+        "no trajectory since (re)start from rollout-0, rollout-2; the learner is at version 7")
+
+
+def test_a_learner_that_reports_no_worker_versions_sets_no_weights_synced_condition() -> None:
+    obj = body(status={"phase": "Running"})
+    assert "WeightsSynced" not in conditions(plan(obj, pods_for(obj, epoch=0), Progress(step=3, policy_version=3)))
+
+
+def test_staleness_sync_time_and_worker_versions_reach_the_status() -> None:
+    obj = body(status={"phase": "Running", "workerPolicyVersions": {"rollout-0": 1, "rollout-1": 1}})
+    result = plan(obj, pods_for(obj, epoch=0), Progress(
+        policy_version=4, worker_policy_versions={"rollout-1": 4, "rollout-0": 3}, staleness=1,
+        last_weight_sync_seconds=0.5))
+    assert (result.status["workerPolicyVersions"], result.status["staleness"],
+            result.status["lastWeightSyncSeconds"]) == ({"rollout-0": 3, "rollout-1": 4}, 1, 0.5)
+    restarted = plan(obj, pods_for(obj, epoch=0), Progress(policy_version=4, worker_policy_versions={"rollout-1": 4}))
+    assert restarted.status["workerPolicyVersions"] == {"rollout-1": 4}  # the learner's map replaces the old one
+
+
+async def test_the_learners_worker_versions_reach_weights_synced_over_grpc(
+        kube: KubeApi, kmock_server: KMockServer, tmp_path: Any) -> None:
+    """The real learner service records the version of each worker's trajectories; GetStatus serves
+    them with the staleness and the sync time; the operator's progress source reads them back."""
+    import kopf
+
+    from flowlane.api import learner_pb2, learner_pb2_grpc
+    from flowlane.api.flowrun import FlowRun, Phase
+    from flowlane.api.trajectory import PlannerTurn, Trajectory
+    from flowlane.operator.graph import SecretEnv
+    from flowlane.operator.kube_client import KubeClient
+    from flowlane.operator.progress import GrpcProgressSource
+    from flowlane.operator.reconcile import RunRef
+    from flowlane.runtime.grpc_common import bind_port, create_server, open_channel, trajectory_to_record
+    from flowlane.trainer.learner_service import LearnerRuntime, make_servicer
+
+    class Policy:
+        policy_version = 3
+
+    runtime = LearnerRuntime(FlowRun.model_validate({"metadata": {"name": "demo"}, "spec": {
+        "rollout": {"replicas": 2}, "algorithm": {"groupSize": 2, "batchQuestions": 2}}}), tmp_path)
+    runtime.learner = Policy()  # type: ignore[assignment]
+    runtime.weights_cache = (3, [])
+    runtime.weight_sync.published(3, 0.25)
+    runtime.progress.phase = Phase.RUNNING
+    kube.create(SECRETS, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "tok"},
+                          "stringData": {"token": "s3cret"}})
+    server = create_server("s3cret")
+    learner_pb2_grpc.add_LearnerServicer_to_server(make_servicer(runtime), server)
+    address = f"127.0.0.1:{bind_port(server, '127.0.0.1', 0)}"
+    await server.start()
+    client = KubeClient(kopf.ConnectionInfo(server=kmock_server.url, insecure=True))
+    source = GrpcProgressSource(client)
+    ref = RunRef(kube.namespace, "demo", address, SecretEnv("tok", "token"))
+    obj = body("{rollout: {replicas: 2}, storage: {checkpointUri: 's3://b/x'}}", status={"phase": "Running"})
+
+    async def work(stub: Any, worker: str, version: int) -> None:
+        batch = await stub.GetTasks(learner_pb2.TaskRequest(worker_id=worker, max_tasks=1))
+        turn = PlannerTurn(prompt_ids=[1], response_ids=[2], logprobs=[-0.5], policy_version=version, text="x")
+        records = [trajectory_to_record(Trajectory(question=t.question, question_id=t.question_id,
+                                                   planner_turns=[turn], reward=1.0), t.unit_id, worker)
+                   for t in batch.tasks]
+
+        async def chunks() -> Any:
+            yield learner_pb2.TrajectoryChunk(trajectories=records)
+
+        await stub.SubmitTrajectories(chunks())
+
+    async def weights_synced() -> tuple[Progress, tuple[str, str, str]]:
+        progress = await source(ref)
+        assert progress is not None
+        return progress, synced(obj, progress)
+
+    try:
+        async with open_channel(address, "s3cret") as channel:
+            stub = learner_pb2_grpc.LearnerStub(channel)
+            async for _ in stub.GetWeights(learner_pb2.WeightsRequest(min_version=3)):
+                pass  # a transfer of version 3: it counts towards the sync time
+            await work(stub, "rollout-0/a", 3)
+            await work(stub, "rollout-1/a", 2)
+            progress, weights = await weights_synced()
+            assert (dict(progress.worker_policy_versions or {}), progress.staleness) == (
+                {"rollout-0": 3, "rollout-1": 2}, 1)
+            assert progress.last_weight_sync_seconds is not None and 0.25 <= progress.last_weight_sync_seconds < 5
+            assert weights == ("False", "WorkersBehind", "rollout-1 at version 2; the learner is at version 3")
+            # rollout-1 restarts: its new process has loaded nothing the learner has seen yet
+            await stub.GetTasks(learner_pb2.TaskRequest(worker_id="rollout-1/b", max_tasks=1))
+            progress, weights = await weights_synced()
+            assert (dict(progress.worker_policy_versions or {}), progress.staleness) == ({"rollout-0": 3}, 0)
+            assert weights == ("False", "WorkerMissing",
+                               "no trajectory since (re)start from rollout-1; the learner is at version 3")
+            await work(stub, "rollout-1/b", 3)
+            assert (await weights_synced())[1] == ("True", "AllWorkersSynced", "2 rollout workers on policy version 3")
+    finally:
+        await client.close()
+        await server.stop(None)
+
+
+def test_a_running_run_reports_weights_synced_and_its_staleness(kube: KubeApi, start_operator: Any) -> None:
+    progress = FakeProgress()
+    start_operator(progress, reconcile_interval_s=0.3)
+    kube.create(FLOWRUNS, flowrun("synced"))
+    wait_members(kube, MEMBERS, "synced")
+    run_group(kube, "synced")
+    progress.set("synced", Progress(step=4, policy_version=4, worker_policy_versions={"rollout-0": 4, "rollout-1": 3},
+                                    staleness=1, last_weight_sync_seconds=1.5))
+    behind = wait_until(lambda: condition(kube, "WeightsSynced", "synced") or None, what="WeightsSynced")
+    assert (behind["status"], behind["reason"], behind["message"]) == (
+        "False", "WorkersBehind", "rollout-1 at version 3; the learner is at version 4")
+    current = status(kube, "synced")
+    assert (current["workerPolicyVersions"], current["staleness"], current["lastWeightSyncSeconds"]) == (
+        {"rollout-0": 4, "rollout-1": 3}, 1, 1.5)
+    progress.set("synced", Progress(step=4, policy_version=4, worker_policy_versions={"rollout-0": 4, "rollout-1": 4},
+                                    staleness=0, last_weight_sync_seconds=1.5))
+    wait_until(lambda: condition(kube, "WeightsSynced", "synced").get("status") == "True", what="WeightsSynced True")
+    assert status(kube, "synced")["staleness"] == 0

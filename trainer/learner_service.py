@@ -108,6 +108,41 @@ class TrainingProgress:
     message: str = ""
 
 
+class WeightSyncLog:
+    """Which policy version each rollout worker has loaded, and how long the newest version took to sync.
+
+    A worker's version is the one its latest trajectory was sampled with (a worker loads new weights
+    only between waves, so every turn of a trajectory carries the version the worker holds). The sync
+    time of a version is the learner's publication of it plus the slowest GetWeights transfer of it.
+    """
+
+    def __init__(self) -> None:
+        self.workers: dict[str, int] = {}  # worker name -> policy version of its latest trajectory
+        self.version = -1  # the newest published version
+        self.publish_s = 0.0
+        self.transfer_s = 0.0  # the slowest completed transfer of ``version``
+
+    def published(self, version: int, seconds: float) -> None:
+        self.version, self.publish_s, self.transfer_s = version, seconds, 0.0
+
+    def transferred(self, version: int, seconds: float) -> None:
+        if version == self.version:
+            self.transfer_s = max(self.transfer_s, seconds)
+
+    def sampled(self, worker: str, version: int) -> None:
+        self.workers[worker] = max(version, self.workers.get(worker, version))
+
+    def forget(self, worker: str) -> None:
+        self.workers.pop(worker, None)
+
+    def staleness(self, learner_version: int) -> int | None:
+        """The learner's version minus the oldest worker's (0 if none is behind); None while no worker reported."""
+        return max(learner_version - min(self.workers.values()), 0) if self.workers else None
+
+    def sync_s(self) -> float | None:
+        return self.publish_s + self.transfer_s if self.version >= 0 else None
+
+
 class LearnerRuntime:
     """The training loop and the state the gRPC service exposes."""
 
@@ -152,6 +187,7 @@ class LearnerRuntime:
         self.weights_store: CheckpointStore | None = None  # engine.weightSync: store -- versions go there, not gRPC
         self.tracker: Tracker = None  # type: ignore[assignment]
         self.incarnations: dict[str, str] = {}  # worker name -> current incarnation id
+        self.weight_sync = WeightSyncLog()
         self.step_started = time.monotonic()
         self._stop_requested = False
         self._dirty_since_checkpoint = False
@@ -358,6 +394,7 @@ class LearnerRuntime:
         version = self.learner.policy_version
         if self.weights_cache is not None and self.weights_cache[0] == version:
             return
+        started = time.monotonic()
         tensors = await asyncio.to_thread(lambda: [(n, t.detach().cpu().contiguous())
                                                    for n, t in self.learner.export_weights()])
         if self.weights_store is not None:
@@ -367,6 +404,7 @@ class LearnerRuntime:
             await asyncio.to_thread(publish_version, self.weights_store, version, tensors, scratch=self.run_dir)
             tensors = []
         self.weights_cache = (version, tensors)
+        self.weight_sync.published(version, time.monotonic() - started)
         async with self.version_changed:
             self.version_changed.notify_all()
 
@@ -412,7 +450,15 @@ class LearnerRuntime:
                     for unit in [u for u, (w, _) in self.eval_round.leases.items() if w == previous]:
                         del self.eval_round.leases[unit]
                 log.info("worker %s restarted; released %d leased units", name, released)
+            self.weight_sync.forget(name)  # the new process has loaded nothing the learner has seen yet
             self.incarnations[name] = worker_id
+
+    def note_sampled(self, worker_id: str, trajectory: Any) -> None:
+        """Record the version ``worker_id`` sampled ``trajectory`` with (a current incarnation only)."""
+        name = worker_id.split("/", 1)[0]
+        versions = [turn.policy_version for turn in trajectory.planner_turns]
+        if name and versions and self.incarnations.get(name, worker_id) == worker_id:
+            self.weight_sync.sampled(name, max(versions))
 
     def submit(self, unit_id: str, trajectory: Any, policy_version: int) -> str:
         from flowlane.trainer.coordinator import SubmitOutcome
@@ -566,6 +612,7 @@ def make_servicer(runtime: LearnerRuntime) -> Any:
                         ack.rejected += 1
                         ack.reasons.append(f"{record.trajectory_id}: malformed ({err})")
                         continue
+                    runtime.note_sampled(record.worker_id, trajectory)
                     version = min((t.policy_version for t in trajectory.planner_turns),
                                   default=runtime.learner.policy_version)
                     outcome = runtime.submit(record.trajectory_id, trajectory, version)
@@ -584,8 +631,10 @@ def make_servicer(runtime: LearnerRuntime) -> Any:
                     await runtime.version_changed.wait()
             version, tensors = runtime.weights_cache
             chunk_bytes = min(request.chunk_bytes or DEFAULT_WEIGHT_CHUNK_BYTES, DEFAULT_WEIGHT_CHUNK_BYTES)
+            started = time.monotonic()
             for chunk in iter_weight_chunks(tensors, version, chunk_bytes):
-                yield chunk
+                yield chunk  # writes wait on HTTP/2 flow control: this times the worker reading and loading it
+            runtime.weight_sync.transferred(version, time.monotonic() - started)
 
         async def WatchVersion(self, request: Any, context: Any) -> AsyncIterator[Any]:
             last = request.after_version
@@ -602,8 +651,10 @@ def make_servicer(runtime: LearnerRuntime) -> Any:
 
         async def GetStatus(self, request: Any, context: Any) -> Any:
             p = runtime.progress
+            version = runtime.learner.policy_version if runtime.learner else 0
+            sync = runtime.weight_sync
             status = learner_pb2.LearnerStatus(
-                step=p.step, policy_version=runtime.learner.policy_version if runtime.learner else 0,
+                step=p.step, policy_version=version, worker_policy_versions=sync.workers,
                 reward_mean=0.0 if math.isnan(p.reward_mean) else p.reward_mean,
                 last_checkpoint=p.last_checkpoint, mlflow_run_id=p.mlflow_run_id, phase=p.phase.value,
                 total_steps=runtime.total_steps, trajectories=p.trajectories, step_time_s=p.step_time_s,
@@ -613,6 +664,10 @@ def make_servicer(runtime: LearnerRuntime) -> Any:
             for name in ("held_out_accuracy", "baseline_accuracy", "validation_accuracy", "best_validation_accuracy"):
                 if getattr(p, name) is not None:
                     setattr(status, name, getattr(p, name))
+            if (staleness := sync.staleness(version)) is not None:
+                status.staleness = staleness
+            if (sync_s := sync.sync_s()) is not None:
+                status.last_weight_sync_s = sync_s
             return status
 
     return LearnerServicer()
