@@ -6,16 +6,22 @@ it into a supervised process on this machine. Compiling once keeps the two byte-
 up to addresses, so what CI runs locally is what the pods run.
 
 Addresses are abstract. A command line or environment value names another component's port with
-a placeholder, ``{address:learner.grpc}`` (host:port) or ``{port:sandbox-0.grpc}`` (the number),
-and each backend fills them in: the local backend with loopback ports it allocates, Kubernetes with
-Service DNS names and fixed container ports. Secrets are abstract too: ``secret_env`` names a
-Secret key, which Kubernetes injects with ``secretKeyRef`` and the local backend generates or reads.
+a placeholder, ``{address:learner.grpc}`` (host:port), ``{host:learner-0.rendezvous}`` (the host
+alone) or ``{port:sandbox-0.grpc}`` (the number), and each backend fills them in: the local backend
+with loopback ports it allocates, Kubernetes with Service DNS names and fixed container ports.
+Secrets are abstract too: ``secret_env`` names a Secret key, which Kubernetes injects with
+``secretKeyRef`` and the local backend generates or reads.
 
 The command-line contract with the components (implemented in runtime/ and trainer/):
 
 - ``flowlane learner --config CONFIG --port PORT``; with several ranks in the learner pod
   (``learner.ranks``, default one per GPU) the same command under
-  ``torchrun --standalone --nproc-per-node N``: rank 0 serves the port, the other ranks follow it
+  ``torchrun --standalone --nproc-per-node N``: rank 0 serves the port, the other ranks follow it.
+  With several learner pods (``learner.replicas: M``) there are M learner components,
+  ``learner-0`` .. ``learner-<M-1>``, one *group*: each runs the command under
+  ``torchrun --nnodes M --node-rank i --nproc-per-node N --master-addr/--master-port`` at
+  learner-0's ``rendezvous`` port (static rendezvous: every node knows its rank and where rank 0
+  is, as Kubeflow Trainer starts torch nodes). Only learner-0 serves gRPC.
 - ``flowlane rollout --config CONFIG --learner HOST:PORT --sandbox HOST:PORT [--sandbox ...]``
 - ``flowlane sandbox --config CONFIG --port PORT``
 
@@ -38,6 +44,8 @@ from flowlane.api.flowrun import FlowRun, WeightSync, tool_secret_env
 #: Where the rendered run config is mounted in pods (the local backend passes its own path).
 POD_CONFIG_PATH = "/etc/flowlane/run.yaml"
 LEARNER_GRPC_PORT = 50051
+#: Where torchrun's rendezvous store listens on the first learner pod (torch.distributed's default).
+LEARNER_RENDEZVOUS_PORT = 29500
 SANDBOX_GRPC_PORT = 50052
 
 ENV_RUN = "FLOWLANE_RUN"
@@ -55,7 +63,7 @@ ENV_MLFLOW_EXPERIMENT = "MLFLOW_EXPERIMENT_NAME"
 #: components read, so flipping ``suspend`` or raising ``backoffLimit`` does not roll the pods.
 PLACEMENT_ONLY_FIELDS = ("suspend", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished")
 
-PLACEHOLDER = re.compile(r"\{(port|address):([A-Za-z0-9_.-]+)\.([A-Za-z0-9_-]+)\}")
+PLACEHOLDER = re.compile(r"\{(port|address|host):([A-Za-z0-9_.-]+)\.([A-Za-z0-9_-]+)\}")
 
 
 class Role(enum.StrEnum):
@@ -67,6 +75,7 @@ class Role(enum.StrEnum):
 class Protocol(enum.StrEnum):
     GRPC = "grpc"
     HTTP = "http"
+    TCP = "tcp"  # a plain socket, e.g. torchrun's rendezvous store
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,9 @@ class Component:
     ready_port: str | None = None
     #: True for a server that runs until stopped (sandbox); False for a job that exits 0 when done.
     service: bool = False
+    #: The group of pods this one belongs to and is addressed within (several learner pods: "learner");
+    #: on Kubernetes one headless Service per group gives each member a stable DNS name.
+    group: str | None = None
 
     def port(self, name: str) -> Port:
         for port in self.ports:
@@ -133,11 +145,24 @@ class ProcessGraph:
     def by_role(self, role: Role) -> list[Component]:
         return [c for c in self.components if c.role is role]
 
+    @property
+    def lead_learner(self) -> str:
+        """The learner component that serves gRPC (rank 0's): ``learner``, or ``learner-0`` of several."""
+        return next(c.name for c in self.components if c.role is Role.LEARNER and c.index == 0)
+
+    def group(self, name: str) -> list[Component]:
+        return [c for c in self.components if c.group == name]
+
 
 
 def address(component: str, port: str) -> str:
     """Placeholder for ``host:port`` of another component's port."""
     return f"{{address:{component}.{port}}}"
+
+
+def host(component: str, port: str) -> str:
+    """Placeholder for the host part of ``address(component, port)``."""
+    return f"{{host:{component}.{port}}}"
 
 
 def port_number(component: str, port: str) -> str:
@@ -150,7 +175,10 @@ def resolve(text: str, address_of: Callable[[str, str], str], port_of: Callable[
 
     def substitute(match: re.Match[str]) -> str:
         kind, component, port = match.groups()
-        return str(port_of(component, port)) if kind == "port" else address_of(component, port)
+        if kind == "port":
+            return str(port_of(component, port))
+        where = address_of(component, port)
+        return where.rpartition(":")[0] if kind == "host" else where
 
     return PLACEHOLDER.sub(substitute, text)
 
@@ -171,34 +199,13 @@ def token_secret(flowrun: FlowRun) -> tuple[SecretEnv, bool]:
 
 
 def compile_graph(flowrun: FlowRun, *, config_path: str = POD_CONFIG_PATH) -> ProcessGraph:
-    """Compile ``flowrun`` into its components: one learner, N rollout workers, M sandboxes."""
+    """Compile ``flowrun`` into its components: the learner pods, N rollout workers, M sandboxes."""
     spec = flowrun.spec
     token, generated = token_secret(flowrun)
     s3_plain, s3_secret = _s3_env(flowrun)
 
-    def base_env(name: str, role: Role, index: int) -> dict[str, str]:
-        return {ENV_RUN: flowrun.name, ENV_COMPONENT: name, ENV_ROLE: role.value, ENV_REPLICA_INDEX: str(index)}
-
-    learner_env = base_env("learner", Role.LEARNER, 0) | s3_plain
-    if spec.tracking.mlflow_uri:
-        learner_env[ENV_MLFLOW_URI] = spec.tracking.mlflow_uri
-    learner_env[ENV_MLFLOW_EXPERIMENT] = spec.tracking.experiment
-    learner_argv: tuple[str, ...] = ("flowlane", "learner", "--config", config_path,
-                                     "--port", port_number("learner", "grpc"))
-    if spec.learner.ranks_per_replica > 1:
-        learner_argv = ("torchrun", *torchrun_args(spec.learner.ranks_per_replica), "-m", "flowlane.cli",
-                        *learner_argv[1:])
-    learner = Component(
-        name="learner",
-        role=Role.LEARNER,
-        index=0,
-        argv=learner_argv,
-        env=learner_env,
-        secret_env={ENV_GRPC_TOKEN: token, **s3_secret},
-        ports=(Port("grpc", LEARNER_GRPC_PORT),),
-        resources=spec.learner.resources,
-        ready_port="grpc",
-    )
+    learners = _learners(flowrun, config_path, token, s3_plain, s3_secret)
+    lead = learners[0].name
 
     sandboxes = [
         Component(
@@ -206,7 +213,7 @@ def compile_graph(flowrun: FlowRun, *, config_path: str = POD_CONFIG_PATH) -> Pr
             role=Role.SANDBOX,
             index=i,
             argv=("flowlane", "sandbox", "--config", config_path, "--port", port_number(f"sandbox-{i}", "grpc")),
-            env=base_env(f"sandbox-{i}", Role.SANDBOX, i),
+            env=_base_env(flowrun, f"sandbox-{i}", Role.SANDBOX, i),
             secret_env={ENV_GRPC_TOKEN: token},  # servers verify callers; sandboxes get no other secret
             ports=(Port("grpc", SANDBOX_GRPC_PORT),),
             resources=spec.sandbox.resources,
@@ -230,20 +237,20 @@ def compile_graph(flowrun: FlowRun, *, config_path: str = POD_CONFIG_PATH) -> Pr
             name=f"rollout-{i}",
             role=Role.ROLLOUT,
             index=i,
-            argv=("flowlane", "rollout", "--config", config_path, "--learner", address("learner", "grpc"),
+            argv=("flowlane", "rollout", "--config", config_path, "--learner", address(lead, "grpc"),
                   *sandbox_args),
-            env=base_env(f"rollout-{i}", Role.ROLLOUT, i) | (s3_plain if rollout_needs_s3 else {}),
+            env=_base_env(flowrun, f"rollout-{i}", Role.ROLLOUT, i) | (s3_plain if rollout_needs_s3 else {}),
             secret_env={ENV_GRPC_TOKEN: token, **(s3_secret if rollout_needs_s3 else {}), **tool_secrets},
             ports=(),
             resources=spec.rollout.resources,
-            depends_on=("learner", *(s.name for s in sandboxes)),
+            depends_on=(lead, *(s.name for s in sandboxes)),
         )
         for i in range(spec.rollout.replicas)
     ]
     return ProcessGraph(
         run=flowrun.name,
         namespace=flowrun.namespace,
-        components=(learner, *sandboxes, *rollouts),
+        components=(*learners, *sandboxes, *rollouts),
         config=run_config(flowrun),
         config_path=config_path,
         token=token,
@@ -251,10 +258,71 @@ def compile_graph(flowrun: FlowRun, *, config_path: str = POD_CONFIG_PATH) -> Pr
     )
 
 
-def torchrun_args(ranks: int) -> tuple[str, ...]:
+def _base_env(flowrun: FlowRun, name: str, role: Role, index: int) -> dict[str, str]:
+    return {ENV_RUN: flowrun.name, ENV_COMPONENT: name, ENV_ROLE: role.value, ENV_REPLICA_INDEX: str(index)}
+
+
+def _learners(flowrun: FlowRun, config_path: str, token: SecretEnv, s3_plain: Mapping[str, str],
+              s3_secret: Mapping[str, SecretEnv]) -> list[Component]:
+    """The learner: one component, or with ``learner.replicas: M`` a group learner-0 .. learner-<M-1>.
+
+    Every learner pod reads and writes the checkpoint store (each uploads its own ZeRO shards),
+    so each gets the storage credentials; only the first serves gRPC and is waited for.
+    """
+    spec = flowrun.spec.learner
+    tracking = flowrun.spec.tracking
+    pods, ranks = spec.replicas, spec.ranks_per_replica
+    names = ["learner"] if pods == 1 else [f"learner-{i}" for i in range(pods)]
+    command = ("learner", "--config", config_path, "--port", port_number(names[0], "grpc"))
+    learners = []
+    for index, name in enumerate(names):
+        env = _base_env(flowrun, name, Role.LEARNER, index) | dict(s3_plain)
+        if tracking.mlflow_uri:
+            env[ENV_MLFLOW_URI] = tracking.mlflow_uri
+        env[ENV_MLFLOW_EXPERIMENT] = tracking.experiment
+        if pods > 1:
+            launcher = torchrun_args(ranks, nodes=pods, node_rank=index,
+                                     master=(host(names[0], "rendezvous"), port_number(names[0], "rendezvous")))
+            argv: tuple[str, ...] = ("torchrun", *launcher, "-m", "flowlane.cli", *command)
+        elif ranks > 1:
+            argv = ("torchrun", *torchrun_args(ranks), "-m", "flowlane.cli", *command)
+        else:
+            argv = ("flowlane", *command)
+        lead = index == 0
+        ports: tuple[Port, ...] = ()
+        if lead:
+            ports = (Port("grpc", LEARNER_GRPC_PORT),)
+        if lead and pods > 1:
+            ports += (Port("rendezvous", LEARNER_RENDEZVOUS_PORT, Protocol.TCP),)
+        learners.append(Component(
+            name=name,
+            role=Role.LEARNER,
+            index=index,
+            argv=argv,
+            env=env,
+            secret_env={ENV_GRPC_TOKEN: token, **s3_secret},
+            ports=ports,
+            resources=spec.resources,
+            ready_port="grpc" if lead else None,
+            group="learner" if pods > 1 else None,
+        ))
+    return learners
+
+
+def torchrun_args(ranks: int, *, nodes: int = 1, node_rank: int = 0,
+                  master: tuple[str, str] | None = None) -> tuple[str, ...]:
     """torchrun options for ``ranks`` processes in one pod (one learner replica); it sets RANK,
-    WORLD_SIZE, MASTER_ADDR/PORT for each and stops them all when one fails."""
-    return ("--standalone", f"--nproc-per-node={ranks}", "--max-restarts=0")
+    WORLD_SIZE, MASTER_ADDR/PORT for each and stops them all when one fails.
+
+    With ``nodes > 1`` the pod is node ``node_rank`` of that many, meeting at ``master`` (host, port
+    of the first pod's rendezvous store); a rank that fails ends its pod, and the group restarts.
+    """
+    if nodes == 1:
+        return ("--standalone", f"--nproc-per-node={ranks}", "--max-restarts=0")
+    if master is None:
+        raise ValueError("torchrun_args: several nodes need the master's host and port")
+    return (f"--nnodes={nodes}", f"--node-rank={node_rank}", f"--nproc-per-node={ranks}",
+            f"--master-addr={master[0]}", f"--master-port={master[1]}", "--max-restarts=0")
 
 
 def _s3_env(flowrun: FlowRun) -> tuple[dict[str, str], dict[str, SecretEnv]]:

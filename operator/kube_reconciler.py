@@ -305,12 +305,13 @@ class Reconciler:
             children.token_secret_exists = await self.client.get(SECRETS, flowrun.namespace, token_name) is not None
 
     async def _progress(self, flowrun: FlowRun, pods: list[dict[str, Any]]) -> Progress | None:
-        learner = next((p for p in pods if p["metadata"].get("labels", {}).get(LABEL_MEMBER) == "learner"), None)
+        graph = compile_graph(flowrun, config_path=POD_CONFIG_PATH)
+        lead = graph.lead_learner  # rank 0's pod serves gRPC
+        learner = next((p for p in pods if p["metadata"].get("labels", {}).get(LABEL_MEMBER) == lead), None)
         if learner is None or pod_phase(learner) != "Running" or pod_terminating(learner):
             return None
-        graph = compile_graph(flowrun, config_path=POD_CONFIG_PATH)
         address_of, _ = kubernetes_address(graph)
-        ref = RunRef(flowrun.namespace, flowrun.name, address_of("learner", "grpc"), graph.token)
+        ref = RunRef(flowrun.namespace, flowrun.name, address_of(lead, "grpc"), graph.token)
         try:
             return await asyncio.wait_for(self.progress_source(ref), self.config.progress_timeout_s)
         except Exception as exc:  # progress is best-effort; the run goes on without it

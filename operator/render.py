@@ -25,6 +25,13 @@ that keeps drains from evicting the learner and rollout pods (one lost member re
 group); and, when the spec names no token Secret, a generated one. Everything carries an owner
 reference to the FlowRun, so the garbage collector removes it with the run.
 
+Several learner pods (``learner.replicas > 1``: torch nodes of one world) share one headless
+Service for their group instead, ``<run>-learner``, the way Kubeflow Trainer wires torch jobs:
+each pod sets ``hostname`` and ``subdomain`` and so has a stable DNS name,
+``<run>-learner-<i>.<run>-learner.<namespace>.svc``; ``--master-addr`` is learner-0's. The
+Service publishes not-ready addresses, because every rank must resolve rank 0 before any pod is
+Ready. They are group members like the rest: a failed one restarts the whole run.
+
 A FlowService renders to a Deployment of gateway pods (a rolling update with ``maxUnavailable: 0``
 gives a checkpoint change no downtime) and a ClusterIP Service in front of them.
 """
@@ -51,7 +58,9 @@ from flowlane.operator.graph import (
     ENV_S3_SECRET_KEY,
     POD_CONFIG_PATH,
     Component,
+    Port,
     ProcessGraph,
+    Protocol,
     Role,
     SecretEnv,
     compile_graph,
@@ -69,6 +78,7 @@ LABEL_FLOWRUN = "flowlane.dev/flowrun"
 LABEL_FLOWSERVICE = "flowlane.dev/flowservice"
 LABEL_ROLE = "flowlane.dev/role"
 LABEL_MEMBER = "flowlane.dev/component"
+LABEL_GROUP = "flowlane.dev/group"  # pods addressed through one headless Service (several learner pods)
 LABEL_EPOCH = "flowlane.dev/epoch"
 ANNOTATION_HASH = "flowlane.dev/spec-hash"
 ANNOTATION_CHECKPOINT = "flowlane.dev/checkpoint"
@@ -180,8 +190,11 @@ def run_labels(run: str) -> dict[str, str]:
 
 
 def component_labels(run: str, component: Component) -> dict[str, str]:
-    return run_labels(run) | {LABEL_COMPONENT: component.role.value, LABEL_ROLE: component.role.value,
-                              LABEL_MEMBER: component.name}
+    labels = run_labels(run) | {LABEL_COMPONENT: component.role.value, LABEL_ROLE: component.role.value,
+                                LABEL_MEMBER: component.name}
+    if component.group:
+        labels[LABEL_GROUP] = component.group
+    return labels
 
 
 def role_selector(run: str, role: Role) -> dict[str, str]:
@@ -219,7 +232,9 @@ def kubernetes_address(graph: ProcessGraph) -> tuple[Any, Any]:
         return graph.component(component).port(port).number
 
     def address_of(component: str, port: str) -> str:
-        service = child_name(graph.run, component)
+        group = graph.component(component).group
+        # A group member is <hostname>.<group Service>; any other component is its own Service.
+        service = child_name(graph.run, component) + (f".{child_name(graph.run, group)}" if group else "")
         return f"{service}.{graph.namespace}.svc:{port_of(component, port)}"
 
     return address_of, port_of
@@ -238,7 +253,9 @@ def render_flowrun(flowrun: FlowRun, *, epoch: int, options: RenderOptions | Non
         "data": {CONFIG_FILE: config_text},
     }
     config_map["metadata"]["annotations"] = {ANNOTATION_HASH: content_hash(config_map["data"])}
-    services = [_headless_service(graph, c, owner) for c in graph.components if c.ports]
+    groups = {c.group: c for c in reversed(graph.components) if c.group}  # each group's first member
+    services = [_headless_service(graph, c, owner) if not c.group else _group_service(graph, c.group, owner)
+                for c in graph.components if (c.ports and not c.group) or (c.group and groups[c.group] is c)]
     for svc in services:
         svc["metadata"]["annotations"] = {ANNOTATION_HASH: content_hash(svc["spec"])}
     policy = _sandbox_network_policy(graph, owner)
@@ -278,12 +295,34 @@ def _headless_service(graph: ProcessGraph, component: Component, owner: Owner) -
         "spec": {
             "clusterIP": "None",
             "selector": {LABEL_FLOWRUN: graph.run, LABEL_MEMBER: component.name},
-            "ports": [
-                {"name": p.name, "port": p.number, "targetPort": p.name, "protocol": "TCP",
-                 "appProtocol": p.protocol.value}
-                for p in component.ports
-            ],
+            "ports": [_service_port(p, target=p.name) for p in component.ports],
             "publishNotReadyAddresses": False,
+        },
+    }
+
+
+def _service_port(port: Port, target: str | int) -> dict[str, Any]:
+    spec: dict[str, Any] = {"name": port.name, "port": port.number, "targetPort": target, "protocol": "TCP"}
+    if port.protocol is not Protocol.TCP:  # plain TCP (a rendezvous store) has no application protocol
+        spec["appProtocol"] = port.protocol.value
+    return spec
+
+
+def _group_service(graph: ProcessGraph, group: str, owner: Owner) -> dict[str, Any]:
+    """One headless Service for a group of pods: each member's DNS name exists from its start."""
+    members = graph.group(group)
+    labels = run_labels(graph.run) | {LABEL_COMPONENT: members[0].role.value, LABEL_ROLE: members[0].role.value,
+                                      LABEL_GROUP: group}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(child_name(graph.run, group), owner, labels),
+        "spec": {
+            "clusterIP": "None",
+            "selector": {LABEL_FLOWRUN: graph.run, LABEL_GROUP: group},
+            "ports": [_service_port(p, target=p.number) for p in dict.fromkeys(p for c in members for p in c.ports)],
+            # torchrun on every member resolves the first one before any member is Ready.
+            "publishNotReadyAddresses": True,
         },
     }
 
@@ -433,6 +472,9 @@ def _pod(graph: ProcessGraph, component: Component, owner: Owner, flowrun: FlowR
         **options.pod_extras(flowrun.spec.pod_template),
         **({"runtimeClassName": flowrun.spec.sandbox.runtime_class_name}  # gVisor, Kata: sandbox pods only
            if sandbox and flowrun.spec.sandbox.runtime_class_name else {}),
+        # A group member's stable DNS name: <pod>.<group Service>.<namespace>.svc.
+        **({"hostname": child_name(graph.run, component.name), "subdomain": child_name(graph.run, component.group)}
+           if component.group else {}),
     }
     template = flowrun.spec.pod_template
     labels = template.labels | component_labels(graph.run, component)  # the operator's own labels win

@@ -174,7 +174,7 @@ async def drive(flowrun: Any, run_dir: Path, *, quiet: bool = False) -> tuple[st
                   f"{flowrun.spec.schedule.steps} steps; logs in {run_dir / 'logs'}")
     await supervisor.start()
     supervisor.install_signal_handlers()
-    learner_address = supervisor.address("learner", "grpc")
+    learner_address = supervisor.address(graph.lead_learner, "grpc")
     last: Any | None = None
     waiter = asyncio.create_task(supervisor.wait())
     if console.is_terminal:

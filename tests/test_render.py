@@ -112,7 +112,8 @@ def all_objects(run: FlowRun) -> list[dict[str, Any]]:
     return [*rendered.static_children(), *rendered.pods, render_token_secret(run, "secret")]
 
 
-@pytest.mark.parametrize("spec", ["{}", TWO_BY_TWO, "{storage: {checkpointUri: 'file:///ckpt', volumeClaimName: c}}"])
+@pytest.mark.parametrize("spec", ["{}", TWO_BY_TWO, "{storage: {checkpointUri: 'file:///ckpt', volumeClaimName: c}}",
+                                  "{learner: {replicas: 2, ranks: 2}}"])
 def test_every_rendered_flowrun_object_validates_against_kubernetes(spec: str) -> None:
     for obj in all_objects(flowrun(spec)):
         kubernetes_validate.validate(obj, KUBERNETES, strict=True)
@@ -168,6 +169,90 @@ def test_a_learner_pod_with_several_gpus_runs_one_rank_per_gpu_under_torchrun() 
         "torchrun", "--standalone", "--nproc-per-node=4", "--max-restarts=0", "-m", "flowlane.cli",
         "learner", "--config", POD_CONFIG_PATH, "--port", "50051", "--host", "0.0.0.0"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
+
+
+TWO_LEARNER_PODS = ("{learner: {replicas: 2, resources: {gpu: 4}}, storage: {checkpointUri: 's3://b/demo', "
+                    "s3Endpoint: 'http://minio:9000', credentialsSecret: {name: s3}}}")
+LEARNER_0_DNS = "demo-learner-0.demo-learner.ml.svc"
+
+
+def test_several_learner_pods_are_one_group_of_indexed_components_and_only_the_first_serves() -> None:
+    graph = compile_graph(flowrun(TWO_LEARNER_PODS), config_path="/run.yaml")
+    learners = graph.by_role(Role.LEARNER)
+    assert [(c.name, c.index, c.group, c.ready_port) for c in learners] == [
+        ("learner-0", 0, "learner", "grpc"), ("learner-1", 1, "learner", None)]
+    assert [p.name for p in learners[0].ports] == ["grpc", "rendezvous"]
+    assert learners[1].ports == ()
+    assert graph.lead_learner == "learner-0"
+    assert graph.component("rollout-0").depends_on == ("learner-0", "sandbox-0")
+    assert graph.component("rollout-0").argv[5] == "{address:learner-0.grpc}"
+    assert dependency_levels(graph.components) == [["learner-0", "learner-1", "sandbox-0"], ["rollout-0"]]
+
+
+def test_each_learner_pod_is_a_torchrun_node_meeting_at_the_first_pods_rendezvous_port() -> None:
+    graph = compile_graph(flowrun(TWO_LEARNER_PODS), config_path="/run.yaml")
+    assert graph.component("learner-1").argv == (
+        "torchrun", "--nnodes=2", "--node-rank=1", "--nproc-per-node=4", "--master-addr={host:learner-0.rendezvous}",
+        "--master-port={port:learner-0.rendezvous}", "--max-restarts=0", "-m", "flowlane.cli",
+        "learner", "--config", "/run.yaml", "--port", "{port:learner-0.grpc}")
+    assert graph.component("learner-0").argv[1:3] == ("--nnodes=2", "--node-rank=0")
+    # Every pod uploads its own shards: each gets the storage keys, not only the first.
+    for name in ("learner-0", "learner-1"):
+        assert set(graph.component(name).secret_env) == {"FLOWLANE_GRPC_TOKEN", "AWS_ACCESS_KEY_ID",
+                                                         "AWS_SECRET_ACCESS_KEY"}
+        assert graph.component(name).env["FLOWLANE_S3_ENDPOINT"] == "http://minio:9000"
+
+
+def test_a_host_placeholder_is_the_address_without_its_port() -> None:
+    text = "--master-addr={host:learner-0.rendezvous} --master-port={port:learner-0.rendezvous}"
+    assert resolve(text, lambda c, p: f"{c}.svc:29500", lambda c, p: 29500) == (
+        "--master-addr=learner-0.svc --master-port=29500")
+
+
+def test_learner_pods_get_stable_dns_names_from_one_headless_service_that_publishes_unready_pods() -> None:
+    rendered = render_flowrun(flowrun(TWO_LEARNER_PODS), epoch=0)
+    group = by_name(rendered.services)["demo-learner"]
+    assert group["spec"] == {
+        "clusterIP": "None",
+        "selector": {"flowlane.dev/flowrun": "demo", "flowlane.dev/group": "learner"},
+        "ports": [{"name": "grpc", "port": 50051, "targetPort": 50051, "protocol": "TCP", "appProtocol": "grpc"},
+                  {"name": "rendezvous", "port": 29500, "targetPort": 29500, "protocol": "TCP"}],
+        "publishNotReadyAddresses": True,
+    }
+    assert sorted(by_name(rendered.services)) == ["demo-learner", "demo-sandbox-0"]  # no per-pod learner Service
+    pods = by_name(rendered.pods)
+    for index in (0, 1):
+        pod = pods[f"demo-learner-{index}"]
+        assert (pod["spec"]["hostname"], pod["spec"]["subdomain"]) == (f"demo-learner-{index}", "demo-learner")
+        assert pod["metadata"]["labels"]["flowlane.dev/group"] == "learner"
+        assert pod["metadata"]["labels"]["flowlane.dev/component"] == f"learner-{index}"
+        assert pod["spec"]["restartPolicy"] == "Never"  # a failed rank restarts the group, not itself
+        assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert pods["demo-learner-0"]["spec"]["containers"][0]["command"] == [
+        "torchrun", "--nnodes=2", "--node-rank=0", "--nproc-per-node=4", f"--master-addr={LEARNER_0_DNS}",
+        "--master-port=29500", "--max-restarts=0", "-m", "flowlane.cli", "learner", "--config", POD_CONFIG_PATH,
+        "--port", "50051", "--host", "0.0.0.0"]
+    assert pods["demo-learner-0"]["spec"]["containers"][0]["ports"] == [
+        {"name": "grpc", "containerPort": 50051, "protocol": "TCP"},
+        {"name": "rendezvous", "containerPort": 29500, "protocol": "TCP"}]
+    assert pods["demo-learner-0"]["spec"]["containers"][0]["readinessProbe"]["tcpSocket"] == {"port": "grpc"}
+    follower = pods["demo-learner-1"]["spec"]["containers"][0]
+    assert "ports" not in follower and "readinessProbe" not in follower
+    assert follower["command"][4] == f"--master-addr={LEARNER_0_DNS}"
+    assert pods["demo-rollout-0"]["spec"]["containers"][0]["command"][5] == f"{LEARNER_0_DNS}:50051"
+
+
+def test_every_learner_pod_is_in_the_disruption_budget_and_the_kueue_group() -> None:
+    run = flowrun("{learner: {replicas: 3}, podTemplate: {labels: {kueue.x-k8s.io/queue-name: q}}}")
+    rendered = render_flowrun(run, epoch=2)
+    learners = [p for p in rendered.pods if p["metadata"]["labels"]["flowlane.dev/role"] == "learner"]
+    assert [p["metadata"]["name"] for p in learners] == ["demo-learner-0", "demo-learner-1", "demo-learner-2"]
+    for pod in learners:
+        assert pod["metadata"]["labels"]["kueue.x-k8s.io/pod-group-name"] == "demo-2"
+        assert pod["metadata"]["annotations"]["kueue.x-k8s.io/pod-group-total-count"] == "5"
+        assert pod["metadata"]["labels"]["flowlane.dev/epoch"] == "2"
+    expression = rendered.disruption_budget["spec"]["selector"]["matchExpressions"][0]
+    assert expression == {"key": "flowlane.dev/role", "operator": "In", "values": ["learner", "rollout"]}
 
 
 def test_secrets_reach_pods_only_as_secret_key_refs() -> None:
