@@ -301,20 +301,21 @@ class LearnerSpec(SpecModel):
     """The learner: Flow-GRPO updates, checkpoints, metrics; the hub the workers talk to.
 
     It is ``replicas x ranks`` torch.distributed ranks under DeepSpeed (data parallel, ZeRO
-    ``engine.zeroStage``); rank 0 serves gRPC and hands each step's batch to the others.
+    ``engine.zeroStage``): ``replicas`` pods (nodes), each running ``ranks`` processes. Rank 0, in
+    the first pod, serves gRPC and hands each step's batch to the others. Whether ZeRO-3 can shard
+    the model over that many ranks depends on its layer shapes, so it is checked at learner start.
     """
 
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
-        {"rule": "!has(self.replicas) || self.replicas <= 1",
-         "message": "several learner pods are not placed yet; use ranks for that many ranks in one pod",
-         "fieldPath": ".replicas"},
         {"rule": "!has(self.ranks) || !has(self.resources) || !has(self.resources.gpu) || self.resources.gpu == 0 "
                  "|| self.ranks == self.resources.gpu",
          "message": "ranks must equal resources.gpu: one rank per GPU", "fieldPath": ".ranks"},
     ]})
 
-    replicas: int = Field(1, ge=1, le=64, description="Learner pods; only 1 is placed today (use ranks for "
-                          "several ranks in one pod).")
+    replicas: int = Field(1, ge=1, le=64, description="Learner pods (torchrun nodes), each with ranks processes: "
+                          "world size = replicas x ranks. The first serves gRPC; every pod writes its own shards "
+                          "to the checkpoint store, so pods on several nodes need s3:// or a ReadWriteMany "
+                          "volumeClaimName.")
     ranks: int | None = Field(
         None, ge=1, le=64, description="Ranks (processes) per learner pod; default: resources.gpu (one per GPU), "
         "or 1 without GPUs. On CPU, >1 runs gloo ranks (tests, small runs).",
@@ -331,9 +332,6 @@ class LearnerSpec(SpecModel):
 
     @model_validator(mode="after")
     def _placeable(self) -> LearnerSpec:
-        if self.replicas > 1:
-            raise field_error("replicas", f"several learner pods are not placed yet, got {self.replicas}; use "
-                              f"ranks: {self.replicas * self.ranks_per_replica} for that many ranks in one pod")
         if self.ranks is not None and self.resources.gpu and self.ranks != self.resources.gpu:
             raise field_error("ranks", f"must equal resources.gpu ({self.resources.gpu}): one rank per GPU, "
                               f"got {self.ranks}")

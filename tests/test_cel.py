@@ -56,7 +56,6 @@ BAD_FLOWRUNS = {
     "weightSync nccl": (flowrun({"engine": {"weightSync": "nccl"}}), "spec.engine.weightSync"),
     "reward judge without a judge model": (
         flowrun({"tasks": {"dataset": "/data/qa.jsonl", "reward": "judge"}}), "spec.tasks.reward"),
-    "several learner pods": (flowrun({"learner": {"replicas": 2}}), "spec.learner.replicas"),
     "ranks other than the GPUs": (flowrun({"learner": {"ranks": 2, "resources": {"gpu": 1}}}), "spec.learner.ranks"),
     "credentialsSecret without s3": (
         flowrun({"storage": {"checkpointUri": "file:///ckpt", "credentialsSecret": {"name": "s3"}}}),

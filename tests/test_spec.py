@@ -262,10 +262,17 @@ def test_learner_ranks_default_to_one_per_gpu_and_one_on_cpu() -> None:
     assert (cpu.ranks_per_replica, cpu.world_size) == (2, 2)
 
 
-def test_several_learner_pods_are_refused_with_the_ranks_alternative() -> None:
-    assert problems(HEADER + "spec: {learner: {replicas: 3}, engine: {zeroStage: 3}}") == [
-        "spec.learner.replicas: several learner pods are not placed yet, got 3; use ranks: 3 for that many "
-        "ranks in one pod"
+def test_several_learner_pods_multiply_the_world_size() -> None:
+    # ZeRO-3's evenness depends on the model's layer shapes, so 3 pods pass here (checked at learner start).
+    learner = load_flowrun(HEADER + "spec: {learner: {replicas: 3, ranks: 2}, engine: {zeroStage: 3}}").spec.learner
+    assert (learner.replicas, learner.ranks_per_replica, learner.world_size) == (3, 2, 6)
+    gpu = load_flowrun(HEADER + "spec: {learner: {replicas: 2, resources: {gpu: 8}}}").spec.learner
+    assert gpu.world_size == 16
+
+
+def test_more_learner_pods_than_the_limit_are_refused() -> None:
+    assert problems(HEADER + "spec: {learner: {replicas: 65}}") == [
+        "spec.learner.replicas: must be <= 64, got 65"
     ]
 
 
