@@ -456,7 +456,7 @@ def plan_flowrun(body: Mapping[str, Any], children: RunChildren, progress: Progr
                   f"active for more than activeDeadlineSeconds ({deadline}s); raise it to let runs go on longer")
         return done()
 
-    learner_name = child_name(flowrun.name, "learner")
+    learner_name = child_name(flowrun.name, rendered.graph.lead_learner)  # rank 0 finishes the run
     learner = next((p for p in live_pods if object_name(p) == learner_name), None)
     if (learner is not None and pod_phase(learner) == "Succeeded") or (progress is not None and progress.finished):
         plan.delete += active_pods
@@ -527,7 +527,8 @@ def plan_flowrun(body: Mapping[str, Any], children: RunChildren, progress: Progr
     running = [p for p in live_pods if object_name(p) in desired and object_name(p) not in stale_names
                and pod_up(p)]
     queued = [p for p in live_pods if pod_queued(p)]
-    _group_conditions(st, flowrun.name, desired, present, running, children.rejected, bool(queued))
+    _group_conditions(st, flowrun.name, desired, present, running, children.rejected, bool(queued),
+                      rendered.graph.lead_learner)
     if len(running) == len(desired) and not plan.create:
         st.condition(ConditionType.READY, True, "AllPodsRunning", f"{len(desired)} pods running")
         st.condition(ConditionType.RUNNING, True, "AllPodsRunning", f"{len(desired)} pods running")
@@ -557,7 +558,8 @@ def plan_flowrun(body: Mapping[str, Any], children: RunChildren, progress: Progr
 
 
 def _group_conditions(st: _RunStatus, run: str, desired: Mapping[str, Any], present: set[str],
-                      running: list[dict[str, Any]], rejected: list[str], queued: bool) -> None:
+                      running: list[dict[str, Any]], rejected: list[str], queued: bool,
+                      lead_learner: str = "learner") -> None:
     """Admitted (the API server took every pod, and Kueue, if queued, let them run) and
     RolloutDegraded (the learner runs, a worker does not)."""
     if rejected:
@@ -567,7 +569,7 @@ def _group_conditions(st: _RunStatus, run: str, desired: Mapping[str, Any], pres
     elif desired and set(desired) <= present:
         st.condition(ConditionType.ADMITTED, True, "PodsCreated", f"the API server took all {len(desired)} pods")
     up = {object_name(p) for p in running}
-    learner = child_name(run, "learner")
+    learner = child_name(run, lead_learner)
     workers = sorted(n for n in desired if n.startswith(child_name(run, "rollout-")))
     down = [n.removeprefix(run + "-") for n in workers if n not in up]
     if learner in up and down:
