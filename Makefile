@@ -45,9 +45,11 @@ package-tree:
 
 # The developer loop (under 3 minutes): every test but those that start the vLLM engine (`vllm`,
 # set by tests/conftest.py from the fixtures a test uses), run real processes end to end (`slow`)
-# or need the one-machine container cluster (`cluster`). `make test` runs them all.
+# or need the one-machine container cluster (`cluster`). `make test` runs them all. Its modules go
+# to one worker process per core (pytest-xdist, whole modules per worker, so module fixtures start
+# once): much of a test's time is spent waiting on the processes and servers it starts.
 test-fast: $(STAMP)
-	$(BIN)/pytest -q -p no:cacheprovider -m "not vllm and not slow and not cluster"
+	$(BIN)/pytest -q -p no:cacheprovider -m "not vllm and not slow and not cluster" -n auto --dist loadfile
 
 generate: $(STAMP)
 	$(BIN)/flowlane generate
