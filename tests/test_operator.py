@@ -132,6 +132,18 @@ def test_failed_rollout_pod_restarts_the_whole_group(kube: KubeApi, start_operat
     assert status(kube)["restartCount"] == 1
 
 
+def test_a_failed_second_learner_pod_restarts_the_whole_group(kube: KubeApi, start_operator: Any) -> None:
+    start_operator()
+    kube.create(FLOWRUNS, flowrun(learner={"replicas": 2}))
+    pods = ["learner-0", "learner-1", "rollout-0", "rollout-1", "sandbox-0"]
+    wait_members(kube, pods)
+    run_group(kube)
+    fail_pod(kube, "demo-learner-1", exit_code=1, reason="Error")
+    wait_until(lambda: status(kube).get("restartCount") == 1, what="restartCount 1")
+    wait_until(lambda: members(kube) == pods and epochs(kube) == {"1"}, what="the group recreated at epoch 1")
+    assert condition(kube, "Restarting")["message"] == "pod demo-learner-1 failed: Error (exit code 1)"
+
+
 def test_exceeding_backoff_limit_fails_the_run(kube: KubeApi, start_operator: Any) -> None:
     start_operator()
     kube.create(FLOWRUNS, flowrun(backoffLimit=1))
