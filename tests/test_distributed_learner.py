@@ -13,12 +13,19 @@ of one step's largest possible move; measured: 6e-7 at stage 2, 1.5e-6 at stage 
 the norm of the difference relative to the norm of the whole two-step update (measured: 2e-6,
 4e-6). A run resumed from the 2-rank checkpoint after step 1 makes the same operations as the
 uninterrupted run, so its weights are bit for bit the same.
+
+Two learner pods are two torchrun nodes of one rank each (static rendezvous on loopback). The
+second runs in its own mount namespace with a private tmpfs over rank 0's scratch directory, so,
+as on Kubernetes, it does not see the directory rank 0 checkpoints into: it must upload its shards
+to the (shared, file://) checkpoint store itself and fetch them back to resume.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +63,49 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     _launch(2, root / "two", model, root / "batches.pt", "--save-after", "1")
     _launch(2, root / "resumed", model, root / "batches.pt", "--resume", str(root / "two" / "ckpt"))
     return {"model": model, "one": root / "one", "two": root / "two", "resumed": root / "resumed"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _launch_two_pods(out: Path, model: Path, batches: Path, store: Path, *extra: str) -> None:
+    """Node 0 as a plain process, node 1 with a private tmpfs over ``out/scratch``."""
+    scratch = out / "scratch"
+    scratch.mkdir(parents=True)
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+            "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "--max-restarts=0"]
+    script = [str(SCRIPT), str(model), str(batches), str(out), "--stages", *map(str, STAGES),
+              "--store", store.as_uri(), "--scratch", str(scratch), *extra]
+    private = ["unshare", "--map-root-user", "--mount", "sh", "-c", 'mount -t tmpfs tmpfs "$0" && exec "$@"',
+               str(scratch)]
+    nodes = [subprocess.Popen([*node, "--node-rank=0", *script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True),
+             subprocess.Popen([*private, *node, "--node-rank=1", *script], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)]
+    outputs = [proc.communicate(timeout=600)[0] for proc in nodes]
+    assert [proc.returncode for proc in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+
+
+def _private_mounts_work() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-c", "mount -t tmpfs tmpfs /mnt"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def pod_runs(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    if not _private_mounts_work():
+        pytest.skip("needs unshare with user and mount namespaces (a pod's private filesystem)")
+    root = tmp_path_factory.mktemp("pods")
+    batches = runs["model"].parent / "batches.pt"
+    _launch_two_pods(root / "two", runs["model"], batches, root / "store", "--save-after", "1")
+    _launch_two_pods(root / "resumed", runs["model"], batches, root / "store", "--resume-from-store")
+    return {"store": root / "store", "two": root / "two", "resumed": root / "resumed"}
 
 
 def _weights(run: Path, stage: int) -> dict[str, torch.Tensor]:
@@ -97,6 +147,47 @@ def test_a_two_rank_checkpoint_resumes_to_the_same_weights(runs: dict[str, Path]
     assert (ckpt / "deepspeed" / "rng_state_rank1.pt").is_file()
     resumed, uninterrupted = _weights(runs["resumed"], stage), _weights(runs["two"], stage)
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_two_learner_pods_train_like_two_ranks_in_one_pod(runs: dict[str, Path], pod_runs: dict[str, Path],
+                                                          stage: int) -> None:
+    pods, one_pod = _weights(pod_runs["two"], stage), _weights(runs["two"], stage)
+    assert sorted(pods) == sorted(one_pod)
+    assert max(float((pods[k] - one_pod[k]).abs().max()) for k in pods) <= MAX_ABS
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_pod_without_rank_zeros_filesystem_uploads_its_shards_into_the_checkpoint(
+    pod_runs: dict[str, Path], stage: int
+) -> None:
+    step = pod_runs["store"] / f"stage{stage}" / "step-00000001"
+    listed = {f["path"] for f in json.loads((step / "MANIFEST.json").read_text())["files"]}
+    assert {"deepspeed/rng_state_rank1.pt", "rng_state.pt", "learner_state.json"} <= listed
+    shards = sorted(Path(p).name for p in listed if "zero_pp_rank_" in p and p.endswith("optim_states.pt"))
+    assert [name.split("zero_pp_rank_")[1].split("_")[0] for name in shards] == ["0", "1"]
+    assert json.loads((step / "learner_state.json").read_text())["world_size"] == 2
+    assert not list((pod_runs["store"] / f"stage{stage}").glob(".step-*"))  # parts moved in, nothing left over
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_two_learner_pods_resume_from_the_store_to_the_same_weights(pod_runs: dict[str, Path], stage: int) -> None:
+    resumed, uninterrupted = _weights(pod_runs["resumed"], stage), _weights(pod_runs["two"], stage)
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_a_pod_fetches_the_shared_state_and_only_its_own_ranks_shards() -> None:
+    from flowlane.trainer.distributed import needed_to_load
+
+    pod = range(2, 4)
+    assert needed_to_load("learner_state.json", pod)
+    assert needed_to_load("deepspeed/state/mp_rank_00_model_states.pt", pod)
+    assert needed_to_load("deepspeed/state/zero_pp_rank_3_mp_rank_00_optim_states.pt", pod)
+    assert not needed_to_load("deepspeed/state/zero_pp_rank_1_mp_rank_00_optim_states.pt", pod)
+    assert needed_to_load("deepspeed/rng_state_rank2.pt", pod)
+    assert not needed_to_load("deepspeed/rng_state_rank1.pt", pod)
+    assert not needed_to_load("model.safetensors", pod)
+    assert not needed_to_load("rng_state.pt", pod)
 
 
 def test_micro_batches_go_round_robin_and_every_rank_runs_as_many_passes() -> None:

@@ -16,6 +16,14 @@ for the next step as long as the rollouts take, while the default group keeps De
 timeout for the collectives themselves. A rank that dies ends the others through the launcher
 (torchrun stops the whole group), and the group restarts together.
 
+Checkpoints span pods. Every rank writes its ZeRO shards and RNG state into the directory rank 0
+announces. A pod that sees that directory shares rank 0's filesystem (one machine, ``flowlane
+run``) and has nothing more to do. A pod that does not (learner pods on Kubernetes) writes into a
+directory of its own at that path; its first rank uploads the pod's files to the checkpoint store
+as parts of the step (``CheckpointStore.save_part``) and reports them to rank 0, whose ``save``
+then commits one manifest naming every file. Loading mirrors it: such a pod fetches the
+checkpoint's shared files and its own ranks' shards from the store before its ranks load.
+
 It also holds what the learner's engine needs to run on the ranks: ``ensure_distributed`` (the
 process group, a single local rank when no launcher set one up), ``rank_share`` (which of an
 update's micro-batches a rank runs) and ``uneven_shards`` (the parameters ZeRO-3 cannot split).
@@ -27,14 +35,20 @@ import datetime
 import enum
 import logging
 import os
+import re
+import shutil
 import socket
 from collections.abc import Iterator, Sequence
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
 
+from flowlane.api.errors import FlowlaneError
 from flowlane.api.trajectory import Trajectory
+from flowlane.kit.checkpoints import DEEPSPEED_DIR, CheckpointError, CheckpointStore, ManifestFile
+from flowlane.kit.lora import STATE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +79,48 @@ class RankChannel:
         name, args = box[0]
         return Call(name), tuple(args)
 
+    def barrier(self) -> None:
+        torch.distributed.barrier(group=self.group)
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, in rank order, on rank 0 (an empty list elsewhere)."""
+        lead = torch.distributed.get_rank() == 0
+        box: list[Any] | None = [None] * torch.distributed.get_world_size() if lead else None
+        torch.distributed.gather_object(value, box, dst=0, group=self.group)
+        return box or []
+
+
+@dataclass(frozen=True)
+class StoreTarget:
+    """Checkpoint ``step`` in the store at ``uri``: where a pod without rank 0's filesystem puts
+    its part of a checkpoint, or fetches it from (keys and endpoint from the pod's environment)."""
+
+    uri: str
+    step: int
+
+    def open(self) -> CheckpointStore:
+        return CheckpointStore.from_uri(self.uri, validate=False)
+
+
+def pod_ranks() -> range:
+    """The global ranks of this pod (torchrun node); its first one uploads and fetches for all."""
+    first = int(os.environ.get("RANK", "0")) - int(os.environ.get("LOCAL_RANK", "0"))
+    return range(first, first + int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+_RANK_FILE = re.compile(r"(?:zero_pp_rank_|rng_state_rank)(\d+)")
+
+
+def needed_to_load(path: str, ranks: range) -> bool:
+    """Whether ranks ``ranks`` read checkpoint file ``path`` on load: the metadata and DeepSpeed's
+    state, without other ranks' shards and RNG states (rank 0's model files are for serving)."""
+    if path == STATE_FILE:
+        return True
+    if not path.startswith(f"{DEEPSPEED_DIR}/"):
+        return False
+    match = _RANK_FILE.search(PurePosixPath(path).name)
+    return match is None or int(match.group(1)) in ranks
+
 
 class LeadLearner:
     """Rank 0's learner: each collective call is announced to the followers, then made.
@@ -90,13 +146,31 @@ class LeadLearner:
         yield from self._learner.export_weights()
 
     def save_checkpoint_files(self, directory: Path) -> dict[str, Any]:
-        self._channel.announce(Call.SAVE, str(directory))
+        return self.save_with_parts(directory, None)[0]
+
+    def save_with_parts(self, directory: Path, target: StoreTarget | None) -> tuple[dict[str, Any], list[ManifestFile]]:
+        """Every rank's files into ``directory``; returns the metadata and the files pods without
+        this filesystem uploaded to ``target`` (for the store's ``save(..., parts=...)``)."""
+        self._channel.announce(Call.SAVE, str(directory), target)
+        self._channel.barrier()  # every rank has looked for the directory before anyone writes into it
         meta: dict[str, Any] = self._learner.save_checkpoint_files(Path(directory))
-        return meta
+        parts: list[ManifestFile] = []
+        for outcome in self._channel.gather([]):
+            if isinstance(outcome, str):
+                raise CheckpointError(outcome)
+            parts += outcome
+        return meta, parts
 
     def load_checkpoint_files(self, directory: Path) -> dict[str, Any]:
-        self._channel.announce(Call.LOAD, str(directory))
+        return self.load_with_parts(directory, None)
+
+    def load_with_parts(self, directory: Path, target: StoreTarget | None) -> dict[str, Any]:
+        """Every rank loads ``directory``; pods without this filesystem fetch it from ``target`` first."""
+        self._channel.announce(Call.LOAD, str(directory), target)
+        self._channel.barrier()  # looked for the directory
+        self._channel.barrier()  # fetched where needed
         meta: dict[str, Any] = self._learner.load_checkpoint_files(Path(directory))
+        self._channel.barrier()  # read everywhere
         return meta
 
     def close(self) -> None:
@@ -109,6 +183,24 @@ def lead(learner: Any) -> Any:
     if learner.world_size == 1:
         return learner
     return LeadLearner(learner, RankChannel())
+
+
+def save_on_every_pod(learner: Any, directory: Path, store: CheckpointStore,
+                      step: int) -> tuple[dict[str, Any], list[ManifestFile]]:
+    """Checkpoint ``step``'s files from every rank: rank 0's in ``directory``, the rest already
+    uploaded to ``store`` by their pods (the parts that ``store.save`` must name)."""
+    if isinstance(learner, LeadLearner):
+        return learner.save_with_parts(directory, StoreTarget(store.location, step))
+    meta: dict[str, Any] = learner.save_checkpoint_files(directory)
+    return meta, []
+
+
+def load_on_every_pod(learner: Any, directory: Path, store: CheckpointStore, step: int) -> dict[str, Any]:
+    """Load checkpoint ``step`` (downloaded to ``directory``) on every rank of every pod."""
+    if isinstance(learner, LeadLearner):
+        return learner.load_with_parts(directory, StoreTarget(store.location, step))
+    meta: dict[str, Any] = learner.load_checkpoint_files(directory)
+    return meta
 
 
 def release_followers(learner: Any) -> None:
@@ -135,9 +227,43 @@ def follow(learner: Any, channel: RankChannel | None = None) -> int:
                 for _ in learner.export_weights():
                     pass
         elif call is Call.SAVE:
-            learner.save_checkpoint_files(Path(args[0]))
+            _follow_save(learner, channel, Path(args[0]), args[1] if len(args) > 1 else None)
         elif call is Call.LOAD:
-            learner.load_checkpoint_files(Path(args[0]))
+            _follow_load(learner, channel, Path(args[0]), args[1] if len(args) > 1 else None)
+
+
+def _follow_save(learner: Any, channel: RankChannel, directory: Path, target: StoreTarget | None) -> None:
+    # Rank 0 made the directory before announcing it: seeing it means sharing its filesystem.
+    own_copy = not directory.is_dir()
+    channel.barrier()
+    learner.save_checkpoint_files(directory)  # returns once every rank has written its files
+    uploads = own_copy and int(os.environ.get("LOCAL_RANK", "0")) == 0
+    outcome: list[ManifestFile] | str = []
+    if uploads and target is not None:
+        try:
+            outcome = target.open().save_part(target.step, directory)
+        except (CheckpointError, FlowlaneError) as err:  # rank 0 reports it; training goes on
+            outcome = f"learner ranks {list(pod_ranks())}: uploading their checkpoint files failed: {err}"
+    channel.gather(outcome)
+    if uploads:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _follow_load(learner: Any, channel: RankChannel, directory: Path, target: StoreTarget | None) -> None:
+    own_copy = not directory.is_dir()
+    channel.barrier()
+    fetches = own_copy and int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if fetches:
+        if target is None:
+            raise FlowlaneError(f"learner ranks {list(pod_ranks())}: checkpoint {directory} is on another pod's "
+                                "filesystem and no store was named to fetch it from")
+        store, ranks = target.open(), pod_ranks()
+        store.download(store.get(target.step), directory, skip=lambda path: not needed_to_load(path, ranks))
+    channel.barrier()
+    learner.load_checkpoint_files(directory)
+    channel.barrier()
+    if fetches:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 # --- setting up the ranks (the learner engine calls these) ---------------------------------------

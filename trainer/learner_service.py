@@ -191,6 +191,9 @@ class LearnerRuntime:
         self.step_started = time.monotonic()
         self._stop_requested = False
         self._dirty_since_checkpoint = False
+        # Held by a step from its update until the step is recorded, and by a checkpoint: a checkpoint
+        # asked for over gRPC (Kueue preempting the run) waits for the step in flight to be whole.
+        self._model_lock = asyncio.Lock()
         self.finished = False
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -228,7 +231,9 @@ class LearnerRuntime:
         with tempfile.TemporaryDirectory(prefix="flowlane-restore-", dir=self.run_dir) as tmp:
             path = self.store.download(ref, Path(tmp) / "ckpt",
                                        expected_meta={"model": model_identity(self.learner.model_dir)})
-            self.learner.load_checkpoint_files(path)
+            from flowlane.trainer.distributed import load_on_every_pod
+
+            load_on_every_pod(self.learner, path, self.store, ref.step)  # other learner pods fetch their shards
         state = ref.meta.get("coordinator")
         if state:
             self.coordinator.load_state_dict(state)
