@@ -191,9 +191,6 @@ class LearnerRuntime:
         self.step_started = time.monotonic()
         self._stop_requested = False
         self._dirty_since_checkpoint = False
-        # Held by a step from its update until the step is recorded, and by a checkpoint: a checkpoint
-        # asked for over gRPC (Kueue preempting the run) waits for the step in flight to be whole.
-        self._model_lock = asyncio.Lock()
         self.finished = False
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -366,9 +363,12 @@ class LearnerRuntime:
 
         def save() -> Any:
             with tempfile.TemporaryDirectory(prefix="flowlane-ckpt-", dir=self.run_dir) as tmp:
-                model_meta = self.learner.save_checkpoint_files(Path(tmp))
+                from flowlane.trainer.distributed import save_on_every_pod
+
+                # Other learner pods upload their own shards; the manifest names them too.
+                model_meta, parts = save_on_every_pod(self.learner, Path(tmp), self.store, step)
                 return self.store.save(step, Path(tmp), {**model_meta, **meta},
-                                       metric=validated)
+                                       metric=validated, parts=parts)
 
         try:
             ref = await asyncio.to_thread(save)
