@@ -31,7 +31,9 @@ What it honours, because these are what break first on a real cluster:
   ``readyReplicas``, ``availableReplicas``, ``updatedReplicas`` and ``observedGeneration`` back.
 - networking: every pod joins one bridge network; a Service in the pod's namespace whose selector
   matches the pod becomes DNS aliases ``<svc>``, ``<svc>.<ns>``, ``<svc>.<ns>.svc`` and
-  ``<svc>.<ns>.svc.cluster.local`` for it (headless Services, as flowlane renders them). A pod
+  ``<svc>.<ns>.svc.cluster.local`` for it (headless Services, as flowlane renders them); a pod
+  with ``hostname`` and ``subdomain`` (learner pods of one torch world) is also
+  ``<hostname>.<those names>`` when the subdomain names such a Service. A pod
   selected by a NetworkPolicy that allows no egress joins only an ``--internal`` network, which
   every other pod also joins: it can be reached but can reach nothing outside.
 
@@ -509,6 +511,11 @@ class NodeAgent:
         # Networks: the internal one for pods whose egress is denied, both for the rest.
         aliases = [alias for svc in services if _selects(svc, pod)
                    for alias in _service_aliases(svc)]
+        hostname, subdomain = (pod.get("spec") or {}).get("hostname"), (pod.get("spec") or {}).get("subdomain")
+        if hostname and subdomain:  # the pod's own DNS name under its headless Service
+            aliases += [f"{hostname}.{alias}" for svc in services
+                        if _selects(svc, pod) and svc["metadata"]["name"] == subdomain
+                        for alias in _service_aliases(svc)]
         denied = any(_denies_egress(policy, pod) for policy in policies)
         networks = [self.internal_network] if denied else [self.network, self.internal_network]
         for net in networks:

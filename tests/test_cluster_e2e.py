@@ -227,6 +227,32 @@ def test_a_flowservice_serves_the_latest_checkpoint_to_the_openai_client(served:
     assert reply.choices[0].finish_reason in ("stop", "length")
 
 
+def test_two_learner_pods_train_through_s3_in_containers(cluster: OneMachineCluster) -> None:
+    """learner.replicas: 2 (one rank each): two learner pods meet at learner-0's DNS name, the run
+    succeeds, and the checkpoint in S3 holds the second pod's shards, which it uploaded itself."""
+    assert cluster.s3 is not None
+    name, bucket = "pods-mini", cluster.s3.make_bucket("pods-mini")
+    flowrun = short_example(cluster, bucket)
+    flowrun["metadata"]["name"] = name
+    spec = flowrun["spec"]
+    spec["schedule"]["steps"] = 2
+    spec["storage"]["checkpointUri"] = f"s3://{bucket}/{name}"
+    spec["learner"].update({"replicas": 2, "ranks": 1})
+    spec["engine"] = {**spec.get("engine", {}), "zeroStage": 2}
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(flowrun))
+    try:
+        status = wait_status(cluster, name, lambda s: s.get("phase") in ("Succeeded", "Failed"), 2400)
+        assert status["phase"] == "Succeeded", (status, cluster.pod_logs(f"{name}-learner-1", 40))
+        assert status["lastCheckpoint"] == f"s3://{bucket}/{name}/step-00000002"
+        manifest = cluster.s3.client().get_object(bucket, f"{name}/step-00000002/{MANIFEST_NAME}").read()
+        files = {f["path"] for f in json.loads(manifest)["files"]}
+        assert {"deepspeed/rng_state_rank1.pt", "rng_state.pt"} <= files
+        assert any("zero_pp_rank_1_" in f for f in files), sorted(files)
+        assert "rank 0 ended the run" in cluster.pod_logs(f"{name}-learner-1", 60)
+    finally:
+        cluster.kubectl("delete", "flowrun", name, "--wait=false")
+
+
 def flowrun_with_sandbox_image(cluster: OneMachineCluster, name: str, image: str) -> dict[str, Any]:
     assert cluster.s3 is not None
     return {"apiVersion": "flowlane.dev/v1alpha1", "kind": "FlowRun", "metadata": {"name": name},
