@@ -18,7 +18,9 @@ machine this module plays those roles for the components of ``graph.compile_grap
 - **Restarts.** A job that exits non-zero, or a ``service`` (sandbox) that exits at all, is
   restarted after 1 s, 2 s, 4 s, ... up to a cap, like a pod's CrashLoopBackOff; a run of
   ``reset_after_s`` without a crash resets the back-off. Past ``restart_limit`` restarts of one
-  component the run fails. A job that exits 0 is done.
+  component the run fails. A job that exits 0 is done. Members of one ``group`` (the learner
+  pods of one torch world, which cannot rejoin it one by one) go down together: when one exits
+  non-zero the others are killed, and each starts again after its back-off.
 - **No orphans.** Every component is its own process group (session), so a stop reaches its
   children too: SIGTERM to the group, a grace period, then SIGKILL. If the supervisor itself is
   killed, the kernel sends each component SIGKILL (``PR_SET_PDEATHSIG``), and a small watchdog
@@ -86,6 +88,7 @@ class _Running:
         self.ready = asyncio.Event()  # first readiness; dependents wait on it
         self.task: asyncio.Task[None] | None = None
         self.crashes_in_a_row = 0
+        self.taken_down = False  # killed because another member of its group exited
 
 
 class LocalSupervisor:
@@ -349,6 +352,9 @@ class LocalSupervisor:
                 if self._stopping:
                     return
                 self._emit(EventKind.EXITED, name, f"exit code {code}", exit_code=code)
+                if component.group and code != 0 and not running.taken_down:
+                    self._take_down_group(name)
+                running.taken_down = False
                 if code == 0 and not component.service:
                     status.state = ComponentState.COMPLETED
                     self._emit(EventKind.COMPLETED, name, exit_code=code)
@@ -370,6 +376,16 @@ class LocalSupervisor:
                 self._emit(EventKind.RESTARTING, name, f"restart {status.restarts} in {delay:.1f}s",
                            exit_code=code, delay_s=delay)
                 await asyncio.sleep(delay)
+
+    def _take_down_group(self, name: str) -> None:
+        """Kill the running members of ``name``'s group; their own loops start them again."""
+        group = self.components[name].group
+        for peer, running in self._running.items():
+            process = running.process
+            if self.components[peer].group == group and peer != name and process is not None \
+                    and process.returncode is None:
+                running.taken_down = True
+                signal_group(process.pid, signal.SIGKILL)
 
     async def _mark_ready(self, name: str, process: asyncio.subprocess.Process) -> None:
         if await self._wait_ready(name, process):

@@ -210,6 +210,27 @@ async def test_sigkilled_component_is_restarted_with_exponential_backoff(tmp_pat
     assert supervisor.status["sandbox"].restarts == 2
 
 
+async def test_a_group_member_that_crashes_takes_the_other_members_down_and_all_start_again(tmp_path: Path) -> None:
+    marker = tmp_path / "crashed-once"
+    crash_once = (f"import pathlib, sys, time; m = pathlib.Path({str(marker)!r})\n"
+                  "if not m.exists(): time.sleep(0.5); m.touch(); sys.exit(3)\ntime.sleep(300)")
+    components = [dataclasses.replace(component("learner-0", IDLE), group="learner"),
+                  dataclasses.replace(component("learner-1", crash_once), group="learner"),
+                  component("sandbox", IDLE, service=True)]
+    supervisor = LocalSupervisor(components, tmp_path, fast_policy(backoff_initial_s=0.1))
+    await supervisor.start()
+    try:
+        await wait_for(lambda: kinds(supervisor, "learner-0").count(EventKind.STARTED) == 2
+                       and kinds(supervisor, "learner-1").count(EventKind.STARTED) == 2)
+    finally:
+        await supervisor.stop()
+
+    exits = [(e.component, e.exit_code) for e in supervisor.events if e.kind is EventKind.EXITED]
+    assert exits[:2] == [("learner-1", 3), ("learner-0", -signal.SIGKILL)]
+    assert (supervisor.status["learner-0"].restarts, supervisor.status["learner-1"].restarts) == (1, 1)
+    assert kinds(supervisor, "sandbox").count(EventKind.STARTED) == 1  # not in the group
+
+
 async def test_restart_limit_fails_the_run_naming_the_component_and_its_log(tmp_path: Path) -> None:
     components = [component("learner", CRASH), component("sandbox", IDLE, service=True)]
     supervisor = LocalSupervisor(components, tmp_path, fast_policy(restart_limit=2, backoff_initial_s=0.05))
