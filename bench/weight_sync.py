@@ -1,6 +1,6 @@
 """Weight sync: how fast a policy version reaches a rollout worker, and what it costs the worker.
 
-    .venv/bin/python bench/weight_sync.py [--mb 256] [--repeats 3] [--chunk-mb 4 16]
+    .venv/bin/python bench/weight_sync.py [--mb 256] [--repeats 3] [--chunk-mb 4 16] [--only transport|engine]
 
 Two processes, as in a run: this one plays the learner (a gRPC server with the production
 ``GetWeights`` stream, ``iter_weight_chunks`` and the token interceptor; a plain TCP socket that
@@ -24,6 +24,19 @@ machine falls on every path alike; the median round is reported.
   gRPC, the learner serialises every worker's stream: ``t = N x S / R_grpc``; the store, the
   learner writes once and workers read in parallel from a store that scales out (S3/MinIO):
   ``t = S / R_write + S / R_read``. Both ignore the network, which only lowers them.
+
+Full weights vs LoRA (``--only engine``), on the bundled model and real vLLM engines: the learner
+process serves the bundled SmolLM2-135M's full weights (float32) and a rank-16 LoRA adapter on the
+attention projections (``model.lora``'s defaults, lora_B random) over the same ``GetWeights``
+stream, and publishes both to a ``file://`` weights store; the worker process syncs them with the
+rollout worker's own code (``pull_weights``, ``fetch_weights``) into a running vLLM engine: the
+full weights into a plain engine, the adapter into one started with LoRA (``max_lora_rank`` 16).
+Per sync: the bytes moved, the wall time from request to the engine serving the version, and of
+that the time inside the engine's load call (``load_weights`` per bucket; ``load_adapter``: staging
+the PEFT directory and vLLM's ``add_lora``). Also each engine's start time and greedy decode rate
+(8 concurrent requests x 64 tokens), the LoRA engine with and without its adapter: vLLM's CPU
+build turns compilation off when LoRA is on (the engines here run eager anyway), so this is what
+LoRA costs at generation time.
 """
 
 from __future__ import annotations
@@ -176,6 +189,139 @@ def _store_round(uri: str, model: dict[str, torch.Tensor]) -> tuple[float, int, 
     return time.perf_counter() - started, size, _peak_extra_mib(before)
 
 
+# -- full weights vs LoRA into a real vLLM engine ---------------------------------------------------
+
+LORA_RANK, LORA_ALPHA, LORA_TARGETS = 16, 32, ("q_proj", "k_proj", "v_proj", "o_proj")
+ADAPTER_VERSIONS = 1000  # versions from here on are the adapter's, below the full weights'
+DECODE = {"requests": 8, "max_tokens": 64}
+
+
+def bundled_policy() -> tuple[Path, dict[str, torch.Tensor], str, dict[str, torch.Tensor]]:
+    """The bundled model's directory and full weights, and a LoRA adapter on it (config text, tensors)."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from flowlane.kit.lora import adapter_config_text
+    from flowlane.runtime.models import resolve_model
+
+    model_dir = resolve_model("smollm2-135m-instruct")
+    full = load_file(str(model_dir / "model.safetensors"))
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32),
+                          LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=list(LORA_TARGETS),
+                                     lora_dropout=0.0, bias="none", task_type="CAUSAL_LM"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    adapter = {n: t.detach().clone().contiguous() for n, t in get_peft_model_state_dict(peft).items()}
+    return model_dir, full, adapter_config_text(peft.peft_config["default"]), adapter
+
+
+async def _decode_rate(engine: Any) -> float:
+    """Generated tokens per second of ``DECODE['requests']`` concurrent greedy requests."""
+    from flowlane.runtime.engines.base import SamplingSettings
+
+    settings = SamplingSettings(max_tokens=DECODE["max_tokens"], temperature=0.0)
+    prompts = [[{"role": "user", "content": f"Count from {i} to {i + 40}, one number per line."}]
+               for i in range(DECODE["requests"])]
+    await engine.chat(prompts[0], settings)  # warm-up outside the timing
+    started = time.perf_counter()
+    gens = await asyncio.gather(*(engine.chat(p, settings) for p in prompts))
+    return sum(len(g.token_ids) for g in gens) / (time.perf_counter() - started)
+
+
+async def _engine_worker(args: argparse.Namespace) -> dict[str, Any]:
+    from flowlane.api import learner_pb2_grpc
+    from flowlane.kit.grpc_common import open_channel
+    from flowlane.kit.weights import open_weights_store
+    from flowlane.runtime.engines.vllm_engine import VLLMEngine
+    from flowlane.runtime.rollout.worker import fetch_weights, pull_weights
+
+    store = open_weights_store(args.store)
+    out: dict[str, Any] = {"syncs": {}, "engines": {}}
+    async with open_channel(args.grpc, args.token) as channel:
+        stub = learner_pb2_grpc.LearnerStub(channel)
+        for kind, lora in (("full weights", None), ("LoRA adapter", LORA_RANK)):
+            started = time.perf_counter()
+            engine = VLLMEngine(args.model, max_model_len=2048, kv_cache_gib=1, max_num_seqs=16, max_lora_rank=lora)
+            start_s = time.perf_counter() - started
+            first = ADAPTER_VERSIONS if lora else 1
+            for path in ("grpc", "store"):
+                for version in range(first, first + args.repeats):
+                    before = time.perf_counter()
+                    synced = (await pull_weights(stub, engine, version) if path == "grpc"
+                              else await fetch_weights(store, engine, first))
+                    out["syncs"].setdefault(f"{kind}, {path}", []).append(
+                        [time.perf_counter() - before, synced.nbytes, synced.engine_s])
+            rates = {kind: await _decode_rate(engine)}
+            if lora:
+                rates["LoRA engine, base model (no adapter)"] = await _decode_rate(engine.base_model())
+            out["engines"][kind] = {"start_s": start_s, "tokens_per_s": rates}
+            await engine.close()
+    return out
+
+
+def engine_worker_main(args: argparse.Namespace) -> None:
+    print(json.dumps(asyncio.run(_engine_worker(args))))
+
+
+async def engine_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The learner side of the full-vs-LoRA rows: serve and publish both, run the engine worker."""
+    from flowlane.api import learner_pb2, learner_pb2_grpc
+    from flowlane.kit.grpc_common import bind_port, create_server, iter_weight_chunks
+
+    model_dir, full, adapter_config, adapter = bundled_policy()
+    token = "bench-token"
+
+    class Servicer(learner_pb2_grpc.LearnerServicer):
+        async def GetWeights(self, request: Any, context: Any) -> Any:
+            lora = request.min_version >= ADAPTER_VERSIONS
+            tensors, config = (adapter, adapter_config) if lora else (full, "")
+            for chunk in iter_weight_chunks(tensors, request.min_version, request.chunk_bytes or 1 << 20, config):
+                yield chunk
+
+        async def GetStatus(self, request: Any, context: Any) -> Any:
+            return learner_pb2.LearnerStatus()
+
+    server = create_server(token)
+    learner_pb2_grpc.add_LearnerServicer_to_server(Servicer(), server)
+    port = bind_port(server, "127.0.0.1", 0)
+    await server.start()
+    with tempfile.TemporaryDirectory(prefix="bench-weights-") as tmp:
+        uri = (Path(tmp) / "checkpoints").as_uri()
+        store = open_weights_store(uri)
+        publish_version(store, 1, full.items(), scratch=Path(tmp))
+        publish_version(store, ADAPTER_VERSIONS, adapter.items(), scratch=Path(tmp), adapter_config=adapter_config)
+        command = [sys.executable, __file__, "--engine-worker", "--grpc", f"127.0.0.1:{port}", "--token", token,
+                   "--store", uri, "--repeats", str(args.repeats), "--model", str(model_dir)]
+        child = await asyncio.create_subprocess_exec(*command, stdout=subprocess.PIPE)
+        out, _ = await child.communicate()
+    await server.stop(grace=None)
+    if child.returncode:
+        raise SystemExit(f"engine worker failed ({child.returncode})")
+    measured = json.loads(out.decode().strip().splitlines()[-1])
+    rows = []
+    for path, rounds in measured["syncs"].items():
+        seconds = statistics.median(r[0] for r in rounds)
+        rows.append({"sync": path, "MB per sync": rounds[0][1] / 1e6, "seconds per sync": seconds,
+                     "engine load s": statistics.median(r[2] for r in rounds),
+                     "MB/s": rounds[0][1] / 1e6 / seconds})
+    full_bytes, adapter_bytes = nbytes(full), nbytes(adapter)
+    for row in rows:
+        row["of the model's bytes"] = f"{row['MB per sync'] * 1e6 / full_bytes:.1%}"
+    engines = []
+    for info in measured["engines"].values():
+        for label, rate in info["tokens_per_s"].items():
+            engines.append({"engine": "plain (no LoRA)" if label == "full weights" else
+                            "LoRA, with its adapter" if label == "LoRA adapter" else "LoRA, base model (no adapter)",
+                            "start s": info["start_s"], "greedy tokens/s": rate})
+    print(f"adapter: rank {LORA_RANK} on {', '.join(LORA_TARGETS)}, {len(adapter)} tensors, "
+          f"{adapter_bytes / 1e6:.2f} MB; model {full_bytes / 1e6:.1f} MB ({full_bytes / adapter_bytes:.0f}x)\n")
+    return rows, engines
+
+
 def worker_main(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     rows: dict[str, list[tuple[float, int, float]]] = {}
@@ -296,7 +442,11 @@ def main() -> None:
     parser.add_argument("--mb", type=int, default=256, help="size of the synthetic bf16 model")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk-mb", type=int, nargs="+", default=[4], help="gRPC chunk sizes to compare")
+    parser.add_argument("--only", choices=("transport", "engine"),
+                        help="transport: the synthetic model's paths; engine: full vs LoRA into vLLM")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--engine-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--grpc", help=argparse.SUPPRESS)
     parser.add_argument("--token", help=argparse.SUPPRESS)
     parser.add_argument("--socket", type=int, help=argparse.SUPPRESS)
@@ -305,6 +455,25 @@ def main() -> None:
     if args.worker:
         worker_main(args)
         return
+    if args.engine_worker:
+        engine_worker_main(args)
+        return
+    if args.only != "engine":
+        transport(args)
+    if args.only != "transport":
+        if args.only is None:
+            print()
+        print_header("Weight sync: full weights vs LoRA into a vLLM engine",
+                     notes=[f"the bundled smollm2-135m-instruct (float32), {args.repeats} syncs per row (median), "
+                            "learner and worker in two processes on loopback, vLLM on CPU (eager)"])
+        rows, engines = asyncio.run(engine_rows(args))
+        print(markdown_table(rows, ["sync", "MB per sync", "of the model's bytes", "seconds per sync",
+                                    "engine load s", "MB/s"], digits=3))
+        print()
+        print(markdown_table(engines, ["engine", "start s", "greedy tokens/s"], digits=1))
+
+
+def transport(args: argparse.Namespace) -> None:
     print_header("Weight sync", notes=[f"synthetic bf16 model of {args.mb} MB, {args.repeats} interleaved "
                                        "rounds (median), learner and worker in two processes on loopback"])
     rows = asyncio.run(learner_main(args))

@@ -91,8 +91,9 @@ def test_a_store_worker_loads_the_version_into_its_engine_one_bucket_at_a_time(
 
     engine = Engine()
     worker = RolloutWorker(flowrun, "127.0.0.1:1", [], "rollout-0", None)
-    nbytes = asyncio.run(worker._load_from_store(engine, 4))
-    assert nbytes == sum(t.numel() * 4 for t in state.values())
+    asyncio.run(worker._sync_weights(None, engine, 4))  # weightSync store: no learner stream
+    assert worker.stats.weight_bytes == sum(t.numel() * 4 for t in state.values())
+    assert worker.stats.adapter_syncs == 0
     assert [len(names) for names, _ in engine.calls] == [1, 3, 3, 3, 1]  # embed, one layer per call, norm
     assert {version for _, version in engine.calls} == {4}
 

@@ -59,6 +59,7 @@ ANNOUNCE_TIMEOUT_S = float(os.environ.get("FLOWLANE_LEARNER_ANNOUNCE_TIMEOUT_S",
 class Call(enum.StrEnum):
     STEP = "step"
     EXPORT = "export_weights"
+    EXPORT_POLICY = "export_policy"
     SAVE = "save_checkpoint_files"
     LOAD = "load_checkpoint_files"
     END = "end"
@@ -145,6 +146,11 @@ class LeadLearner:
         self._channel.announce(Call.EXPORT)
         yield from self._learner.export_weights()
 
+    def export_policy(self, adapter_only: bool) -> tuple[str, list[tuple[str, torch.Tensor]]]:
+        self._channel.announce(Call.EXPORT_POLICY, adapter_only)
+        exported: tuple[str, list[tuple[str, torch.Tensor]]] = self._learner.export_policy(adapter_only)
+        return exported
+
     def save_checkpoint_files(self, directory: Path) -> dict[str, Any]:
         return self.save_with_parts(directory, None)[0]
 
@@ -226,6 +232,9 @@ def follow(learner: Any, channel: RankChannel | None = None) -> int:
             if learner.config.zero_stage == 3:
                 for _ in learner.export_weights():
                     pass
+        elif call is Call.EXPORT_POLICY:
+            if learner.config.zero_stage == 3:
+                learner.export_policy(*args)
         elif call is Call.SAVE:
             _follow_save(learner, channel, Path(args[0]), args[1] if len(args) > 1 else None)
         elif call is Call.LOAD:

@@ -68,6 +68,7 @@ from flowlane.kit.dtype import resolve_dtype
 from flowlane.kit.lora import (
     STATE_FILE,
     TOKENIZER_FILES,
+    adapter_config_text,
     describe_identity,
     weights_identity,
 )
@@ -481,6 +482,27 @@ class Learner:
             with _gathered([param]):
                 tensor = param.detach().cpu()
                 yield name, tensor.clone() if _is_partitioned(param) else tensor
+
+    def export_adapter(self) -> tuple[str, list[tuple[str, torch.Tensor]]]:
+        """The LoRA adapter alone, as PEFT saves it: the ``adapter_config.json`` text and the
+        lora_A / lora_B tensors under PEFT's names (``base_model.model.<module>.lora_A.weight``),
+        CPU copies. What a LoRA run's rollout engines load on top of the base model they hold."""
+        from peft import get_peft_model_state_dict  # heavy, and LoRA runs only
+
+        if not self.is_lora:
+            raise ConfigError("export_adapter: this learner trains all weights (no lora); use export_weights")
+        module = self.engine.module
+        with _gathered([p for p in module.parameters() if p.requires_grad]):
+            state = get_peft_model_state_dict(module)
+            tensors = [(name, tensor.detach().cpu().clone()) for name, tensor in state.items()]
+        return adapter_config_text(module.peft_config[module.active_adapter]), tensors
+
+    def export_policy(self, adapter_only: bool) -> tuple[str, list[tuple[str, torch.Tensor]]]:
+        """What one policy version publishes: with LoRA and ``adapter_only`` the adapter
+        (``export_adapter``), else ("", the full weights of ``export_weights``, CPU-contiguous)."""
+        if adapter_only and self.is_lora:
+            return self.export_adapter()
+        return "", [(name, tensor.detach().cpu().contiguous()) for name, tensor in self.export_weights()]
 
     # --- checkpoints ----------------------------------------------------------------------------
 

@@ -367,8 +367,11 @@ def iter_weight_chunks(
     named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
     version: int,
     chunk_bytes: int = DEFAULT_WEIGHT_CHUNK_BYTES,
+    adapter_config: str = "",
 ) -> Iterator[learner_pb2.WeightChunk]:
     """Stream tensors as one ``WeightsHeader`` message, then ``data`` chunks of <= ``chunk_bytes``.
+
+    ``adapter_config`` (a PEFT ``adapter_config.json`` text) marks the tensors as a LoRA adapter's.
 
     The byte stream is each tensor's raw little-endian bytes at an aligned offset, zero padding
     between. Tensors are copied to the CPU one at a time as the stream reaches them, so a model
@@ -389,7 +392,7 @@ def iter_weight_chunks(
         offset += nbytes
     total = offset
     yield learner_pb2.WeightChunk(header=learner_pb2.WeightsHeader(version=version, tensors=entries,
-                                                                   total_bytes=total))
+                                                                   total_bytes=total, adapter_config=adapter_config))
 
     pending = bytearray()  # bytes of the chunk being filled
     sent = 0  # stream offset of `pending`'s first byte

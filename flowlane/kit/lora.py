@@ -5,6 +5,11 @@ the run's base model with the adapter merged in. The learner writes those checkp
 rollout side reads them, so the merge lives here, below both. A merge is refused when the base
 model on this machine is not the one the adapter was trained on (``weights_identity``: architecture
 numbers plus a digest of the embeddings, recorded in the checkpoint's learner state).
+
+Weight sync is the other way round: a LoRA run on vLLM sends its rollout engines the adapter
+alone (``adapter_config.json`` + its lora_A / lora_B tensors, PEFT's format), which vLLM serves on
+top of the base model it already holds; the adapter directory helpers below are shared by the
+learner (publishing), the weights store and the engine (staging it for vLLM).
 """
 
 from __future__ import annotations
@@ -88,3 +93,62 @@ def merge_lora_checkpoint(checkpoint_dir: Path, out_dir: Path) -> None:
     for name in TOKENIZER_FILES:
         if (checkpoint_dir / name).is_file():
             shutil.copy2(checkpoint_dir / name, out_dir / name)
+
+
+# -- adapter-only weight sync --------------------------------------------------------------------
+
+#: The two files of a PEFT adapter directory (what ``PeftModel.from_pretrained`` and vLLM's
+#: ``LoRARequest`` load): the adapter's config and its lora_A / lora_B tensors.
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def adapter_config_text(peft_config: Any) -> str:
+    """A PEFT ``LoraConfig`` as the JSON text of its ``adapter_config.json`` (sets become sorted lists)."""
+    config = peft_config.to_dict()
+    return json.dumps({key: sorted(value) if isinstance(value, set) else value for key, value in config.items()},
+                      indent=2, sort_keys=True)
+
+
+def adapter_rank(config_text: str) -> int:
+    """The rank ``r`` an ``adapter_config.json`` declares; FlowlaneError when it is not a LoRA config."""
+    try:
+        config = json.loads(config_text)
+        rank = int(config["r"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise FlowlaneError(f"{ADAPTER_CONFIG_FILE} is not a LoRA adapter config "
+                            f"({type(err).__name__}: {err})") from None
+    if config.get("peft_type", "LORA") != "LORA" or rank < 1:
+        raise FlowlaneError(f"{ADAPTER_CONFIG_FILE} is not a LoRA adapter config (peft_type "
+                            f"{config.get('peft_type')!r}, r {rank})")
+    return rank
+
+
+def write_adapter(directory: Path, config_text: str, tensors: Any) -> int:
+    """Write a PEFT adapter directory (config + one safetensors file); returns the tensors' bytes.
+
+    ``tensors``: (name, tensor) pairs under PEFT's names (``base_model.model.<module>.lora_A.weight``).
+    """
+    from safetensors.torch import save_file
+
+    adapter_rank(config_text)
+    state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors}
+    if not state:
+        raise FlowlaneError("a LoRA adapter needs at least one tensor; got none")
+    not_lora = [name for name in state if ".lora_" not in name]
+    if not_lora:
+        raise FlowlaneError(f"adapter tensor {not_lora[0]!r} is not a LoRA weight (lora_A / lora_B); "
+                            "full model weights go through load_weights")
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(directory / ADAPTER_WEIGHTS_FILE))
+    (directory / ADAPTER_CONFIG_FILE).write_text(config_text)
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def read_adapter(directory: Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """The config text and tensors of a PEFT adapter directory written by ``write_adapter``."""
+    from safetensors.torch import load_file
+
+    config_text = (directory / ADAPTER_CONFIG_FILE).read_text()
+    adapter_rank(config_text)
+    return config_text, load_file(str(directory / ADAPTER_WEIGHTS_FILE))

@@ -10,6 +10,10 @@ safetensors file of whole layers (vLLM reloads a layer only with all its tensors
 the store's guarantees: every file first, the manifest last, so a worker sees a version complete
 or not at all. Workers fetch and load one bucket at a time, so a sync holds about one bucket in
 memory, not the model. The store keeps the newest few versions; older ones are deleted.
+
+A LoRA run on vLLM publishes the adapter alone (``adapter_sync``): a version is then a PEFT
+adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``, a few MB where the
+model is hundreds), fetched whole (``fetch_adapter``) and served by the engine as a LoRA adapter.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 import torch
 
 from flowlane.kit.checkpoints import CheckpointStore
+from flowlane.kit.lora import read_adapter, write_adapter
 
 #: Upper bound of one bucket (one file of a published version; one staged load in the engine).
 WEIGHT_BUCKET_BYTES = 32 * 1024 * 1024
@@ -74,11 +79,27 @@ def bucket_file(index: int) -> str:
     return f"bucket-{index:05d}.safetensors"
 
 
+def adapter_sync(lora_enabled: bool, engine_kind: str) -> bool:
+    """Whether a run's policy versions are LoRA adapters alone: LoRA training (``model.lora.enabled``)
+    with vLLM rollout engines, which serve adapters; other engines get the merged full weights."""
+    return lora_enabled and engine_kind == "vllm"
+
+
 def publish_version(store: CheckpointStore, version: int, tensors: Iterable[tuple[str, torch.Tensor]],
-                    bucket_bytes: int = WEIGHT_BUCKET_BYTES, scratch: Path | None = None) -> int:
-    """Write ``tensors`` as version ``version`` (bucket files, manifest last); returns the bytes written."""
+                    bucket_bytes: int = WEIGHT_BUCKET_BYTES, scratch: Path | None = None,
+                    adapter_config: str = "") -> int:
+    """Write ``tensors`` as version ``version`` (bucket files, manifest last); returns the bytes written.
+
+    With ``adapter_config`` (the text of a PEFT ``adapter_config.json``) ``tensors`` are a LoRA
+    adapter's and the version is written as a PEFT adapter directory instead of buckets.
+    """
     from safetensors.torch import save_file
 
+    if adapter_config:
+        with tempfile.TemporaryDirectory(prefix="flowlane-publish-", dir=scratch) as tmp:
+            total = write_adapter(Path(tmp), adapter_config, tensors)
+            store.save(version, Path(tmp), {"policy_version": version, "adapter": True, "buckets": 0, "bytes": total})
+        return total
     named = [(name, tensor.detach().cpu().contiguous()) for name, tensor in tensors]
     by_name = dict(named)
     buckets = layer_buckets({n: t.numel() * t.element_size() for n, t in named}, bucket_bytes)
@@ -107,6 +128,18 @@ def fetch_version(store: CheckpointStore, version: int,
             yield bucket
 
 
+def fetch_adapter(store: CheckpointStore, version: int,
+                  scratch: Path | None = None) -> tuple[str, dict[str, torch.Tensor]] | None:
+    """Version ``version``'s adapter (config text, tensors) when it is a LoRA adapter, else None
+    (full weights: read them with ``fetch_version``)."""
+    ref = store.get(version)
+    if not ref.meta.get("adapter"):
+        return None
+    with tempfile.TemporaryDirectory(prefix="flowlane-fetch-", dir=scratch) as tmp:
+        config_text, tensors = read_adapter(store.download(ref, Path(tmp) / "adapter"))
+    return config_text, tensors
+
+
 def _all_but(wanted: str) -> Callable[[str], bool]:
     return lambda path: path != wanted
 
@@ -129,6 +162,7 @@ class BucketAssembler:
     def __init__(self, bucket_bytes: int = WEIGHT_BUCKET_BYTES) -> None:
         self.bucket_bytes = bucket_bytes
         self.version = 0
+        self.adapter_config = ""  # the header's: a LoRA adapter's config text, "" for full weights
         self._buckets: list[list[Any]] = []  # entries of each bucket, in stream order
         self._next = 0  # index of the bucket being filled
         self._storage = bytearray()  # one buffer for every bucket, the largest one's size
@@ -146,6 +180,7 @@ class BucketAssembler:
                 raise WeightStreamError("weight stream has a second header")
             header = chunk.header
             self.version, self._total = header.version, header.total_bytes
+            self.adapter_config = header.adapter_config
             by_name = {entry.name: entry for entry in header.tensors}
             names = layer_buckets({entry.name: entry.nbytes for entry in header.tensors}, self.bucket_bytes)
             self._buckets = [[by_name[n] for n in bucket] for bucket in names]

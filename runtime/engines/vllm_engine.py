@@ -27,6 +27,13 @@ What this adapter adds on top of ``vllm.v1.engine.async_llm.AsyncLLM``:
   requests finish under the old weights, and new ``chat`` calls wait until the version is
   bumped: every ``Generation`` was produced by exactly the ``policy_version`` it carries. NCCL is
   the GPU-cluster path.
+- **LoRA adapters instead of weights.** Started with ``max_lora_rank`` (a LoRA run), the engine
+  serves vLLM LoRA adapters: ``load_adapter`` stages a PEFT adapter directory (a few MB, not the
+  model), adds it under a new integer id and removes the previous one, so one adapter is held at
+  a time; from then on ``chat`` generates through it (``LoRARequest``). ``base_model()`` is a view
+  of the same engine that never applies an adapter: the frozen modules (executor, verifier,
+  generator) of a LoRA run use it, as in AgentFlow where only the planner is trained. vLLM's CPU
+  build turns torch.compile off when LoRA is on; this engine runs eager on CPU anyway.
 
 vLLM on CPU starts its engine core in a *spawned* process: a script that creates this engine must
 guard its entry point with ``if __name__ == "__main__":``.
@@ -37,7 +44,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -45,7 +54,8 @@ from typing import Any
 
 import torch
 
-from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings, resolve_dtype
+from flowlane.kit.lora import adapter_rank, write_adapter
+from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings, WrappedEngine, resolve_dtype
 from flowlane.runtime.errors import ConfigError, EngineUnavailableError
 from flowlane.runtime.models import encode_chat
 
@@ -94,6 +104,17 @@ def _cuda_available() -> bool:
 
 #: KV cache when the caller names none on CPU: ample for the bundled 135M model at 64 sequences.
 CPU_DEFAULT_KV_CACHE_GIB = 2.0
+#: The LoRA ranks vLLM 0.32 sizes its adapter slots for (``LoRAConfig.max_lora_rank``).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_slot_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts as ``max_lora_rank`` that holds an adapter of rank ``rank``."""
+    for slot in VLLM_LORA_RANKS:
+        if rank <= slot:
+            return slot
+    raise ConfigError(f"model.lora.rank: {rank} is above the largest LoRA rank vLLM serves "
+                      f"({VLLM_LORA_RANKS[-1]}); use a rank of at most {VLLM_LORA_RANKS[-1]}")
 
 
 class VLLMEngine(LLMEngine):
@@ -104,7 +125,8 @@ class VLLMEngine(LLMEngine):
     of a float32 re-scoring by the learner (``resolve_dtype``). ``kv_cache_gib`` bounds the KV
     cache (vLLM-CPU reads it from memory, not a fraction of a device; default on CPU:
     ``CPU_DEFAULT_KV_CACHE_GIB``); ``enforce_eager`` skips torch.compile, which on CPU costs
-    minutes of start-up for little gain with small models.
+    minutes of start-up for little gain with small models. ``max_lora_rank`` (the run's LoRA rank)
+    enables LoRA adapters (``load_adapter``); vLLM rounds it up to a rank it has slots for.
     """
 
     name = "vllm"
@@ -121,6 +143,7 @@ class VLLMEngine(LLMEngine):
         kv_cache_gib: float | None = None,
         enforce_eager: bool = True,
         seed: int = 0,
+        max_lora_rank: int | None = None,
         engine_args: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -151,6 +174,10 @@ class VLLMEngine(LLMEngine):
             kv_cache_gib = CPU_DEFAULT_KV_CACHE_GIB
         if kv_cache_gib is not None:
             args["kv_cache_memory_bytes"] = int(kv_cache_gib * GIB)
+        self.max_lora_rank = None if max_lora_rank is None else lora_slot_rank(max_lora_rank)
+        if self.max_lora_rank is not None:
+            # One adapter serves at a time; the cache holds two so that adding never evicts first.
+            args.update(enable_lora=True, max_lora_rank=self.max_lora_rank, max_loras=1, max_cpu_loras=2)
         args.update(engine_args or {})
         try:
             self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
@@ -164,6 +191,10 @@ class VLLMEngine(LLMEngine):
         self._weights_ready: asyncio.Event | None = None
         self._weights_lock: asyncio.Lock | None = None
         self._closed = False
+        self._adapter: Any = None  # the LoRARequest of the adapter in use, None for the base model
+        self._adapter_dir: Path | None = None  # its staged PEFT directory (vLLM reads it on add)
+        self._adapter_ids = 0  # vLLM wants an id per adapter that is never reused
+        self.adapter_load_s = 0.0  # seconds the engine took to add the newest adapter
 
     @property
     def tokenizer(self) -> Any:
@@ -204,6 +235,15 @@ class VLLMEngine(LLMEngine):
         )
 
     async def chat(self, messages: list[dict[str, str]], settings: SamplingSettings) -> Generation:
+        """Generate with the current policy: the newest adapter when one is loaded."""
+        return await self._generate(messages, settings, with_adapter=True)
+
+    def base_model(self) -> LLMEngine:
+        """This engine without any adapter: the base model, never changed by ``load_adapter``."""
+        return BaseModelView(self)
+
+    async def _generate(self, messages: list[dict[str, str]], settings: SamplingSettings,
+                        with_adapter: bool) -> Generation:
         from vllm.inputs import TokensPrompt
 
         if self._closed:
@@ -211,10 +251,12 @@ class VLLMEngine(LLMEngine):
         prompt_ids = self.encode(messages)
         params = self._sampling_params(settings, len(prompt_ids))
         await self._gate().wait()  # never start a request while weights are being swapped
-        version = self.policy_version
+        # The base model is version 0's weights; full-weight loads change the base, adapters do not.
+        adapter = self._adapter if with_adapter else None
+        version = self.policy_version if with_adapter or self.max_lora_rank is None else 0
         final = None
         async for output in self._llm.generate(
-            TokensPrompt(prompt_token_ids=prompt_ids), params, request_id=uuid.uuid4().hex
+            TokensPrompt(prompt_token_ids=prompt_ids), params, request_id=uuid.uuid4().hex, lora_request=adapter
         ):
             final = output
         if final is None or not final.outputs:
@@ -263,6 +305,70 @@ class VLLMEngine(LLMEngine):
             finally:
                 gate.set()
 
+    async def load_adapter(self, adapter_config: str, tensors: Iterable[tuple[str, torch.Tensor]],
+                           policy_version: int) -> int:
+        """Serve a new LoRA adapter (PEFT names and ``adapter_config.json`` text) from now on; returns its bytes.
+
+        Generation is paused in ``wait`` mode as for ``load_weights``: requests in flight finish
+        with the previous adapter, new ones wait and then use this one, stamped ``policy_version``.
+        The previous adapter is removed from the engine and its staged files deleted.
+        """
+        from vllm.lora.request import LoRARequest
+
+        if self.max_lora_rank is None:
+            raise ConfigError("load_adapter: this vLLM engine was started without LoRA; start it with "
+                              "max_lora_rank (model.lora.enabled in a FlowRun)")
+        rank = adapter_rank(adapter_config)
+        if rank > self.max_lora_rank:
+            raise ConfigError(f"the adapter's rank {rank} is above this engine's max_lora_rank "
+                              f"{self.max_lora_rank}; start the engine with the run's model.lora.rank")
+        if self._weights_lock is None:
+            self._weights_lock = asyncio.Lock()
+        state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors}
+        nbytes = sum(t.numel() * t.element_size() for t in state.values())
+        gate = self._gate()
+        async with self._weights_lock:
+            directory = Path(tempfile.mkdtemp(prefix=f"flowlane-adapter-v{policy_version}-",
+                                              dir=staging_dir(nbytes)))
+            try:
+                await asyncio.to_thread(write_adapter, directory, adapter_config, state.items())
+            except BaseException:
+                shutil.rmtree(directory, ignore_errors=True)
+                raise
+            self._adapter_ids += 1
+            request = LoRARequest(lora_name=f"policy-v{policy_version}-{self._adapter_ids}",
+                                  lora_int_id=self._adapter_ids, lora_path=str(directory))
+            gate.clear()
+            try:
+                await self._llm.pause_generation(mode="wait", clear_cache=False)
+                try:
+                    started = time.perf_counter()
+                    try:
+                        await self._llm.add_lora(request)
+                    except Exception as err:
+                        shutil.rmtree(directory, ignore_errors=True)
+                        raise EngineUnavailableError(
+                            f"vLLM refused the LoRA adapter of policy version {policy_version} "
+                            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no message'})"
+                        ) from err
+                    self.adapter_load_s = time.perf_counter() - started
+                    previous, previous_dir = self._adapter, self._adapter_dir
+                    self._adapter, self._adapter_dir = request, directory
+                    self.policy_version = policy_version
+                    if previous is not None:
+                        await self._llm.remove_lora(previous.lora_int_id)
+                    if previous_dir is not None:
+                        shutil.rmtree(previous_dir, ignore_errors=True)
+                finally:
+                    await self._llm.resume_generation()
+            finally:
+                gate.set()
+        return nbytes
+
+    async def loaded_adapters(self) -> set[int]:
+        """The ids of the adapters vLLM holds now (one after any number of ``load_adapter`` calls)."""
+        return set(await self._llm.list_loras())
+
     def num_unfinished_requests(self) -> int:
         """Requests in the engine now (running or waiting to be scheduled)."""
         return int(self._llm.get_num_unfinished_requests())
@@ -272,9 +378,32 @@ class VLLMEngine(LLMEngine):
             return
         self._closed = True
         self._llm.shutdown()
+        if self._adapter_dir is not None:
+            shutil.rmtree(self._adapter_dir, ignore_errors=True)
         # Drop the engine now: vLLM's own finaliser would otherwise run again at interpreter exit,
         # when the modules it needs are already torn down.
         del self._llm
+
+
+class BaseModelView(WrappedEngine):
+    """A LoRA engine's base model: the same vLLM engine, generating without an adapter.
+
+    Its generations carry policy version 0 (the base weights never change in a LoRA run), and it
+    cannot load weights or adapters: it is the frozen modules' engine.
+    """
+
+    def __init__(self, inner: VLLMEngine) -> None:
+        super().__init__(inner)
+        self.engine = inner
+
+    async def chat(self, messages: list[dict[str, str]], settings: SamplingSettings) -> Generation:
+        return await self.engine._generate(messages, settings, with_adapter=False)
+
+    async def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], policy_version: int) -> None:
+        raise ConfigError("the base model view of a LoRA engine is frozen; load adapters into the engine itself")
+
+    async def close(self) -> None:
+        """Nothing of its own to release: the engine it views is closed by its owner."""
 
 
 def schema_text(settings: SamplingSettings) -> str:

@@ -7,6 +7,12 @@ restart), run the agent on every assigned unit concurrently so the engine batche
 each answer, and stream the trajectories back. Tool code runs in the sandbox servers over gRPC
 when their addresses are given (the FlowRun graph), in a local sandbox otherwise.
 
+In a LoRA run on vLLM (``model.lora.enabled``) a policy version is the adapter alone: the engine
+starts with LoRA enabled (``max_lora_rank`` = the run's rank), each sync loads the new adapter
+(a few MB) next to the base weights it already holds, and the planner generates through it; the
+frozen modules (executor, verifier, generator) use the same engine's base model, without the
+adapter, unless ``model.fixed`` gives them an engine of their own.
+
 The worker keeps no state worth saving: if it dies, the learner hands its units to another
 worker (or to its own restarted process) and a unit is counted once, whoever fills it.
 """
@@ -39,6 +45,73 @@ class WorkerStats:
     weight_syncs: int = 0
     weight_sync_s: float = 0.0
     weight_bytes: int = 0
+    weight_load_s: float = 0.0  # of weight_sync_s: inside the engine's load calls
+    adapter_syncs: int = 0  # syncs that loaded a LoRA adapter, not weights
+
+
+@dataclass
+class Synced:
+    """One weight sync: the version loaded, its bytes, whether it was an adapter, the engine's share."""
+
+    version: int
+    nbytes: int
+    adapter: bool
+    engine_s: float
+
+
+async def pull_weights(stub: Any, engine: Any, version: int) -> Synced:
+    """Stream version >= ``version`` from the learner's ``GetWeights`` into ``engine``.
+
+    Full weights go in bucket by bucket as each arrives (whole layers; a sync holds about one
+    bucket). A LoRA adapter (the header carries its config) is gathered whole, a few MB, and
+    loaded with ``engine.load_adapter``.
+    """
+    from flowlane.api import learner_pb2
+    from flowlane.kit.weights import BucketAssembler
+
+    assembler = BucketAssembler()
+    nbytes, engine_s = 0, 0.0
+    adapter: dict[str, Any] = {}
+    async for chunk in stub.GetWeights(learner_pb2.WeightsRequest(min_version=version)):
+        for bucket in assembler.feed(chunk):
+            nbytes += sum(t.numel() * t.element_size() for t in bucket.values())
+            if assembler.adapter_config:  # buckets share one buffer: keep copies
+                adapter.update((name, tensor.clone()) for name, tensor in bucket.items())
+            else:
+                started = time.perf_counter()
+                await engine.load_weights(bucket.items(), assembler.version)
+                engine_s += time.perf_counter() - started
+            del bucket
+    assembler.finish()
+    if assembler.adapter_config:
+        started = time.perf_counter()
+        await engine.load_adapter(assembler.adapter_config, adapter.items(), assembler.version)
+        engine_s += time.perf_counter() - started
+    return Synced(assembler.version, nbytes, bool(assembler.adapter_config), engine_s)
+
+
+async def fetch_weights(store: Any, engine: Any, version: int) -> Synced:
+    """Load version ``version`` from the weights store into ``engine``: a LoRA adapter whole, full
+    weights bucket by bucket (whole layers); nothing runs on the engine meanwhile (the worker syncs
+    between waves)."""
+    from flowlane.kit.weights import fetch_adapter, fetch_version
+
+    adapter = await asyncio.to_thread(fetch_adapter, store, version)
+    if adapter is not None:
+        config_text, tensors = adapter
+        started = time.perf_counter()
+        await engine.load_adapter(config_text, tensors.items(), version)
+        return Synced(version, sum(t.numel() * t.element_size() for t in tensors.values()), True,
+                      time.perf_counter() - started)
+    buckets = fetch_version(store, version)
+    nbytes, engine_s = 0, 0.0
+    while (bucket := await asyncio.to_thread(next, buckets, None)) is not None:
+        nbytes += sum(t.numel() * t.element_size() for t in bucket.values())
+        started = time.perf_counter()
+        await engine.load_weights(bucket.items(), version)
+        engine_s += time.perf_counter() - started
+        del bucket
+    return Synced(version, nbytes, False, engine_s)
 
 
 class RolloutWorker:
@@ -66,8 +139,14 @@ class RolloutWorker:
 
         spec = self.spec
         algo = spec.algorithm
-        engine, fixed = await open_engines(spec.engine.kind.value, spec.model.planner, spec.model.fixed,
-                                           **engine_options(spec))
+        engine, opened_fixed = await open_engines(spec.engine.kind.value, spec.model.planner, spec.model.fixed,
+                                                  **engine_options(spec))
+        fixed = opened_fixed
+        if opened_fixed is engine and lora_adapters(spec):
+            from flowlane.runtime.engines.vllm_engine import VLLMEngine
+
+            if isinstance(engine, VLLMEngine):
+                fixed = engine.base_model()  # the frozen modules never see the planner's adapter
         runner = self._code_runner()
         tools = build_tools([t.name for t in spec.tools], engine=fixed, code_runner=runner)
         planner = SamplingSettings(max_tokens=algo.max_planner_tokens, temperature=algo.temperature)
@@ -78,7 +157,8 @@ class RolloutWorker:
         channel = open_channel(self.learner_address, self.token)
         stub = learner_pb2_grpc.LearnerStub(channel)
         log.info("worker %s ready (engine %s, fixed modules on %s, tools %s)", self.worker_id, engine.name,
-                 f"a frozen {spec.model.fixed}" if fixed is not engine else "the planner's engine",
+                 f"a frozen {spec.model.fixed}" if spec.model.fixed
+                 else "the planner's base model" if fixed is not engine else "the planner's engine",
                  [t.name for t in tools])
         try:
             while not self._stopping.is_set():
@@ -99,7 +179,7 @@ class RolloutWorker:
             await channel.close()
             for tool in tools:
                 await tool.close()
-            await close_engines(engine, fixed)
+            await close_engines(engine, opened_fixed)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -131,47 +211,28 @@ class RolloutWorker:
         return LocalCodeRunner()
 
     async def _sync_weights(self, stub: Any, engine: Any, version: int) -> None:
-        from flowlane.api import learner_pb2
-        from flowlane.kit.weights import BucketAssembler
+        from flowlane.kit.weights import checkpoint_root, open_weights_store
 
         started = time.perf_counter()
         if self.spec.engine.weight_sync.value == "store":
-            got_version, nbytes = version, await self._load_from_store(engine, version)
-        else:  # each bucket of whole layers goes into the engine as soon as it has arrived
-            assembler = BucketAssembler()
-            nbytes = 0
-            async for chunk in stub.GetWeights(learner_pb2.WeightsRequest(min_version=version)):
-                for bucket in assembler.feed(chunk):
-                    nbytes += sum(t.numel() * t.element_size() for t in bucket.values())
-                    await engine.load_weights(bucket.items(), assembler.version)
-                    del bucket
-            assembler.finish()
-            got_version = assembler.version
-        logs.set_context(policy_version=got_version)
+            if self._weights_store is None:
+                run_dir = Path(os.environ.get("FLOWLANE_RUN_DIR", "."))
+                self._weights_store = await asyncio.to_thread(
+                    open_weights_store, checkpoint_root(self.spec.storage.checkpoint_uri, run_dir),
+                    self.spec.storage.s3_endpoint or os.environ.get("FLOWLANE_S3_ENDPOINT"))
+            synced = await fetch_weights(self._weights_store, engine, version)
+        else:
+            synced = await pull_weights(stub, engine, version)
+        logs.set_context(policy_version=synced.version)
         took = time.perf_counter() - started
         self.stats.weight_syncs += 1
         self.stats.weight_sync_s += took
-        self.stats.weight_bytes += nbytes
-        log.info("loaded policy version %d (%.1f MB in %.2f s, %.1f MB/s)", got_version, nbytes / 1e6, took,
-                 nbytes / 1e6 / max(took, 1e-9))
-
-    async def _load_from_store(self, engine: Any, version: int) -> int:
-        """Fetch version ``version`` from the weights store bucket by bucket, loading each (whole
-        layers) into the engine; nothing runs on the engine meanwhile (the worker syncs between waves)."""
-        from flowlane.kit.weights import checkpoint_root, fetch_version, open_weights_store
-
-        if self._weights_store is None:
-            run_dir = Path(os.environ.get("FLOWLANE_RUN_DIR", "."))
-            self._weights_store = await asyncio.to_thread(
-                open_weights_store, checkpoint_root(self.spec.storage.checkpoint_uri, run_dir),
-                self.spec.storage.s3_endpoint or os.environ.get("FLOWLANE_S3_ENDPOINT"))
-        buckets = fetch_version(self._weights_store, version)
-        nbytes = 0
-        while (bucket := await asyncio.to_thread(next, buckets, None)) is not None:
-            nbytes += sum(t.numel() * t.element_size() for t in bucket.values())
-            await engine.load_weights(bucket.items(), version)
-            del bucket
-        return nbytes
+        self.stats.weight_bytes += synced.nbytes
+        self.stats.weight_load_s += synced.engine_s
+        self.stats.adapter_syncs += int(synced.adapter)
+        log.info("loaded policy version %d (%s, %.1f MB in %.2f s, %.1f MB/s; engine %.2f s)", synced.version,
+                 "LoRA adapter" if synced.adapter else "weights", synced.nbytes / 1e6, took,
+                 synced.nbytes / 1e6 / max(took, 1e-9), synced.engine_s)
 
     async def _roll_out(self, agents: dict[bool, Any], tasks: Any, version: int) -> list[Any]:
         from flowlane.api.errors import ConfigError
@@ -205,14 +266,23 @@ class RolloutWorker:
             log.warning("learner rejected %d trajectories: %s", ack.rejected, "; ".join(ack.reasons[:3]))
 
 
+def lora_adapters(spec: Any) -> bool:
+    """Whether this run's policy versions are LoRA adapters (LoRA on vLLM; see ``kit.weights``)."""
+    from flowlane.kit.weights import adapter_sync
+
+    return adapter_sync(spec.model.lora.enabled, spec.engine.kind.value)
+
+
 def engine_options(spec: Any) -> dict[str, Any]:
-    """Engine settings from the spec: the weight dtype and seed; for vLLM the context length and,
-    on CPU, a fixed KV-cache size, on GPU a memory fraction."""
+    """Engine settings from the spec: the weight dtype and seed; for vLLM the context length,
+    LoRA (its rank) in a LoRA run and, on CPU, a fixed KV-cache size, on GPU a memory fraction."""
     import torch
 
     options: dict[str, Any] = {"dtype": spec.model.dtype.value, "seed": spec.algorithm.seed}
     if spec.engine.kind.value == "vllm":
         options["max_model_len"] = spec.engine.max_model_len
+        if lora_adapters(spec):
+            options["max_lora_rank"] = spec.model.lora.rank
         if torch.cuda.is_available():
             engines = 2 if spec.model.fixed else 1  # both engines of a worker share its GPUs
             options["engine_args"] = {"gpu_memory_utilization": spec.engine.gpu_memory_utilization / engines,
