@@ -162,6 +162,10 @@ class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class CheckpointRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class LearnerStatus(_message.Message):
     __slots__ = ("step", "policy_version", "reward_mean", "held_out_accuracy", "last_checkpoint", "mlflow_run_id", "phase", "total_steps", "baseline_accuracy", "trajectories", "step_time_s", "message", "validation_accuracy", "best_checkpoint", "best_validation_accuracy", "worker_policy_versions", "staleness", "last_weight_sync_s")
     class WorkerPolicyVersionsEntry(_message.Message):

@@ -59,6 +59,11 @@ class LearnerStub:
                 request_serializer=learner__pb2.StatusRequest.SerializeToString,
                 response_deserializer=learner__pb2.LearnerStatus.FromString,
                 _registered_method=True)
+        self.Checkpoint = channel.unary_unary(
+                '/flowlane.v1.Learner/Checkpoint',
+                request_serializer=learner__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=learner__pb2.LearnerStatus.FromString,
+                _registered_method=True)
 
 
 class LearnerServicer:
@@ -100,6 +105,15 @@ class LearnerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Checkpoint(self, request, context):
+        """Write a checkpoint of the last completed step now, unless the newest checkpoint is of it (a
+        step in flight completes first); answers the status after it, last_checkpoint naming it. The
+        operator asks before a preempted run's pods go.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LearnerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +140,11 @@ def add_LearnerServicer_to_server(servicer, server):
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
                     request_deserializer=learner__pb2.StatusRequest.FromString,
+                    response_serializer=learner__pb2.LearnerStatus.SerializeToString,
+            ),
+            'Checkpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.Checkpoint,
+                    request_deserializer=learner__pb2.CheckpointRequest.FromString,
                     response_serializer=learner__pb2.LearnerStatus.SerializeToString,
             ),
     }
@@ -263,6 +282,33 @@ class Learner:
             target,
             '/flowlane.v1.Learner/GetStatus',
             learner__pb2.StatusRequest.SerializeToString,
+            learner__pb2.LearnerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Checkpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flowlane.v1.Learner/Checkpoint',
+            learner__pb2.CheckpointRequest.SerializeToString,
             learner__pb2.LearnerStatus.FromString,
             options,
             channel_credentials,

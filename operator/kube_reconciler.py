@@ -66,6 +66,7 @@ from flowlane.operator.reconcile import (
     ServiceChildren,
     apply_cluster_defaults,
     flowrun_object,
+    kueue_preempted,
     merge_patch,
     object_name,
     plan_flowrun,
@@ -94,6 +95,9 @@ logger = logging.getLogger("flowlane.operator")
 FINISHED_PHASES = (Phase.SUCCEEDED.value, Phase.FAILED.value)
 #: How long a deleted child is not deleted again while the watch still shows it.
 DELETE_MEMORY_S = 30.0
+#: How long the learner may take to write the checkpoint asked for when Kueue preempts its run
+#: (a step in flight completes first); within a pod's default 30 s grace period plus the upload.
+PREEMPTION_CHECKPOINT_S = 60.0
 
 
 # ================================================================================================
@@ -269,6 +273,8 @@ class Reconciler:
             if not _all_pods_present(flowrun, pods):
                 await self._check_secrets(flowrun, children)  # running pods already found their Secrets
             progress = await self._progress(flowrun, pods)
+            if kueue_preempted(body, pods):  # once, when Kueue starts stopping the group
+                progress = await self._checkpoint_before_preemption(flowrun, pods) or progress
         children.rejected = self._rejected.get((namespace, name), [])
         children.lost_nodes = await self._lost_nodes(pods)
         plan = plan_flowrun(body, children, progress, self.clock(), self.config.render, self.config.defaults)
@@ -304,19 +310,43 @@ class Reconciler:
             token_name = f"{flowrun.name}-grpc-token"
             children.token_secret_exists = await self.client.get(SECRETS, flowrun.namespace, token_name) is not None
 
-    async def _progress(self, flowrun: FlowRun, pods: list[dict[str, Any]]) -> Progress | None:
+    def _learner_ref(self, flowrun: FlowRun, pods: list[dict[str, Any]], *, terminating: bool) -> RunRef | None:
+        """Where the run's learner answers gRPC; None unless its pod runs (and, unless asked, is not going)."""
         graph = compile_graph(flowrun, config_path=POD_CONFIG_PATH)
         lead = graph.lead_learner  # rank 0's pod serves gRPC
         learner = next((p for p in pods if p["metadata"].get("labels", {}).get(LABEL_MEMBER) == lead), None)
-        if learner is None or pod_phase(learner) != "Running" or pod_terminating(learner):
+        if learner is None or pod_phase(learner) != "Running" or (pod_terminating(learner) and not terminating):
             return None
         address_of, _ = kubernetes_address(graph)
-        ref = RunRef(flowrun.namespace, flowrun.name, address_of(lead, "grpc"), graph.token)
+        return RunRef(flowrun.namespace, flowrun.name, address_of(lead, "grpc"), graph.token)
+
+    async def _progress(self, flowrun: FlowRun, pods: list[dict[str, Any]]) -> Progress | None:
+        ref = self._learner_ref(flowrun, pods, terminating=False)
+        if ref is None:
+            return None
         try:
             return await asyncio.wait_for(self.progress_source(ref), self.config.progress_timeout_s)
         except Exception as exc:  # progress is best-effort; the run goes on without it
             logger.info("no progress from %s/%s: %s", flowrun.namespace, flowrun.name, exc)
             return None
+
+    async def _checkpoint_before_preemption(self, flowrun: FlowRun, pods: list[dict[str, Any]]) -> Progress | None:
+        """Kueue is stopping the group: have the learner, still serving through its grace period,
+        checkpoint the last completed step before the rest of the group goes (its SIGTERM handler
+        would too, but only this way does the status name the checkpoint the run resumes from)."""
+        ref = self._learner_ref(flowrun, pods, terminating=True)
+        if ref is None:
+            return None
+        try:
+            saved = await asyncio.wait_for(self.progress_source.checkpoint(ref, PREEMPTION_CHECKPOINT_S),
+                                           PREEMPTION_CHECKPOINT_S + 1)
+        except Exception as exc:  # the learner's own SIGTERM checkpoint remains
+            logger.warning("checkpoint before preemption of %s/%s failed: %s", flowrun.namespace, flowrun.name, exc)
+            return None
+        if saved is not None:
+            logger.info("%s/%s preempted: checkpoint %s (step %s)", flowrun.namespace, flowrun.name,
+                        saved.last_checkpoint, saved.step)
+        return saved
 
     async def _apply(self, kind: Kind, body: Mapping[str, Any], plan: Plan, flowrun: FlowRun | None) -> list[str]:
         """Write ``plan``; the creates the API server refused (``REJECTION_STATUSES``), one line each."""

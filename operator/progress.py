@@ -44,6 +44,13 @@ class GrpcProgressSource:
         return base64.b64decode(encoded).decode().strip() if encoded else None
 
     async def __call__(self, run: RunRef) -> Progress | None:
+        return await self._ask(run, "GetStatus", self.timeout_s)
+
+    async def checkpoint(self, run: RunRef, timeout_s: float) -> Progress | None:
+        """Ask the learner to checkpoint its last completed step now; its status after it (None: no answer)."""
+        return await self._ask(run, "Checkpoint", timeout_s)
+
+    async def _ask(self, run: RunRef, method: str, timeout_s: float) -> Progress | None:
         try:
             import grpc.aio
 
@@ -54,12 +61,12 @@ class GrpcProgressSource:
         token = await self.token(run)
         if not token:
             return None
+        request = learner_pb2.CheckpointRequest() if method == "Checkpoint" else learner_pb2.StatusRequest()
         async with open_channel(run.learner_address, token) as channel:
             try:
-                status = await learner_pb2_grpc.LearnerStub(channel).GetStatus(
-                    learner_pb2.StatusRequest(), timeout=self.timeout_s)
+                status = await getattr(learner_pb2_grpc.LearnerStub(channel), method)(request, timeout=timeout_s)
             except grpc.aio.AioRpcError as exc:
-                logger.info("learner %s: GetStatus failed: %s", run.learner_address, exc.code())
+                logger.info("learner %s: %s failed: %s", run.learner_address, method, exc.code())
                 if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                     self._tokens.pop((run.namespace, run.token.secret, run.token.key), None)
                 return None

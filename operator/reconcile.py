@@ -108,6 +108,10 @@ class ProgressSource(Protocol):
 
     async def __call__(self, run: RunRef) -> Progress | None: ...
 
+    async def checkpoint(self, run: RunRef, timeout_s: float) -> Progress | None:
+        """Have the learner checkpoint its last completed step now; the progress after it, None if it did not."""
+        ...
+
 
 class EventType(enum.StrEnum):
     NORMAL = "Normal"
@@ -241,6 +245,35 @@ def pod_waiting(pod: Mapping[str, Any]) -> str | None:
     return None
 
 
+#: The pod condition Kueue's plain-Pod integration sets on every pod of a workload it evicts
+#: (preempted, deactivated, PodsReady timed out) just before it deletes them; the reason says which
+#: (WorkloadEvictedDueToPreempted, ...). Kueue then requeues the workload: pods created again under
+#: the same pod-group name are held until it re-admits the group.
+KUEUE_TERMINATION_TARGET = "TerminationTarget"
+
+
+def pod_kueue_evicted(pod: Mapping[str, Any]) -> str | None:
+    """Why Kueue stopped the pod ("reason: message" of its TerminationTarget condition), or None."""
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == KUEUE_TERMINATION_TARGET and cond.get("status") == "True":
+            reason = str(cond.get("reason") or "Evicted")
+            return f"{reason}: {cond['message']}" if cond.get("message") else reason
+    return None
+
+
+def preempted_before(status: FlowRunStatus) -> bool:
+    """Whether the run is suspended because Kueue preempted it (until its group is re-admitted and runs)."""
+    cond = get_condition(status.conditions, ConditionType.SUSPENDED.value)
+    return cond is not None and cond.status == "True" and cond.reason == "Preempted"
+
+
+def kueue_preempted(body: Mapping[str, Any], pods: list[dict[str, Any]]) -> bool:
+    """Kueue is stopping the current group and the run has not yet been suspended for it."""
+    status = parse_run_status(body.get("status"))
+    return not preempted_before(status) and any(
+        pod_epoch(p) == status.restart_count and pod_kueue_evicted(p) for p in pods)
+
+
 def pod_queued(pod: Mapping[str, Any]) -> bool:
     """Whether Kueue still holds the pod (its admission scheduling gate is on)."""
     gates = (pod.get("spec") or {}).get("schedulingGates") or []
@@ -340,6 +373,7 @@ class _RunStatus:
         self.generation = generation
         self.now = now
         self.events: list[Event] = []
+        self.preempted = preempted_before(old)  # suspended by a Kueue preemption, waiting for re-admission
 
     def condition(self, type_: ConditionType, status: bool, reason: str, message: str = "") -> None:
         self.new.conditions = set_condition(self.new.conditions, type_.value, status, reason, message,
@@ -361,7 +395,9 @@ class _RunStatus:
         (its phase stays, with this message)."""
         self.condition(ConditionType.READY, False, reason, message)
         self.condition(ConditionType.RUNNING, False, reason, message)
-        if self.new.phase is not Phase.RESTARTING:
+        if self.preempted:  # stays Suspended until the re-admitted group runs
+            self.new.message = f"preempted; {message}"
+        elif self.new.phase is not Phase.RESTARTING:
             self.phase(Phase.PENDING, message, phase_reason)
         else:
             self.new.message = message
@@ -446,7 +482,9 @@ def plan_flowrun(body: Mapping[str, Any], children: RunChildren, progress: Progr
         st.phase(Phase.SUSPENDED, "suspended: pods stopped, checkpoints kept; set spec.suspend=false to resume",
                  "Suspended")
         return done()
-    st.clear(ConditionType.SUSPENDED, "Resumed")
+    suspended = get_condition(st.new.conditions, ConditionType.SUSPENDED.value)
+    if suspended is not None and suspended.status == "True" and not st.preempted:
+        st.clear(ConditionType.SUSPENDED, "Resumed")  # spec.suspend went back to false
 
     deadline = spec.active_deadline_seconds
     if deadline is not None and st.new.start_time is not None \
@@ -464,6 +502,21 @@ def plan_flowrun(body: Mapping[str, Any], children: RunChildren, progress: Progr
         return done()
 
     epoch = st.new.restart_count
+    # Kueue preempted the group: it has checkpointed (the shell asked the learner first); stop every
+    # pod and wait, suspended, for re-admission. No restart is counted: the run did nothing wrong.
+    preempted = [why for p in children.pods if pod_epoch(p) == epoch and (why := pod_kueue_evicted(p))]
+    if preempted:
+        plan.delete += live_pods
+        st.new.start_time = None  # as for spec.suspend: the deadline counts from the resume
+        kept = (f"checkpoint {st.new.last_checkpoint} (step {st.new.step}) kept" if st.new.last_checkpoint
+                else "no checkpoint yet: the run starts over")
+        message = f"preempted by Kueue ({preempted[0]}); {kept}; it resumes when Kueue re-admits the pod group"
+        st.condition(ConditionType.SUSPENDED, True, "Preempted", message)
+        st.condition(ConditionType.READY, False, "Preempted", message)
+        st.clear(ConditionType.RUNNING, "Preempted", message)
+        st.condition(ConditionType.ADMITTED, False, "Preempted", preempted[0])
+        st.phase(Phase.SUSPENDED, message, "Preempted", warning=True)
+        return done()
     services_by_name = {child_name(flowrun.name, c.name): c.service for c in rendered.graph.components}
     # A pod on a lost node stays Terminating and keeps its name: free the name for its replacement.
     plan.force_delete = [p for p in children.pods if pod_terminating(p) and pod_node(p) in children.lost_nodes
@@ -533,6 +586,8 @@ def plan_flowrun(body: Mapping[str, Any], children: RunChildren, progress: Progr
         st.condition(ConditionType.READY, True, "AllPodsRunning", f"{len(desired)} pods running")
         st.condition(ConditionType.RUNNING, True, "AllPodsRunning", f"{len(desired)} pods running")
         st.clear(ConditionType.RESTARTING, "GroupRunning")
+        if st.preempted:
+            st.clear(ConditionType.SUSPENDED, "Readmitted", "Kueue re-admitted the pod group")
         st.phase(Phase.RUNNING, f"{len(desired)} pods running", "Running")
     elif queued:
         labels = queued[0].get("metadata", {}).get("labels", {})

@@ -1118,6 +1118,8 @@ class FakeProgress:
 
     values: dict[str, Progress] = field(default_factory=dict)
     asked: list[RunRef] = field(default_factory=list)
+    saved: dict[str, Progress] = field(default_factory=dict)  # what a checkpoint request answers, per run
+    checkpointed: list[str] = field(default_factory=list)  # the runs asked to checkpoint, in order
 
     def set(self, run: str, progress: Progress) -> None:
         self.values[run] = progress
@@ -1125,6 +1127,13 @@ class FakeProgress:
     async def __call__(self, run: RunRef) -> Progress | None:
         self.asked.append(run)
         return self.values.get(run.name)
+
+    async def checkpoint(self, run: RunRef, timeout_s: float) -> Progress | None:
+        """The learner's answer to a checkpoint request: ``saved[run]``, which then is its progress too."""
+        self.checkpointed.append(run.name)
+        if run.name in self.saved:
+            self.values[run.name] = self.saved[run.name]
+        return self.saved.get(run.name)
 
 
 class OperatorThread:

@@ -43,6 +43,9 @@ class TrainingProgress:
         self.asked.append(run.name)
         return Progress(step=self.step, total_steps=10_000, policy_version=self.step, finished=self.finished)
 
+    async def checkpoint(self, run: RunRef, timeout_s: float) -> Progress | None:
+        return None
+
 
 def test_the_emulator_counts_requests_by_client_verb_and_resource(kube: KubeApi, kmock_server: KMockServer) -> None:
     before = counts(kmock_server)

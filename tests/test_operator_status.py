@@ -391,3 +391,164 @@ def test_a_running_run_reports_weights_synced_and_its_staleness(kube: KubeApi, s
                                     staleness=0, last_weight_sync_seconds=1.5))
     wait_until(lambda: condition(kube, "WeightsSynced", "synced").get("status") == "True", what="WeightsSynced True")
     assert status(kube, "synced")["staleness"] == 0
+
+
+# -- Kueue preemption ---------------------------------------------------------------------------------
+
+
+def stopped_by_kueue(pod: dict[str, Any]) -> dict[str, Any]:
+    """``pod`` as Kueue leaves it when it evicts the workload: TerminationTarget set, deletion under way."""
+    return {**pod, "metadata": {**pod["metadata"], "deletionTimestamp": "2025-01-01T00:00:00Z"},
+            "status": {"phase": "Running", "conditions": [
+                {"type": "TerminationTarget", "status": "True", "reason": "WorkloadEvictedDueToPreempted",
+                 "message": "Preempted to accommodate a workload (UID: u-1) in the ClusterQueue"}]}}
+
+
+def test_a_kueue_preemption_suspends_the_run_without_consuming_its_backoff() -> None:
+    obj = body(QUEUED, status={"phase": "Running", "restartCount": 1})
+    pods = pods_for(obj, epoch=1)
+    pods[0] = stopped_by_kueue(pods[0])  # Kueue deletes the pods one by one: the others still run
+    result = plan(obj, pods, Progress(step=12, last_checkpoint="s3://b/x/step-12"))
+    message = ("preempted by Kueue (WorkloadEvictedDueToPreempted: Preempted to accommodate a workload (UID: u-1) "
+               "in the ClusterQueue); checkpoint s3://b/x/step-12 (step 12) kept; it resumes when Kueue re-admits "
+               "the pod group")
+    assert (result.status["phase"], result.status["message"], result.status["restartCount"]) == (
+        "Suspended", message, 1)
+    found = conditions(result)
+    assert (found["Suspended"]["status"], found["Suspended"]["reason"]) == ("True", "Preempted")
+    assert (found["Admitted"]["status"], found["Admitted"]["reason"]) == ("False", "Preempted")
+    assert sorted(p["metadata"]["name"] for p in result.delete) == ["demo-rollout-0", "demo-sandbox-0"]
+    assert [c["kind"] for c in result.create if c["kind"] == "Pod"] == []
+    assert [(e.type.value, e.reason, e.message) for e in result.events] == [("Warning", "Preempted", message)]
+
+
+def test_a_preempted_run_stays_suspended_while_queued_and_runs_again_on_readmission() -> None:
+    obj = body(QUEUED, status={"phase": "Running"})
+    preempted = plan(obj, [stopped_by_kueue(p) for p in pods_for(obj, epoch=0)], None)
+    gone = whole_run({**obj, "status": preempted.status}, [])  # Kueue's finalizer let the old pods go
+    assert sorted(p["metadata"]["name"] for p in gone.create) == ["demo-learner", "demo-rollout-0", "demo-sandbox-0"]
+    assert {p["metadata"]["labels"]["flowlane.dev/epoch"] for p in gone.create} == {"0"}  # the same pod group
+    assert gone.status["phase"] == "Suspended" and gone.events == []
+    held = whole_run({**obj, "status": gone.status}, gated(pods_for(obj, epoch=0)))
+    assert (held.status["phase"], held.status["message"]) == (
+        "Suspended", "preempted; waiting for Kueue to admit pod group demo-0 from queue team-a: 3/3 pods held")
+    readmitted = whole_run({**obj, "status": held.status}, pods_for(obj, epoch=0))
+    assert (readmitted.status["phase"], readmitted.status["restartCount"]) == ("Running", 0)
+    assert (conditions(readmitted)["Suspended"]["status"], conditions(readmitted)["Suspended"]["reason"]) == (
+        "False", "Readmitted")
+    assert [e.reason for e in readmitted.events] == ["Running"]
+
+
+def test_preemption_checkpoints_then_suspends_and_readmission_resumes(kube: KubeApi, start_operator: Any) -> None:
+    progress = FakeProgress()
+    start_operator(progress, reconcile_interval_s=0.3)
+    kube.create(FLOWRUNS, flowrun("pre", podTemplate={"labels": {"kueue.x-k8s.io/queue-name": "team-a"}}))
+    wait_members(kube, MEMBERS, "pre")
+    run_group(kube, "pre")
+    progress.set("pre", Progress(step=7, last_checkpoint="s3://ckpt/pre/step-5"))
+    progress.saved["pre"] = Progress(step=7, last_checkpoint="s3://ckpt/pre/step-7")
+    pods = kube.names(PODS, {"flowlane.dev/flowrun": "pre"})
+    # Play Kueue's Stop on its first pod: TerminationTarget, then the deletion its finalizer holds up.
+    # The operator stops the rest of the group itself (the emulator deletes those at once).
+    # (one write, so that no reconcile sees the condition without the deletion)
+    kube.patch(PODS, "pre-rollout-0", {"metadata": {"finalizers": ["kueue.x-k8s.io/managed"]}})  # its webhook's
+    kube.patch(PODS, "pre-rollout-0", {
+        "metadata": {"deletionTimestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")},
+        "status": {"phase": "Running", "conditions": [
+            {"type": "TerminationTarget", "status": "True", "reason": "WorkloadEvictedDueToPreempted",
+             "message": "Preempted to accommodate a higher priority Workload"}]}})
+    suspended = wait_phase(kube, "Suspended", "pre")
+    assert progress.checkpointed == ["pre"]  # asked once, before the group went
+    assert "checkpoint s3://ckpt/pre/step-7 (step 7) kept" in suspended["message"]
+    assert suspended["restartCount"] == 0 and suspended["lastCheckpoint"] == "s3://ckpt/pre/step-7"
+    assert [e["type"] for e in events_of(kube, "Preempted")] == ["Warning"]
+    wait_until(lambda: kube.names(PODS, {"flowlane.dev/flowrun": "pre"}) == ["pre-rollout-0"],
+               what="the rest of the group stopped")
+    kube.patch(PODS, "pre-rollout-0", {"metadata": {"finalizers": None}})  # Kueue lets it go ...
+    if kube.get(PODS, "pre-rollout-0") is not None:
+        kube.delete(PODS, "pre-rollout-0")
+
+    def recreated() -> bool:
+        group = kube.objects(PODS, {"flowlane.dev/flowrun": "pre"})
+        return len(group) == 4 and not any(p["metadata"].get("deletionTimestamp") for p in group)
+
+    wait_until(recreated, what="... and the operator creates the group again")
+    assert epochs(kube, "pre") == {"0"}
+    for name in pods:  # Kueue's webhook holds the new pods until the workload is re-admitted
+        kube.patch(PODS, name, {"spec": {"schedulingGates": [{"name": "kueue.x-k8s.io/admission"}]}})
+    wait_until(lambda: status(kube, "pre").get("message", "").startswith("preempted; waiting for Kueue"),
+               what="the run waiting for re-admission")
+    assert status(kube, "pre")["phase"] == "Suspended"
+    for name in pods:
+        kube.patch(PODS, name, {"spec": {"schedulingGates": None}})
+    run_group(kube, "pre")
+    assert status(kube, "pre")["restartCount"] == 0
+    assert (condition(kube, "Suspended", "pre")["status"], condition(kube, "Suspended", "pre")["reason"]) == (
+        "False", "Readmitted")
+    assert progress.checkpointed == ["pre"]
+
+
+def events_of(kube: KubeApi, reason: str) -> list[dict[str, Any]]:
+    return [e for e in kube.objects(EVENTS) if e.get("reason") == reason]
+
+
+async def test_the_learner_checkpoints_on_request_after_the_step_in_flight(
+        kube: KubeApi, kmock_server: KMockServer, tmp_path: Any) -> None:
+    """The real learner service's Checkpoint RPC, through the operator's progress source: it waits for
+    a step in flight, writes the last completed step once, and answers the status that names it."""
+    import asyncio
+    import json
+
+    import kopf
+
+    from flowlane.api import learner_pb2_grpc
+    from flowlane.api.flowrun import FlowRun, Phase
+    from flowlane.kit.checkpoints import CheckpointStore
+    from flowlane.operator.graph import SecretEnv
+    from flowlane.operator.kube_client import KubeClient
+    from flowlane.operator.progress import GrpcProgressSource
+    from flowlane.operator.reconcile import RunRef
+    from flowlane.runtime.grpc_common import bind_port, create_server
+    from flowlane.trainer.learner_service import LearnerRuntime, make_servicer
+
+    class Writer:  # the learner's checkpoint part: a model config and one weights file
+        model_dir = tmp_path / "model"
+        policy_version = 4
+
+        def save_checkpoint_files(self, target: Any) -> dict[str, Any]:
+            (target / "model.bin").write_bytes(b"weights")
+            return {}
+
+    Writer.model_dir.mkdir()
+    (Writer.model_dir / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    (tmp_path / "run").mkdir()
+    runtime = LearnerRuntime(FlowRun.model_validate({"metadata": {"name": "demo"}, "spec": {}}), tmp_path / "run")
+    runtime.learner = Writer()  # type: ignore[assignment]
+    runtime.store = CheckpointStore.from_uri(f"file://{tmp_path / 'ckpt'}", keep_last=3)
+    runtime.progress.phase = Phase.RUNNING
+    kube.create(SECRETS, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "tok"},
+                          "stringData": {"token": "s3cret"}})
+    server = create_server("s3cret")
+    learner_pb2_grpc.add_LearnerServicer_to_server(make_servicer(runtime), server)
+    address = f"127.0.0.1:{bind_port(server, '127.0.0.1', 0)}"
+    await server.start()
+    client = KubeClient(kopf.ConnectionInfo(server=kmock_server.url, insecure=True))
+    source = GrpcProgressSource(client)
+    ref = RunRef(kube.namespace, "demo", address, SecretEnv("tok", "token"))
+    try:
+        assert (await source.checkpoint(ref, 10)).last_checkpoint is None  # type: ignore[union-attr]  # no step yet
+        async with runtime._model_lock:  # a step in flight: its update done, the step not yet recorded
+            asked = asyncio.create_task(source.checkpoint(ref, 10))
+            await asyncio.sleep(0.3)
+            assert not asked.done() and runtime.store.latest() is None
+            runtime.coordinator.learned_step, runtime.progress.step = 6, 6
+            runtime._dirty_since_checkpoint = True
+        saved = await asyncio.wait_for(asked, 10)
+        assert saved is not None and (saved.step, saved.last_checkpoint) == (
+            6, f"{runtime.store.location}/step-00000006")
+        again = await source.checkpoint(ref, 10)  # nothing new since: no second write of step 6
+        assert again is not None and again.last_checkpoint == saved.last_checkpoint
+        assert [r.name for r in runtime.store.list()] == ["step-00000006"]
+    finally:
+        await client.close()
+        await server.stop(None)

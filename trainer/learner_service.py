@@ -64,8 +64,6 @@ class TrainingLearner(Protocol):
 
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]: ...
 
-    def export_policy(self, adapter_only: bool) -> tuple[str, list[tuple[str, torch.Tensor]]]: ...
-
     def save_checkpoint_files(self, directory: Path) -> dict[str, Any]: ...
 
     def load_checkpoint_files(self, directory: Path) -> dict[str, Any]: ...
@@ -183,7 +181,6 @@ class LearnerRuntime:
         self.done = asyncio.Event()
         self.version_changed = asyncio.Condition()
         self.weights_cache: tuple[int, list[Any]] | None = None
-        self.weights_adapter_config = ""  # LoRA on vLLM: the published versions are adapters (kit.weights)
         # Made by build(); None until then (lease() and GetStatus answer before it and check the learner).
         self.learner: TrainingLearner = None  # type: ignore[assignment]
         self.store: CheckpointStore = None  # type: ignore[assignment]
@@ -194,6 +191,9 @@ class LearnerRuntime:
         self.step_started = time.monotonic()
         self._stop_requested = False
         self._dirty_since_checkpoint = False
+        # Held by a step from its update until the step is recorded, and by a checkpoint: a checkpoint
+        # asked for over gRPC (Kueue preempting the run) waits for the step in flight to be whole.
+        self._model_lock = asyncio.Lock()
         self.finished = False
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -274,21 +274,22 @@ class LearnerRuntime:
             if self._stop_requested:
                 break
             index, trajectories = self.coordinator.take_step()
-            started = time.monotonic()
-            metrics = await asyncio.to_thread(self.learner.step, trajectories)
-            learn_s = time.monotonic() - started
-            self.coordinator.policy_version = self.learner.policy_version
-            sync_started = time.monotonic()
-            await self._publish_weights()  # before the next step opens: workers must see the new version
-            publish_s = time.monotonic() - sync_started
-            self.coordinator.mark_updated()
-            step = index + 1
-            rewards = [t.reward or 0.0 for t in trajectories]
-            self.progress.step = step
-            logs.set_context(step=step, policy_version=self.learner.policy_version)
-            self.progress.reward_mean = statistics.fmean(rewards)
-            self.progress.step_time_s = time.monotonic() - self.step_started
-            self._dirty_since_checkpoint = True
+            async with self._model_lock:
+                started = time.monotonic()
+                metrics = await asyncio.to_thread(self.learner.step, trajectories)
+                learn_s = time.monotonic() - started
+                self.coordinator.policy_version = self.learner.policy_version
+                sync_started = time.monotonic()
+                await self._publish_weights()  # before the next step opens: workers must see the new version
+                publish_s = time.monotonic() - sync_started
+                self.coordinator.mark_updated()
+                step = index + 1
+                rewards = [t.reward or 0.0 for t in trajectories]
+                self.progress.step = step
+                logs.set_context(step=step, policy_version=self.learner.policy_version)
+                self.progress.reward_mean = statistics.fmean(rewards)
+                self.progress.step_time_s = time.monotonic() - self.step_started
+                self._dirty_since_checkpoint = True
             metrics.update(_rollout_metrics(trajectories))
             metrics.update({"time/rollout_s": rollout_s, "time/learn_s": learn_s,
                             "time/publish_s": publish_s, "time/step_s": self.progress.step_time_s})
@@ -305,8 +306,7 @@ class LearnerRuntime:
             if step % interval == 0 or step == self.total_steps:
                 await self.checkpoint()
         if self._stop_requested:
-            if self._dirty_since_checkpoint:
-                await self.checkpoint()
+            await self.checkpoint_if_dirty()
             self.progress.phase = Phase.SUSPENDED
             return
         self.progress.held_out_accuracy = await self._evaluate("final", self.eval_tasks, "test")
@@ -348,7 +348,17 @@ class LearnerRuntime:
         log.info("%s accuracy (%s, %d questions): %.3f", split, label, len(round_.tasks), accuracy)
         return accuracy
 
-    async def checkpoint(self, *, final: bool = False) -> None:
+    async def checkpoint_if_dirty(self) -> None:
+        """A checkpoint of the last completed step, unless the newest checkpoint is of it (or no step ran)."""
+        if self.learner is not None and self.store is not None:  # the check waits for a step in flight
+            await self.checkpoint(only_if_dirty=True)
+
+    async def checkpoint(self, *, final: bool = False, only_if_dirty: bool = False) -> None:
+        async with self._model_lock:
+            if not only_if_dirty or self._dirty_since_checkpoint:
+                await self._write_checkpoint(final=final)
+
+    async def _write_checkpoint(self, *, final: bool) -> None:
         from flowlane.kit.checkpoints import CheckpointError
 
         step = self.coordinator.learned_step
@@ -402,17 +412,16 @@ class LearnerRuntime:
         version = self.learner.policy_version
         if self.weights_cache is not None and self.weights_cache[0] == version:
             return
-        from flowlane.kit.weights import adapter_sync, publish_version
-
         started = time.monotonic()
-        adapter_only = adapter_sync(self.spec.model.lora.enabled, self.spec.engine.kind.value)
-        adapter_config, tensors = await asyncio.to_thread(self.learner.export_policy, adapter_only)
+        tensors = await asyncio.to_thread(lambda: [(n, t.detach().cpu().contiguous())
+                                                   for n, t in self.learner.export_weights()])
         if self.weights_store is not None:
+            from flowlane.kit.weights import publish_version
+
             # Written once, before any worker hears of the version; the learner keeps no copy.
-            await asyncio.to_thread(publish_version, self.weights_store, version, tensors, scratch=self.run_dir,
-                                    adapter_config=adapter_config)
+            await asyncio.to_thread(publish_version, self.weights_store, version, tensors, scratch=self.run_dir)
             tensors = []
-        self.weights_cache, self.weights_adapter_config = (version, tensors), adapter_config
+        self.weights_cache = (version, tensors)
         self.weight_sync.published(version, time.monotonic() - started)
         async with self.version_changed:
             self.version_changed.notify_all()
@@ -641,7 +650,7 @@ def make_servicer(runtime: LearnerRuntime) -> Any:
             version, tensors = runtime.weights_cache
             chunk_bytes = min(request.chunk_bytes or DEFAULT_WEIGHT_CHUNK_BYTES, DEFAULT_WEIGHT_CHUNK_BYTES)
             started = time.monotonic()
-            for chunk in iter_weight_chunks(tensors, version, chunk_bytes, runtime.weights_adapter_config):
+            for chunk in iter_weight_chunks(tensors, version, chunk_bytes):
                 yield chunk  # writes wait on HTTP/2 flow control: this times the worker reading and loading it
             runtime.weight_sync.transferred(version, time.monotonic() - started)
 
@@ -657,6 +666,10 @@ def make_servicer(runtime: LearnerRuntime) -> Any:
                     return
                 async with runtime.version_changed:
                     await runtime.version_changed.wait()
+
+        async def Checkpoint(self, request: Any, context: Any) -> Any:
+            await runtime.checkpoint_if_dirty()
+            return await self.GetStatus(learner_pb2.StatusRequest(), context)
 
         async def GetStatus(self, request: Any, context: Any) -> Any:
             p = runtime.progress
