@@ -64,6 +64,8 @@ class TrainingLearner(Protocol):
 
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]: ...
 
+    def export_policy(self, adapter_only: bool) -> tuple[str, list[tuple[str, torch.Tensor]]]: ...
+
     def save_checkpoint_files(self, directory: Path) -> dict[str, Any]: ...
 
     def load_checkpoint_files(self, directory: Path) -> dict[str, Any]: ...
@@ -181,6 +183,7 @@ class LearnerRuntime:
         self.done = asyncio.Event()
         self.version_changed = asyncio.Condition()
         self.weights_cache: tuple[int, list[Any]] | None = None
+        self.weights_adapter_config = ""  # LoRA on vLLM: the published versions are adapters (kit.weights)
         # Made by build(); None until then (lease() and GetStatus answer before it and check the learner).
         self.learner: TrainingLearner = None  # type: ignore[assignment]
         self.store: CheckpointStore = None  # type: ignore[assignment]
@@ -412,16 +415,17 @@ class LearnerRuntime:
         version = self.learner.policy_version
         if self.weights_cache is not None and self.weights_cache[0] == version:
             return
-        started = time.monotonic()
-        tensors = await asyncio.to_thread(lambda: [(n, t.detach().cpu().contiguous())
-                                                   for n, t in self.learner.export_weights()])
-        if self.weights_store is not None:
-            from flowlane.kit.weights import publish_version
+        from flowlane.kit.weights import adapter_sync, publish_version
 
+        started = time.monotonic()
+        adapter_only = adapter_sync(self.spec.model.lora.enabled, self.spec.engine.kind.value)
+        adapter_config, tensors = await asyncio.to_thread(self.learner.export_policy, adapter_only)
+        if self.weights_store is not None:
             # Written once, before any worker hears of the version; the learner keeps no copy.
-            await asyncio.to_thread(publish_version, self.weights_store, version, tensors, scratch=self.run_dir)
+            await asyncio.to_thread(publish_version, self.weights_store, version, tensors, scratch=self.run_dir,
+                                    adapter_config=adapter_config)
             tensors = []
-        self.weights_cache = (version, tensors)
+        self.weights_cache, self.weights_adapter_config = (version, tensors), adapter_config
         self.weight_sync.published(version, time.monotonic() - started)
         async with self.version_changed:
             self.version_changed.notify_all()
@@ -650,7 +654,7 @@ def make_servicer(runtime: LearnerRuntime) -> Any:
             version, tensors = runtime.weights_cache
             chunk_bytes = min(request.chunk_bytes or DEFAULT_WEIGHT_CHUNK_BYTES, DEFAULT_WEIGHT_CHUNK_BYTES)
             started = time.monotonic()
-            for chunk in iter_weight_chunks(tensors, version, chunk_bytes):
+            for chunk in iter_weight_chunks(tensors, version, chunk_bytes, runtime.weights_adapter_config):
                 yield chunk  # writes wait on HTTP/2 flow control: this times the worker reading and loading it
             runtime.weight_sync.transferred(version, time.monotonic() - started)
 
