@@ -274,6 +274,16 @@ def kueue_preempted(body: Mapping[str, Any], pods: list[dict[str, Any]]) -> bool
         pod_epoch(p) == status.restart_count and pod_kueue_evicted(p) for p in pods)
 
 
+def pod_unschedulable(pod: Mapping[str, Any]) -> str | None:
+    """What the scheduler said of a pod it cannot place (PodScheduled False, Unschedulable), or None."""
+    if pod_phase(pod) != "Pending":
+        return None
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        if (cond.get("type"), cond.get("status"), cond.get("reason")) == ("PodScheduled", "False", "Unschedulable"):
+            return str(cond.get("message") or "Unschedulable")
+    return None
+
+
 def pod_queued(pod: Mapping[str, Any]) -> bool:
     """Whether Kueue still holds the pod (its admission scheduling gate is on)."""
     gates = (pod.get("spec") or {}).get("schedulingGates") or []
@@ -600,6 +610,15 @@ def plan_flowrun(body: Mapping[str, Any], children: RunChildren, progress: Progr
         if old_admitted is None or old_admitted.message != "; ".join(children.rejected):
             st.events.append(Event(EventType.WARNING, "CreateRejected", message))
         st.not_running("CreateRejected", message, "CreateRejected")
+    elif unplaced := [(object_name(p), why) for p in live_pods if (why := pod_unschedulable(p)) is not None]:
+        # No gang scheduler: the pods placed already run, but the run is no more than Pending until the
+        # whole group is placed, and says which pods wait and what the scheduler said of each.
+        message = (f"waiting for the whole group: the scheduler cannot place {len(unplaced)} of {len(desired)} pods: "
+                   + "; ".join(f"{name.removeprefix(flowrun.name + '-')}: {why}" for name, why in sorted(unplaced)))
+        old_ready = get_condition(st.old.conditions, ConditionType.READY.value)
+        if old_ready is None or old_ready.reason != "Unschedulable" or old_ready.message != message:
+            st.events.append(Event(EventType.WARNING, "Unschedulable", message))
+        st.not_running("Unschedulable", message, "Unschedulable")
     else:
         stuck = [w for p in live_pods if (w := pod_waiting(p))]
         waiting = sorted(set(desired) - {object_name(p) for p in running})

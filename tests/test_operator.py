@@ -528,8 +528,9 @@ def test_an_unschedulable_pod_is_explained_in_the_ready_condition() -> None:
     pods[0]["status"]["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
                                         "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]
     ready = next(c for c in plan(obj, pods).status["conditions"] if c["type"] == "Ready")
-    assert ready["reason"] == "PodsStuck"
-    assert ready["message"] == "demo-learner: Unschedulable: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    assert ready["reason"] == "Unschedulable"
+    assert ready["message"] == ("waiting for the whole group: the scheduler cannot place 1 of 3 pods: learner: "
+                                "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.")
 
 
 def test_a_garbage_status_is_ignored_not_fatal() -> None:

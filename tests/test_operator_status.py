@@ -552,3 +552,47 @@ async def test_the_learner_checkpoints_on_request_after_the_step_in_flight(
     finally:
         await client.close()
         await server.stop(None)
+
+
+# -- a group start without Kueue --------------------------------------------------------------------------
+
+
+UNSCHEDULABLE = {"phase": "Pending", "conditions": [{
+    "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+    "message": "0/3 nodes are available: 3 Insufficient cpu."}]}
+
+
+def test_a_group_the_scheduler_places_in_part_is_pending_and_names_what_waits() -> None:
+    obj = body("{rollout: {replicas: 2}, storage: {checkpointUri: 's3://b/x'}}", status={"phase": "Pending"})
+    pods = pods_for(obj, epoch=0)
+    for pod in pods:
+        if pod["metadata"]["name"] in ("demo-rollout-1", "demo-sandbox-0"):
+            pod["status"] = UNSCHEDULABLE
+    result = whole_run(obj, pods)
+    message = ("waiting for the whole group: the scheduler cannot place 2 of 4 pods: rollout-1: 0/3 nodes are "
+               "available: 3 Insufficient cpu.; sandbox-0: 0/3 nodes are available: 3 Insufficient cpu.")
+    assert (result.status["phase"], result.status["message"]) == ("Pending", message)
+    found = conditions(result)
+    assert [(found[t]["status"], found[t]["reason"]) for t in ("Ready", "Running")] == [
+        ("False", "Unschedulable"), ("False", "Unschedulable")]
+    assert [(e.type.value, e.reason, e.message) for e in result.events] == [("Warning", "Unschedulable", message)]
+    again = whole_run({**obj, "status": result.status}, pods)
+    assert again.events == []  # said once while it stays the same
+
+
+def test_a_partly_placed_group_waits_in_pending_until_the_scheduler_places_the_rest(
+        kube: KubeApi, start_operator: Any) -> None:
+    start_operator(reconcile_interval_s=0.3)
+    kube.create(FLOWRUNS, flowrun("gang"))
+    wait_members(kube, MEMBERS, "gang")
+    for name in ("gang-learner", "gang-rollout-0", "gang-sandbox-0"):
+        kube.set_pod_phase(name, "Running")
+    kube.set_pod_phase("gang-rollout-1", "Pending", conditions=UNSCHEDULABLE["conditions"])
+    wait_until(lambda: condition(kube, "Ready", "gang").get("reason") == "Unschedulable", what="Ready Unschedulable")
+    current = status(kube, "gang")
+    assert (current["phase"], current["message"]) == ("Pending", (
+        "waiting for the whole group: the scheduler cannot place 1 of 4 pods: rollout-1: 0/3 nodes are available: "
+        "3 Insufficient cpu."))
+    assert [e["type"] for e in events_of(kube, "Unschedulable")] == ["Warning"]
+    kube.set_pod_phase("gang-rollout-1", "Running", conditions=[{"type": "PodScheduled", "status": "True"}])
+    wait_phase(kube, "Running", "gang")
