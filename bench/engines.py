@@ -130,7 +130,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        run_child(*args.child, args.requests, args.max_tokens, args.out)
+        kind, dtype = args.child
+        run_child(kind, dtype, args.requests, args.max_tokens, args.out)
         return
 
     machine = common.machine_lines()
