@@ -260,3 +260,38 @@ async def test_a_lora_sync_moves_adapter_bytes_and_changes_the_output_over_grpc_
     assert [g.token_ids for g in again] == [t.token_ids for t in trained]
     # Three versions loaded, one adapter held: each replaced the one before.
     assert len(await lora_engine.loaded_adapters()) == 1
+
+
+def test_with_several_ranks_the_adapter_export_is_announced_so_zero3_followers_gather_with_rank_0() -> None:
+    from flowlane.trainer.distributed import Call, LeadLearner, follow
+
+    class Channel:
+        def __init__(self, calls: list[tuple[Call, tuple[Any, ...]]] | None = None) -> None:
+            self.sent: list[tuple[Call, tuple[Any, ...]]] = []
+            self.queue = list(calls or [])
+
+        def announce(self, call: Call, *args: Any) -> None:
+            self.sent.append((call, args))
+
+        def receive(self) -> tuple[Call, tuple[Any, ...]]:
+            return self.queue.pop(0)
+
+    class Rank:
+        def __init__(self, zero_stage: int) -> None:
+            self.config = LearnerConfig(model_path="m", zero_stage=zero_stage)
+            self.exports: list[bool] = []
+
+        def export_policy(self, adapter_only: bool) -> tuple[str, list[tuple[str, torch.Tensor]]]:
+            self.exports.append(adapter_only)
+            return "{}", []
+
+        def close(self) -> None:
+            pass
+
+    channel, lead_rank = Channel(), Rank(3)
+    assert LeadLearner(lead_rank, channel).export_policy(True) == ("{}", [])
+    assert channel.sent == [(Call.EXPORT_POLICY, (True,))] and lead_rank.exports == [True]
+    for stage, gathers in ((3, [True]), (2, [])):  # only ZeRO-3 shards the adapter: others read their own
+        follower = Rank(stage)
+        assert follow(follower, Channel([(Call.EXPORT_POLICY, (True,)), (Call.END, ())])) == 1
+        assert follower.exports == gathers
