@@ -55,6 +55,7 @@ from flowlane.operator.kube_client import (
     KubeClient,
     kind_of,
 )
+from flowlane.operator.pods import object_name, pod_node, pod_phase, pod_stuck_terminating, pod_terminating
 from flowlane.operator.progress import GrpcProgressSource
 from flowlane.operator.reconcile import (
     Event,
@@ -63,21 +64,13 @@ from flowlane.operator.reconcile import (
     ProgressSource,
     RunChildren,
     RunRef,
-    ServiceChildren,
     apply_cluster_defaults,
     flowrun_object,
     kueue_preempted,
-    merge_patch,
-    object_name,
     plan_flowrun,
-    plan_flowservice,
-    pod_node,
-    pod_phase,
-    pod_stuck_terminating,
-    pod_terminating,
     referenced_secrets,
-    status_patch,
 )
+from flowlane.operator.reconcile_service import ServiceChildren, plan_flowservice
 from flowlane.operator.render import (
     LABEL_FLOWRUN,
     LABEL_FLOWSERVICE,
@@ -452,6 +445,43 @@ class Reconciler:
         return names
 
 
+#: Fields the API server fills in and owns (a Service's cluster IPs): never nulled by an update.
+SERVER_OWNED_FIELDS = frozenset({"clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy", "internalTrafficPolicy",
+                                 "sessionAffinity", "healthCheckNodePort"})
+
+
+def merge_patch(observed: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch turning ``observed`` into ``desired`` for the fields flowlane renders.
+
+    Labels and annotations are merged (others may add theirs); everything else under the rendered
+    top-level keys (spec, data, ...) is made equal, keys flowlane no longer renders set to null.
+    """
+
+    def diff(old: Any, new: Any) -> Any:
+        if not isinstance(old, Mapping) or not isinstance(new, Mapping):
+            return new
+        out: dict[str, Any] = {k: diff(old.get(k), v) for k, v in new.items() if old.get(k) != v}
+        out.update({k: None for k in old if k not in new and k not in SERVER_OWNED_FIELDS})
+        return out
+
+    patch: dict[str, Any] = {"metadata": {
+        "labels": desired["metadata"].get("labels", {}),
+        "annotations": desired["metadata"].get("annotations", {}),
+    }}
+    for key, value in desired.items():
+        if key not in ("apiVersion", "kind", "metadata", "status"):
+            patch[key] = diff(observed.get(key, {}), value)
+    return patch
+
+
+def status_patch(old: Any, new: Mapping[str, Any]) -> dict[str, Any]:
+    """A merge patch of the status subresource: changed keys, and null for keys that went away."""
+    old = old if isinstance(old, Mapping) else {}
+    patch: dict[str, Any] = {k: v for k, v in new.items() if old.get(k) != v}
+    patch.update({k: None for k in old if k not in new})
+    return patch
+
+
 def _all_pods_present(flowrun: FlowRun, pods: list[dict[str, Any]]) -> bool:
     """Whether every pod the run needs exists and is not being deleted."""
     live = {object_name(p) for p in pods if not pod_terminating(p)}
@@ -476,4 +506,5 @@ def _post_event(body: Mapping[str, Any], event: Event) -> None:
         logger.info("%s %s: %s", event.type.value, event.reason, event.message)
 
 
-__all__ = ["CHILD_INDEXES", "DELETE_MEMORY_S", "FINISHED_PHASES", "RESOURCE_INDEXES", "Reconciler", "WatchCache"]
+__all__ = ["CHILD_INDEXES", "DELETE_MEMORY_S", "FINISHED_PHASES", "RESOURCE_INDEXES", "Reconciler", "WatchCache",
+           "merge_patch", "status_patch"]

@@ -2,7 +2,8 @@
 
 The operator is level-triggered. Whatever woke it up (a resource created or edited, one of its pods
 changing, the periodic timer, the operator restarting), a reconcile reads the resource, its
-children and the learner's progress, and hands them to ``plan_flowrun`` / ``plan_flowservice``.
+children and the learner's progress, and hands them to ``plan_flowrun`` (here) or
+``plan_flowservice`` (``reconcile_service.py``; what each pod's status says is read by ``pods.py``).
 These return a ``Plan``: the status to write, children to create, update or delete, and events to
 post. The shell in ``kube_reconciler.py`` applies it in a crash-safe order: status first, then deletions,
 then creations.
@@ -45,28 +46,30 @@ from flowlane.api.common import (
 )
 from flowlane.api.flowrun import KIND as FLOWRUN_KIND
 from flowlane.api.flowrun import ConditionType, FlowRun, FlowRunStatus, Phase
-from flowlane.api.flowservice import KIND as FLOWSERVICE_KIND
-from flowlane.api.flowservice import (
-    CheckpointChoice,
-    FlowService,
-    FlowServiceStatus,
-    ServiceConditionType,
-    ServicePhase,
-)
+from flowlane.api.flowservice import FlowServiceStatus
 from flowlane.operator.graph import Role, SecretEnv
+from flowlane.operator.pods import (
+    object_name,
+    pod_disrupted,
+    pod_epoch,
+    pod_failure,
+    pod_kueue_evicted,
+    pod_node,
+    pod_phase,
+    pod_queued,
+    pod_stuck_terminating,
+    pod_terminating,
+    pod_unschedulable,
+    pod_up,
+    pod_waiting,
+)
 from flowlane.operator.render import (
-    ANNOTATION_CHECKPOINT,
     ANNOTATION_HASH,
-    KUEUE_ADMISSION_GATE,
     KUEUE_POD_GROUP_LABEL,
     KUEUE_QUEUE_LABEL,
-    LABEL_EPOCH,
     RenderOptions,
     child_name,
     render_flowrun,
-    render_flowservice,
-    s3_env,
-    service_endpoint,
 )
 from flowlane.operator.settings import ClusterDefaults
 
@@ -157,110 +160,6 @@ class RunChildren:
     lost_nodes: frozenset[str] = frozenset()
 
 
-def object_name(obj: Mapping[str, Any]) -> str:
-    return str(obj.get("metadata", {}).get("name", ""))
-
-
-def pod_phase(pod: Mapping[str, Any]) -> str:
-    return str((pod.get("status") or {}).get("phase") or "Pending")
-
-
-def pod_up(pod: Mapping[str, Any]) -> bool:
-    """Running with no container waiting (a crash-looping container keeps its pod Running), or done."""
-    phase = pod_phase(pod)
-    if phase == "Succeeded":
-        return True
-    containers = (pod.get("status") or {}).get("containerStatuses") or []
-    return phase == "Running" and not any((c.get("state") or {}).get("waiting") for c in containers)
-
-
-def pod_terminating(pod: Mapping[str, Any]) -> bool:
-    return bool(pod.get("metadata", {}).get("deletionTimestamp"))
-
-
-#: How long past its deletion deadline (deletionTimestamp: the deletion plus the grace period) a
-#: pod on a lost node may stay Terminating before it is force-deleted.
-FORCE_DELETE_AFTER_S = 30.0
-
-
-def pod_stuck_terminating(pod: Mapping[str, Any], now: datetime) -> bool:
-    """Terminating and past its deletion deadline by FORCE_DELETE_AFTER_S: its kubelet did not finish."""
-    deadline = pod.get("metadata", {}).get("deletionTimestamp")
-    try:
-        when = datetime.fromisoformat(str(deadline).replace("Z", "+00:00"))
-    except ValueError:
-        return False
-    return now >= when + timedelta(seconds=FORCE_DELETE_AFTER_S)
-
-
-def pod_disrupted(pod: Mapping[str, Any]) -> bool:
-    """Deleted by a disruption (node lost, eviction, preemption): its DisruptionTarget condition is True."""
-    return any(c.get("type") == "DisruptionTarget" and c.get("status") == "True"
-               for c in (pod.get("status") or {}).get("conditions") or [])
-
-
-def pod_node(pod: Mapping[str, Any]) -> str | None:
-    node = (pod.get("spec") or {}).get("nodeName")
-    return node if isinstance(node, str) and node else None
-
-
-def pod_epoch(pod: Mapping[str, Any]) -> int | None:
-    value = pod.get("metadata", {}).get("labels", {}).get(LABEL_EPOCH)
-    return int(value) if isinstance(value, str) and value.isdigit() else None
-
-
-def pod_failure(pod: Mapping[str, Any]) -> str:
-    """Why a pod failed, in one line: reason and exit code of its container, or the pod's reason."""
-    status = pod.get("status") or {}
-    for container in status.get("containerStatuses") or []:
-        terminated = (container.get("state") or {}).get("terminated")
-        if terminated and terminated.get("exitCode", 0) != 0:
-            detail = terminated.get("reason") or "Error"
-            return f"pod {object_name(pod)} failed: {detail} (exit code {terminated.get('exitCode')})"
-    reason = status.get("reason") or "Failed"
-    message = f": {status['message']}" if status.get("message") else ""
-    return f"pod {object_name(pod)} failed: {reason}{message}"
-
-
-_STUCK_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
-                  "CreateContainerError", "CrashLoopBackOff"}
-
-
-def pod_waiting(pod: Mapping[str, Any]) -> str | None:
-    """A reason a pending pod is not starting that a user can act on, or None."""
-    status = pod.get("status") or {}
-    for container in status.get("containerStatuses") or []:
-        waiting = (container.get("state") or {}).get("waiting") or {}
-        if waiting.get("reason") in _STUCK_REASONS:
-            text = f"{object_name(pod)}: {waiting['reason']}: {waiting.get('message', '')}".rstrip(": ")
-            # A crash loop's cause is in the last run's termination message (its last log line
-            # with terminationMessagePolicy FallbackToLogsOnError), not in the back-off message.
-            last = ((container.get("lastState") or {}).get("terminated") or {})
-            if waiting["reason"] == "CrashLoopBackOff" and last.get("message"):
-                text += f"; last exit {last.get('exitCode')}: {str(last['message']).strip()[:300]}"
-            return text
-    for cond in status.get("conditions") or []:
-        if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason"):
-            return f"{object_name(pod)}: {cond['reason']}: {cond.get('message', '')}".rstrip(": ")
-    return None
-
-
-#: The pod condition Kueue's plain-Pod integration sets on every pod of a workload it evicts
-#: (preempted, deactivated, PodsReady timed out) just before it deletes them; the reason says which
-#: (WorkloadEvictedDueToPreempted, ...). Kueue then requeues the workload: pods created again under
-#: the same pod-group name are held until it re-admits the group.
-KUEUE_TERMINATION_TARGET = "TerminationTarget"
-
-
-def pod_kueue_evicted(pod: Mapping[str, Any]) -> str | None:
-    """Why Kueue stopped the pod ("reason: message" of its TerminationTarget condition), or None."""
-    for cond in (pod.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == KUEUE_TERMINATION_TARGET and cond.get("status") == "True":
-            reason = str(cond.get("reason") or "Evicted")
-            return f"{reason}: {cond['message']}" if cond.get("message") else reason
-    return None
-
-
 def preempted_before(status: FlowRunStatus) -> bool:
     """Whether the run is suspended because Kueue preempted it (until its group is re-admitted and runs)."""
     cond = get_condition(status.conditions, ConditionType.SUSPENDED.value)
@@ -272,22 +171,6 @@ def kueue_preempted(body: Mapping[str, Any], pods: list[dict[str, Any]]) -> bool
     status = parse_run_status(body.get("status"))
     return not preempted_before(status) and any(
         pod_epoch(p) == status.restart_count and pod_kueue_evicted(p) for p in pods)
-
-
-def pod_unschedulable(pod: Mapping[str, Any]) -> str | None:
-    """What the scheduler said of a pod it cannot place (PodScheduled False, Unschedulable), or None."""
-    if pod_phase(pod) != "Pending":
-        return None
-    for cond in (pod.get("status") or {}).get("conditions") or []:
-        if (cond.get("type"), cond.get("status"), cond.get("reason")) == ("PodScheduled", "False", "Unschedulable"):
-            return str(cond.get("message") or "Unschedulable")
-    return None
-
-
-def pod_queued(pod: Mapping[str, Any]) -> bool:
-    """Whether Kueue still holds the pod (its admission scheduling gate is on)."""
-    gates = (pod.get("spec") or {}).get("schedulingGates") or []
-    return any(isinstance(g, Mapping) and g.get("name") == KUEUE_ADMISSION_GATE for g in gates)
 
 
 def parse_run_status(raw: Any) -> FlowRunStatus:
@@ -684,161 +567,3 @@ def _weights_synced(st: _RunStatus, progress: Progress, workers: list[str]) -> N
     else:
         st.condition(ConditionType.WEIGHTS_SYNCED, True, "AllWorkersSynced",
                      f"{len(workers)} rollout workers on policy version {current}")
-
-
-@dataclass
-class ServiceChildren:
-    deployment: dict[str, Any] | None = None
-    service: dict[str, Any] | None = None
-    flowrun: dict[str, Any] | None = None  # the FlowRun named by spec.model.flowRun, if any
-    missing_secrets: list[str] = field(default_factory=list)
-
-
-def parse_service_status(raw: Any) -> FlowServiceStatus:
-    if not isinstance(raw, Mapping):
-        return FlowServiceStatus()
-    try:
-        return FlowServiceStatus.model_validate(raw)
-    except ValidationError:
-        return FlowServiceStatus()
-
-
-def plan_flowservice(body: Mapping[str, Any], children: ServiceChildren, now: datetime,
-                     options: RenderOptions, defaults: ClusterDefaults) -> Plan:
-    """Decide one reconcile of a FlowService: resolve the checkpoint, render, report readiness."""
-    meta = body.get("metadata") or {}
-    generation = meta.get("generation") if isinstance(meta.get("generation"), int) else None
-    old = parse_service_status(body.get("status"))
-    new = old.model_copy(deep=True)
-    new.observed_generation = generation
-    plan = Plan(status={})
-
-    def condition(type_: ServiceConditionType, status: bool, reason: str, message: str = "") -> None:
-        new.conditions = set_condition(new.conditions, type_.value, status, reason, message, now, generation)
-
-    def phase(value: ServicePhase, message: str, reason: str, warning: bool = False) -> Plan:
-        new.phase = value
-        new.message = message
-        if old.phase != value or (warning and old.message != message):
-            plan.events.append(Event(EventType.WARNING if warning else EventType.NORMAL, reason, message))
-        plan.status = _status_data(new)
-        return plan
-
-    try:
-        fsvc = validate_resource(FlowService, {**flowrun_object(body), "kind": FLOWSERVICE_KIND},
-                                 FLOWSERVICE_KIND, "spec")
-    except InvalidResourceError as exc:
-        message = "; ".join(exc.problems)
-        condition(ServiceConditionType.ACCEPTED, False, "InvalidSpec", message)
-        return phase(ServicePhase.FAILED, message, "InvalidSpec", warning=True)
-    condition(ServiceConditionType.ACCEPTED, True, "Valid")
-    new.endpoint = service_endpoint(fsvc)
-
-    # Which checkpoint, and how to read it.
-    source = fsvc.spec.model
-    checkpoint: str | None = source.uri
-    storage = fsvc.spec.storage
-    unresolved = ""
-    if source.flow_run is not None:
-        ref = source.flow_run
-        if children.flowrun is None:
-            unresolved = f"FlowRun {ref.name!r} not found in namespace {fsvc.namespace}"
-        else:
-            run_status = parse_run_status(children.flowrun.get("status"))
-            checkpoint = run_status.best_checkpoint if ref.checkpoint is CheckpointChoice.BEST \
-                else run_status.last_checkpoint
-            if checkpoint is None:
-                unresolved = f"FlowRun {ref.name!r} has no {ref.checkpoint.value} checkpoint yet"
-            try:
-                run = apply_cluster_defaults(
-                    validate_resource(FlowRun, flowrun_object(children.flowrun), FLOWRUN_KIND, "flowRun"), defaults)
-                storage = run.spec.storage
-            except InvalidResourceError:
-                storage = None
-    current = children.deployment
-    current_checkpoint = (current or {}).get("metadata", {}).get("annotations", {}).get(ANNOTATION_CHECKPOINT)
-    if unresolved:
-        condition(ServiceConditionType.CHECKPOINT_RESOLVED, False, "CheckpointUnavailable", unresolved)
-        checkpoint = current_checkpoint  # keep serving what is served
-    else:
-        condition(ServiceConditionType.CHECKPOINT_RESOLVED, True, "Resolved", checkpoint or "")
-    if checkpoint is None:
-        condition(ServiceConditionType.READY, False, "CheckpointUnavailable", unresolved)
-        return phase(ServicePhase.PENDING, unresolved, "CheckpointUnavailable")
-    if children.missing_secrets:
-        message = "; ".join(children.missing_secrets)
-        condition(ServiceConditionType.READY, False, "SecretNotFound", message)
-        if current is None:
-            return phase(ServicePhase.PENDING, message, "SecretNotFound", warning=True)
-
-    env = s3_env(storage.s3_endpoint, storage.credentials_secret) if storage and checkpoint.startswith("s3://") \
-        else []
-    claim = None
-    if storage and storage.volume_claim_name and (storage.checkpoint_uri or "").startswith("file://"):
-        claim = (storage.volume_claim_name, str(storage.checkpoint_uri).removeprefix("file://"))
-    rendered = render_flowservice(fsvc, checkpoint=checkpoint, storage_env=env, options=options,
-                                  checkpoint_volume=claim)
-    observed = [o for o in (children.deployment, children.service) if o is not None]
-    _sync_static(rendered.children(), observed, plan)
-    new.desired_checkpoint = checkpoint
-    if checkpoint != current_checkpoint and current is not None:
-        plan.events.append(Event(EventType.NORMAL, "RollingToCheckpoint", f"rolling the gateway pods to {checkpoint}"))
-
-    # Readiness from the Deployment's status (after an update, once the controller has seen it).
-    dep_status = (current or {}).get("status") or {}
-    want = fsvc.spec.replicas
-    new.replicas = int(dep_status.get("replicas") or 0)
-    new.ready_replicas = int(dep_status.get("readyReplicas") or 0)
-    new.updated_replicas = int(dep_status.get("updatedReplicas") or 0)
-    dep_generation = (current or {}).get("metadata", {}).get("generation")
-    seen = dep_generation is None or int(dep_status.get("observedGeneration") or 0) >= dep_generation
-    rolled_out = (current is not None and current_checkpoint == checkpoint and seen
-                  and new.updated_replicas >= want and new.ready_replicas >= want
-                  and not any(obs is current for obs, _ in plan.update))
-    if rolled_out:
-        new.served_checkpoint = checkpoint
-        message = f"{new.ready_replicas}/{want} replicas serve {checkpoint}"
-        condition(ServiceConditionType.READY, True, "Serving", message)
-        return phase(ServicePhase.READY, message, "Serving")
-    if new.ready_replicas == 0:
-        new.served_checkpoint = None
-    message = f"{new.ready_replicas}/{want} replicas ready, {new.updated_replicas} on {checkpoint}"
-    condition(ServiceConditionType.READY, new.ready_replicas > 0, "Progressing", message)
-    return phase(ServicePhase.PENDING if new.ready_replicas == 0 else ServicePhase.PROGRESSING, message, "Progressing")
-
-
-#: Fields the API server fills in and owns (a Service's cluster IPs): never nulled by an update.
-SERVER_OWNED_FIELDS = frozenset({"clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy", "internalTrafficPolicy",
-                                 "sessionAffinity", "healthCheckNodePort"})
-
-
-def merge_patch(observed: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
-    """A JSON merge patch turning ``observed`` into ``desired`` for the fields flowlane renders.
-
-    Labels and annotations are merged (others may add theirs); everything else under the rendered
-    top-level keys (spec, data, ...) is made equal, keys flowlane no longer renders set to null.
-    """
-
-    def diff(old: Any, new: Any) -> Any:
-        if not isinstance(old, Mapping) or not isinstance(new, Mapping):
-            return new
-        out: dict[str, Any] = {k: diff(old.get(k), v) for k, v in new.items() if old.get(k) != v}
-        out.update({k: None for k in old if k not in new and k not in SERVER_OWNED_FIELDS})
-        return out
-
-    patch: dict[str, Any] = {"metadata": {
-        "labels": desired["metadata"].get("labels", {}),
-        "annotations": desired["metadata"].get("annotations", {}),
-    }}
-    for key, value in desired.items():
-        if key not in ("apiVersion", "kind", "metadata", "status"):
-            patch[key] = diff(observed.get(key, {}), value)
-    return patch
-
-
-def status_patch(old: Any, new: Mapping[str, Any]) -> dict[str, Any]:
-    """A merge patch of the status subresource: changed keys, and null for keys that went away."""
-    old = old if isinstance(old, Mapping) else {}
-    patch: dict[str, Any] = {k: v for k, v in new.items() if old.get(k) != v}
-    patch.update({k: None for k in old if k not in new})
-    return patch

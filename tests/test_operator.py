@@ -458,7 +458,7 @@ def test_deleting_a_flowservice_removes_its_children(kube: KubeApi, start_operat
 
 
 def test_update_never_nulls_fields_the_api_server_owns() -> None:
-    from flowlane.operator.reconcile import merge_patch
+    from flowlane.operator.kube_reconciler import merge_patch
 
     observed = {"metadata": {"name": "s"}, "spec": {"clusterIP": "10.0.0.7", "clusterIPs": ["10.0.0.7"],
                                                    "selector": {"a": "b"}, "ports": [], "extra": 1}}
