@@ -35,7 +35,8 @@ from flowlane.operator.reconcile import (
     flowrun_object,
     parse_run_status,
 )
-from flowlane.operator.render import ANNOTATION_CHECKPOINT, RenderOptions, render_flowservice, s3_env, service_endpoint
+from flowlane.operator.render import ANNOTATION_CHECKPOINT, RenderOptions
+from flowlane.operator.render_service import render_flowservice, s3_env, service_endpoint
 from flowlane.operator.settings import ClusterDefaults
 
 

@@ -1,4 +1,4 @@
-"""Render a FlowRun's process graph (and a FlowService) into Kubernetes objects: pure functions.
+"""Render a FlowRun's process graph into Kubernetes objects: pure functions.
 
 Everything here maps values to manifests; nothing talks to the API server, so every object the
 operator can create is checked by tests against the real Kubernetes schemas.
@@ -32,15 +32,14 @@ each pod sets ``hostname`` and ``subdomain`` and so has a stable DNS name,
 Service publishes not-ready addresses, because every rank must resolve rank 0 before any pod is
 Ready. They are group members like the rest: a failed one restarts the whole run.
 
-A FlowService renders to a Deployment of gateway pods (a rolling update with ``maxUnavailable: 0``
-gives a checkpoint change no downtime) and a ClusterIP Service in front of them.
+A FlowService's objects are rendered by ``render_service``, from the same building blocks.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,14 +47,9 @@ import yaml
 
 from flowlane.api.common import GROUP_VERSION, PodTemplate, Resources
 from flowlane.api.flowrun import KIND as FLOWRUN_KIND
-from flowlane.api.flowrun import FlowRun, ModelVolume, tool_secret_env
-from flowlane.api.flowservice import KIND as FLOWSERVICE_KIND
-from flowlane.api.flowservice import FlowService
+from flowlane.api.flowrun import FlowRun, ModelVolume
 from flowlane.operator.graph import (
     ENV_GRPC_TOKEN,
-    ENV_S3_ACCESS_KEY,
-    ENV_S3_ENDPOINT,
-    ENV_S3_SECRET_KEY,
     POD_CONFIG_PATH,
     Component,
     Port,
@@ -201,7 +195,7 @@ def role_selector(run: str, role: Role) -> dict[str, str]:
     return {LABEL_FLOWRUN: run, LABEL_ROLE: role.value}
 
 
-def _meta(name: str, owner: Owner, labels: Mapping[str, str],
+def object_meta(name: str, owner: Owner, labels: Mapping[str, str],
           annotations: Mapping[str, str] | None = None) -> dict[str, Any]:
     meta: dict[str, Any] = {"name": name, "namespace": owner.namespace, "labels": dict(labels)}
     if annotations:
@@ -249,7 +243,7 @@ def render_flowrun(flowrun: FlowRun, *, epoch: int, options: RenderOptions | Non
     config_map: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _meta(config_map_name(flowrun.name), owner, run_labels(flowrun.name)),
+        "metadata": object_meta(config_map_name(flowrun.name), owner, run_labels(flowrun.name)),
         "data": {CONFIG_FILE: config_text},
     }
     config_map["metadata"]["annotations"] = {ANNOTATION_HASH: content_hash(config_map["data"])}
@@ -281,7 +275,7 @@ def render_token_secret(flowrun: FlowRun, token: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": _meta(name, owner, run_labels(flowrun.name)),
+        "metadata": object_meta(name, owner, run_labels(flowrun.name)),
         "type": "Opaque",
         "stringData": {"token": token},
     }
@@ -291,7 +285,7 @@ def _headless_service(graph: ProcessGraph, component: Component, owner: Owner) -
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _meta(child_name(graph.run, component.name), owner, component_labels(graph.run, component)),
+        "metadata": object_meta(child_name(graph.run, component.name), owner, component_labels(graph.run, component)),
         "spec": {
             "clusterIP": "None",
             "selector": {LABEL_FLOWRUN: graph.run, LABEL_MEMBER: component.name},
@@ -316,7 +310,7 @@ def _group_service(graph: ProcessGraph, group: str, owner: Owner) -> dict[str, A
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _meta(child_name(graph.run, group), owner, labels),
+        "metadata": object_meta(child_name(graph.run, group), owner, labels),
         "spec": {
             "clusterIP": "None",
             "selector": {LABEL_FLOWRUN: graph.run, LABEL_GROUP: group},
@@ -332,7 +326,7 @@ def _sandbox_network_policy(graph: ProcessGraph, owner: Owner) -> dict[str, Any]
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": _meta(network_policy_name(graph.run), owner, run_labels(graph.run)),
+        "metadata": object_meta(network_policy_name(graph.run), owner, run_labels(graph.run)),
         "spec": {
             "podSelector": {"matchLabels": role_selector(graph.run, Role.SANDBOX)},
             "policyTypes": ["Ingress", "Egress"],
@@ -355,7 +349,7 @@ def _group_disruption_budget(graph: ProcessGraph, owner: Owner) -> dict[str, Any
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": _meta(disruption_budget_name(graph.run), owner, run_labels(graph.run)),
+        "metadata": object_meta(disruption_budget_name(graph.run), owner, run_labels(graph.run)),
         "spec": {
             "maxUnavailable": 0,
             "selector": {"matchLabels": {LABEL_FLOWRUN: graph.run}, "matchExpressions": [
@@ -373,7 +367,7 @@ def _env(plain: Mapping[str, str], secret: Mapping[str, SecretEnv], resolve_text
     return env
 
 
-def _resources(resources: Resources, gpu_name: str) -> dict[str, Any]:
+def container_resources(resources: Resources, gpu_name: str) -> dict[str, Any]:
     requests: dict[str, Any] = {"cpu": resources.cpu, "memory": resources.memory}
     limits: dict[str, Any] = {"cpu": resources.cpu, "memory": resources.memory}
     if resources.gpu:
@@ -382,7 +376,7 @@ def _resources(resources: Resources, gpu_name: str) -> dict[str, Any]:
     return {"requests": requests, "limits": limits}
 
 
-def _scheduling(resources: Resources) -> dict[str, Any]:
+def pod_scheduling(resources: Resources) -> dict[str, Any]:
     spec: dict[str, Any] = {}
     if resources.node_selector:
         spec["nodeSelector"] = dict(resources.node_selector)
@@ -391,7 +385,7 @@ def _scheduling(resources: Resources) -> dict[str, Any]:
     return spec
 
 
-_DROP_ALL = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+DROP_ALL = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 #: The images' user (10001) owns no volume a cluster provisions; fsGroup makes PVCs (checkpoints,
 #: models) group-writable for it, as the kubelet applies it to every volume that supports ownership.
 POD_SECURITY_CONTEXT: dict[str, Any] = {"runAsNonRoot": True, "fsGroup": 10001, "fsGroupChangePolicy": "OnRootMismatch",
@@ -406,7 +400,7 @@ SHM_VOLUME: dict[str, Any] = {"name": "dshm", "emptyDir": {"medium": "Memory", "
 SHM_MOUNT: dict[str, Any] = {"name": "dshm", "mountPath": "/dev/shm"}
 
 
-def _model_volume(volume: ModelVolume | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def model_volume(volume: ModelVolume | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The model PVC (read-only) as a pod volume and its mount, or nothing."""
     if volume is None:
         return [], []
@@ -431,7 +425,7 @@ def _pod(graph: ProcessGraph, component: Component, owner: Owner, flowrun: FlowR
         {"name": "tmp", "mountPath": "/tmp"},
     ]
     if component.role in (Role.LEARNER, Role.ROLLOUT):
-        model_volumes, model_mounts = _model_volume(flowrun.spec.model.volume)
+        model_volumes, model_mounts = model_volume(flowrun.spec.model.volume)
         volumes += [*model_volumes, SHM_VOLUME]
         mounts += [*model_mounts, SHM_MOUNT]
     storage = flowrun.spec.storage
@@ -446,9 +440,9 @@ def _pod(graph: ProcessGraph, component: Component, owner: Owner, flowrun: FlowR
         # Servers bind every interface in a pod (the graph's commands default to loopback).
         "command": [resolve_text(arg) for arg in component.argv] + (["--host", "0.0.0.0"] if component.ports else []),
         "env": _env({**component.env, ENV_RUN_DIR: POD_RUN_DIR}, component.secret_env, resolve_text),
-        "resources": _resources(component.resources, options.gpu_resource_name),
+        "resources": container_resources(component.resources, options.gpu_resource_name),
         "volumeMounts": mounts,
-        "securityContext": dict(_DROP_ALL, runAsNonRoot=True)
+        "securityContext": dict(DROP_ALL, runAsNonRoot=True)
         | ({"readOnlyRootFilesystem": True} if sandbox else {}),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
@@ -468,7 +462,7 @@ def _pod(graph: ProcessGraph, component: Component, owner: Owner, flowrun: FlowR
         "securityContext": POD_SECURITY_CONTEXT,
         "containers": [container],
         "volumes": volumes,
-        **_scheduling(component.resources),
+        **pod_scheduling(component.resources),
         **options.pod_extras(flowrun.spec.pod_template),
         **({"runtimeClassName": flowrun.spec.sandbox.runtime_class_name}  # gVisor, Kata: sandbox pods only
            if sandbox and flowrun.spec.sandbox.runtime_class_name else {}),
@@ -486,7 +480,7 @@ def _pod(graph: ProcessGraph, component: Component, owner: Owner, flowrun: FlowR
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": _meta(child_name(graph.run, component.name), owner,
+        "metadata": object_meta(child_name(graph.run, component.name), owner,
                           labels | {LABEL_EPOCH: str(epoch)}, annotations | {ANNOTATION_HASH: spec_hash}),
         "spec": pod_spec,
     }
@@ -496,150 +490,8 @@ def kueue_pod_group(run: str, epoch: int) -> str:
     return f"{run}-{epoch}"
 
 
-# -- FlowService -----------------------------------------------------------------------------------
-
-GATEWAY_COMPONENT = "gateway"
-ENV_GATEWAY_API_KEY = "FLOWLANE_API_KEY"  # the bearer token runtime/serving/gateway.py requires on /v1/*
-
-
-def gateway_name(service: str) -> str:
-    return f"{service}-gateway"
-
-
-def service_labels(service: str) -> dict[str, str]:
-    return {LABEL_NAME: "flowlane", LABEL_INSTANCE: service, LABEL_PART_OF: "flowlane",
-            LABEL_MANAGED_BY: MANAGED_BY, LABEL_FLOWSERVICE: service, LABEL_COMPONENT: GATEWAY_COMPONENT}
-
-
-def service_endpoint(fsvc: FlowService) -> str:
-    return f"http://{fsvc.name}.{fsvc.namespace}.svc:{fsvc.spec.port}/v1"
-
-
-@dataclass
-class RenderedService:
-    deployment: dict[str, Any]
-    service: dict[str, Any]
-
-    def children(self) -> list[dict[str, Any]]:
-        return [self.deployment, self.service]
-
-
-def gateway_command(fsvc: FlowService, checkpoint: str) -> list[str]:
-    """``flowlane serve`` for this FlowService (runtime/serving/gateway.py's flags)."""
-    spec = fsvc.spec
-    fixed = ["--fixed", spec.model.fixed] if spec.model.fixed else []
-    return ["flowlane", "serve", "--model", checkpoint, *fixed, "--dtype", spec.model.dtype.value,
-            "--served-model-name", fsvc.name,
-            "--engine", spec.engine.kind.value, "--max-model-len", str(spec.engine.max_model_len),
-            "--tools", ",".join(t.name for t in spec.tools),
-            "--host", "0.0.0.0", "--port", str(spec.port), "--max-turns", str(spec.agent.max_turns),
-            "--max-time-s", f"{spec.agent.timeout_seconds:g}",
-            "--max-concurrent-runs", str(spec.agent.max_concurrent_requests),
-            "--history-max-tokens", str(spec.agent.history_max_tokens)]
-
-
-def render_flowservice(fsvc: FlowService, *, checkpoint: str, storage_env: Sequence[dict[str, Any]] = (),
-                       options: RenderOptions | None = None,
-                       checkpoint_volume: tuple[str, str] | None = None) -> RenderedService:
-    """Children of ``fsvc`` serving ``checkpoint``; ``storage_env`` carries S3 settings for it.
-
-    A ``file://`` checkpoint lives on its FlowRun's checkpoint PVC: ``checkpoint_volume`` is that
-    claim and the path the learner mounts it at; the gateway pods mount it read-only there too.
-
-    The model id clients send is the FlowService's name, so it stays the same across checkpoints.
-    """
-    options = options or RenderOptions()
-    owner = Owner(FLOWSERVICE_KIND, fsvc.name, fsvc.namespace, fsvc.metadata.uid)
-    labels = service_labels(fsvc.name)
-    selector = {LABEL_FLOWSERVICE: fsvc.name, LABEL_COMPONENT: GATEWAY_COMPONENT}
-    env: list[dict[str, Any]] = [{"name": "FLOWLANE_SERVICE", "value": fsvc.name}, *storage_env]
-    if fsvc.spec.auth is not None:
-        env.append({"name": ENV_GATEWAY_API_KEY,
-                    "valueFrom": {"secretKeyRef": {"name": fsvc.spec.auth.name, "key": fsvc.spec.auth.key}}})
-    for tool in fsvc.spec.tools:
-        if tool.credentials_secret is not None:
-            env.append({"name": tool_secret_env(tool.name), "valueFrom": {"secretKeyRef": {
-                "name": tool.credentials_secret.name, "key": tool.credentials_secret.key}}})
-    port = fsvc.spec.port
-    container: dict[str, Any] = {
-        "name": GATEWAY_COMPONENT,
-        "image": fsvc.spec.resources.image or options.gateway_image,
-        "imagePullPolicy": options.image_pull_policy,
-        "command": gateway_command(fsvc, checkpoint),
-        "env": env,
-        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
-        "resources": _resources(fsvc.spec.resources, options.gpu_resource_name),
-        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5,
-                           "failureThreshold": 3},
-        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 20,
-                          "failureThreshold": 3, "initialDelaySeconds": 30},
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
-        "securityContext": dict(_DROP_ALL, runAsNonRoot=True),
-    }
-    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}, SHM_VOLUME]
-    model_volumes, model_mounts = _model_volume(fsvc.spec.model.volume)
-    volumes += model_volumes
-    container["volumeMounts"] += [SHM_MOUNT, *model_mounts]
-    if checkpoint.startswith("file://") and checkpoint_volume:
-        claim, root = checkpoint_volume
-        volumes.append({"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
-        container["volumeMounts"].append({"name": "checkpoints", "mountPath": root, "readOnly": True})
-    deployment: dict[str, Any] = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": _meta(gateway_name(fsvc.name), owner, labels, {ANNOTATION_CHECKPOINT: checkpoint}),
-        "spec": {
-            "replicas": fsvc.spec.replicas,
-            "selector": {"matchLabels": selector},
-            # A new checkpoint starts a new pod before an old one stops: no downtime.
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-            "revisionHistoryLimit": 3,
-            "template": {
-                "metadata": {"labels": fsvc.spec.pod_template.labels | labels,
-                             "annotations": fsvc.spec.pod_template.annotations | {ANNOTATION_CHECKPOINT: checkpoint}},
-                "spec": {
-                    "automountServiceAccountToken": False,
-                    "enableServiceLinks": False,
-                    "securityContext": POD_SECURITY_CONTEXT,
-                    "containers": [container],
-                    "volumes": volumes,
-                    **_scheduling(fsvc.spec.resources),
-                    **options.pod_extras(fsvc.spec.pod_template),
-                },
-            },
-        },
-    }
-    deployment["metadata"]["annotations"][ANNOTATION_HASH] = content_hash(deployment["spec"])
-    service: dict[str, Any] = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": _meta(fsvc.name, owner, labels),
-        "spec": {
-            "type": "ClusterIP",
-            "selector": selector,
-            "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP",
-                       "appProtocol": "http"}],
-        },
-    }
-    service["metadata"]["annotations"] = {ANNOTATION_HASH: content_hash(service["spec"])}
-    return RenderedService(deployment=deployment, service=service)
-
-
-def s3_env(endpoint: str | None, secret: Any) -> list[dict[str, Any]]:
-    """Environment for reading an s3:// checkpoint (``secret`` is an ``S3CredentialsSecret``)."""
-    env: list[dict[str, Any]] = []
-    if endpoint:
-        env.append({"name": ENV_S3_ENDPOINT, "value": endpoint})
-    if secret is not None:
-        env.append({"name": ENV_S3_ACCESS_KEY,
-                    "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.access_key_key}}})
-        env.append({"name": ENV_S3_SECRET_KEY,
-                    "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.secret_key_key}}})
-    return env
-
-
 __all__ = [
     "ANNOTATION_HASH", "ENV_GRPC_TOKEN", "LABEL_EPOCH", "LABEL_FLOWRUN", "LABEL_FLOWSERVICE", "Owner",
-    "RenderOptions", "RenderedRun", "RenderedService", "child_name", "config_map_name", "content_hash",
-    "render_flowrun", "render_flowservice", "render_token_secret", "s3_env", "service_endpoint",
+    "RenderOptions", "RenderedRun", "child_name", "config_map_name", "content_hash", "render_flowrun",
+    "render_token_secret",
 ]

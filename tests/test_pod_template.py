@@ -12,7 +12,8 @@ import pytest
 from flowlane.api.errors import ConfigError
 from flowlane.api.flowrun import load_flowrun
 from flowlane.api.flowservice import load_flowservice
-from flowlane.operator.render import ANNOTATION_HASH, RenderOptions, render_flowrun, render_flowservice
+from flowlane.operator.render import ANNOTATION_HASH, RenderOptions, render_flowrun
+from flowlane.operator.render_service import render_flowservice
 
 KUBERNETES = kubernetes_validate.latest_version()
 TEMPLATE = ("{labels: {kueue.x-k8s.io/queue-name: team-a, cost-centre: ml-42}, "

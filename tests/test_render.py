@@ -20,10 +20,9 @@ from flowlane.operator.render import (
     LABEL_EPOCH,
     RenderOptions,
     render_flowrun,
-    render_flowservice,
     render_token_secret,
-    s3_env,
 )
+from flowlane.operator.render_service import render_flowservice, s3_env
 
 REPO = Path(__file__).resolve().parent.parent
 KUBERNETES = kubernetes_validate.latest_version()
