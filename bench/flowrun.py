@@ -196,9 +196,9 @@ def check_runnable(config: Path) -> str | None:
     Checked here because ``flowlane run`` would only find out inside the learner process, after
     starting every component and retrying it ``backoffLimit`` times.
     """
+    from flowlane.api.errors import FlowlaneError
     from flowlane.api.flowrun import load_flowrun
     from flowlane.kit.tasks import load_tasks
-    from flowlane.runtime.errors import FlowlaneError
 
     try:
         spec = load_flowrun(config).spec
@@ -307,7 +307,7 @@ def _send_raw(model_dir: str, port: int) -> None:
 def part_sync(args: argparse.Namespace) -> list[dict[str, Any]]:
     from flowlane.api import learner_pb2, learner_pb2_grpc
     from flowlane.kit.grpc_common import assemble_weights_async, generate_token, open_channel
-    from flowlane.runtime.models import resolve_model
+    from flowlane.kit.models import resolve_model
 
     model_dir = str(resolve_model(args.model))
     ctx = multiprocessing.get_context("spawn")

@@ -37,7 +37,7 @@ import torch
 
 from flowlane.api.enums import Dtype
 from flowlane.api.trajectory import Trajectory
-from flowlane.runtime.models import resolve_model
+from flowlane.kit.models import resolve_model
 from flowlane.trainer.batching import BatchLayout
 from flowlane.trainer.learner import Learner
 from flowlane.trainer.learner_config import LearnerConfig

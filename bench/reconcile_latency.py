@@ -66,7 +66,8 @@ from fixtures_kube import (
     wait_until,
 )
 
-from flowlane.operator import handlers, kube_reconciler
+import flowlane.operator.handlers as handlers
+import flowlane.operator.kube_reconciler as kube_reconciler
 from flowlane.operator.reconcile import Progress, RunRef
 from flowlane.operator.settings import OperatorConfig
 

@@ -107,11 +107,11 @@ async def bench_engine(args: argparse.Namespace, prefix_caching: bool, pool: lis
     """Every mode at every level on one engine; (levels, engine start seconds)."""
     from openai import AsyncOpenAI
 
+    from flowlane.kit.models import resolve_model
     from flowlane.runtime.agent.agent import Agent
     from flowlane.runtime.agent.conversation import Conversation
     from flowlane.runtime.engines.base import SamplingSettings
     from flowlane.runtime.engines.vllm_engine import VLLMEngine
-    from flowlane.runtime.models import resolve_model
     from flowlane.runtime.serving.app import create_app
     from flowlane.runtime.serving.config import GatewayConfig
     from flowlane.runtime.serving.gateway import running_gateway

@@ -203,7 +203,7 @@ def bundled_policy() -> tuple[Path, dict[str, torch.Tensor], str, dict[str, torc
     from transformers import AutoModelForCausalLM
 
     from flowlane.kit.lora import adapter_config_text
-    from flowlane.runtime.models import resolve_model
+    from flowlane.kit.models import resolve_model
 
     model_dir = resolve_model("smollm2-135m-instruct")
     full = load_file(str(model_dir / "model.safetensors"))

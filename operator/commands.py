@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from flowlane.runtime.errors import ConfigError
+from flowlane.api.errors import ConfigError
 
 
 def generate(

@@ -151,7 +151,7 @@ class LocalSupervisor:
     ) -> LocalSupervisor:
         """A supervisor for every component of ``graph``. The shared gRPC token is ``token``, else
         ``$FLOWLANE_GRPC_TOKEN``, else (when the graph leaves it to the backend) a fresh one."""
-        from flowlane.runtime.grpc_common import generate_token
+        from flowlane.kit.grpc_common import generate_token
 
         token = token or os.environ.get(ENV_GRPC_TOKEN) or (generate_token() if graph.token_generated else None)
         secrets = dict(kwargs.pop("secrets", None) or {})

@@ -68,7 +68,7 @@ async def probe_tcp(port: int) -> bool:
 
 
 async def probe_grpc(port: int, timeout_s: float) -> bool:
-    from flowlane.runtime.grpc_common import wait_for_channel
+    from flowlane.kit.grpc_common import wait_for_channel
 
     return await wait_for_channel(f"{LOOPBACK}:{port}", timeout_s)
 

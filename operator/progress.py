@@ -55,7 +55,7 @@ class GrpcProgressSource:
             import grpc.aio
 
             from flowlane.api import learner_pb2, learner_pb2_grpc
-            from flowlane.runtime.grpc_common import open_channel
+            from flowlane.kit.grpc_common import open_channel
         except ImportError:  # a build without the gRPC stubs: no progress, the run goes on
             return None
         token = await self.token(run)

@@ -23,7 +23,7 @@ DEFAULT_RUNS_DIR = Path("runs")
 
 def prepare_run_dir(flowrun: Any, run_dir: Path, *, resume: bool, restart: bool) -> Path:
     """Create the run directory; refuse to silently mix a new run into an old one's checkpoints."""
-    from flowlane.runtime.errors import ConfigError
+    from flowlane.api.errors import ConfigError
 
     checkpoints = run_dir / "checkpoints"
     has_checkpoints = checkpoints.is_dir() and any(checkpoints.iterdir())
@@ -50,8 +50,8 @@ def check_fits(flowrun: Any, available_bytes: int | None = None) -> None:
     """Refuse a run whose planner cannot fit this machine's memory, before starting anything."""
     import psutil
 
-    from flowlane.runtime.errors import ConfigError
-    from flowlane.runtime.models import resolve_model
+    from flowlane.api.errors import ConfigError
+    from flowlane.kit.models import resolve_model
 
     spec = flowrun.spec
 
@@ -77,7 +77,7 @@ def check_fits(flowrun: Any, available_bytes: int | None = None) -> None:
 def check_sandbox_layers(flowrun: Any) -> None:
     """Refuse, before anything starts, a run whose sandbox components would refuse to start here
     (a mandatory layer missing from this kernel) and would otherwise fail in a restart loop."""
-    from flowlane.runtime.errors import ConfigError
+    from flowlane.api.errors import ConfigError
     from flowlane.runtime.sandbox import runner
     from flowlane.runtime.sandbox.layers import IsolationLayer, missing_mandatory_layers
 
@@ -213,8 +213,8 @@ def run(
     run_dir: Path | None = typer.Option(None, "--run-dir", help="Where state goes (default: runs/<name>)."),
 ) -> None:
     """Run a FlowRun on this machine with embedded defaults (file checkpoints, local MLflow)."""
+    from flowlane.api.errors import ConfigError
     from flowlane.api.flowrun import load_flowrun
-    from flowlane.runtime.errors import ConfigError
 
     if not config.is_file():
         raise ConfigError(f"{config}: no such FlowRun file")

@@ -28,7 +28,7 @@ TEST_MAX_MODEL_LEN = 4096
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     """The bundled SmolLM2-135M-Instruct as a safetensors model directory (imported on first use)."""
-    from flowlane.runtime.models import resolve_model
+    from flowlane.kit.models import resolve_model
 
     return resolve_model(BUNDLED_MODEL)
 

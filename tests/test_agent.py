@@ -27,6 +27,8 @@ import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
+from flowlane.api.errors import ConfigError, EngineUnavailableError
+from flowlane.api.trajectory import Step, StopReason, Trajectory, Verdict
 from flowlane.runtime.agent.agent import Agent, AgentConfig, AgentEventKind, AgentRequest
 from flowlane.runtime.agent.commands import StepPrinter, solve
 from flowlane.runtime.agent.conversation import (
@@ -38,9 +40,7 @@ from flowlane.runtime.agent.conversation import (
     fit_conversation,
 )
 from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings
-from flowlane.runtime.errors import ConfigError, EngineUnavailableError
 from flowlane.runtime.tools.base import Tool, ToolResult
-from flowlane.runtime.trajectory import Step, StopReason, Trajectory, Verdict
 
 # ============================================================================ real model (vLLM, CPU)
 
@@ -159,9 +159,9 @@ async def test_real_time_budget_cancels_the_loop_and_still_answers(vllm_engine: 
 def test_planner_prompt_at_the_last_turn_with_five_tools_stays_under_1500_tokens(model_dir: Path) -> None:
     from transformers import AutoTokenizer
 
+    from flowlane.kit.models import encode_chat
     from flowlane.runtime.agent.memory import render_steps
     from flowlane.runtime.agent.prompts import planner_messages
-    from flowlane.runtime.models import encode_chat
     from flowlane.runtime.tools.registry import available_tools, build_tools
 
     tools = build_tools(available_tools(), engine=scripted())

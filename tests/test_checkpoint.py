@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from flowlane.api.errors import ConfigError
 from flowlane.kit.checkpoints import (
     MANIFEST_NAME,
     BestMode,
@@ -33,7 +34,6 @@ from flowlane.kit.checkpoints import (
     pick_best,
     select_retained,
 )
-from flowlane.runtime.errors import ConfigError
 
 FAST_RETRY = RetryPolicy(attempts=3, initial_backoff_s=0.05, max_backoff_s=0.2, connect_timeout_s=2, read_timeout_s=10)
 MODEL_A = {"model": {"architectures": ["LlamaForCausalLM"], "config_sha256": "a" * 64}}

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from test_checkpoint import MODEL_A, Backend, file_backend, make_source, s3_backend, tree_bytes
 
+from flowlane.api.errors import ConfigError
 from flowlane.kit.checkpoints import CheckpointError
-from flowlane.runtime.errors import ConfigError
 
 
 @pytest.fixture(params=["file", "s3"])

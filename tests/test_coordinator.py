@@ -160,8 +160,8 @@ def test_the_validation_split_is_carved_from_the_training_split_and_the_test_spl
 def test_a_test_set_that_shares_questions_with_the_training_set_is_refused(tmp_path) -> None:
     import json
 
+    from flowlane.api.errors import ConfigError
     from flowlane.api.flowrun import FlowRun
-    from flowlane.runtime.errors import ConfigError
     from flowlane.trainer.learner_service import LearnerRuntime
 
     rows = [{"question": f"What is {i} + 1?", "answer": str(i + 1), "source": "mine"} for i in range(20)]

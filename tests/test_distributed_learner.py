@@ -36,7 +36,7 @@ import torch
 from learner_helpers import make_tiny_model_dir, synthetic_trajectories
 from safetensors.torch import load_file
 
-from flowlane.runtime.errors import ConfigError
+from flowlane.api.errors import ConfigError
 from flowlane.trainer.distributed import rank_share, uneven_shards
 
 SCRIPT = Path(__file__).with_name("learner_ranks.py")

@@ -20,13 +20,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from flowlane.api.errors import ConfigError, EngineUnavailableError, ModelNotFoundError
+from flowlane.kit.models import encode_chat
 from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings, WrappedEngine, resolve_dtype
 from flowlane.runtime.engines.factory import create_engine
 from flowlane.runtime.engines.openai_engine import OpenAIEngine
 from flowlane.runtime.engines.transformers_engine import TransformersEngine, _top_p_mask
 from flowlane.runtime.engines.vllm_engine import VLLMEngine
-from flowlane.runtime.errors import ConfigError, EngineUnavailableError, ModelNotFoundError
-from flowlane.runtime.models import encode_chat
 
 # Engine fixtures live in the session event loop; async tests must run there too.
 session_loop = pytest.mark.asyncio(loop_scope="session")

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from flowlane.runtime.errors import ConfigError
+from flowlane.api.errors import ConfigError
 from flowlane.trainer import flow_grpo
 from flowlane.trainer.flow_grpo import (
     advantage_stats,

@@ -275,9 +275,9 @@ def test_a_run_dir_with_checkpoints_needs_resume_or_restart(tmp_path: Path) -> N
 
 
 def test_a_model_that_does_not_fit_is_refused_before_anything_starts(tmp_path: Path, model_dir: Path) -> None:
+    from flowlane.api.errors import ConfigError
     from flowlane.api.flowrun import load_flowrun
     from flowlane.operator.run_command import check_fits
-    from flowlane.runtime.errors import ConfigError
 
     flowrun = load_flowrun(yaml.safe_dump(flowrun_yaml("big", 2)))
     with pytest.raises(ConfigError, match=r"spec.model.planner: .* needs about .* GiB .* enable spec.model.lora"):
@@ -286,9 +286,9 @@ def test_a_model_that_does_not_fit_is_refused_before_anything_starts(tmp_path: P
 
 
 def test_a_fixed_model_counts_as_a_second_engine_per_rollout_worker(model_dir: Path) -> None:
+    from flowlane.api.errors import ConfigError
     from flowlane.api.flowrun import load_flowrun
     from flowlane.operator.run_command import check_fits
-    from flowlane.runtime.errors import ConfigError
 
     shared = load_flowrun(yaml.safe_dump(flowrun_yaml("shared", 2)))
     document = flowrun_yaml("frozen", 2)

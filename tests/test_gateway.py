@@ -35,6 +35,7 @@ from openai import AsyncOpenAI
 from typer.testing import CliRunner
 
 from flowlane.api.errors import EngineUnavailableError
+from flowlane.api.trajectory import Step, Trajectory, Verdict
 from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings
 from flowlane.runtime.serving.app import create_app
 from flowlane.runtime.serving.config import PROMPT_RESERVE_TOKENS, GatewayConfig
@@ -49,7 +50,6 @@ from flowlane.runtime.serving.protocol import (
 from flowlane.runtime.serving.sandbox import SandboxChild
 from flowlane.runtime.tools.base import Tool, ToolResult
 from flowlane.runtime.tools.registry import build_tools
-from flowlane.runtime.trajectory import Step, Trajectory, Verdict
 
 in_session_loop = pytest.mark.asyncio(loop_scope="session")  # the loop the session vLLM engine runs in
 
@@ -852,7 +852,7 @@ def test_serve_fetches_a_checkpoint_uri_and_runs_the_fixed_modules_on_their_own_
         model_dir: Path, tmp_path: Path) -> None:
     """`flowlane serve` as a FlowService pod runs it: the planner from a FlowRun checkpoint URI
     (resolved while the probes already answer), the executor/verifier/generator on --fixed."""
-    from flowlane.trainer.checkpoint import CheckpointStore
+    from flowlane.kit.checkpoints import CheckpointStore
 
     store = CheckpointStore.from_uri((tmp_path / "store").as_uri())
     uri = store.save(7, model_dir, meta={}).uri
@@ -934,10 +934,10 @@ def test_module_prompts_without_the_conversation_fit_the_reserve(model_dir: Path
     """PROMPT_RESERVE_TOKENS bounds the longest module prompt (the planner's, full memory) plus its output."""
     from transformers import AutoTokenizer
 
+    from flowlane.kit.models import encode_chat
     from flowlane.runtime.agent.agent import AgentConfig
     from flowlane.runtime.agent.memory import render_steps
     from flowlane.runtime.agent.prompts import planner_messages
-    from flowlane.runtime.models import encode_chat
 
     tools = build_tools(["python", "search", "generator"], engine=CannedEngine())
     config = AgentConfig()

@@ -14,9 +14,10 @@ import pytest_asyncio
 import torch
 
 from flowlane.api import codegen, learner_pb2, learner_pb2_grpc, sandbox_pb2, sandbox_pb2_grpc
-from flowlane.runtime import grpc_common
-from flowlane.runtime.errors import ConfigError, FlowlaneError
-from flowlane.runtime.grpc_common import (
+from flowlane.api.errors import ConfigError, FlowlaneError
+from flowlane.api.trajectory import PlannerTurn, Step, StopReason, Trajectory, Verdict
+from flowlane.kit import grpc_common
+from flowlane.kit.grpc_common import (
     WeightStreamError,
     assemble_weights,
     assemble_weights_async,
@@ -26,7 +27,6 @@ from flowlane.runtime.grpc_common import (
     trajectory_to_record,
 )
 from flowlane.runtime.sandbox.server import start_sandbox_server
-from flowlane.runtime.trajectory import PlannerTurn, Step, StopReason, Trajectory, Verdict
 
 TOKEN = "grpc-test-token"
 

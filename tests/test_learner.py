@@ -16,8 +16,8 @@ import pytest
 import torch
 from learner_helpers import TINY_VOCAB, make_tiny_model_dir, synthetic_trajectories
 
-from flowlane.runtime.errors import ConfigError, FlowlaneError
-from flowlane.runtime.trajectory import PlannerTurn, Trajectory
+from flowlane.api.errors import ConfigError, FlowlaneError
+from flowlane.api.trajectory import PlannerTurn, Trajectory
 from flowlane.trainer.batching import (
     BatchLayout,
     pack_sequences,

@@ -21,14 +21,13 @@ import pytest
 import pytest_asyncio
 import torch
 
-from flowlane.api.errors import FlowlaneError
+from flowlane.api.errors import ConfigError, FlowlaneError
 from flowlane.api.flowrun import load_flowrun
 from flowlane.kit.grpc_common import iter_weight_chunks
 from flowlane.kit.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, read_adapter, write_adapter
 from flowlane.kit.weights import adapter_sync, open_weights_store
 from flowlane.runtime.engines.base import Generation, SamplingSettings
 from flowlane.runtime.engines.vllm_engine import VLLMEngine, lora_slot_rank
-from flowlane.runtime.errors import ConfigError
 from flowlane.runtime.rollout.worker import RolloutWorker, engine_options, fetch_weights
 from flowlane.trainer.learner import Learner
 from flowlane.trainer.learner_config import LearnerConfig, LoraSettings

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from flowlane.api.errors import FlowlaneError, ModelNotFoundError
+from flowlane.kit import models
 from flowlane.kit.models import (
     KNOWN_MODELS,
     MANIFEST_NAME,
@@ -19,8 +21,6 @@ from flowlane.kit.models import (
     resolve_model,
     verify_model_dir,
 )
-from flowlane.runtime import models
-from flowlane.runtime.errors import FlowlaneError, ModelNotFoundError
 from flowlane.runtime.provisioning.commands import models_app
 
 NAME = "smollm2-135m-instruct"

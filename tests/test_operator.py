@@ -355,11 +355,11 @@ def _get_json(httpx: Any, url: str) -> Any:
 
 async def test_grpc_progress_source_reads_the_learners_status_rpc(kube: KubeApi, kmock_server: KMockServer) -> None:
     from flowlane.api import learner_pb2, learner_pb2_grpc
+    from flowlane.kit.grpc_common import bind_port, create_server
     from flowlane.operator.graph import SecretEnv
     from flowlane.operator.kube_client import KubeClient
     from flowlane.operator.progress import GrpcProgressSource
     from flowlane.operator.reconcile import RunRef
-    from flowlane.runtime.grpc_common import bind_port, create_server
 
     class Learner(learner_pb2_grpc.LearnerServicer):
         async def GetStatus(self, request: Any, context: Any) -> Any:

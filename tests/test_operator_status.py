@@ -304,11 +304,11 @@ async def test_the_learners_worker_versions_reach_weights_synced_over_grpc(
     from flowlane.api import learner_pb2, learner_pb2_grpc
     from flowlane.api.flowrun import FlowRun, Phase
     from flowlane.api.trajectory import PlannerTurn, Trajectory
+    from flowlane.kit.grpc_common import bind_port, create_server, open_channel, trajectory_to_record
     from flowlane.operator.graph import SecretEnv
     from flowlane.operator.kube_client import KubeClient
     from flowlane.operator.progress import GrpcProgressSource
     from flowlane.operator.reconcile import RunRef
-    from flowlane.runtime.grpc_common import bind_port, create_server, open_channel, trajectory_to_record
     from flowlane.trainer.learner_service import LearnerRuntime, make_servicer
 
     class Policy:
@@ -504,11 +504,11 @@ async def test_the_learner_checkpoints_on_request_after_the_step_in_flight(
     from flowlane.api import learner_pb2_grpc
     from flowlane.api.flowrun import FlowRun, Phase
     from flowlane.kit.checkpoints import CheckpointStore
+    from flowlane.kit.grpc_common import bind_port, create_server
     from flowlane.operator.graph import SecretEnv
     from flowlane.operator.kube_client import KubeClient
     from flowlane.operator.progress import GrpcProgressSource
     from flowlane.operator.reconcile import RunRef
-    from flowlane.runtime.grpc_common import bind_port, create_server
     from flowlane.trainer.learner_service import LearnerRuntime, make_servicer
 
     class Writer:  # the learner's checkpoint part: a model config and one weights file

@@ -7,6 +7,7 @@ and garbage.
 
 from __future__ import annotations
 
+from flowlane.api.trajectory import Step, Verdict
 from flowlane.runtime.agent.memory import render_steps, truncate
 from flowlane.runtime.agent.parsing import (
     ParseMethod,
@@ -27,7 +28,6 @@ from flowlane.runtime.agent.prompts import (
     planner_schema,
     render_tool_card,
 )
-from flowlane.runtime.trajectory import Step, Verdict
 
 TOOLS = ["python", "search", "generator"]
 

@@ -7,8 +7,9 @@ from collections.abc import Iterable
 import pytest
 import torch
 
+from flowlane.api.errors import ConfigError
+from flowlane.kit.tasks import Task
 from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings
-from flowlane.runtime.errors import ConfigError
 from flowlane.runtime.rewards import (
     LLMJudge,
     RewardKind,
@@ -21,7 +22,6 @@ from flowlane.runtime.rewards import (
     reward_kinds,
     score,
 )
-from flowlane.runtime.tasks import Task
 
 
 def task(answer: str, question: str = "q?", **meta: object) -> Task:
@@ -219,8 +219,8 @@ def test_a_rollout_worker_scores_an_unscorable_task_zero_instead_of_crashing(cap
     import asyncio
     from types import SimpleNamespace
 
+    from flowlane.api.trajectory import Trajectory
     from flowlane.runtime.rollout.worker import RolloutWorker, WorkerStats
-    from flowlane.runtime.trajectory import Trajectory
 
     class Agent:
         async def run(self, question: str, question_id: str, gold_answer: str, seed: int) -> Trajectory:

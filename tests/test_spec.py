@@ -9,9 +9,9 @@ import yaml
 
 from flowlane.api.common import InvalidResourceError, set_condition
 from flowlane.api.enums import AdvantageMode, Aggregation, KLEstimator
+from flowlane.api.errors import ConfigError
 from flowlane.api.flowrun import FlowRun, Phase, load_flowrun
 from flowlane.api.flowservice import CheckpointChoice, load_flowservice
-from flowlane.runtime.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 HEADER = "apiVersion: flowlane.dev/v1alpha1\nkind: FlowRun\nmetadata: {name: demo}\n"

@@ -12,10 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flowlane.runtime.errors import ConfigError
+from flowlane.api.errors import ConfigError
+from flowlane.kit.tasks import Split, Task, bundled_task_sets, load_tasks
+from flowlane.kit.tasks.multihop import CORPUS_FILE, rendered_files
 from flowlane.runtime.rewards import check_game24, score
-from flowlane.runtime.tasks import Split, Task, bundled_task_sets, load_tasks
-from flowlane.runtime.tasks.multihop import CORPUS_FILE, rendered_files
 from flowlane.runtime.tools.search_tool import SearchTool
 
 
@@ -116,7 +116,7 @@ def test_corpus_has_a_few_hundred_passages_and_distractors() -> None:
 
 def test_bundled_data_files_match_the_generator() -> None:
     for path, text in rendered_files().items():
-        assert path.read_text(encoding="utf-8") == text, f"{path} drifted: python -m flowlane.runtime.tasks.multihop"
+        assert path.read_text(encoding="utf-8") == text, f"{path} drifted: python -m flowlane.kit.tasks.multihop"
 
 
 def test_unknown_task_set_names_the_bundled_ones() -> None:

@@ -14,8 +14,8 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 import torch
 
+from flowlane.api.errors import ConfigError
 from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings
-from flowlane.runtime.errors import ConfigError
 from flowlane.runtime.sandbox.limits import SandboxLimits
 from flowlane.runtime.sandbox.result import SandboxResult
 from flowlane.runtime.sandbox.runner import LocalCodeRunner

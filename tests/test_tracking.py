@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 from safetensors.numpy import load_file, save_file
 
+from flowlane.api.trajectory import PlannerTurn, Step, StopReason, Trajectory, Verdict
 from flowlane.kit.tracking import (
     MODEL_TYPE,
     OFFLINE_LOG,
@@ -29,7 +30,6 @@ from flowlane.kit.tracking import (
     to_metrics,
     to_params,
 )
-from flowlane.runtime.trajectory import PlannerTurn, Step, StopReason, Trajectory, Verdict
 
 SPEC = {"model": {"name": "smollm2-135m"}, "training": {"lr": 1e-6, "groupSize": 8}, "tools": ["python", "search"]}
 

@@ -59,7 +59,7 @@ class LearnerConfig:
     is taken against them, so the clip range bounds how far one step moves the policy.
     """
 
-    model_path: str  # HF-layout model directory (or a name runtime.models.resolve_model knows)
+    model_path: str  # HF-layout model directory (or a name flowlane.kit.models.resolve_model knows)
     lr: float = 1e-6  # peak learning rate (paper: 1e-6), > 0
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas, each in [0, 1)
     weight_decay: float = 0.01  # AdamW decoupled weight decay, >= 0

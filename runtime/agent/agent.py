@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TypeVar
 
+from flowlane.api.errors import ConfigError, FlowlaneError
+from flowlane.api.trajectory import Step, StopReason, Trajectory, Verdict
 from flowlane.runtime.agent.conversation import Conversation
 from flowlane.runtime.agent.executor import Executor
 from flowlane.runtime.agent.generator import SolutionGenerator
@@ -36,9 +38,7 @@ from flowlane.runtime.agent.planner import Planner, QueryAnalyzer
 from flowlane.runtime.agent.prompts import Module
 from flowlane.runtime.agent.verifier import Verifier
 from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings
-from flowlane.runtime.errors import ConfigError, FlowlaneError
 from flowlane.runtime.tools.base import Tool, ToolResult
-from flowlane.runtime.trajectory import Step, StopReason, Trajectory, Verdict
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

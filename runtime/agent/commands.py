@@ -25,8 +25,8 @@ import typer
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from flowlane.api.trajectory import Step, Trajectory
     from flowlane.runtime.agent.agent import AgentConfig, AgentEventKind
-    from flowlane.runtime.trajectory import Step, Trajectory
 
 DEFAULT_TOOLS = "python,search,generator"
 RESULT_PREVIEW_CHARS = 600
@@ -34,7 +34,7 @@ RESULT_PREVIEW_CHARS = 600
 
 def parse_tool_list(text: str) -> list[str]:
     """``"python, search"`` -> ``["python", "search"]``; order kept, duplicates dropped."""
-    from flowlane.runtime.errors import ConfigError
+    from flowlane.api.errors import ConfigError
 
     names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
     if not names:
@@ -60,7 +60,7 @@ def solve(
     json_output: Annotated[bool, typer.Option("--json", help="Print the full trajectory as JSON.")] = False,
 ) -> None:
     """Answer one question with the agent, step by step."""
-    from flowlane.runtime.errors import FlowlaneError
+    from flowlane.api.errors import FlowlaneError
 
     try:
         _solve(question, tools=tools, engine_kind=engine, model=model, fixed=fixed, endpoint=endpoint,
@@ -99,7 +99,7 @@ def _solve(
                          planner=SamplingSettings(max_tokens=256, temperature=temperature))
     model_ref, fixed_ref = model, fixed
     if kind in LOCAL_KINDS:
-        from flowlane.runtime.models import resolve_model
+        from flowlane.kit.models import resolve_model
 
         model_ref = str(resolve_model(model))
         fixed_ref = str(resolve_model(fixed)) if fixed else None

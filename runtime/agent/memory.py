@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from flowlane.api.trajectory import Step
 from flowlane.runtime.agent.conversation import ChatTurn, render_history
-from flowlane.runtime.trajectory import Step
 
 
 def truncate(text: str, max_chars: int) -> str:

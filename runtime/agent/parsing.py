@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Generic, TypeVar
 
-from flowlane.runtime.trajectory import Verdict
+from flowlane.api.trajectory import Verdict
 
 T = TypeVar("T")
 

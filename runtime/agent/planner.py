@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from flowlane.api.trajectory import PlannerTurn
 from flowlane.runtime.agent.parsing import Parsed, PlanStep, parse_plan
 from flowlane.runtime.agent.prompts import (
     Module,
@@ -27,7 +28,6 @@ from flowlane.runtime.agent.prompts import (
     request_settings,
 )
 from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings
-from flowlane.runtime.trajectory import PlannerTurn
 
 
 @dataclass

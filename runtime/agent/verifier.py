@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from flowlane.api.trajectory import Verdict
 from flowlane.runtime.agent.parsing import Parsed, VerifierDecision, parse_verdict
 from flowlane.runtime.agent.prompts import (
     VERIFIER_SCHEMA,
@@ -18,7 +19,6 @@ from flowlane.runtime.agent.prompts import (
     verifier_messages,
 )
 from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings
-from flowlane.runtime.trajectory import Verdict
 
 
 @dataclass

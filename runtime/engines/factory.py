@@ -15,8 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 from flowlane.api.enums import LOCAL_ENGINE_KINDS, EngineKind
+from flowlane.api.errors import ConfigError
 from flowlane.runtime.engines.base import LLMEngine
-from flowlane.runtime.errors import ConfigError
 
 _CLASSES: dict[EngineKind, tuple[str, str]] = {
     EngineKind.VLLM: ("flowlane.runtime.engines.vllm_engine", "VLLMEngine"),
@@ -59,7 +59,7 @@ def create_engine(kind: str, model: str, **options: Any) -> LLMEngine:
             f"accepted: {', '.join(accepted) or '(none)'}"
         )
     if engine_kind in LOCAL_KINDS:
-        from flowlane.runtime.models import resolve_model
+        from flowlane.kit.models import resolve_model
 
         return construct(resolve_model(model), **options)
     return construct(model, **options)

@@ -18,8 +18,8 @@ from typing import Any
 
 import httpx
 
+from flowlane.api.errors import ConfigError, EngineUnavailableError
 from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings
-from flowlane.runtime.errors import ConfigError, EngineUnavailableError
 
 
 class OpenAIEngine(LLMEngine):

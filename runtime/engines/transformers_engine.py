@@ -32,9 +32,9 @@ from typing import Any, cast
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor
 
+from flowlane.api.errors import ConfigError, EngineUnavailableError
+from flowlane.kit.models import encode_chat
 from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings, resolve_dtype
-from flowlane.runtime.errors import ConfigError, EngineUnavailableError
-from flowlane.runtime.models import encode_chat
 
 _GREEDY_EPS = 1e-5
 

@@ -7,7 +7,7 @@ concurrent ``chat`` calls share the model instead of queueing behind each other.
 What this adapter adds on top of ``vllm.v1.engine.async_llm.AsyncLLM``:
 
 - **Exact training records.** Prompts are built with the model's chat template
-  (``flowlane.runtime.models.encode_chat``) and submitted as token ids, so ``prompt_ids`` is
+  (``flowlane.kit.models.encode_chat``) and submitted as token ids, so ``prompt_ids`` is
   exactly what the model saw. The engine runs with ``logprobs_mode="processed_logprobs"``: the
   log-prob of each sampled token is taken *after* temperature and top-p, i.e. under the
   distribution it was actually sampled from (what Flow-GRPO's ``pi_old`` is). With temperature 0
@@ -54,10 +54,10 @@ from typing import Any
 
 import torch
 
+from flowlane.api.errors import ConfigError, EngineUnavailableError
 from flowlane.kit.lora import adapter_rank, write_adapter
+from flowlane.kit.models import encode_chat
 from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings, WrappedEngine, resolve_dtype
-from flowlane.runtime.errors import ConfigError, EngineUnavailableError
-from flowlane.runtime.models import encode_chat
 
 WORKER_EXTENSION = f"{__name__}.FlowlaneWorkerExtension"
 GIB = 1 << 30

@@ -1,6 +1,6 @@
 """``flowlane models``: import and list planner models.
 
-A thin shell over ``flowlane.runtime.models``; only typer and the standard library are imported
+A thin shell over ``flowlane.kit.models``; only typer and the standard library are imported
 at module level so that ``flowlane models list`` answers at once. Importing a model (which needs
 transformers) happens inside the command.
 """
@@ -28,7 +28,7 @@ def import_command(
     force: bool = typer.Option(False, "--force", help="Rebuild even if the model is already imported."),
 ) -> None:
     """Import a known model into the model cache (idempotent) and print its directory."""
-    from flowlane.runtime.models import import_model
+    from flowlane.kit.models import import_model
 
     typer.echo(str(import_model(name, cache_dir=cache_dir, force=force)))
 
@@ -40,7 +40,7 @@ def list_command(
     ),
 ) -> None:
     """List known model names and the models in the cache."""
-    from flowlane.runtime.models import list_models
+    from flowlane.kit.models import list_models
 
     rows = list_models(cache_dir)
     width = max(len(row["name"]) for row in rows) if rows else 0
@@ -56,7 +56,7 @@ def verify_command(
     ),
 ) -> None:
     """Check every file of an imported model against its manifest's sha256."""
-    from flowlane.runtime.models import KNOWN_MODELS, model_dir_for, verify_model_dir
+    from flowlane.kit.models import KNOWN_MODELS, model_dir_for, verify_model_dir
 
     path = model_dir_for(name, cache_dir) if name in KNOWN_MODELS else Path(name)
     verify_model_dir(path)

@@ -131,10 +131,10 @@ class RolloutWorker:
 
     async def run(self) -> None:
         from flowlane.api import learner_pb2, learner_pb2_grpc
+        from flowlane.kit.grpc_common import open_channel
         from flowlane.runtime.agent.agent import Agent, AgentConfig
         from flowlane.runtime.engines.base import SamplingSettings
         from flowlane.runtime.engines.factory import close_engines, open_engines
-        from flowlane.runtime.grpc_common import open_channel
         from flowlane.runtime.tools.registry import build_tools
 
         spec = self.spec
@@ -236,7 +236,7 @@ class RolloutWorker:
 
     async def _roll_out(self, agents: dict[bool, Any], tasks: Any, version: int) -> list[Any]:
         from flowlane.api.errors import ConfigError
-        from flowlane.runtime.grpc_common import trajectory_to_record
+        from flowlane.kit.grpc_common import trajectory_to_record
         from flowlane.runtime.rewards import score
 
         async def one(task: Any) -> Any:
@@ -255,7 +255,7 @@ class RolloutWorker:
         return records
 
     async def _submit(self, stub: Any, records: list[Any]) -> None:
-        from flowlane.runtime.grpc_common import iter_trajectory_chunks
+        from flowlane.kit.grpc_common import iter_trajectory_chunks
 
         async def chunks() -> Any:
             for chunk in iter_trajectory_chunks(records):
@@ -294,7 +294,7 @@ def engine_options(spec: Any) -> dict[str, Any]:
 
 async def _main(config: Path, learner: str, sandboxes: list[str], worker_id: str) -> None:
     from flowlane.api.flowrun import load_flowrun
-    from flowlane.runtime.grpc_common import resolve_token
+    from flowlane.kit.grpc_common import resolve_token
 
     worker = RolloutWorker(load_flowrun(config), learner, sandboxes, worker_id, resolve_token())
     loop = asyncio.get_running_loop()

@@ -33,8 +33,7 @@ import typer
 
 from flowlane.api import sandbox_pb2, sandbox_pb2_grpc
 from flowlane.api.errors import ConfigError, FlowlaneError
-from flowlane.kit import logs
-from flowlane.runtime import grpc_common
+from flowlane.kit import grpc_common, logs
 from flowlane.runtime.sandbox.layers import IsolationLayer, make_non_dumpable, missing_mandatory_layers
 from flowlane.runtime.sandbox.limits import SandboxLimits
 from flowlane.runtime.sandbox.result import SandboxErrorKind, SandboxResult

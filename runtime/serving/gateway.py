@@ -146,7 +146,7 @@ async def running_gateway(app: Starlette, host: str = "127.0.0.1", port: int = 0
 
 def default_served_name(model: str, model_dir: Path | str) -> str:
     """The model id clients use: a known name as given, else the checkpoint directory's name."""
-    from flowlane.runtime.models import KNOWN_MODELS
+    from flowlane.kit.models import KNOWN_MODELS
 
     return model.strip() if model.strip() in KNOWN_MODELS else str(model_dir).rstrip("/").rsplit("/", 1)[-1]
 
@@ -204,9 +204,9 @@ def _serve(*, model: str, engine_kind: str, fixed: str | None, dtype: str, tools
            api_key: str | None, max_turns: int, max_time_s: float, served_model_name: str | None,
            max_content_chars: int, max_concurrent_runs: int, history_max_tokens: int, max_model_len: int,
            sandbox_address: str | None, stream_steps: str, temperature: float, log_level: str) -> None:
+    from flowlane.kit.models import CHECKPOINT_SCHEMES, resolve_model
     from flowlane.runtime.agent.commands import parse_tool_list
     from flowlane.runtime.engines.base import resolve_dtype
-    from flowlane.runtime.models import CHECKPOINT_SCHEMES, resolve_model
     from flowlane.runtime.tools.registry import check_tool_names
 
     # Every cheap check first: a typo must not cost a model load.

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from flowlane.api.trajectory import Trajectory
 from flowlane.runtime.engines.base import Generation, SamplingSettings, WrappedEngine
-from flowlane.runtime.trajectory import Trajectory
 
 PREFIX = "flowlane_gateway"
 # Agent runs on a CPU take seconds to minutes; generations on a GPU take well under a second.

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from flowlane.runtime.agent.conversation import ChatTurn, Conversation, Speaker
 
 if TYPE_CHECKING:
-    from flowlane.runtime.trajectory import Step, Trajectory
+    from flowlane.api.trajectory import Step, Trajectory
 
 RESULT_PREVIEW_CHARS = 600  # tool results in the readable stream text; the structured field is complete
 INSTRUCTION_ROLES = frozenset({"system", "developer"})
@@ -135,7 +135,7 @@ class FinishReason(StrEnum):
 
 
 def finish_reason_of(traj: Trajectory) -> FinishReason:
-    from flowlane.runtime.trajectory import StopReason
+    from flowlane.api.trajectory import StopReason
 
     if traj.stop_reason is StopReason.TIME_BUDGET:
         return FinishReason.TIME_LIMIT

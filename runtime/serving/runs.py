@@ -32,12 +32,12 @@ from flowlane.runtime.serving.protocol import ChatRequest, ErrorCode, ErrorType,
 if TYPE_CHECKING:
     from starlette.requests import Request
 
+    from flowlane.api.trajectory import Trajectory
     from flowlane.runtime.agent.agent import Agent, AgentConfig, EventCallback
     from flowlane.runtime.agent.conversation import Conversation
     from flowlane.runtime.serving.admission import RunSlots, Slot
     from flowlane.runtime.serving.config import GatewayConfig
     from flowlane.runtime.serving.metrics import GatewayMetrics
-    from flowlane.runtime.trajectory import Trajectory
 
     AgentFactory = Callable[[AgentConfig], Agent]
 

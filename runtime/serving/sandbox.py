@@ -39,7 +39,7 @@ from collections.abc import Mapping, Sequence
 import grpc
 
 from flowlane.api.errors import ConfigError, EngineUnavailableError
-from flowlane.runtime import grpc_common
+from flowlane.kit import grpc_common
 from flowlane.runtime.sandbox import server as sandbox_server
 from flowlane.runtime.sandbox.limits import SandboxLimits
 from flowlane.runtime.sandbox.result import SandboxResult

@@ -32,10 +32,10 @@ from flowlane.runtime.serving.protocol import (
 )
 
 if TYPE_CHECKING:
+    from flowlane.api.trajectory import Step, Trajectory
     from flowlane.runtime.agent.conversation import Conversation
     from flowlane.runtime.serving.admission import Slot
     from flowlane.runtime.serving.runs import AgentRuns
-    from flowlane.runtime.trajectory import Step, Trajectory
 
 
 async def stream_run(runs: AgentRuns, chat: ChatRequest, conversation: Conversation, slot: Slot, *,

@@ -12,7 +12,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flowlane.runtime.errors import ConfigError
+from flowlane.api.errors import ConfigError
 
 if TYPE_CHECKING:
     from flowlane.runtime.engines.base import LLMEngine

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flowlane.api.errors import ConfigError
 from flowlane.kit.tasks.multihop import CORPUS_FILE
-from flowlane.runtime.errors import ConfigError
 from flowlane.runtime.tools.base import Tool, ToolResult
 
 DEFAULT_CORPUS = CORPUS_FILE
