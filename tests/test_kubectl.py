@@ -161,15 +161,17 @@ def test_an_unknown_field_is_refused_by_strict_validation(crds: None, kubectl: K
 def test_get_flowruns_shows_the_printer_columns_of_the_crd(crds: None, kubectl: Kubectl, kube: KubeApi) -> None:
     kubectl("apply", "-f", str(EXAMPLE))
     kube.patch(FLOWRUNS, "math-mini", {"status": {
-        "phase": "Running", "step": 3, "policyVersion": 3, "reward": 0.5, "restartCount": 1, "heldOutAccuracy": 0.25,
+        "phase": "Running", "step": 3, "policyVersion": 3, "staleness": 1, "lastWeightSyncSeconds": 2.5,
+        "reward": 0.5, "restartCount": 1, "heldOutAccuracy": 0.25,
         "lastCheckpoint": "s3://ckpt/math-mini/step-3"}}, subresource="status")
     header, row = rows(kubectl("get", "flowruns").stdout)
-    assert header == ["NAME", "PHASE", "STEP", "POLICY", "REWARD", "RESTARTS", "AGE"]
-    assert row[:6] == ["math-mini", "Running", "3", "3", "0.5", "1"]
-    assert AGE.fullmatch(row[6])
+    assert header == ["NAME", "PHASE", "STEP", "POLICY", "STALENESS", "SYNC-S", "REWARD", "RESTARTS", "AGE"]
+    assert row[:8] == ["math-mini", "Running", "3", "3", "1", "2.5", "0.5", "1"]
+    assert AGE.fullmatch(row[8])
     header, row = rows(kubectl("get", "fr", "math-mini", "-o", "wide").stdout)
-    assert header == ["NAME", "PHASE", "STEP", "POLICY", "REWARD", "RESTARTS", "ACCURACY", "CHECKPOINT", "AGE"]
-    assert row[:8] == ["math-mini", "Running", "3", "3", "0.5", "1", "0.25", "s3://ckpt/math-mini/step-3"]
+    assert header == ["NAME", "PHASE", "STEP", "POLICY", "STALENESS", "SYNC-S", "REWARD", "RESTARTS", "ACCURACY",
+                      "CHECKPOINT", "AGE"]
+    assert row[:10] == ["math-mini", "Running", "3", "3", "1", "2.5", "0.5", "1", "0.25", "s3://ckpt/math-mini/step-3"]
 
 
 def test_printer_columns_without_a_status_are_blank(crds: None, kubectl: Kubectl) -> None:
