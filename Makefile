@@ -44,7 +44,8 @@ package-tree:
 	$(BIN)/python scripts/package_tree.py
 
 # The developer loop (under 3 minutes): every test but those that start the vLLM engine (`vllm`,
-# set by tests/conftest.py from the fixtures a test uses), run real processes end to end (`slow`)
+# set by tests/conftest.py from the fixtures a test uses), run real processes end to end (`slow`:
+# `flowlane run`/`eval`/`serve`, torchrun worlds of several ranks)
 # or need the one-machine container cluster (`cluster`). `make test` runs them all. Its modules go
 # to one worker process per core (pytest-xdist, whole modules per worker, so module fixtures start
 # once): much of a test's time is spent waiting on the processes and servers it starts.

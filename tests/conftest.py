@@ -24,7 +24,7 @@ pytest_plugins = [
 
 # Fixtures that start a vLLM engine: a test that needs one, directly or through another fixture
 # (the gateway's), is a `vllm` test, so `make test-fast` skips it without a mark to remember.
-VLLM_FIXTURES = frozenset({"vllm_engine"})
+VLLM_FIXTURES = frozenset({"vllm_engine", "lora_engine"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -117,6 +117,7 @@ def _metrics(run: Path, stage: int) -> list[dict[str, Any]]:
     return result
 
 
+@pytest.mark.slow  # torchrun worlds of real processes (the `runs` and `pod_runs` fixtures)
 @pytest.mark.parametrize("stage", STAGES)
 def test_two_ranks_give_the_weights_of_one_rank(runs: dict[str, Path], stage: int) -> None:
     initial = load_file(str(runs["model"] / "model.safetensors"))
@@ -129,6 +130,7 @@ def test_two_ranks_give_the_weights_of_one_rank(runs: dict[str, Path], stage: in
     assert difference / update <= MAX_REL_L2
 
 
+@pytest.mark.slow  # torchrun worlds of real processes (the `runs` and `pod_runs` fixtures)
 @pytest.mark.parametrize("stage", STAGES)
 def test_two_ranks_split_the_micro_batches_and_report_the_totals_of_one(runs: dict[str, Path], stage: int) -> None:
     one, two = _metrics(runs["one"], stage), _metrics(runs["two"], stage)
@@ -140,6 +142,7 @@ def test_two_ranks_split_the_micro_batches_and_report_the_totals_of_one(runs: di
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
 
 
+@pytest.mark.slow  # torchrun worlds of real processes (the `runs` and `pod_runs` fixtures)
 @pytest.mark.parametrize("stage", STAGES)
 def test_a_two_rank_checkpoint_resumes_to_the_same_weights(runs: dict[str, Path], stage: int) -> None:
     ckpt = runs["two"] / "ckpt" / f"stage{stage}"
@@ -149,6 +152,7 @@ def test_a_two_rank_checkpoint_resumes_to_the_same_weights(runs: dict[str, Path]
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
+@pytest.mark.slow  # torchrun worlds of real processes (the `runs` and `pod_runs` fixtures)
 @pytest.mark.parametrize("stage", STAGES)
 def test_two_learner_pods_train_like_two_ranks_in_one_pod(runs: dict[str, Path], pod_runs: dict[str, Path],
                                                           stage: int) -> None:
@@ -157,6 +161,7 @@ def test_two_learner_pods_train_like_two_ranks_in_one_pod(runs: dict[str, Path],
     assert max(float((pods[k] - one_pod[k]).abs().max()) for k in pods) <= MAX_ABS
 
 
+@pytest.mark.slow  # torchrun worlds of real processes (the `runs` and `pod_runs` fixtures)
 @pytest.mark.parametrize("stage", STAGES)
 def test_a_pod_without_rank_zeros_filesystem_uploads_its_shards_into_the_checkpoint(
     pod_runs: dict[str, Path], stage: int
@@ -170,6 +175,7 @@ def test_a_pod_without_rank_zeros_filesystem_uploads_its_shards_into_the_checkpo
     assert not list((pod_runs["store"] / f"stage{stage}").glob(".step-*"))  # parts moved in, nothing left over
 
 
+@pytest.mark.slow  # torchrun worlds of real processes (the `runs` and `pod_runs` fixtures)
 @pytest.mark.parametrize("stage", STAGES)
 def test_two_learner_pods_resume_from_the_store_to_the_same_weights(pod_runs: dict[str, Path], stage: int) -> None:
     resumed, uninterrupted = _weights(pod_runs["resumed"], stage), _weights(pod_runs["two"], stage)
