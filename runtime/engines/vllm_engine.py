@@ -121,8 +121,8 @@ class VLLMEngine(LLMEngine):
     """An in-process vLLM ``AsyncLLM`` behind the ``LLMEngine`` interface.
 
     Construction starts the engine (tens of seconds on CPU) and blocks until it is ready.
-    ``dtype`` "auto" is bfloat16 on GPUs and float32 on CPU, where it keeps log-probs within ~1e-5
-    of a float32 re-scoring by the learner (``resolve_dtype``). ``kv_cache_gib`` bounds the KV
+    ``dtype`` "auto" is bfloat16 on GPUs and float32 on CPU, where it keeps log-probs within 1e-4
+    of a float32 re-scoring by the learner (``resolve_dtype``; ``bench/engines.py``). ``kv_cache_gib`` bounds the KV
     cache (vLLM-CPU reads it from memory, not a fraction of a device; default on CPU:
     ``CPU_DEFAULT_KV_CACHE_GIB``); ``enforce_eager`` skips torch.compile, which on CPU costs
     minutes of start-up for little gain with small models. ``max_lora_rank`` (the run's LoRA rank)
