@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -283,6 +285,38 @@ def test_a_learner_that_reports_no_worker_versions_sets_no_weights_synced_condit
     obj = body(status={"phase": "Running"})
     assert "WeightsSynced" not in conditions(plan(obj, pods_for(obj, epoch=0), Progress(step=3, policy_version=3)))
 
+@contextlib.asynccontextmanager
+async def served_learner(runtime: Any, kube: KubeApi, kmock_server: KMockServer
+                         ) -> AsyncIterator[tuple[Any, Any, str]]:
+    """``runtime`` (a ``LearnerRuntime``) behind a real gRPC learner server, and the operator's
+    progress source that reads it with the token from a Secret, as the operator does: yields the
+    source, the run's ``RunRef`` and the server's address."""
+    import kopf
+
+    from flowlane.api import learner_pb2_grpc
+    from flowlane.kit.grpc_common import bind_port, create_server
+    from flowlane.operator.graph import SecretEnv
+    from flowlane.operator.kube_client import KubeClient
+    from flowlane.operator.progress import GrpcProgressSource
+    from flowlane.operator.reconcile import RunRef
+    from flowlane.trainer.learner_service import make_servicer
+
+    kube.create(SECRETS, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "tok"},
+                          "stringData": {"token": "s3cret"}})
+    server = create_server("s3cret")
+    learner_pb2_grpc.add_LearnerServicer_to_server(make_servicer(runtime), server)
+    address = f"127.0.0.1:{bind_port(server, '127.0.0.1', 0)}"
+    await server.start()
+    client = KubeClient(kopf.ConnectionInfo(server=kmock_server.url, insecure=True))
+    source = GrpcProgressSource(client)
+    ref = RunRef(kube.namespace, "demo", address, SecretEnv("tok", "token"))
+    try:
+        yield source, ref, address
+    finally:
+        await client.close()
+        await server.stop(None)
+
+
 
 def test_staleness_sync_time_and_worker_versions_reach_the_status() -> None:
     obj = body(status={"phase": "Running", "workerPolicyVersions": {"rollout-0": 1, "rollout-1": 1}})
@@ -299,17 +333,12 @@ async def test_the_learners_worker_versions_reach_weights_synced_over_grpc(
         kube: KubeApi, kmock_server: KMockServer, tmp_path: Any) -> None:
     """The real learner service records the version of each worker's trajectories; GetStatus serves
     them with the staleness and the sync time; the operator's progress source reads them back."""
-    import kopf
 
     from flowlane.api import learner_pb2, learner_pb2_grpc
     from flowlane.api.flowrun import FlowRun, Phase
     from flowlane.api.trajectory import PlannerTurn, Trajectory
-    from flowlane.kit.grpc_common import bind_port, create_server, open_channel, trajectory_to_record
-    from flowlane.operator.graph import SecretEnv
-    from flowlane.operator.kube_client import KubeClient
-    from flowlane.operator.progress import GrpcProgressSource
-    from flowlane.operator.reconcile import RunRef
-    from flowlane.trainer.learner_service import LearnerRuntime, make_servicer
+    from flowlane.kit.grpc_common import open_channel, trajectory_to_record
+    from flowlane.trainer.learner_service import LearnerRuntime
 
     class Policy:
         policy_version = 3
@@ -320,15 +349,6 @@ async def test_the_learners_worker_versions_reach_weights_synced_over_grpc(
     runtime.weights_cache = (3, [])
     runtime.weight_sync.published(3, 0.25)
     runtime.progress.phase = Phase.RUNNING
-    kube.create(SECRETS, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "tok"},
-                          "stringData": {"token": "s3cret"}})
-    server = create_server("s3cret")
-    learner_pb2_grpc.add_LearnerServicer_to_server(make_servicer(runtime), server)
-    address = f"127.0.0.1:{bind_port(server, '127.0.0.1', 0)}"
-    await server.start()
-    client = KubeClient(kopf.ConnectionInfo(server=kmock_server.url, insecure=True))
-    source = GrpcProgressSource(client)
-    ref = RunRef(kube.namespace, "demo", address, SecretEnv("tok", "token"))
     obj = body("{rollout: {replicas: 2}, storage: {checkpointUri: 's3://b/x'}}", status={"phase": "Running"})
 
     async def work(stub: Any, worker: str, version: int) -> None:
@@ -348,29 +368,26 @@ async def test_the_learners_worker_versions_reach_weights_synced_over_grpc(
         assert progress is not None
         return progress, synced(obj, progress)
 
-    try:
-        async with open_channel(address, "s3cret") as channel:
-            stub = learner_pb2_grpc.LearnerStub(channel)
-            async for _ in stub.GetWeights(learner_pb2.WeightsRequest(min_version=3)):
-                pass  # a transfer of version 3: it counts towards the sync time
-            await work(stub, "rollout-0/a", 3)
-            await work(stub, "rollout-1/a", 2)
-            progress, weights = await weights_synced()
-            assert (dict(progress.worker_policy_versions or {}), progress.staleness) == (
-                {"rollout-0": 3, "rollout-1": 2}, 1)
-            assert progress.last_weight_sync_seconds is not None and 0.25 <= progress.last_weight_sync_seconds < 5
-            assert weights == ("False", "WorkersBehind", "rollout-1 at version 2; the learner is at version 3")
-            # rollout-1 restarts: its new process has loaded nothing the learner has seen yet
-            await stub.GetTasks(learner_pb2.TaskRequest(worker_id="rollout-1/b", max_tasks=1))
-            progress, weights = await weights_synced()
-            assert (dict(progress.worker_policy_versions or {}), progress.staleness) == ({"rollout-0": 3}, 0)
-            assert weights == ("False", "WorkerMissing",
-                               "no trajectory since (re)start from rollout-1; the learner is at version 3")
-            await work(stub, "rollout-1/b", 3)
-            assert (await weights_synced())[1] == ("True", "AllWorkersSynced", "2 rollout workers on policy version 3")
-    finally:
-        await client.close()
-        await server.stop(None)
+    async with (served_learner(runtime, kube, kmock_server) as (source, ref, address),
+                open_channel(address, "s3cret") as channel):
+        stub = learner_pb2_grpc.LearnerStub(channel)
+        async for _ in stub.GetWeights(learner_pb2.WeightsRequest(min_version=3)):
+            pass  # a transfer of version 3: it counts towards the sync time
+        await work(stub, "rollout-0/a", 3)
+        await work(stub, "rollout-1/a", 2)
+        progress, weights = await weights_synced()
+        assert (dict(progress.worker_policy_versions or {}), progress.staleness) == (
+            {"rollout-0": 3, "rollout-1": 2}, 1)
+        assert progress.last_weight_sync_seconds is not None and 0.25 <= progress.last_weight_sync_seconds < 5
+        assert weights == ("False", "WorkersBehind", "rollout-1 at version 2; the learner is at version 3")
+        # rollout-1 restarts: its new process has loaded nothing the learner has seen yet
+        await stub.GetTasks(learner_pb2.TaskRequest(worker_id="rollout-1/b", max_tasks=1))
+        progress, weights = await weights_synced()
+        assert (dict(progress.worker_policy_versions or {}), progress.staleness) == ({"rollout-0": 3}, 0)
+        assert weights == ("False", "WorkerMissing",
+                           "no trajectory since (re)start from rollout-1; the learner is at version 3")
+        await work(stub, "rollout-1/b", 3)
+        assert (await weights_synced())[1] == ("True", "AllWorkersSynced", "2 rollout workers on policy version 3")
 
 
 def test_a_running_run_reports_weights_synced_and_its_staleness(kube: KubeApi, start_operator: Any) -> None:
@@ -499,17 +516,9 @@ async def test_the_learner_checkpoints_on_request_after_the_step_in_flight(
     import asyncio
     import json
 
-    import kopf
-
-    from flowlane.api import learner_pb2_grpc
     from flowlane.api.flowrun import FlowRun, Phase
     from flowlane.kit.checkpoints import CheckpointStore
-    from flowlane.kit.grpc_common import bind_port, create_server
-    from flowlane.operator.graph import SecretEnv
-    from flowlane.operator.kube_client import KubeClient
-    from flowlane.operator.progress import GrpcProgressSource
-    from flowlane.operator.reconcile import RunRef
-    from flowlane.trainer.learner_service import LearnerRuntime, make_servicer
+    from flowlane.trainer.learner_service import LearnerRuntime
 
     class Writer:  # the learner's checkpoint part: a model config and one weights file
         model_dir = tmp_path / "model"
@@ -526,16 +535,7 @@ async def test_the_learner_checkpoints_on_request_after_the_step_in_flight(
     runtime.learner = Writer()  # type: ignore[assignment]
     runtime.store = CheckpointStore.from_uri(f"file://{tmp_path / 'ckpt'}", keep_last=3)
     runtime.progress.phase = Phase.RUNNING
-    kube.create(SECRETS, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "tok"},
-                          "stringData": {"token": "s3cret"}})
-    server = create_server("s3cret")
-    learner_pb2_grpc.add_LearnerServicer_to_server(make_servicer(runtime), server)
-    address = f"127.0.0.1:{bind_port(server, '127.0.0.1', 0)}"
-    await server.start()
-    client = KubeClient(kopf.ConnectionInfo(server=kmock_server.url, insecure=True))
-    source = GrpcProgressSource(client)
-    ref = RunRef(kube.namespace, "demo", address, SecretEnv("tok", "token"))
-    try:
+    async with served_learner(runtime, kube, kmock_server) as (source, ref, _address):
         assert (await source.checkpoint(ref, 10)).last_checkpoint is None  # type: ignore[union-attr]  # no step yet
         async with runtime._model_lock:  # a step in flight: its update done, the step not yet recorded
             asked = asyncio.create_task(source.checkpoint(ref, 10))
@@ -549,9 +549,6 @@ async def test_the_learner_checkpoints_on_request_after_the_step_in_flight(
         again = await source.checkpoint(ref, 10)  # nothing new since: no second write of step 6
         assert again is not None and again.last_checkpoint == saved.last_checkpoint
         assert [r.name for r in runtime.store.list()] == ["step-00000006"]
-    finally:
-        await client.close()
-        await server.stop(None)
 
 
 # -- a group start without Kueue --------------------------------------------------------------------------
