@@ -255,7 +255,6 @@ def test_two_learner_pods_train_through_s3_in_containers(cluster: OneMachineClus
         files = {f["path"] for f in json.loads(manifest)["files"]}
         assert {"deepspeed/rng_state_rank1.pt", "rng_state.pt"} <= files
         assert any("zero_pp_rank_1_" in f for f in files), sorted(files)
-        assert "rank 0 ended the run" in cluster.pod_logs(f"{name}-learner-1", 60)
     finally:
         cluster.kubectl("delete", "flowrun", name, "--wait=false")
 
