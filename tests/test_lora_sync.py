@@ -185,7 +185,6 @@ def trainable_params(learner: Learner) -> list[torch.Tensor]:
 # -- the engine's side --------------------------------------------------------------------------------
 
 
-@pytest.mark.vllm
 @session_loop
 async def test_a_fresh_adapter_gives_the_base_models_greedy_output_exactly(
         lora_engine: VLLMEngine, lora_learner: Learner, base_outputs: list[Generation]) -> None:
@@ -202,7 +201,6 @@ async def test_a_fresh_adapter_gives_the_base_models_greedy_output_exactly(
         assert zero.logprobs == pytest.approx(base.logprobs, abs=1e-5)
 
 
-@pytest.mark.vllm
 @session_loop
 async def test_a_lora_sync_moves_adapter_bytes_and_changes_the_output_over_grpc_and_the_store(
         lora_engine: VLLMEngine, lora_learner: Learner, base_outputs: list[Generation], tmp_path: Path) -> None:
