@@ -213,7 +213,30 @@ def served(cluster_run: ClusterRun) -> Iterator[str]:
         except httpx.HTTPError:
             pass
         time.sleep(3)
-    yield f"http://{ip}:8000/v1"
+    try:
+        yield f"http://{ip}:8000/v1"
+    finally:
+        remove_flowservice(cluster, "math-agent")
+
+
+def remove_flowservice(cluster: OneMachineCluster, name: str) -> None:
+    """Delete the FlowService and, in the garbage collector's place (the emulator has none), the
+    Deployment and pods it owns; return once the gateway's container is gone. Its engine holds some
+    4 GiB, which the later runs of this module need on a 24 GiB machine."""
+    selector = f"flowlane.dev/flowservice={name}"
+    cluster.kubectl("delete", "flowservice", name, "--wait=false")
+    cluster.kubectl("delete", "deployment", "-l", selector, "--wait=false")
+    cluster.kubectl("delete", "pod", "-l", selector, "--wait=false")
+    prefix = f"k8s_{cluster.namespace}_{name}-gateway-"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        pods = json.loads(cluster.kubectl("get", "pods", "-l", selector, "-o", "json").stdout)["items"]
+        running = [c for c in podman("ps", "--format", "{{.Names}}", check=False).stdout.split()
+                   if c.startswith(prefix)]
+        if not pods and not running:
+            return
+        time.sleep(2)
+    raise AssertionError(f"the FlowService {name} outlived its deletion: {pods} {running}")
 
 
 def test_a_flowservice_serves_the_latest_checkpoint_to_the_openai_client(served: str) -> None:

@@ -30,6 +30,23 @@ def operator_requests(before: Counts, after: Counts) -> Counts:
             if n > before.get(k, 0) and k[0] in (USER_AGENT, "kopf")}
 
 
+# What kopf lists once at start, then watches: the two kinds and the children of a run or service.
+WATCHED = {"flowruns.flowlane.dev", "flowservices.flowlane.dev", "pods", "services", "configmaps",
+           "deployments.apps", "networkpolicies.networking.k8s.io", "poddisruptionbudgets.policy"}
+
+
+def wait_for_kopf_watches(server: KMockServer, before: Counts, timeout_s: float = 30) -> None:
+    """Until kopf has listed every watched resource since ``before``: its start-up, not the run's."""
+    deadline = time.monotonic() + timeout_s
+    listed: set[str] = set()
+    while time.monotonic() < deadline:
+        listed = {k[2] for k in operator_requests(before, counts(server)) if k[:2] == ("kopf", "list")}
+        if listed >= WATCHED:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"kopf listed {sorted(listed)} of {sorted(WATCHED)} in {timeout_s} s")
+
+
 @dataclass
 class TrainingProgress:
     """A learner whose step advances on every status call: every interval has a new status to write."""
@@ -74,8 +91,9 @@ def test_child_watches_select_flowlane_objects_on_the_server() -> None:
 
 def test_a_run_reaches_running_without_listing_or_rereading_its_children(
         kube: KubeApi, kmock_server: KMockServer, start_operator: Any) -> None:
+    started = counts(kmock_server)
     start_operator(TrainingProgress(), reconcile_interval_s=0.5)
-    time.sleep(0.5)  # kopf's own start-up lists and watches
+    wait_for_kopf_watches(kmock_server, started)
     before = counts(kmock_server)
     kube.create(FLOWRUNS, flowrun())
     wait_members(kube, MEMBERS)
