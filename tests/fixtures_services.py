@@ -77,14 +77,6 @@ def _stop_process_group(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) 
 # --------------------------------------------------------------------------------------- S3 (moto)
 
 
-# moto keeps each part of a multipart upload and, while it completes one, the whole object as
-# bytes; glibc's sliding mmap threshold then keeps those freed megabytes on the heap. A fixed
-# threshold maps every buffer over 1 MiB on its own and unmaps it when freed: the server's resident
-# size stays near its live objects instead of growing past 4 GiB over the cluster tests' checkpoints.
-_RETURNING_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 20),
-                     "MALLOC_ARENA_MAX": "2"}
-
-
 class MotoS3Server:
     """moto's S3 (and IAM) server on loopback with signature checking switched on."""
 
@@ -116,7 +108,6 @@ class MotoS3Server:
         with log.open("ab") as log_file:
             self._proc = subprocess.Popen(
                 [str(_BIN / "moto_server"), "-H", self.host, "-p", str(self.port)],
-                env={**os.environ, **_RETURNING_MALLOC},
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

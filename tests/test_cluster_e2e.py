@@ -181,7 +181,7 @@ def test_status_comes_from_the_run_and_kubectl_shows_it(cluster_run: ClusterRun)
     assert row[header.index("STEP")] in (str(STEPS), f"{STEPS}/{STEPS}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture  # one test's: its gateway goes before the module's next run starts
 def served(cluster_run: ClusterRun) -> Iterator[str]:
     cluster = cluster_run.cluster
     service = {"apiVersion": "flowlane.dev/v1alpha1", "kind": "FlowService", "metadata": {"name": "math-agent"},
