@@ -41,15 +41,15 @@ BINDINGS = {"auto": "vllm auto", "all": "all CPUs, both engines", "split": "half
 
 def bind_values(binding: str) -> tuple[str, str]:
     """``VLLM_CPU_OMP_THREADS_BIND`` for the planner's engine and for the frozen modules' engine."""
-    from flowlane.runtime.engines.vllm_engine import cgroup_cpu_limit, cpu_threads_bind
+    from flowlane.runtime.engines.vllm_engine import cpu_threads_bind
 
     cpus = sorted(os.sched_getaffinity(0))
     if binding == "auto":
         return "auto", "auto"
     if binding == "all":
-        every = cpu_threads_bind(set(cpus), cgroup_cpu_limit())
+        every = cpu_threads_bind(set(cpus))
         return every, every
-    return tuple(cpu_threads_bind(set(cpus), cgroup_cpu_limit(), (part, 2)) for part in (0, 1))  # type: ignore[return-value]
+    return tuple(cpu_threads_bind(set(cpus), (part, 2)) for part in (0, 1))  # type: ignore[return-value]
 
 
 async def child(binding: str, questions: int, seed: int) -> dict[str, Any]:

@@ -105,23 +105,31 @@ def _cuda_available() -> bool:
 
 #: vLLM-CPU's OpenMP binding variable; a value the user set is always kept.
 THREADS_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
-CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota|max> <period>"
+CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")  # cgroup v1: cpu.cfs_quota_us (-1: none), cpu.cfs_period_us
 
 
-def cgroup_cpu_limit(cpu_max: Path = CGROUP_CPU_MAX) -> int | None:
-    """Whole CPUs this process's cgroup (v2) may use (``quota/period`` rounded up); None: no limit."""
+def cgroup_cpu_limit(cpu_max: Path = CGROUP_CPU_MAX, v1: Path = CGROUP_V1_CPU) -> int | None:
+    """Whole CPUs this process's cgroup may use (quota / period rounded up); None: no limit."""
     try:
         quota, period = cpu_max.read_text().split()[:2]
     except (OSError, ValueError):
+        try:
+            quota = (v1 / "cpu.cfs_quota_us").read_text().strip()
+            period = (v1 / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    if quota in ("max", "-1"):
         return None
-    if quota == "max":
+    try:
+        return max(1, -(-int(quota) // int(period)))
+    except (ValueError, ZeroDivisionError):
         return None
-    return max(1, -(-int(quota) // int(period)))
 
 
-def cpu_threads_bind(allowed: set[int], limit: int | None, share: tuple[int, int] = (0, 1)) -> str:
-    """The CPU list for ``VLLM_CPU_OMP_THREADS_BIND``: the CPUs the process may run on (at most
-    ``limit``, the lowest ids), or the ``share[0]``-th of ``share[1]`` equal parts of them.
+def cpu_threads_bind(allowed: set[int], share: tuple[int, int] = (0, 1)) -> str:
+    """The CPU list for ``VLLM_CPU_OMP_THREADS_BIND``: the CPUs the process may run on, or the
+    ``share[0]``-th of ``share[1]`` equal parts of them.
 
     vLLM's own ``auto`` binding keeps one core per engine for the engine's scheduler process and
     gives the model's OpenMP threads the rest: on a 2-core machine one thread, and both engines of
@@ -129,7 +137,7 @@ def cpu_threads_bind(allowed: set[int], limit: int | None, share: tuple[int, int
     mostly idle. ``bench/cpu_binding.py`` measures a worker's rollout under each binding; two
     engines do best with half the CPUs each (``open_engines`` asks for that), one engine with all.
     """
-    cpus = sorted(allowed)[: limit or None]
+    cpus = sorted(allowed)
     part, parts = share
     if not cpus:
         raise ConfigError("no CPU to bind the vLLM engine's threads to")
@@ -140,14 +148,22 @@ def cpu_threads_bind(allowed: set[int], limit: int | None, share: tuple[int, int
     return ",".join(str(cpu) for cpu in chosen)
 
 
+def own_cpus(allowed: set[int], quota: int | None) -> bool:
+    """Whether the process has its CPUs to itself: no cgroup CPU quota below their count. A pod
+    in a node's shared pool sees every CPU of the node and gets a share of them by quota; pinning
+    its threads to particular CPUs there would pile pods onto the same ones."""
+    return quota is None or quota >= len(allowed)
+
+
 @contextlib.contextmanager
 def threads_bound(share: tuple[int, int]) -> Iterator[None]:
-    """Set ``VLLM_CPU_OMP_THREADS_BIND`` while an engine starts (its processes read it then), unless
-    the user set it; afterwards the environment is as it was."""
-    if _cuda_available() or THREADS_BIND_ENV in os.environ:
+    """Set ``VLLM_CPU_OMP_THREADS_BIND`` while an engine starts (its processes read it then) when
+    the process owns its CPUs and the user did not set it; afterwards the environment is as it was."""
+    allowed = os.sched_getaffinity(0)
+    if _cuda_available() or THREADS_BIND_ENV in os.environ or not own_cpus(allowed, cgroup_cpu_limit()):
         yield
         return
-    os.environ[THREADS_BIND_ENV] = cpu_threads_bind(os.sched_getaffinity(0), cgroup_cpu_limit(), share)
+    os.environ[THREADS_BIND_ENV] = cpu_threads_bind(allowed, share)
     try:
         yield
     finally:
@@ -180,7 +196,8 @@ class VLLMEngine(LLMEngine):
     minutes of start-up for little gain with small models. ``max_lora_rank`` (the run's LoRA rank)
     enables LoRA adapters (``load_adapter``); vLLM rounds it up to a rank it has slots for. On
     CPU the model's threads run on the ``cpu_share`` part of the process's CPUs (default: all of
-    them; ``cpu_threads_bind``) unless ``VLLM_CPU_OMP_THREADS_BIND`` is set.
+    them; ``cpu_threads_bind``) unless ``VLLM_CPU_OMP_THREADS_BIND`` is set or a CPU quota says
+    the CPUs are shared (``own_cpus``), where vLLM's own binding stays.
     """
 
     name = "vllm"
