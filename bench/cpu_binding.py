@@ -41,21 +41,21 @@ BINDINGS = {"auto": "vllm auto", "all": "all CPUs, both engines", "split": "half
 
 def bind_values(binding: str) -> tuple[str, str]:
     """``VLLM_CPU_OMP_THREADS_BIND`` for the planner's engine and for the frozen modules' engine."""
+    from flowlane.runtime.engines.factory import PAIR_CPU_SHARES
     from flowlane.runtime.engines.vllm_engine import cpu_threads_bind
 
-    cpus = sorted(os.sched_getaffinity(0))
+    cpus = os.sched_getaffinity(0)
     if binding == "auto":
         return "auto", "auto"
     if binding == "all":
-        every = cpu_threads_bind(set(cpus))
-        return every, every
-    return tuple(cpu_threads_bind(set(cpus), (part, 2)) for part in (0, 1))  # type: ignore[return-value]
+        return cpu_threads_bind(cpus), cpu_threads_bind(cpus)
+    planner_share, fixed_share = PAIR_CPU_SHARES
+    return cpu_threads_bind(cpus, planner_share), cpu_threads_bind(cpus, fixed_share)
 
 
 async def child(binding: str, questions: int, seed: int) -> dict[str, Any]:
     from flowlane.kit.tasks import load_tasks
     from flowlane.runtime.agent.agent import Agent, AgentConfig, AgentRequest
-    from flowlane.runtime.engines.base import SamplingSettings
     from flowlane.runtime.engines.factory import create_engine
     from flowlane.runtime.rewards import score
     from flowlane.runtime.tools.registry import build_tools
@@ -69,8 +69,7 @@ async def child(binding: str, questions: int, seed: int) -> dict[str, Any]:
     planner, fixed = engines
     tasks = load_tasks("arithmetic", "train")[:questions]
     tools = build_tools(["python", "generator"], engine=fixed)
-    cfg = AgentConfig.for_training(max_turns=3, planner=SamplingSettings(max_tokens=256, temperature=0.7))
-    agent = Agent(planner, fixed, tools, cfg)
+    agent = Agent(planner, fixed, tools, AgentConfig.for_training())  # 3 turns, planner at T=0.7, 256 tokens
     try:
         await Agent(planner, fixed, tools, AgentConfig.for_training(max_turns=1)).run("What is 2 + 3?", seed=0)
         started = time.monotonic()

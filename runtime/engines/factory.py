@@ -65,6 +65,11 @@ def create_engine(kind: str, model: str, **options: Any) -> LLMEngine:
     return construct(model, **options)
 
 
+#: The ``cpu_share`` of the planner's and of the frozen modules' vLLM engine when a process runs
+#: both: they compute side by side, so each gets half the CPUs (``bench/cpu_binding.py``).
+PAIR_CPU_SHARES = ((0, 2), (1, 2))
+
+
 async def open_engines(kind: str, planner: str, fixed: str | None = None, *,
                        create: Callable[..., Any] = create_engine,
                        **options: Any) -> tuple[LLMEngine, LLMEngine]:
@@ -78,8 +83,7 @@ async def open_engines(kind: str, planner: str, fixed: str | None = None, *,
     if not fixed:
         planner_engine = await asyncio.to_thread(create, kind, planner, **options)
         return planner_engine, planner_engine
-    # Two vLLM engines on CPU compute side by side: each gets half the CPUs (bench/cpu_binding.py).
-    shares = [{"cpu_share": (part, 2)} if kind == "vllm" else {} for part in (0, 1)]
+    shares = [{"cpu_share": share} if kind == "vllm" else {} for share in PAIR_CPU_SHARES]
     planner_engine = await asyncio.to_thread(create, kind, planner, **options, **shares[0])
     try:
         return planner_engine, await asyncio.to_thread(create, kind, fixed, **options, **shares[1])
