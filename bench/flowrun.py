@@ -169,6 +169,10 @@ def breakdown_rows(results: list[FlowRunResult]) -> list[dict[str, Any]]:
     return rows
 
 
+def _pair(first: float | None, second: float | None, digits: int = 2) -> str:
+    return " / ".join("-" if v is None else f"{v:.{digits}f}" for v in (first, second))
+
+
 def tiny_flowrun(name: str, steps: int, max_staleness: int, group_size: int, questions: int) -> dict[str, Any]:
     """A short FlowRun that still exercises every component (1 planner turn, python tool)."""
     return {
@@ -220,14 +224,27 @@ def part_learning(args: argparse.Namespace, workdir: Path) -> list[FlowRunResult
     gain = None if base is None or final is None else 100 * (final - base)
     ok = gain is not None and gain >= LEARNING_TARGET_POINTS and result.wall_s <= LEARNING_TARGET_S
     steps = len(result.values("time/step_s"))
-    print(f"\n### Learning result ({config.name})\n")
-    print(common.markdown_table([{
+    low, high = result.last("test/gain_ci_low"), result.last("test/gain_ci_high")
+    fixed, broken = result.last("test/gain_fixed"), result.last("test/gain_broken")
+    evals = result.values("test/time_s")
+    target = f"target +{LEARNING_TARGET_POINTS:g} pts in {LEARNING_TARGET_S // 60} min"
+    row = {
         "run": config.name, "exit": result.returncode, "steps": steps,
-        "held-out untrained": base, "held-out trained": final,
-        "gain (points)": gain, "wall clock s": result.wall_s,
-        f"target +{LEARNING_TARGET_POINTS:g} pts in {LEARNING_TARGET_S // 60} min": "PASS" if ok else "FAIL",
-    }], ["run", "exit", "steps", "held-out untrained", "held-out trained", "gain (points)", "wall clock s",
-         f"target +{LEARNING_TARGET_POINTS:g} pts in {LEARNING_TARGET_S // 60} min"], digits=3))
+        "held-out untrained": base, "held-out trained": final, "gain (points)": gain,
+        "gain 95% CI (points)": None if low is None or high is None else f"{100 * low:+.0f} to {100 * high:+.0f}",
+        "fixed / broken": None if fixed is None or broken is None else f"{fixed:.0f} / {broken:.0f}",
+        "McNemar p": result.last("test/gain_p_value"),
+        "planner turns untrained / trained": _pair(result.last("test/baseline_turns_per_trajectory"),
+                                                  result.last("test/turns_per_trajectory")),
+        "test eval s untrained / trained": _pair(evals[0] if evals else None, evals[1] if len(evals) > 1 else None,
+                                                digits=0),
+        "wall clock s": result.wall_s, target: "PASS" if ok else "FAIL",
+    }
+    print(f"\n### Learning result ({config.name})\n")
+    print(common.markdown_table([row], list(row), digits=3))
+    print("\nThe gain is paired: the same test questions before and after training. Its interval is the "
+          "Wald interval of a difference of paired proportions; McNemar's exact test asks whether the "
+          "questions fixed outnumber those broken by more than chance.")
     if result.returncode != 0:
         print("\nthe run did not complete; its last output lines:\n")
         print("\n".join("    " + line for line in result.output.splitlines()[-15:]))

@@ -513,3 +513,18 @@ async def test_vllm_model_threads_run_on_every_cpu_of_the_process(vllm_engine: V
         for thread in worker.threads():
             bound |= set(psutil.Process(thread.id).cpu_affinity() or [])
     assert bound == allowed
+
+
+@session_loop
+async def test_seeded_prompts_beyond_one_steps_token_budget_do_not_kill_the_engine(vllm_engine: VLLMEngine) -> None:
+    """vLLM 0.32's CPU worker died when chunked prefill split a seeded request's prompt ("CPU
+    Generator does not use offset"): here 12 prompts of ~900 tokens arrive at once, three times
+    a step's 4,096-token budget. The engine now prefills whole prompts only."""
+    filler = " ".join(f"item{i}" for i in range(450))
+    settings = SamplingSettings(max_tokens=4, temperature=0.7, seed=5)
+    gens = await asyncio.gather(*(
+        vllm_engine.chat([{"role": "user", "content": f"{i}: {filler}. Which item came first?"}], settings)
+        for i in range(12)))
+    assert all(len(g.prompt_ids) > 700 and g.token_ids for g in gens)
+    again = await vllm_engine.chat(QUESTION, SamplingSettings(max_tokens=8, temperature=0.0))
+    assert again.token_ids  # the engine is still alive

@@ -231,6 +231,12 @@ def test_metrics_and_trajectories_reach_mlflow(chaos_run: RunRecord) -> None:
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     metrics = {key for r in runs for key in r.data.metrics}
     assert {"loss", "test/baseline_accuracy", "time/rollout_s", "time/learn_s"} <= metrics
+    # The learner was killed after step 2: the untrained round's per-question outcomes came back from
+    # the checkpoint, and the final round is paired with them.
+    final = {key: value for r in runs for key, value in r.data.metrics.items()}
+    assert final["test/gain"] == pytest.approx(final["test/accuracy"] - final["test/baseline_accuracy"], abs=1e-9)
+    assert final["test/gain_fixed"] - final["test/gain_broken"] == pytest.approx(2 * final["test/gain"], abs=1e-9)
+    assert final["test/questions"] == 2.0 and final["test/accuracy_ci_low"] <= final["test/accuracy"]
     samples = [(r.info.run_id, a.path) for r in runs
                for a in client.list_artifacts(r.info.run_id, "trajectories") if a.path.endswith(".json")]
     assert samples

@@ -60,9 +60,27 @@ class EvalRound:
     def complete(self) -> bool:
         return len(self.results) == len(self.tasks)
 
+    def correct(self) -> dict[str, bool]:
+        """Question id -> answered correctly (reward above 0.5), for the questions answered so far."""
+        by_unit = {self.unit_id(task): task.id for task in self.tasks}
+        return {by_unit[unit]: (t.reward or 0.0) > 0.5 for unit, t in self.results.items() if unit in by_unit}
+
     def accuracy(self) -> float:
-        rewards = [t.reward or 0.0 for t in self.results.values()]
-        return sum(1.0 for r in rewards if r > 0.5) / max(len(rewards), 1)
+        correct = self.correct()
+        return sum(correct.values()) / max(len(correct), 1)
+
+    def metrics(self, split: str) -> dict[str, float]:
+        """``{split}/accuracy`` with its 95% Wilson interval, and how the agent got there (turns, tokens)."""
+        from flowlane.kit.evalstats import wilson_interval
+
+        correct = self.correct()
+        low, high = wilson_interval(sum(correct.values()), len(correct))
+        trajectories = list(self.results.values())
+        count = max(len(trajectories), 1)
+        return {f"{split}/accuracy": self.accuracy(), f"{split}/accuracy_ci_low": low,
+                f"{split}/accuracy_ci_high": high, f"{split}/questions": float(len(correct)),
+                f"{split}/turns_per_trajectory": sum(len(t.steps) for t in trajectories) / count,
+                f"{split}/generated_tokens": float(sum(t.generated_tokens for t in trajectories))}
 
 
 @dataclass

