@@ -30,7 +30,7 @@ run: $(STAMP)
 test: $(STAMP)
 	# The pytest script, not `python -m pytest`: the latter puts the repository root on sys.path,
 	# where the operator/ folder would shadow the standard library's operator module.
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider --durations=25
 
 # Style, types and layers, fastest first; `.ci/run` runs this before the tests. mypy and
 # import-linter read the package through build/package-tree, the folders linked as they import.
