@@ -74,10 +74,11 @@ class EvalRound:
         from flowlane.kit.evalstats import wilson_interval
 
         correct = self.correct()
-        low, high = wilson_interval(sum(correct.values()), len(correct))
+        right = sum(correct.values())
+        low, high = wilson_interval(right, len(correct))
         trajectories = list(self.results.values())
         count = max(len(trajectories), 1)
-        return {f"{split}/accuracy": self.accuracy(), f"{split}/accuracy_ci_low": low,
+        return {f"{split}/accuracy": right / max(len(correct), 1), f"{split}/accuracy_ci_low": low,
                 f"{split}/accuracy_ci_high": high, f"{split}/questions": float(len(correct)),
                 f"{split}/turns_per_trajectory": sum(len(t.steps) for t in trajectories) / count,
                 f"{split}/generated_tokens": float(sum(t.generated_tokens for t in trajectories))}

@@ -280,13 +280,13 @@ class LearnerRuntime:
 
     def _log_gain(self, final: dict[str, bool]) -> None:
         """The trained planner's test gain over the untrained one's, paired question by question."""
-        if set(self.baseline_correct) != set(final):  # e.g. a checkpoint written before baselines were kept
-            log.warning("no paired test gain: the baseline round scored other questions (%d vs %d)",
-                        len(self.baseline_correct), len(final))
-            return
         from flowlane.kit.evalstats import paired_gain
 
-        gain = paired_gain(self.baseline_correct, final)
+        try:
+            gain = paired_gain(self.baseline_correct, final)
+        except ValueError as err:  # e.g. resumed from a checkpoint written before baselines were kept
+            log.warning("no paired test gain: %s", err)
+            return
         self.tracker.log_metrics(self.coordinator.learned_step, gain.metrics("test/gain"))
         log.info("test gain %s", gain.describe())
 

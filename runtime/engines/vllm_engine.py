@@ -249,10 +249,10 @@ class VLLMEngine(LLMEngine):
             # concurrent trajectories did it on 2026-12-02). Whole prompts only, then: a step takes
             # the waiting prompts that fit and the rest wait for the next.
             args.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 4096))
-        if kv_cache_gib is None and not _cuda_available():
-            # Without an explicit size vLLM-CPU reserves 92% of the NUMA node and refuses to start
-            # when the page cache has eaten into "available" memory (as after a large pip install).
-            kv_cache_gib = CPU_DEFAULT_KV_CACHE_GIB
+            if kv_cache_gib is None:
+                # Without an explicit size vLLM-CPU reserves 92% of the NUMA node and refuses to start
+                # when the page cache has eaten into "available" memory (as after a large pip install).
+                kv_cache_gib = CPU_DEFAULT_KV_CACHE_GIB
         if kv_cache_gib is not None:
             args["kv_cache_memory_bytes"] = int(kv_cache_gib * GIB)
         self.max_lora_rank = None if max_lora_rank is None else lora_slot_rank(max_lora_rank)
