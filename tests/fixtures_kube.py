@@ -542,6 +542,10 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         #: ``pods/status`` (``discovery`` for the API groups' resource lists). What an operator
         #: costs the API server, measured rather than guessed.
         self.request_counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        #: Admission checks run on every create before anything is stored, as a ResourceQuota or an
+        #: admission webhook does: one that raises ``kmock.KubernetesError`` refuses the create. (A
+        #: KMock reaction cannot stand in: KMock stores a created object before its reactions answer.)
+        self.admission: list[Callable[[Any], None]] = []
 
     def count_request(self, request: Any) -> None:
         if request.resource is None or request.action is None:
@@ -593,6 +597,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             self._check_patch_type(request)
         if request.resource is not None and action == kmock.action.CREATE:
             self._check_rules(request)
+            for admit in list(self.admission):
+                admit(request)
         if request.resource is not None and action in (kmock.action.CREATE, kmock.action.UPDATE):
             self._check_fields(request)
             version = str(next(_resource_versions))

@@ -74,6 +74,12 @@ def events(kube: KubeApi, reason: str) -> list[dict[str, Any]]:
     return [e for e in kube.objects(EVENTS) if e.get("reason") == reason]
 
 
+def posted(kube: KubeApi, reason: str) -> list[dict[str, Any]]:
+    """The events of ``reason``, once there is one: kopf posts events in the background, after the
+    status patch that a test waited for."""
+    return wait_until(lambda: events(kube, reason), what=f"a {reason} event")
+
+
 def run_group(kube: KubeApi, run: str = "demo") -> None:
     kube.run_pods(run)
     wait_phase(kube, "Running", run)
@@ -124,7 +130,7 @@ def test_failed_rollout_pod_restarts_the_whole_group(kube: KubeApi, start_operat
     wait_until(lambda: members(kube) == MEMBERS and epochs(kube) == {"1"}, what="the group recreated at epoch 1")
     assert status(kube)["phase"] == "Restarting"
     assert condition(kube, "Restarting")["message"] == "pod demo-rollout-1 failed: OOMKilled (exit code 137)"
-    restart_event = wait_until(lambda: events(kube, "GroupRestart"), what="a GroupRestart event")[0]
+    restart_event = posted(kube, "GroupRestart")[0]
     assert restart_event["type"] == "Warning"
     assert restart_event["involvedObject"]["name"] == "demo"
     run_group(kube)
