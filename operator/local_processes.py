@@ -10,37 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import os
 import signal
 import sys
 from collections.abc import Callable
 
+from flowlane.kit.lifetime import die_with_parent
 from flowlane.operator.local_plan import LOOPBACK
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _libc_prctl() -> Callable[..., int] | None:
-    path = ctypes.util.find_library("c")
-    if not sys.platform.startswith("linux") or path is None:
-        return None
-    prctl: Callable[..., int] = ctypes.CDLL(path, use_errno=True).prctl
-    return prctl
-
-
-_PRCTL = _libc_prctl()  # resolved before any fork: no dynamic loading in a forked child
 
 
 def child_preexec(parent_pid: int) -> Callable[[], None]:
     """Runs in the forked child before exec: die with the supervisor, even by SIGKILL."""
 
     def preexec() -> None:
-        if _PRCTL is not None:
-            _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        if os.getppid() != parent_pid:  # the supervisor died between fork and prctl
-            os._exit(1)
+        if not die_with_parent(parent_pid) and os.getppid() != parent_pid:
+            os._exit(1)  # no prctl here, and the supervisor died between fork and this check
 
     return preexec
 

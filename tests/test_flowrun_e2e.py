@@ -1,12 +1,14 @@
 """A FlowRun end to end: real processes, real gRPC, the bundled model on vLLM, real faults.
 
-One short run is driven through ``flowlane run`` while the test kills its components with
-SIGKILL: a rollout worker mid-step, the sandbox, and the learner right after a checkpoint. The
-run must still complete with every step built from exactly one trajectory per unit, the learner
-must resume from its checkpoint, weights must reach the rollout worker, and metrics must reach
+One short run with two learner pods (``learner.replicas: 2``, one torchrun node of one rank each,
+ZeRO stage 2) is driven through ``flowlane run`` while the test kills its components with
+SIGKILL: a rollout worker mid-step, the sandbox, and the second learner pod right after a
+checkpoint (which restarts both pods as a group). The run must still complete with every step
+built from exactly one trajectory per unit, both pods must resume from the checkpoint, whose
+manifest holds both ranks' state, weights must reach the rollout worker, and metrics must reach
 MLflow. A second invocation with ``--resume`` and more steps continues from the last checkpoint.
 The behaviours are asserted in separate tests over the shared runs (starting vLLM and DeepSpeed
-costs a minute per process on two cores).
+costs a minute per process on two cores, so one run serves them all).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ FLOWLANE = [str(Path(sys.executable).parent / "flowlane")]
 GROUP_SIZE = 2
 QUESTIONS = 2
 STEPS = 3
+LEARNER_PODS = ("learner-0", "learner-1")
 
 
 def flowrun_yaml(name: str, steps: int) -> dict:
@@ -54,6 +57,14 @@ def flowrun_yaml(name: str, steps: int) -> dict:
     }
 
 
+def two_pod_flowrun(name: str, steps: int) -> dict:
+    """``flowrun_yaml`` with the learner as two pods of one rank each, ZeRO stage 2."""
+    document = flowrun_yaml(name, steps)
+    document["spec"]["learner"] = {"replicas": len(LEARNER_PODS), "ranks": 1}
+    document["spec"]["engine"] = {"zeroStage": 2}
+    return document
+
+
 @dataclass
 class RunRecord:
     run_dir: Path
@@ -71,11 +82,12 @@ class RunRecord:
         return (self.run_dir / "logs" / f"{component}.log").read_text(errors="replace")
 
 
-def component_pid(run_dir: Path, role: str) -> int | None:
+def component_pid(run_dir: Path, role: str, *marks: str) -> int | None:
+    """The pid of the run's ``role`` process whose command line also holds every one of ``marks``."""
     config = str((run_dir / "run.yaml").resolve())
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmd = proc.info["cmdline"] or []
-        if config in cmd and role in cmd:
+        if config in cmd and role in cmd and all(mark in cmd for mark in marks):
             return int(proc.info["pid"])
     return None
 
@@ -110,8 +122,8 @@ def situation(run_dir: Path | None, lines: int = 15) -> str:
     return "\n".join(parts)
 
 
-def learner_log_has(run_dir: Path, pattern: str) -> bool:
-    path = run_dir / "logs" / "learner.log"
+def learner_log_has(run_dir: Path, pattern: str, learner: str = "learner") -> bool:
+    path = run_dir / "logs" / f"{learner}.log"
     return path.exists() and re.search(pattern, path.read_text(errors="replace")) is not None
 
 
@@ -146,26 +158,26 @@ def finish(proc: subprocess.Popen[str], record: RunRecord, timeout_s: float) -> 
 
 @pytest.fixture(scope="module")
 def chaos_run(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[RunRecord]:
-    """A 3-step run whose rollout worker, sandbox and learner are each killed with SIGKILL once."""
+    """A 3-step run whose rollout worker, sandbox and second learner pod are each killed with SIGKILL once."""
     base = tmp_path_factory.mktemp("flowrun")
     config = base / "flowrun.yaml"
-    config.write_text(yaml.safe_dump(flowrun_yaml("chaos", STEPS)))
+    config.write_text(yaml.safe_dump(two_pod_flowrun("chaos", STEPS)))
     record = RunRecord(base / "run")
     proc = start(config, record.run_dir)
     try:
         run_dir = record.run_dir
-        wait_for(lambda: learner_log_has(run_dir, r"step 1/3"), 900, "the first step", run_dir, proc)
+        wait_for(lambda: learner_log_has(run_dir, r"step 1/3", "learner-0"), 900, "the first step", run_dir, proc)
         for role in ("rollout", "sandbox"):
             pid = component_pid(run_dir, role)
             assert pid is not None, f"no {role} process found"
             os.kill(pid, signal.SIGKILL)
             record.killed[role] = pid
-        wait_for(lambda: learner_log_has(run_dir, r"checkpoint \S+step-00000002 written"), 900,
+        wait_for(lambda: learner_log_has(run_dir, r"checkpoint \S+step-00000002 written", "learner-0"), 900,
                  "the step-2 checkpoint", run_dir, proc)
-        pid = component_pid(run_dir, "learner")
+        pid = component_pid(run_dir, "learner", "--node-rank=1")  # learner-1's torchrun node
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
-        record.killed["learner"] = pid
+        record.killed["learner-1"] = pid
         finish(proc, record, 1200)
     finally:
         if proc.poll() is None:
@@ -178,7 +190,7 @@ def resumed_run(chaos_run: RunRecord) -> RunRecord:
     """The chaos run continued with --resume and one more step."""
     assert chaos_run.returncode == 0, chaos_run.output[-3000:]
     config = chaos_run.run_dir.parent / "flowrun-more.yaml"
-    config.write_text(yaml.safe_dump(flowrun_yaml("chaos", STEPS + 1)))
+    config.write_text(yaml.safe_dump(two_pod_flowrun("chaos", STEPS + 1)))
     record = RunRecord(chaos_run.run_dir)
     finish(start(config, record.run_dir, "--resume"), record, 900)
     return record
@@ -191,21 +203,39 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
 
 def test_the_run_completes_despite_killed_components(chaos_run: RunRecord) -> None:
     assert chaos_run.returncode == 0, chaos_run.output[-3000:]
-    assert set(chaos_run.killed) == {"rollout", "sandbox", "learner"}
+    assert set(chaos_run.killed) == {"rollout", "sandbox", "learner-1"}
     assert f"steps {STEPS}/{STEPS}" in chaos_run.output
+    assert "4 components" in chaos_run.output  # learner-0, learner-1, sandbox-0, rollout-0
 
 
-def test_killed_components_are_restarted(chaos_run: RunRecord) -> None:
-    for component in ("rollout-0", "sandbox-0", "learner"):
+def test_killed_components_are_restarted_and_a_learner_pod_takes_its_group_down(chaos_run: RunRecord) -> None:
+    # learner-0 was not killed: it went down with learner-1, and both started again.
+    for component in ("rollout-0", "sandbox-0", *LEARNER_PODS):
         assert f"{component}: restarting" in chaos_run.output, chaos_run.output[-3000:]
         assert "--- flowlane: start 2 of" in chaos_run.log(component)
 
 
-def test_the_learner_resumes_from_its_last_checkpoint(chaos_run: RunRecord) -> None:
-    log = chaos_run.log("learner")
+def test_both_learner_pods_resume_from_the_last_checkpoint(chaos_run: RunRecord) -> None:
+    log = chaos_run.log("learner-0")
     assert re.search(r"resumed from step-00000002 \(step 2, policy version 2\)", log), log[-3000:]
     assert "step 3/3" in log
     assert checkpoint_steps(chaos_run.run_dir)[-1] == STEPS
+    # learner-1 follows rank 0 to the end: at least a step and a checkpoint per step.
+    assert follower_calls(chaos_run.log("learner-1")) >= 2
+
+
+def follower_calls(log: str) -> int:
+    """How many of rank 0's calls learner-1 made in its last start (a load, steps, checkpoints)."""
+    return int(log.rsplit("rank 0 ended the run after ", 1)[1].split()[0])
+
+
+def test_the_checkpoint_holds_both_learner_pods_state(chaos_run: RunRecord) -> None:
+    step = chaos_run.run_dir / "checkpoints" / f"step-{STEPS:08d}"
+    assert json.loads((step / "learner_state.json").read_text())["world_size"] == 2
+    listed = {f["path"] for f in json.loads((step / "MANIFEST.json").read_text())["files"]}
+    assert "deepspeed/rng_state_rank1.pt" in listed
+    shards = sorted(Path(p).name for p in listed if p.endswith("optim_states.pt"))
+    assert [name.split("zero_pp_rank_")[1].split("_")[0] for name in shards] == ["0", "1"], shards
 
 
 def test_new_weights_reach_the_rollout_worker(chaos_run: RunRecord) -> None:
@@ -248,8 +278,10 @@ def test_metrics_and_trajectories_reach_mlflow(chaos_run: RunRecord) -> None:
 
 def test_resume_continues_from_the_latest_checkpoint(resumed_run: RunRecord) -> None:
     assert resumed_run.returncode == 0, resumed_run.output[-3000:]
-    log = resumed_run.log("learner")
-    assert "resumed from step-00000003 (step 3, policy version 3)" in log
+    log = resumed_run.log("learner-0")
+    assert "resumed from step-00000003 (step 3, policy version 3)" in log, log[-3000:]
+    # learner-1 loaded its own shards (a collective call from rank 0) and followed to the end.
+    assert follower_calls(resumed_run.log("learner-1")) >= 2
     assert checkpoint_steps(resumed_run.run_dir)[-1] == STEPS + 1
 
 

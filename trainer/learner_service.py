@@ -34,6 +34,7 @@ import typer
 
 from flowlane.api.flowrun import Phase
 from flowlane.kit import logs
+from flowlane.kit.lifetime import die_with_parent, under_torchrun
 from flowlane.trainer.learner_records import (
     EvalRound,
     TrainingLearner,
@@ -600,6 +601,8 @@ def learner(
     from flowlane.api.flowrun import load_flowrun
     from flowlane.kit.grpc_common import resolve_token
 
+    if under_torchrun():  # a rank in a session of its own: it must end with its launcher
+        die_with_parent(os.getppid())
     logs.configure("learner", log_format=log_format)
     flowrun = load_flowrun(config)
     logs.set_context(run=flowrun.name)
