@@ -27,10 +27,10 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(BIN)/flowlane run examples/flowrun.yaml
 
+# Everything, in two pytest sessions: the cluster tests after the rest, their images built in the
+# background meanwhile (see scripts/test.sh).
 test: $(STAMP)
-	# The pytest script, not `python -m pytest`: the latter puts the repository root on sys.path,
-	# where the operator/ folder would shadow the standard library's operator module.
-	$(BIN)/pytest -q -p no:cacheprovider --durations=25
+	bash scripts/test.sh
 
 # Style, types and layers, fastest first; `.ci/run` runs this before the tests. mypy and
 # import-linter read the package through build/package-tree, the folders linked as they import.

@@ -31,8 +31,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if VLLM_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.vllm)
-    # The one-machine cluster's modules run first: their pods (engines, learners, the S3 server's
-    # buffers) took up to 17.3 GiB of a 24 GiB machine in CI, and the session's vLLM engine, started by
-    # the first test that needs it, would otherwise already hold ~3 GiB beside them. The sort is
-    # stable, so each module's tests stay together and in order.
+    # In one session the one-machine cluster's modules run first: their pods (engines, learners, the
+    # S3 server's buffers) took up to 17.3 GiB of a 24 GiB machine in CI, and the session's vLLM
+    # engine, started by the first test that needs it, would otherwise already hold ~3 GiB beside
+    # them. (`make test` runs them in a session of their own, after the rest: scripts/test.sh.) The
+    # sort is stable, so each module's tests stay together and in order.
     items.sort(key=lambda item: item.get_closest_marker("cluster") is None)

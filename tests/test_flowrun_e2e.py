@@ -220,6 +220,8 @@ def test_both_learner_pods_resume_from_the_last_checkpoint(chaos_run: RunRecord)
     assert re.search(r"resumed from step-00000002 \(step 2, policy version 2\)", log), log[-3000:]
     assert "step 3/3" in log
     assert checkpoint_steps(chaos_run.run_dir)[-1] == STEPS
+    # The last step's checkpoint is written once, after the final evaluation.
+    assert len(re.findall(rf"checkpoint \S+step-{STEPS:08d} written", log)) == 1, log[-3000:]
     # learner-1 follows rank 0 to the end: at least a step and a checkpoint per step.
     assert follower_calls(chaos_run.log("learner-1")) >= 2
 

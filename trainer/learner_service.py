@@ -225,7 +225,11 @@ class LearnerRuntime:
                 if validation is not None:
                     self.progress.validation_accuracy = accuracy = validation.accuracy()
                     self._validated = (step, accuracy)
-            if step % interval == 0 or step == self.total_steps:
+            # The last step's checkpoint is written once, after the final evaluation, with its
+            # results: writing it before as well doubled the run's last upload (minutes to S3 for
+            # a full fine-tune's optimizer state). A learner lost during that evaluation redoes the
+            # last step from the checkpoint before it.
+            if step % interval == 0 and step != self.total_steps:
                 await self.checkpoint()
         if self._stop_requested:
             await self.checkpoint_if_dirty()
