@@ -32,7 +32,7 @@ session() {  # pytest's 5 is "no tests collected": arguments that select no test
 }
 session "tests" -m "not cluster" "$@"
 if wait "$builder"; then
-    echo "scripts/test.sh: images built beside the tests in $((SECONDS - started)) s (log: $images_log)"
+    echo "scripts/test.sh: images built; the build and the first session took $((SECONDS - started)) s together (log: $images_log)"
 else
     echo "scripts/test.sh: building the images failed (log: $images_log):" >&2
     tail -n 20 "$images_log" >&2
