@@ -23,8 +23,7 @@ def child_preexec(parent_pid: int) -> Callable[[], None]:
     """Runs in the forked child before exec: die with the supervisor, even by SIGKILL."""
 
     def preexec() -> None:
-        if not die_with_parent(parent_pid) and os.getppid() != parent_pid:
-            os._exit(1)  # no prctl here, and the supervisor died between fork and this check
+        die_with_parent(parent_pid)  # also exits if the supervisor died between fork and this call
 
     return preexec
 

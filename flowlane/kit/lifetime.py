@@ -34,15 +34,14 @@ def die_with_parent(parent_pid: int, sig: signal.Signals = signal.SIGKILL) -> bo
     """Have the kernel send ``sig`` to this process when the parent ``parent_pid`` exits.
 
     Returns False where the call is not available (not Linux). A parent that already exited
-    (this process was reparented before the call) ends this process at once: the signal would
-    otherwise never come.
+    (this process was reparented before the call) ends this process at once, with or without the
+    call: the signal would otherwise never come.
     """
-    if PRCTL is None:
-        return False
-    PRCTL(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    if PRCTL is not None:
+        PRCTL(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     if os.getppid() != parent_pid:
         os._exit(1)
-    return True
+    return PRCTL is not None
 
 
 def under_torchrun() -> bool:
