@@ -215,3 +215,46 @@ def test_the_best_checkpoint_is_the_best_validated_step_and_survives_a_restart(t
     assert restarted.restore()
     assert (restarted.progress.best_checkpoint, restarted.progress.best_validation_accuracy) == (
         runtime.progress.best_checkpoint, 0.6)
+
+
+async def test_a_submission_before_the_learner_has_loaded_is_unavailable_so_the_worker_retries(tmp_path) -> None:
+    """A rollout worker that outlived a learner restart submits what it rolled out while the new
+    learner is still loading: the answer is UNAVAILABLE (the worker's retry code), not an error
+    that kills the worker. Once the planner is loaded and published the same call is answered."""
+    import grpc
+
+    from flowlane.api import learner_pb2, learner_pb2_grpc
+    from flowlane.api.flowrun import FlowRun
+    from flowlane.kit.grpc_common import bind_port, create_server, open_channel
+    from flowlane.trainer.learner_service import LearnerRuntime, make_servicer
+
+    runtime = LearnerRuntime(FlowRun.model_validate({"metadata": {"name": "x"}, "spec": {}}), tmp_path)
+    server = create_server("t0ken")
+    learner_pb2_grpc.add_LearnerServicer_to_server(make_servicer(runtime), server)
+    address = f"127.0.0.1:{bind_port(server, '127.0.0.1', 0)}"
+    await server.start()
+
+    class Policy:
+        policy_version = 2
+
+    async def submit(stub) -> learner_pb2.SubmitAck:
+        async def chunks():
+            yield learner_pb2.TrajectoryChunk()
+
+        return await stub.SubmitTrajectories(chunks(), timeout=10)
+
+    try:
+        async with open_channel(address, "t0ken") as channel:
+            stub = learner_pb2_grpc.LearnerStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await submit(stub)
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "still loading" in raised.value.details()
+            runtime.learner = Policy()  # built, not yet restored and published: still unavailable
+            with pytest.raises(grpc.aio.AioRpcError):
+                await submit(stub)
+            runtime.weights_cache = (2, [])
+            ack = await submit(stub)
+            assert (ack.policy_version, ack.accepted, ack.rejected) == (2, 0, 0)
+    finally:
+        await server.stop(None)

@@ -378,9 +378,15 @@ class LearnerRuntime:
         self._stop_requested = True
 
     # -- what the service hands out -------------------------------------------------------------
+    @property
+    def loaded(self) -> bool:
+        """Whether the planner is built, restored from its checkpoint and published: before that the
+        coordinator's state is not the run's, so no unit is leased or taken in."""
+        return self.learner is not None and self.weights_cache is not None
+
     def lease(self, worker_id: str, max_tasks: int) -> tuple[list[dict[str, Any]], int]:
         """Units for a worker as plain dicts (unit_id, task, seed, eval) and the policy version."""
-        if self.learner is None or self.weights_cache is None:
+        if not self.loaded:
             return [], 0  # still loading the planner
         self._note_incarnation(worker_id)
         now = time.monotonic()
@@ -466,6 +472,8 @@ def follow_rank_zero(flowrun: Any) -> int:
 
 
 def make_servicer(runtime: LearnerRuntime) -> Any:
+    import grpc
+
     from flowlane.api import learner_pb2, learner_pb2_grpc
     from flowlane.kit.grpc_common import (
         DEFAULT_WEIGHT_CHUNK_BYTES,
@@ -487,6 +495,10 @@ def make_servicer(runtime: LearnerRuntime) -> Any:
                                          step=runtime.coordinator.learned_step)
 
         async def SubmitTrajectories(self, request_iterator: AsyncIterator[Any], context: Any) -> Any:
+            if not runtime.loaded:
+                # A worker that outlived a learner restart submits what it rolled out for the last
+                # incarnation: it retries on UNAVAILABLE, and the loaded learner then judges the units.
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the learner is still loading the planner")
             ack = learner_pb2.SubmitAck(policy_version=runtime.learner.policy_version)
             async for chunk in request_iterator:
                 for record in chunk.trajectories:
@@ -592,6 +604,21 @@ async def serve_learner(flowrun: Any, run_dir: Path, host: str, port: int, resum
     return 0 if runtime.progress.phase in (Phase.SUCCEEDED, Phase.SUSPENDED) else 1
 
 
+def size_torch_threads() -> None:
+    """One torch thread per CPU this rank may keep busy (``flowlane.kit.cpus.learner_threads``).
+    torch's default is one per visible core: in a pod with a CPU limit on a large node, or with
+    the pods of a local run side by side, that is more busy threads than CPUs (two ranks of two
+    threads each on two cores took 85 s for their first step, against 43 s with one each)."""
+    import torch
+
+    from flowlane.kit.cpus import cpu_budget, learner_threads
+
+    threads = learner_threads(os.environ, cpu_budget())
+    if threads is not None:
+        torch.set_num_threads(threads)
+    log.info("torch threads: %d", torch.get_num_threads())
+
+
 def learner(
     config: Path = typer.Option(..., "--config", help="The rendered FlowRun (run config YAML)."),
     port: int = typer.Option(50051, "--port", help="gRPC port."),
@@ -608,6 +635,7 @@ def learner(
     if under_torchrun():  # a rank in a session of its own: it must end with its launcher
         die_with_parent(os.getppid())
     logs.configure("learner", log_format=log_format)
+    size_torch_threads()
     flowrun = load_flowrun(config)
     logs.set_context(run=flowrun.name)
     if int(os.environ.get("RANK", "0")) > 0:  # one of several ranks under torchrun: rank 0 serves
