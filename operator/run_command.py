@@ -148,6 +148,7 @@ async def drive(flowrun: Any, run_dir: Path, *, quiet: bool = False) -> tuple[st
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    from flowlane.kit.cpus import ENV_COLOCATED_RANKS
     from flowlane.kit.grpc_common import generate_token
     from flowlane.operator.graph import compile_graph
     from flowlane.operator.local import LocalSupervisor
@@ -168,8 +169,12 @@ async def drive(flowrun: Any, run_dir: Path, *, quiet: bool = False) -> tuple[st
 
     policy = RestartPolicy(restart_limit=max(flowrun.spec.backoff_limit, 1), stop_grace_s=60.0,
                            ready_timeout_s=600.0)
+    learner = flowrun.spec.learner
+    common_env = {"FLOWLANE_RUN_DIR": str(run_dir.resolve()),
+                  # Every learner pod runs on this machine: their ranks share its CPUs.
+                  ENV_COLOCATED_RANKS: str(learner.replicas * learner.ranks_per_replica)}
     supervisor = LocalSupervisor.for_graph(graph, run_dir, policy, token=token, on_event=on_event,
-                                           common_env={"FLOWLANE_RUN_DIR": str(run_dir.resolve())})
+                                           common_env=common_env)
     console.print(f"flowrun [bold]{flowrun.name}[/]: {len(graph.components)} components, "
                   f"{flowrun.spec.schedule.steps} steps; logs in {run_dir / 'logs'}")
     await supervisor.start()

@@ -27,7 +27,7 @@ from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSetting
 from flowlane.runtime.engines.factory import create_engine
 from flowlane.runtime.engines.openai_engine import OpenAIEngine
 from flowlane.runtime.engines.transformers_engine import TransformersEngine, _top_p_mask
-from flowlane.runtime.engines.vllm_engine import VLLMEngine, cgroup_cpu_limit, cpu_threads_bind, own_cpus
+from flowlane.runtime.engines.vllm_engine import VLLMEngine, cpu_threads_bind
 
 # Engine fixtures live in the session event loop; async tests must run there too.
 session_loop = pytest.mark.asyncio(loop_scope="session")
@@ -469,19 +469,6 @@ def test_weights_stage_in_shm_only_when_it_holds_two_buckets(tmp_path: Path) -> 
     assert staging_dir(1, shm=tmp_path / "missing") is None
 
 
-def test_cgroup_cpu_limit_rounds_a_quota_up_to_whole_cpus(tmp_path: Path) -> None:
-    cpu_max, v1 = tmp_path / "cpu.max", tmp_path / "v1"
-    cases = {"max 100000\n": None, "200000 100000\n": 2, "150000 100000\n": 2, "50000 100000\n": 1}
-    for text, expected in cases.items():
-        cpu_max.write_text(text)
-        assert cgroup_cpu_limit(cpu_max, v1) == expected, text
-    assert cgroup_cpu_limit(tmp_path / "missing", v1) is None
-    v1.mkdir()
-    (v1 / "cpu.cfs_period_us").write_text("100000\n")
-    for quota, expected in {"-1\n": None, "300000\n": 3, "10000\n": 1}.items():
-        (v1 / "cpu.cfs_quota_us").write_text(quota)
-        assert cgroup_cpu_limit(tmp_path / "missing", v1) == expected, quota
-
 
 def test_threads_bind_to_every_allowed_cpu_or_to_a_share_of_them() -> None:
     assert cpu_threads_bind({3, 0, 1}) == "0,1,3"
@@ -494,9 +481,7 @@ def test_threads_bind_to_every_allowed_cpu_or_to_a_share_of_them() -> None:
         cpu_threads_bind({0, 1}, (2, 2))
 
 
-def test_threads_are_bound_only_where_the_process_owns_its_cpus() -> None:
-    assert own_cpus({0, 1}, None) and own_cpus({0, 1}, 2) and own_cpus({4, 5}, 3)
-    assert not own_cpus(set(range(64)), 2)  # a pod in a node's shared pool: vLLM's binding stays
+
 
 
 @session_loop

@@ -56,6 +56,7 @@ from typing import Any
 import torch
 
 from flowlane.api.errors import ConfigError, EngineUnavailableError
+from flowlane.kit.cpus import cgroup_cpu_limit, own_cpus
 from flowlane.kit.lora import adapter_rank, write_adapter
 from flowlane.kit.models import encode_chat
 from flowlane.runtime.engines.base import Generation, LLMEngine, SamplingSettings, WrappedEngine, resolve_dtype
@@ -105,26 +106,6 @@ def _cuda_available() -> bool:
 
 #: vLLM-CPU's OpenMP binding variable; a value the user set is always kept.
 THREADS_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
-CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota|max> <period>"
-CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")  # cgroup v1: cpu.cfs_quota_us (-1: none), cpu.cfs_period_us
-
-
-def cgroup_cpu_limit(cpu_max: Path = CGROUP_CPU_MAX, v1: Path = CGROUP_V1_CPU) -> int | None:
-    """Whole CPUs this process's cgroup may use (quota / period rounded up); None: no limit."""
-    try:
-        quota, period = cpu_max.read_text().split()[:2]
-    except (OSError, ValueError):
-        try:
-            quota = (v1 / "cpu.cfs_quota_us").read_text().strip()
-            period = (v1 / "cpu.cfs_period_us").read_text().strip()
-        except OSError:
-            return None
-    if quota in ("max", "-1"):
-        return None
-    try:
-        return max(1, -(-int(quota) // int(period)))
-    except (ValueError, ZeroDivisionError):
-        return None
 
 
 def cpu_threads_bind(allowed: set[int], share: tuple[int, int] = (0, 1)) -> str:
@@ -146,13 +127,6 @@ def cpu_threads_bind(allowed: set[int], share: tuple[int, int] = (0, 1)) -> str:
     count = len(cpus)
     chosen = cpus[part * count // parts:(part + 1) * count // parts] or [cpus[part % count]]
     return ",".join(str(cpu) for cpu in chosen)
-
-
-def own_cpus(allowed: set[int], quota: int | None) -> bool:
-    """Whether the process has its CPUs to itself: no cgroup CPU quota below their count. A pod
-    in a node's shared pool sees every CPU of the node and gets a share of them by quota; pinning
-    its threads to particular CPUs there would pile pods onto the same ones."""
-    return quota is None or quota >= len(allowed)
 
 
 @contextlib.contextmanager
