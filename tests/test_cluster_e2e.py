@@ -3,7 +3,7 @@
 The one-machine cluster (``one_machine_cluster``) joins the API emulator, the operator from its
 image and a node agent that runs the Pods the operator creates as containers built from
 ``images/``. The real ``kubectl`` applies the chart's CRDs and a short FlowRun (the default
-example with fewer, smaller steps, and the learner as two pods of one rank each); the run must
+example with fewer, smaller steps, a LoRA adapter, and the learner as two pods of one rank each); the run must
 reach Running and then Succeeded inside the containers, with checkpoints in the S3 server and
 metrics in MLflow, both reached from the pods. The two learner pods meet at learner-0's DNS name,
 and the second uploads its own ZeRO shards to S3.
@@ -47,10 +47,13 @@ def short_example(cluster: OneMachineCluster, bucket: str) -> dict[str, Any]:
     flowrun: dict[str, Any] = yaml.safe_load((REPO / "examples" / "flowrun.yaml").read_text())
     spec = flowrun["spec"]
     spec["model"].pop("fixed", None)  # one engine per rollout pod: two do not fit 2 cores
+    # A LoRA adapter: a checkpoint of a full fine-tune moves ~1.6 GB through the S3 server (about
+    # 3 min each on two cores), the adapter's some 30 MB. The local fault run (test_flowrun_e2e)
+    # is the full fine-tune's, so both end to end runs together cover both.
+    spec["model"]["lora"] = {"enabled": True}
     spec["algorithm"].update({"groupSize": GROUP_SIZE, "batchQuestions": QUESTIONS, "maxTurns": 1,
                               "maxPlannerTokens": 64, "skipUniformGroups": False, "lr": 1e-4})
-    # Every checkpoint of a full fine-tune moves ~1.6 GB through the S3 server (minutes on two
-    # cores): one mid-run checkpoint to resume from, and the final one.
+    # One mid-run checkpoint to resume from, and the final one.
     spec["schedule"].update({"steps": STEPS, "checkpointInterval": 2, "evalInterval": 0, "evalLimit": 2,
                              "evalMaxTurns": 1})
     spec["storage"] = {"checkpointUri": f"s3://{bucket}/{RUN}", "s3Endpoint": cluster.s3.url,

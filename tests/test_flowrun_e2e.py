@@ -50,7 +50,7 @@ def flowrun_yaml(name: str, steps: int) -> dict:
                           "maxPlannerTokens": 96, "lr": 1e-4,
                           # Every step updates the policy, even when a group's rewards are equal.
                           "skipUniformGroups": False},
-            "schedule": {"steps": steps, "checkpointInterval": 1, "evalInterval": 0, "evalLimit": 2,
+            "schedule": {"steps": steps, "checkpointInterval": 2, "evalInterval": 0, "evalLimit": 2,
                          "evalMaxTurns": 1},
             "backoffLimit": 3,
         },
