@@ -98,7 +98,7 @@ def test_the_rules_accept_the_specs_next_to_their_bad_ones(obj: dict[str, Any]) 
     assert cel_violations(crd_schema("flowruns"), obj) == []
 
 
-@pytest.mark.parametrize("example", ["flowrun.yaml", "flowrun-cluster.yaml"])
+@pytest.mark.parametrize("example", ["flowrun.yaml", "flowrun-cluster.yaml", "flowrun-multihop.yaml"])
 def test_the_examples_pass_every_rule(example: str) -> None:
     obj = yaml.safe_load((REPO / "examples" / example).read_text())
     assert cel_violations(crd_schema("flowruns"), obj) == []

@@ -147,7 +147,7 @@ def test_crd_schema_rejects_invalid_flowrun_with_the_field_path(patch: dict[str,
 
 
 def test_crd_schema_accepts_the_examples() -> None:
-    for name in ("flowrun.yaml", "flowrun-cluster.yaml"):
+    for name in ("flowrun.yaml", "flowrun-cluster.yaml", "flowrun-multihop.yaml"):
         obj = yaml.safe_load((REPO / "examples" / name).read_text())
         assert validation_errors(obj, flowrun_schema()) == [], name
     obj = yaml.safe_load((REPO / "examples" / "flowservice.yaml").read_text())

@@ -210,7 +210,7 @@ def test_condition_transition_time_moves_only_when_status_flips() -> None:
     assert flipped[0].last_transition_time == t1
 
 
-@pytest.mark.parametrize("name", ["flowrun.yaml", "flowrun-cluster.yaml"])
+@pytest.mark.parametrize("name", ["flowrun.yaml", "flowrun-cluster.yaml", "flowrun-multihop.yaml"])
 def test_example_flowruns_load(name: str) -> None:
     assert load_flowrun(REPO / "examples" / name).metadata.name
 
