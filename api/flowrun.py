@@ -211,6 +211,13 @@ class TasksSpec(SpecModel):
 class AlgorithmSpec(SpecModel):
     """Flow-GRPO hyper-parameters (see AGENTFLOW.md for the objective)."""
 
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [{
+        # 3: maxTurns' default (below), as the CEL sees an object without it
+        "rule": "!has(self.minTurns) || self.minTurns <= (has(self.maxTurns) ? self.maxTurns : 3)",
+        "message": "minTurns must be <= maxTurns",
+        "fieldPath": ".minTurns",
+    }]})
+
     group_size: int = Field(4, ge=2, le=256, description="G: trajectories sampled per question.")
     batch_questions: int = Field(4, ge=1, le=4096, description="Questions per training step.")
     lr: float = Field(1e-5, gt=0.0, le=1.0, description="Learning rate of the planner optimizer.")
@@ -226,6 +233,12 @@ class AlgorithmSpec(SpecModel):
     )
     temperature: float = Field(0.7, ge=0.0, le=2.0, description="Planner sampling temperature during rollout.")
     max_turns: int = Field(3, ge=1, le=64, description="Planner turn budget per trajectory in training.")
+    min_turns: int = Field(
+        1, ge=1, le=64,
+        description="Planner turns before the frozen verifier is first asked to stop, in training and evaluation "
+        "(1: after every turn). A small verifier that stops at the first tool result ends every multi-hop "
+        "question one hop short.",
+    )
     max_planner_tokens: int = Field(256, ge=16, le=32768, description="Token budget of one planner output.")
     skip_uniform_groups: bool = Field(
         True, description="Skip questions whose G rewards are all equal (zero advantage, no signal)."
@@ -245,6 +258,13 @@ class AlgorithmSpec(SpecModel):
         description="Truncated importance sampling cap for stale samples (maxStaleness > 0).",
     )
     seed: int = Field(0, ge=0, description="Seed for task order and sampling.")
+
+    @model_validator(mode="after")
+    def _turn_floor_within_budget(self) -> AlgorithmSpec:
+        if self.min_turns > self.max_turns:
+            raise field_error("minTurns", f"must be <= maxTurns ({self.max_turns}), got {self.min_turns}: the "
+                              "turn budget ends the trajectory first")
+        return self
 
 
 class EngineSpec(SpecModel):
@@ -459,6 +479,8 @@ _EVAL_SPLIT = _cel_value("schedule.evalSplit", ScheduleSpec.model_fields["eval_s
 _TRAIN_SPLIT = _cel_value("tasks.split", TasksSpec.model_fields["split"].default)
 _TRAIN_DATASET = _cel_value("tasks.dataset", TasksSpec.model_fields["dataset"].default)
 _TP_SIZE = _cel_value("engine.tensorParallelSize", EngineSpec.model_fields["tensor_parallel_size"].default)
+_MIN_TURNS = _cel_value("algorithm.minTurns", AlgorithmSpec.model_fields["min_turns"].default)
+_EVAL_MAX_TURNS = _cel_value("schedule.evalMaxTurns", ScheduleSpec.model_fields["eval_max_turns"].default)
 _ROLLOUT_GPUS = _cel_value("rollout.resources.gpu", RolloutResources.model_fields["gpu"].default)
 
 
@@ -470,6 +492,9 @@ _SPEC_RULES: list[Any] = [
                 "side): test accuracy would be measured on training questions; set schedule.evalSplit to a "
                 "held-out split or schedule.evalTasks to another dataset",
      "fieldPath": ".schedule.evalSplit"},
+    {"rule": f"{_MIN_TURNS} <= {_EVAL_MAX_TURNS}",
+     "message": "evalMaxTurns is less than algorithm.minTurns: evaluation's turn budget would end first",
+     "fieldPath": ".schedule.evalMaxTurns"},
     {"rule": f"{_TP_SIZE} <= 1 || {_ROLLOUT_GPUS} >= {_TP_SIZE}",
      "message": "tensorParallelSize is more than the rollout pod's GPUs (rollout.resources.gpu)",
      "fieldPath": ".engine.tensorParallelSize"},
@@ -556,6 +581,9 @@ class FlowRunSpec(SpecModel):
                               f"{schedule.eval_split!r} {what} of dataset {tasks.dataset!r}: test accuracy would "
                               "be measured on training questions; set schedule.evalSplit to a held-out split "
                               "(e.g. test) or schedule.evalTasks to another dataset")
+        if self.algorithm.min_turns > schedule.eval_max_turns:
+            raise field_error("schedule.evalMaxTurns", f"{schedule.eval_max_turns} is less than algorithm.minTurns "
+                              f"({self.algorithm.min_turns}): evaluation's turn budget would end first")
         tp, rollout_gpus = self.engine.tensor_parallel_size, self.rollout.resources.gpu
         if tp > 1 and rollout_gpus < tp:
             raise field_error("engine.tensorParallelSize",

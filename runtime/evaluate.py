@@ -50,7 +50,7 @@ def score_trajectories(trajectories: Sequence[Any], tasks: Sequence[Any]) -> dic
 
 
 async def evaluate(model: str, tasks_spec: str, split: str, *, engine_kind: str = "vllm",
-                   tools: Sequence[str] = ("python", "generator"), max_turns: int = 10,
+                   tools: Sequence[str] = ("python", "generator"), max_turns: int = 10, min_turns: int = 1,
                    limit: int | None = None, concurrency: int = 32, seed: int = 0,
                    fixed: str | None = None, dtype: str = "auto") -> tuple[EvalResult, list[Any]]:
     from flowlane.api.enums import RewardKind
@@ -74,7 +74,7 @@ async def evaluate(model: str, tasks_spec: str, split: str, *, engine_kind: str 
     engine, fixed_engine = await open_engines(engine_kind, model, fixed, **options)
     try:
         agent = Agent(engine, fixed_engine, build_tools(list(tools), engine=fixed_engine),
-                      AgentConfig(max_turns=max_turns))
+                      AgentConfig(max_turns=max_turns, min_turns=min_turns))
         started = time.monotonic()
         requests = [AgentRequest(t.question, question_id=t.id, gold_answer=t.answer, seed=seed) for t in tasks]
         trajectories = await agent.run_many(requests, concurrency=concurrency)
@@ -95,6 +95,8 @@ def eval_command(
     engine: str = typer.Option("vllm", "--engine", help="vllm or transformers."),
     tools: str = typer.Option("python,generator", "--tools", help="Comma-separated tool names."),
     max_turns: int = typer.Option(10, "--max-turns", min=1, help="Planner turn budget (10 in the paper)."),
+    min_turns: int = typer.Option(1, "--min-turns", min=1, help="Turns before the verifier is first asked to "
+                                  "stop (a FlowRun's algorithm.minTurns)."),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Score at most this many questions."),
     fixed: str | None = typer.Option(None, "--fixed", help="A frozen model for the executor, verifier and "
                                      "generator (a FlowRun's spec.model.fixed); default: the planner's model."),
@@ -111,7 +113,7 @@ def eval_command(
 
     result, trajectories = asyncio.run(
         evaluate(model, tasks, split, engine_kind=engine, tools=[t for t in tools.split(",") if t],
-                 max_turns=max_turns, limit=limit, fixed=fixed, dtype=dtype)
+                 max_turns=max_turns, min_turns=min_turns, limit=limit, fixed=fixed, dtype=dtype)
     )
     table = Table(title=f"{result.model} on {result.tasks}/{result.split}")
     for column in ("source", "correct", "total", "accuracy"):
@@ -119,16 +121,21 @@ def eval_command(
     for source, (good, total) in sorted(result.per_source.items()):
         table.add_row(source, str(good), str(total), f"{good / max(total, 1):.3f}")
     table.add_row("all", str(result.correct), str(result.questions), f"{result.accuracy:.3f}")
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    turns = sum(len(t.planner_turns) for t in trajectories) / max(len(trajectories), 1)
+    console.print(f"planner turns per trajectory: {turns:.2f}")
     if track:
         from flowlane.kit.tracking import Tracker
 
         tracker = Tracker(experiment, run_dir=Path("runs/eval"), tracking_uri=mlflow_uri)
         tracker.start_run(f"eval-{Path(model).name}-{tasks}",
                           params={"model": model, "tasks": tasks, "split": split, "max_turns": max_turns,
+                                  "min_turns": min_turns,
                                   "engine": engine, "tools": tools, "fixed": fixed or model,
                                   "dtype": dtype})
         tracker.log_metrics(0, {"eval/accuracy": result.accuracy, "eval/time_s": result.duration_s,
+                                "eval/turns_per_trajectory": turns,
                                 **{f"eval/accuracy/{s}": g / max(n, 1) for s, (g, n) in result.per_source.items()}})
         tracker.log_trajectories(0, trajectories[:8])
         tracker.end()

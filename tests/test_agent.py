@@ -286,6 +286,23 @@ async def test_verifier_stop_ends_the_loop() -> None:
     assert traj.steps[1].verifier_reason == "r"
 
 
+async def test_a_turn_floor_keeps_the_verifier_from_stopping_before_it() -> None:
+    engine = scripted("STOP")  # a verifier that stops at every chance
+    agent = Agent(engine, engine, [RecordingTool()], AgentConfig(max_turns=4, min_turns=3))
+    traj = await agent.run("What is 6*7?")
+    assert traj.stop_reason is StopReason.VERIFIER_STOP
+    assert [s.verdict for s in traj.steps] == [Verdict.CONTINUE, Verdict.CONTINUE, Verdict.STOP]
+    assert engine.calls["verifier"] == 1  # first asked after turn 3
+    assert traj.steps[0].verifier_reason == "below 3 turns (verifier not asked)"
+    assert traj.answer == "42"
+
+
+@pytest.mark.parametrize("min_turns", [0, 4])
+def test_a_turn_floor_outside_one_to_the_budget_is_a_config_error(min_turns: int) -> None:
+    with pytest.raises(ConfigError, match=f"min_turns must be between 1 and max_turns \\(3\\), got {min_turns}"):
+        AgentConfig(max_turns=3, min_turns=min_turns)
+
+
 async def test_time_budget_cuts_a_slow_tool_and_still_answers() -> None:
     engine = scripted("CONTINUE")
     tool = RecordingTool(delay_s=30)

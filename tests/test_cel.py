@@ -65,6 +65,9 @@ BAD_FLOWRUNS = {
         flowrun({"storage": {**S3, "volumeClaimName": "ckpt"}}), "spec.storage.volumeClaimName"),
     "checkpointInterval above steps": (
         flowrun({"schedule": {"steps": 5, "checkpointInterval": 10}}), "spec.schedule.checkpointInterval"),
+    "minTurns above maxTurns": (flowrun({"algorithm": {"minTurns": 4}}), "spec.algorithm.minTurns"),
+    "minTurns above evalMaxTurns": (
+        flowrun({"algorithm": {"minTurns": 3}, "schedule": {"evalMaxTurns": 2}}), "spec.schedule.evalMaxTurns"),
     "a name too long for its children": (flowrun({}, name=LONG_NAME), "metadata.name"),
     "a pod label of the operator's": (
         flowrun({"podTemplate": {"labels": {"flowlane.dev/role": "x"}}}), "spec.podTemplate.labels"),
@@ -92,7 +95,9 @@ def test_each_rule_refuses_its_bad_flowrun_in_pydantic_and_in_the_crd_with_the_f
     flowrun({"storage": {"checkpointUri": "file:///ckpt", "volumeClaimName": "ckpt"}}),
     flowrun({}, name="r" * MAX_NAME_LENGTH),
     flowrun({"podTemplate": {"labels": {"kueue.x-k8s.io/queue-name": "team-a"}}}),
-], ids=["other-dataset", "no-validation", "tp-fits", "cpu-ranks", "s3", "pvc", "longest-name", "kueue-label"])
+    flowrun({"algorithm": {"minTurns": 3}, "schedule": {"evalMaxTurns": 3}}),
+], ids=["other-dataset", "no-validation", "tp-fits", "cpu-ranks", "s3", "pvc", "longest-name", "kueue-label",
+        "turn-floor-at-both-budgets"])
 def test_the_rules_accept_the_specs_next_to_their_bad_ones(obj: dict[str, Any]) -> None:
     load_flowrun(yaml.safe_dump(obj))
     assert cel_violations(crd_schema("flowruns"), obj) == []

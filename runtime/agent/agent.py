@@ -53,6 +53,9 @@ class AgentConfig:
     """Budgets and sampling of one agent. The defaults are the evaluation setting."""
 
     max_turns: int = 10
+    # Turns before the verifier is first asked: a small verifier that stops after the first tool
+    # result ends every multi-hop question one search short (turns below it always continue).
+    min_turns: int = 1
     max_time_s: float = 300.0  # wall-clock budget of one trajectory, answer generation excluded
     answer_time_s: float | None = None  # the answer generation's own budget; None: unbounded
     tool_timeout_s: float = 30.0
@@ -70,6 +73,8 @@ class AgentConfig:
     def __post_init__(self) -> None:
         if self.max_turns < 1:
             raise ConfigError(f"max_turns must be >= 1, got {self.max_turns}")
+        if not 1 <= self.min_turns <= self.max_turns:
+            raise ConfigError(f"min_turns must be between 1 and max_turns ({self.max_turns}), got {self.min_turns}")
         if self.max_time_s <= 0:
             raise ConfigError(f"max_time_s must be > 0, got {self.max_time_s}")
         if self.answer_time_s is not None and self.answer_time_s <= 0:
@@ -301,6 +306,10 @@ class Agent:
             step.verdict, step.verifier_reason = Verdict.STOP, "turn budget reached (verifier not asked)"
             emit(AgentEventKind.VERDICT, step)
             return StopReason.TURN_BUDGET
+        if step.turn < cfg.min_turns:
+            step.verdict, step.verifier_reason = Verdict.CONTINUE, f"below {cfg.min_turns} turns (verifier not asked)"
+            emit(AgentEventKind.VERDICT, step)
+            return None
         verdict = await _within(deadline, self.verifier.verify(
             traj.question, traj.query_analysis, memory.render(), turn=step.turn, seed=seed,
             history=memory.render_history(),

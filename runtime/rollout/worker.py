@@ -150,7 +150,7 @@ class RolloutWorker:
         runner = self._code_runner()
         tools = build_tools([t.name for t in spec.tools], engine=fixed, code_runner=runner)
         planner = SamplingSettings(max_tokens=algo.max_planner_tokens, temperature=algo.temperature)
-        train_cfg = AgentConfig.for_training(max_turns=algo.max_turns, planner=planner)
+        train_cfg = AgentConfig.for_training(max_turns=algo.max_turns, min_turns=algo.min_turns, planner=planner)
         eval_cfg = replace(train_cfg, max_turns=spec.schedule.eval_max_turns,
                            planner=SamplingSettings(max_tokens=algo.max_planner_tokens, temperature=0.0))
         agents = {False: Agent(engine, fixed, tools, train_cfg), True: Agent(engine, fixed, tools, eval_cfg)}
