@@ -74,7 +74,7 @@ async def measure(settings: list[Setting], questions: int, group: int, temperatu
             trajectories = await agent.run_many(requests, concurrency=64)
             seconds = time.monotonic() - started
             score_trajectories(trajectories, [t for t in tasks for _ in range(group)])
-            correct = [t.reward > 0.5 for t in trajectories]
+            correct = [(t.reward or 0.0) > 0.5 for t in trajectories]
             per_group = [sum(correct[i * group:(i + 1) * group]) for i in range(len(tasks))]
             sequences = Counter(" > ".join(s.tool_name for s in t.steps) for t in trajectories)
             rows.append({
