@@ -399,6 +399,19 @@ def test_engine_options_from_the_spec_are_ones_the_engine_takes(kind: str, dtype
     assert options["dtype"] == dtype
 
 
+def test_training_and_evaluation_units_get_the_specs_turn_budgets_and_floor() -> None:
+    from flowlane.api.flowrun import load_flowrun
+    from flowlane.runtime.rollout.worker import agent_configs
+
+    document = flowrun_yaml("turns", 2)
+    document["spec"]["algorithm"].update({"maxTurns": 4, "minTurns": 2, "temperature": 0.9})
+    document["spec"]["schedule"]["evalMaxTurns"] = 6
+    train, evaluation = agent_configs(load_flowrun(yaml.safe_dump(document)).spec)
+    assert (train.min_turns, train.max_turns, train.planner.temperature) == (2, 4, 0.9)
+    assert (evaluation.min_turns, evaluation.max_turns, evaluation.planner.temperature) == (2, 6, 0.0)
+    assert train.planner.max_tokens == evaluation.planner.max_tokens == 96
+
+
 @pytest.mark.parametrize(("fixed", "fraction"), [(None, 0.8), ("smollm2-135m-instruct", 0.4)])
 def test_on_a_gpu_the_fixed_engine_halves_each_engines_memory_fraction(
         fixed: str | None, fraction: float, monkeypatch: pytest.MonkeyPatch) -> None:

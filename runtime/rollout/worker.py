@@ -132,13 +132,11 @@ class RolloutWorker:
     async def run(self) -> None:
         from flowlane.api import learner_pb2, learner_pb2_grpc
         from flowlane.kit.grpc_common import open_channel
-        from flowlane.runtime.agent.agent import Agent, AgentConfig
-        from flowlane.runtime.engines.base import SamplingSettings
+        from flowlane.runtime.agent.agent import Agent
         from flowlane.runtime.engines.factory import close_engines, open_engines
         from flowlane.runtime.tools.registry import build_tools
 
         spec = self.spec
-        algo = spec.algorithm
         engine, opened_fixed = await open_engines(spec.engine.kind.value, spec.model.planner, spec.model.fixed,
                                                   **engine_options(spec))
         fixed = opened_fixed
@@ -149,10 +147,7 @@ class RolloutWorker:
                 fixed = engine.base_model()  # the frozen modules never see the planner's adapter
         runner = self._code_runner()
         tools = build_tools([t.name for t in spec.tools], engine=fixed, code_runner=runner)
-        planner = SamplingSettings(max_tokens=algo.max_planner_tokens, temperature=algo.temperature)
-        train_cfg = AgentConfig.for_training(max_turns=algo.max_turns, min_turns=algo.min_turns, planner=planner)
-        eval_cfg = replace(train_cfg, max_turns=spec.schedule.eval_max_turns,
-                           planner=SamplingSettings(max_tokens=algo.max_planner_tokens, temperature=0.0))
+        train_cfg, eval_cfg = agent_configs(spec)
         agents = {False: Agent(engine, fixed, tools, train_cfg), True: Agent(engine, fixed, tools, eval_cfg)}
         channel = open_channel(self.learner_address, self.token)
         stub = learner_pb2_grpc.LearnerStub(channel)
@@ -264,6 +259,21 @@ class RolloutWorker:
         ack = await stub.SubmitTrajectories(chunks())
         if ack.rejected:
             log.warning("learner rejected %d trajectories: %s", ack.rejected, "; ".join(ack.reasons[:3]))
+
+
+def agent_configs(spec: Any) -> tuple[Any, Any]:
+    """The agent settings of training units (the planner sampled at ``algorithm.temperature``,
+    ``maxTurns``) and of evaluation units (greedy, ``schedule.evalMaxTurns``); both keep the
+    verifier away for ``algorithm.minTurns`` turns."""
+    from flowlane.runtime.agent.agent import AgentConfig
+    from flowlane.runtime.engines.base import SamplingSettings
+
+    algo = spec.algorithm
+    planner = SamplingSettings(max_tokens=algo.max_planner_tokens, temperature=algo.temperature)
+    train = AgentConfig.for_training(max_turns=algo.max_turns, min_turns=algo.min_turns, planner=planner)
+    evaluation = replace(train, max_turns=spec.schedule.eval_max_turns,
+                         planner=SamplingSettings(max_tokens=algo.max_planner_tokens, temperature=0.0))
+    return train, evaluation
 
 
 def lora_adapters(spec: Any) -> bool:
