@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import multiprocessing
 import os
-import re
 import signal
 import socket
 import statistics
@@ -55,7 +54,6 @@ DEFAULT_CONFIG = REPO / "examples" / "flowrun.yaml"
 LEARNING_TARGET_POINTS = 10.0
 LEARNING_TARGET_S = 30 * 60
 PARTS = ("sync", "async", "learning")
-_WORKER_SYNC = re.compile(r"loaded policy version (\d+) \(([\d.]+) MB in ([\d.]+) s, ([\d.]+) MB/s\)")
 
 
 # --- running a FlowRun and reading what it logged ----------------------------------------------
@@ -142,10 +140,13 @@ def read_mlflow_metrics(run_dir: Path, config: Path) -> dict[str, list[tuple[int
 
 
 def read_worker_syncs(run_dir: Path) -> list[tuple[int, float, float]]:
+    """(version, MB, seconds) of every policy version the rollout workers loaded."""
+    from flowlane.runtime.rollout.worker import SYNC_LOG_PATTERN
+
     syncs = []
     for log in sorted((run_dir / "logs").glob("rollout*.log")):
-        for match in _WORKER_SYNC.finditer(log.read_text(errors="replace")):
-            syncs.append((int(match.group(1)), float(match.group(2)), float(match.group(3))))
+        for match in SYNC_LOG_PATTERN.finditer(log.read_text(errors="replace")):
+            syncs.append((int(match.group(1)), float(match.group(3)), float(match.group(4))))
     return syncs
 
 

@@ -412,6 +412,16 @@ def test_training_and_evaluation_units_get_the_specs_turn_budgets_and_floor() ->
     assert train.planner.max_tokens == evaluation.planner.max_tokens == 96
 
 
+def test_the_workers_weight_sync_log_line_reads_back() -> None:
+    """bench/flowrun.py reads the workers' sync lines back with the pattern kept next to their format."""
+    from flowlane.runtime.rollout.worker import SYNC_LOG_FORMAT, SYNC_LOG_PATTERN
+
+    line = "2026-12-04 20:00:00,000 INFO flowlane.rollout: " + SYNC_LOG_FORMAT % (3, "LoRA adapter", 29.9, 0.41,
+                                                                                72.9, 0.2)
+    match = SYNC_LOG_PATTERN.search(line)
+    assert match is not None and match.groups() == ("3", "LoRA adapter", "29.9", "0.41", "72.9", "0.20")
+
+
 @pytest.mark.parametrize(("fixed", "fraction"), [(None, 0.8), ("smollm2-135m-instruct", 0.4)])
 def test_on_a_gpu_the_fixed_engine_halves_each_engines_memory_fraction(
         fixed: str | None, fraction: float, monkeypatch: pytest.MonkeyPatch) -> None:

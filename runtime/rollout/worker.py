@@ -23,6 +23,7 @@ import asyncio
 import functools
 import logging
 import os
+import re
 import signal
 import time
 import uuid
@@ -37,6 +38,13 @@ from flowlane.kit import logs
 
 log = logging.getLogger("flowlane.rollout")
 T = TypeVar("T")
+
+
+#: The worker's log line for each policy version it loads (``_sync``), as tools read it back
+#: (bench/flowrun.py): version, what was synced, MB, seconds, MB/s, seconds inside the engine.
+SYNC_LOG_FORMAT = "loaded policy version %d (%s, %.1f MB in %.2f s, %.1f MB/s; engine %.2f s)"
+SYNC_LOG_PATTERN = re.compile(r"loaded policy version (\d+) \(([^,]+), ([\d.]+) MB in ([\d.]+) s, "
+                              r"([\d.]+) MB/s; engine ([\d.]+) s\)")
 
 
 @dataclass
@@ -225,7 +233,7 @@ class RolloutWorker:
         self.stats.weight_bytes += synced.nbytes
         self.stats.weight_load_s += synced.engine_s
         self.stats.adapter_syncs += int(synced.adapter)
-        log.info("loaded policy version %d (%s, %.1f MB in %.2f s, %.1f MB/s; engine %.2f s)", synced.version,
+        log.info(SYNC_LOG_FORMAT, synced.version,
                  "LoRA adapter" if synced.adapter else "weights", synced.nbytes / 1e6, took,
                  synced.nbytes / 1e6 / max(took, 1e-9), synced.engine_s)
 
