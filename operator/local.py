@@ -417,9 +417,11 @@ class LocalSupervisor:
             except TimeoutError:
                 signal_group(process.pid, signal.SIGKILL)
                 await process.wait()
-        if process is not None:
-            # Children that outlived the leader, or ignored SIGTERM.
+            # Children that outlived the leader, or ignored SIGTERM. Only here, just after the
+            # leader was reaped: a leader that exited earlier had its group killed then (``_run``),
+            # and its pid may since belong to another process's group (pids wrap at pid_max).
             signal_group(process.pid, signal.SIGKILL)
+        if process is not None:
             self._watchdog.forget(process.pid)
             status.last_exit_code = process.returncode
         if status.state not in (ComponentState.COMPLETED, ComponentState.FAILED, ComponentState.PENDING):

@@ -263,6 +263,32 @@ async def test_stop_terminates_process_groups_and_leaves_no_orphans(tmp_path: Pa
     assert supervisor.status["stubborn"].last_exit_code == -signal.SIGKILL
 
 
+async def test_stop_signals_no_group_of_a_component_that_exited_before(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job that completed had its group killed when it exited; by the time the run stops, its
+    pid may lead another process's group (pids wrap), so stopping must not signal it again."""
+    import flowlane.operator.local as local
+
+    signalled: list[int] = []
+
+    def recording(pgid: int, sig: signal.Signals) -> bool:
+        signalled.append(pgid)
+        return signal_group(pgid, sig)
+
+    signal_group = local.signal_group
+    monkeypatch.setattr(local, "signal_group", recording)
+    components = [component("job", "pass"), component("sandbox", IDLE, service=True)]
+    supervisor = LocalSupervisor(components, tmp_path, fast_policy())
+    await supervisor.start()
+    await wait_for(lambda: supervisor.status["job"].state is ComponentState.COMPLETED)
+    job_pid = supervisor.status["job"].pid
+    assert signalled == [job_pid]  # at its exit, for anything it left in its group
+    await asyncio.wait_for(supervisor.stop(), 10)
+
+    assert signalled.count(job_pid) == 1
+    assert supervisor.status["sandbox"].pid in signalled
+
+
 SUPERVISOR_SCRIPT = textwrap.dedent("""
     import asyncio, json, sys
     from pathlib import Path
