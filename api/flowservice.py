@@ -106,7 +106,20 @@ class GatewayEngineSpec(SpecModel):
 class AgentLimits(SpecModel):
     """Per-request budgets of the agent loop."""
 
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [{
+        # 10: maxTurns' default (below), as the CEL sees an object without it
+        "rule": "!has(self.minTurns) || self.minTurns <= (has(self.maxTurns) ? self.maxTurns : 10)",
+        "message": "minTurns must be <= maxTurns",
+        "fieldPath": ".minTurns",
+    }]})
+
     max_turns: int = Field(10, ge=1, le=64, description="Planner turn budget per request.")
+    min_turns: int | None = Field(
+        None, ge=1, le=64,
+        description="Planner turns before the verifier is first asked to stop; a request asking for fewer "
+        "max_turns gets that many. Default: the FlowRun's algorithm.minTurns when model.flowRun is set (serve the "
+        "planner as it was trained), else 1.",
+    )
     timeout_seconds: float = Field(
         120.0, gt=0.0, le=3600.0,
         description="Time limit per request; at the limit the agent answers with what it has (finish_reason "
@@ -117,6 +130,17 @@ class AgentLimits(SpecModel):
         1024, ge=16, le=1048576,
         description="Tokens of a request's conversation (system message, earlier turns, question) in each module "
                     "prompt; the oldest turns are dropped to fit. Must leave 2560 tokens of engine.maxModelLen.")
+
+    @model_validator(mode="after")
+    def _turn_floor_within_budget(self) -> AgentLimits:
+        if self.min_turns is not None and self.min_turns > self.max_turns:
+            raise field_error("minTurns", f"must be <= maxTurns ({self.max_turns}), got {self.min_turns}")
+        return self
+
+    def turn_floor(self, trained_with: int | None = None) -> int:
+        """The gateway's --min-turns: minTurns, else the FlowRun's ``trained_with``, else 1; <= maxTurns."""
+        floor = self.min_turns if self.min_turns is not None else trained_with or 1
+        return min(floor, self.max_turns)
 
 
 class GatewayResources(Resources):

@@ -93,6 +93,7 @@ def plan_flowservice(body: Mapping[str, Any], children: ServiceChildren, now: da
     checkpoint: str | None = source.uri
     storage = fsvc.spec.storage
     unresolved = ""
+    trained_min_turns: int | None = None  # the served FlowRun's algorithm.minTurns
     if source.flow_run is not None:
         ref = source.flow_run
         if children.flowrun is None:
@@ -107,6 +108,7 @@ def plan_flowservice(body: Mapping[str, Any], children: ServiceChildren, now: da
                 run = apply_cluster_defaults(
                     validate_resource(FlowRun, flowrun_object(children.flowrun), FLOWRUN_KIND, "flowRun"), defaults)
                 storage = run.spec.storage
+                trained_min_turns = run.spec.algorithm.min_turns
             except InvalidResourceError:
                 storage = None
     current = children.deployment
@@ -131,7 +133,7 @@ def plan_flowservice(body: Mapping[str, Any], children: ServiceChildren, now: da
     if storage and storage.volume_claim_name and (storage.checkpoint_uri or "").startswith("file://"):
         claim = (storage.volume_claim_name, str(storage.checkpoint_uri).removeprefix("file://"))
     rendered = render_flowservice(fsvc, checkpoint=checkpoint, storage_env=env, options=options,
-                                  checkpoint_volume=claim)
+                                  checkpoint_volume=claim, trained_min_turns=trained_min_turns)
     observed = [o for o in (children.deployment, children.service) if o is not None]
     _sync_static(rendered.children(), observed, plan)
     new.desired_checkpoint = checkpoint

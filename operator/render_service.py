@@ -65,8 +65,11 @@ class RenderedService:
         return [self.deployment, self.service]
 
 
-def gateway_command(fsvc: FlowService, checkpoint: str) -> list[str]:
-    """``flowlane serve`` for this FlowService (runtime/serving/gateway.py's flags)."""
+def gateway_command(fsvc: FlowService, checkpoint: str, trained_min_turns: int | None = None) -> list[str]:
+    """``flowlane serve`` for this FlowService (runtime/serving/gateway.py's flags).
+
+    ``trained_min_turns``: the served FlowRun's ``algorithm.minTurns``, the default of ``agent.minTurns``.
+    """
     spec = fsvc.spec
     fixed = ["--fixed", spec.model.fixed] if spec.model.fixed else []
     return ["flowlane", "serve", "--model", checkpoint, *fixed, "--dtype", spec.model.dtype.value,
@@ -74,6 +77,7 @@ def gateway_command(fsvc: FlowService, checkpoint: str) -> list[str]:
             "--engine", spec.engine.kind.value, "--max-model-len", str(spec.engine.max_model_len),
             "--tools", ",".join(t.name for t in spec.tools),
             "--host", "0.0.0.0", "--port", str(spec.port), "--max-turns", str(spec.agent.max_turns),
+            "--min-turns", str(spec.agent.turn_floor(trained_min_turns)),
             "--max-time-s", f"{spec.agent.timeout_seconds:g}",
             "--max-concurrent-runs", str(spec.agent.max_concurrent_requests),
             "--history-max-tokens", str(spec.agent.history_max_tokens)]
@@ -81,8 +85,11 @@ def gateway_command(fsvc: FlowService, checkpoint: str) -> list[str]:
 
 def render_flowservice(fsvc: FlowService, *, checkpoint: str, storage_env: Sequence[dict[str, Any]] = (),
                        options: RenderOptions | None = None,
-                       checkpoint_volume: tuple[str, str] | None = None) -> RenderedService:
+                       checkpoint_volume: tuple[str, str] | None = None,
+                       trained_min_turns: int | None = None) -> RenderedService:
     """Children of ``fsvc`` serving ``checkpoint``; ``storage_env`` carries S3 settings for it.
+
+    ``trained_min_turns`` is the served FlowRun's ``algorithm.minTurns`` (``agent.minTurns``'s default).
 
     A ``file://`` checkpoint lives on its FlowRun's checkpoint PVC: ``checkpoint_volume`` is that
     claim and the path the learner mounts it at; the gateway pods mount it read-only there too.
@@ -106,7 +113,7 @@ def render_flowservice(fsvc: FlowService, *, checkpoint: str, storage_env: Seque
         "name": GATEWAY_COMPONENT,
         "image": fsvc.spec.resources.image or options.gateway_image,
         "imagePullPolicy": options.image_pull_policy,
-        "command": gateway_command(fsvc, checkpoint),
+        "command": gateway_command(fsvc, checkpoint, trained_min_turns),
         "env": env,
         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
         "resources": container_resources(fsvc.spec.resources, options.gpu_resource_name),

@@ -119,6 +119,19 @@ def test_a_flowservice_with_both_model_sources_is_refused_in_pydantic_and_in_the
     assert cel_violations(schema, yaml.safe_load((REPO / "examples" / "flowservice.yaml").read_text())) == []
 
 
+def test_a_flowservice_turn_floor_above_its_budget_is_refused_in_pydantic_and_in_the_crd() -> None:
+    obj = {"apiVersion": "flowlane.dev/v1alpha1", "kind": "FlowService", "metadata": {"name": "agent"},
+           "spec": {"model": {"uri": "s3://b/ckpt"}, "agent": {"maxTurns": 2, "minTurns": 3}}}
+    with pytest.raises(ConfigError, match=r"spec\.agent\.minTurns: must be <= maxTurns \(2\), got 3"):
+        load_flowservice(yaml.safe_dump(obj))
+    schema = crd_schema("flowservices")
+    assert cel_violations(schema, obj) == ["spec.agent.minTurns: minTurns must be <= maxTurns"]
+    obj["spec"]["agent"] = {"minTurns": 11}  # maxTurns' default, 10, is the bound
+    assert cel_violations(schema, obj) == ["spec.agent.minTurns: minTurns must be <= maxTurns"]
+    obj["spec"]["agent"] = {"minTurns": 10}
+    assert cel_violations(schema, obj) == []
+
+
 def test_every_rule_in_the_crds_compiles_and_names_its_field() -> None:
     def rules(schema: Any) -> list[dict[str, Any]]:
         if isinstance(schema, dict):

@@ -558,6 +558,22 @@ async def canned() -> AsyncIterator[tuple[CannedEngine, AsyncOpenAI, str]]:
 
 
 @in_session_loop
+async def test_a_served_turn_floor_holds_the_verifier_back_and_yields_to_a_smaller_max_turns() -> None:
+    from flowlane.runtime.agent.agent import AgentConfig
+
+    engine = CannedEngine()  # its verifier says STOP at every chance
+    config = GatewayConfig(served_model_name=MODEL, agent=AgentConfig(max_turns=4, min_turns=2))
+    async with running_gateway(create_app(engine, [EchoTool()], config=config)) as url:
+        client = client_for(url, api_key="unused")
+        runs = [agentflow(await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": QUESTION}], extra_body={"max_turns": turns}))
+            for turns in (4, 1)]
+    assert [(run["turns"], run["stop_reason"]) for run in runs] == [(2, "verifier_stop"), (1, "turn_budget")]
+    assert [(step["verdict"], step["verifier_reason"]) for step in runs[0]["steps"]] == [
+        ("CONTINUE", "below 2 turns (verifier not asked)"), ("STOP", "the result answers it")]
+
+
+@in_session_loop
 async def test_engine_failure_is_an_openai_500_and_the_next_request_is_served(
     canned: tuple[CannedEngine, AsyncOpenAI, str],
 ) -> None:
@@ -819,11 +835,13 @@ def _serve_cli() -> typer.Typer:
         (["--tools", "python,calculator"], "calculator"),
         (["--stream-steps", "loud"], "--stream-steps"),
         (["--max-turns", "0"], "--max-turns"),
+        (["--max-turns", "3", "--min-turns", "4"], "--min-turns must be between 1 and --max-turns (3), got 4"),
         (["--api-key", " "], "API key is empty"),
         (["--dtype", "fp8"], "unknown dtype 'fp8'"),
         (["--fixed", "/no/such/model"], "/no/such/model"),
     ],
-    ids=["bad-engine", "unknown-tool", "bad-steps-display", "zero-turns", "empty-api-key", "bad-dtype",
+    ids=["bad-engine", "unknown-tool", "bad-steps-display", "zero-turns", "turn-floor-above-budget",
+         "empty-api-key", "bad-dtype",
          "missing-fixed"],
 )
 def test_serve_bad_options_are_one_line_errors_before_any_engine_starts(

@@ -336,7 +336,7 @@ def test_flowservice_deployment_rolls_without_downtime_to_the_checkpoint() -> No
         "flowlane", "serve", "--model", "s3://b/step-20", "--dtype", "auto", "--served-model-name", "math-agent",
         "--engine", "vllm", "--max-model-len", "4096",
         "--tools", "python,generator", "--host", "0.0.0.0", "--port", "8000", "--max-turns", "10",
-        "--max-time-s", "120", "--max-concurrent-runs", "16", "--history-max-tokens", "1024"]
+        "--min-turns", "1", "--max-time-s", "120", "--max-concurrent-runs", "16", "--history-max-tokens", "1024"]
     assert first["metadata"]["annotations"][ANNOTATION_HASH] != second["metadata"]["annotations"][ANNOTATION_HASH]
     env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
     assert env["FLOWLANE_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "agent-api", "key": "token"}}
@@ -357,6 +357,28 @@ def test_flowservice_fixed_model_and_dtype_reach_the_gateway_command_flowlane_se
     assert (params["model"], params["fixed"], params["dtype"]) == ("s3://b/step-20", "smollm2-135m-instruct",
                                                                    "bfloat16")
     assert (params["served_model_name"], params["port"], params["max_concurrent_runs"]) == ("math-agent", 8000, 16)
+
+
+@pytest.mark.parametrize(("min_turns", "max_turns", "trained", "served"), [
+    (None, 10, None, 1),  # neither says: the verifier is asked after every turn
+    (None, 10, 2, 2),  # a planner trained with minTurns 2 is served as it was trained
+    (3, 10, 2, 3),  # the FlowService's own value wins
+    (None, 2, 4, 2),  # never above the service's turn budget
+])
+def test_the_gateway_turn_floor_comes_from_the_flowservice_else_the_flowrun_it_serves(
+        min_turns: int | None, max_turns: int, trained: int | None, served: int) -> None:
+    import typer
+
+    from flowlane.runtime.serving.gateway import serve
+
+    fsvc = load_flowservice(REPO / "examples" / "flowservice.yaml")
+    fsvc.spec.agent.min_turns, fsvc.spec.agent.max_turns = min_turns, max_turns
+    argv = render_flowservice(fsvc, checkpoint="s3://b/step-20", trained_min_turns=trained).deployment[
+        "spec"]["template"]["spec"]["containers"][0]["command"]
+    app = typer.Typer()
+    app.command()(serve)
+    params = typer.main.get_command(app).make_context("serve", list(argv[2:])).params
+    assert (params["min_turns"], params["max_turns"]) == (served, max_turns)
 
 
 def test_image_pull_secrets_reach_every_flowrun_pod_and_the_gateway() -> None:

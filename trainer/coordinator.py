@@ -244,3 +244,12 @@ class StepCoordinator(Generic[TaskT]):
         self.seed = int(state.get("seed", self.seed))
         self._order = self._shuffled(self.epoch)
         self._steps.clear()
+
+
+def question_batches(tasks: Sequence[TaskT], questions_per_step: int, steps: int, seed: int = 0) -> list[list[TaskT]]:
+    """The questions of each of the first ``steps`` steps, in the order a run with ``seed`` trains on them.
+
+    For a peer trainer that must see the same questions in the same order (``bench/vs_trl.py``).
+    """
+    coordinator = StepCoordinator(tasks, questions_per_step=questions_per_step, group_size=1, seed=seed)
+    return [coordinator._next_tasks(questions_per_step) for _ in range(steps)]

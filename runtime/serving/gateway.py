@@ -167,6 +167,9 @@ def serve(
     api_key: Annotated[str | None, typer.Option(
         envvar="FLOWLANE_API_KEY", help="Bearer token required on /v1/* (default: no auth).")] = None,
     max_turns: Annotated[int, typer.Option(help="Turn budget cap (and default) per request.")] = 10,
+    min_turns: Annotated[int, typer.Option(
+        help="Planner turns before the verifier is first asked to stop (a FlowRun's algorithm.minTurns); a "
+             "request with a smaller max_turns gets that many.")] = 1,
     max_time_s: Annotated[float, typer.Option(help="Agent-loop wall-clock cap per request, seconds.")] = 120.0,
     served_model_name: Annotated[str | None, typer.Option(
         help="Model id clients send (default: the model name, or the checkpoint directory's name).")] = None,
@@ -190,7 +193,8 @@ def serve(
     """Serve an agent behind an OpenAI-compatible API (POST /v1/chat/completions)."""
     try:
         _serve(model=model, engine_kind=engine, fixed=fixed, dtype=dtype, tools=tools, host=host, port=port,
-               api_key=api_key, max_turns=max_turns, max_time_s=max_time_s, served_model_name=served_model_name,
+               api_key=api_key, max_turns=max_turns, min_turns=min_turns, max_time_s=max_time_s,
+               served_model_name=served_model_name,
                max_content_chars=max_content_chars, max_concurrent_runs=max_concurrent_runs,
                history_max_tokens=history_max_tokens, max_model_len=max_model_len,
                sandbox_address=sandbox_address, stream_steps=stream_steps, temperature=temperature,
@@ -201,7 +205,7 @@ def serve(
 
 
 def _serve(*, model: str, engine_kind: str, fixed: str | None, dtype: str, tools: str, host: str, port: int,
-           api_key: str | None, max_turns: int, max_time_s: float, served_model_name: str | None,
+           api_key: str | None, max_turns: int, min_turns: int, max_time_s: float, served_model_name: str | None,
            max_content_chars: int, max_concurrent_runs: int, history_max_tokens: int, max_model_len: int,
            sandbox_address: str | None, stream_steps: str, temperature: float, log_level: str) -> None:
     from flowlane.kit.models import CHECKPOINT_SCHEMES, resolve_model
@@ -223,6 +227,8 @@ def _serve(*, model: str, engine_kind: str, fixed: str | None, dtype: str, tools
         raise ConfigError(f"--port must be between 0 and 65535, got {port}")
     if max_turns < 1:
         raise ConfigError(f"--max-turns must be >= 1, got {max_turns}")
+    if not 1 <= min_turns <= max_turns:
+        raise ConfigError(f"--min-turns must be between 1 and --max-turns ({max_turns}), got {min_turns}")
     if temperature < 0:
         raise ConfigError(f"--temperature must be >= 0, got {temperature}")
     if max_model_len < history_max_tokens + PROMPT_RESERVE_TOKENS:
@@ -249,7 +255,7 @@ def _serve(*, model: str, engine_kind: str, fixed: str | None, dtype: str, tools
         max_concurrent_runs=max_concurrent_runs,
         history_max_tokens=history_max_tokens,
         steps=steps,
-        agent=_agent_defaults(temperature),
+        agent=_agent_defaults(temperature, max_turns, min_turns),
     )
     sock = bind_socket(host, port)
     log_level = log_level.lower()
@@ -262,11 +268,12 @@ def _serve(*, model: str, engine_kind: str, fixed: str | None, dtype: str, tools
         sock.close()
 
 
-def _agent_defaults(temperature: float) -> AgentConfig:
+def _agent_defaults(temperature: float, max_turns: int = 10, min_turns: int = 1) -> AgentConfig:
     from flowlane.runtime.agent.agent import AgentConfig
     from flowlane.runtime.engines.base import SamplingSettings
 
-    return AgentConfig(planner=SamplingSettings(max_tokens=256, temperature=temperature))
+    return AgentConfig(planner=SamplingSettings(max_tokens=256, temperature=temperature),
+                       max_turns=max_turns, min_turns=min_turns)
 
 
 async def _serve_async(config: GatewayConfig, sock: socket.socket, *, engine_kind: str, model_dir: str,

@@ -53,6 +53,8 @@ ANSWER_SHARE = 1 / 3
 def agent_config(config: GatewayConfig, chat: ChatRequest | None = None) -> AgentConfig:
     """The agent's budgets and sampling for ``chat`` (the server's defaults without one).
 
+    The server's turn floor (``min_turns``) is clamped to the request's ``max_turns``.
+
     The request's time limit is split: the answer keeps ``answer_reserve_s`` (at most
     ``ANSWER_SHARE`` of it), the loop gets the rest.
     """
@@ -60,12 +62,14 @@ def agent_config(config: GatewayConfig, chat: ChatRequest | None = None) -> Agen
 
     base = config.agent or AgentConfig()
     if chat is None:
-        return dataclasses.replace(base, max_turns=1, max_time_s=1.0)
+        return dataclasses.replace(base, max_turns=1, min_turns=1, max_time_s=1.0)
     sampling: dict[str, Any] = {key: value for key, value in (("temperature", chat.temperature),
                                                               ("top_p", chat.top_p)) if value is not None}
     answer_s = min(config.answer_reserve_s, chat.max_time_s * ANSWER_SHARE)
     return dataclasses.replace(
-        base, max_turns=chat.max_turns, max_time_s=chat.max_time_s - answer_s, answer_time_s=answer_s,
+        # the turn floor (``--min-turns``) never exceeds what the request asked for
+        base, max_turns=chat.max_turns, min_turns=min(base.min_turns, chat.max_turns),
+        max_time_s=chat.max_time_s - answer_s, answer_time_s=answer_s,
         planner=dataclasses.replace(base.planner, **sampling),
         generator_max_tokens=chat.answer_max_tokens or base.generator_max_tokens,
         generator_stop=chat.stop or base.generator_stop,
