@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,19 @@ DEFAULT_CONFIG = REPO / "examples" / "flowrun.yaml"
 LEARNING_TARGET_POINTS = 10.0
 LEARNING_TARGET_S = 30 * 60
 PARTS = ("sync", "async", "learning")
+ISAS = ("native", "avx2")
+ISA_NOTE = ("ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2, torch.cpu's AVX-512/AMX checks answer no, so "
+            "vLLM loads its AVX2 kernels; the core, caches and memory stay this machine's")
+
+
+def isa_env(isa: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """Environment that makes the Python processes of a run take ``isa``'s code paths."""
+    if isa == "native":
+        return {}
+    hook = str(Path(__file__).resolve().parent / f"isa_{isa}")
+    path = environ.get("PYTHONPATH", "")
+    return {"ATEN_CPU_CAPABILITY": isa, "ONEDNN_MAX_CPU_ISA": isa.upper(),
+            "PYTHONPATH": hook + (os.pathsep + path if path else "")}
 
 
 # --- running a FlowRun and reading what it logged ----------------------------------------------
@@ -435,6 +449,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sync-repeats", type=int, default=3, help="timed transfers per transport")
     parser.add_argument("--chunk-mb", type=int, default=4, help="gRPC weight chunk size in MiB")
     parser.add_argument("--keep", action="store_true", help="keep the temporary run directories")
+    parser.add_argument("--isa", choices=ISAS, default="native",
+                        help="avx2: the runs' processes take the code paths of an x86 CPU without AVX-512 "
+                             "(torch, oneDNN and vLLM kernels; see bench/isa_avx2/sitecustomize.py)")
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(PARTS))
@@ -443,7 +460,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.async_steps < 2:
         parser.error("--async-steps must be >= 2 (the step rate needs two logged steps)")
 
-    common.print_header("flowlane FlowRun benchmark", [f"parts: {', '.join(parts)}"])
+    notes = [f"parts: {', '.join(parts)}"]
+    if args.isa != "native":
+        os.environ.update(isa_env(args.isa, os.environ))  # every process the parts start inherits it
+        notes.append(f"instruction set: {args.isa} code paths forced on this CPU ({ISA_NOTE})")
+    common.print_header("flowlane FlowRun benchmark", notes)
     workdir = Path(tempfile.mkdtemp(prefix="flowlane-bench-"))
     runs: list[FlowRunResult] = []
     try:

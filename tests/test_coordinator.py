@@ -258,3 +258,21 @@ async def test_a_submission_before_the_learner_has_loaded_is_unavailable_so_the_
             assert (ack.policy_version, ack.accepted, ack.rejected) == (2, 0, 0)
     finally:
         await server.stop(None)
+
+
+def test_question_batches_are_the_questions_a_run_trains_on_step_by_step_across_epochs():
+    from flowlane.trainer.coordinator import question_batches
+
+    coord = make()  # 5 questions, 2 per step: step 3 starts the second epoch's order
+    trained = []
+    for _ in range(6):
+        units = coord.lease("w0", 100, now=0.0)
+        for unit, _ in units:
+            coord.submit(unit.key, "payload", policy_version=coord.policy_version)
+        coord.take_step()
+        coord.mark_updated()
+        trained.append(list(dict.fromkeys(task.id for _, task in units)))
+    batches = question_batches(TASKS, questions_per_step=2, steps=6, seed=7)
+    assert [[task.id for task in batch] for batch in batches] == trained
+    flat = [question for batch in trained for question in batch]
+    assert sorted(flat[:5]) == sorted(flat[5:10]) == ["q0", "q1", "q2", "q3", "q4"]  # two whole epochs

@@ -421,13 +421,15 @@ def test_flowservice_serves_the_latest_checkpoint_and_rolls_to_a_new_one(
     kube: KubeApi, start_operator: Any
 ) -> None:
     start_operator(reconcile_interval_s=0.2)
-    kube.create(FLOWRUNS, flowrun())
+    kube.create(FLOWRUNS, flowrun(algorithm={"minTurns": 2}))
     wait_members(kube, MEMBERS)
     kube.patch(FLOWRUNS, "demo", {"status": {"lastCheckpoint": "s3://ckpt/demo/step-10"}}, subresource="status")
     kube.create(FLOWSERVICES, flowservice())
     deployment = wait_until(lambda: kube.get(DEPLOYMENTS, "agent-gateway"), what="the gateway Deployment")
     template = deployment["spec"]["template"]
     assert template["metadata"]["annotations"]["flowlane.dev/checkpoint"] == "s3://ckpt/demo/step-10"
+    command = template["spec"]["containers"][0]["command"]
+    assert command[command.index("--min-turns") + 1] == "2"  # served as trained: the FlowRun's minTurns
     assert deployment["spec"]["replicas"] == 2
     assert kube.names(SERVICES, {"flowlane.dev/flowservice": "agent"}) == ["agent"]
     play_deployment_controller(kube, "agent-gateway", 2)
