@@ -105,8 +105,10 @@ def run_flowlane(config: Path, workdir: Path, timeout_s: float) -> Side:
                                                      "gain_ci_low", "gain_ci_high", "gain_p_value")]
     if all(value is not None for value in logged):
         before, after, fixed, broken, low, high, p_value = (float(v) for v in logged if v is not None)
-        side.gain = PairedGain(n=test_questions(config), before=before, after=after, fixed=int(fixed),
-                               broken=int(broken), ci_low=low, ci_high=high, p_value=p_value)
+        from flowlane.api.flowrun import load_flowrun
+
+        side.gain = PairedGain(n=len(test_tasks(load_flowrun(config).spec)), before=before, after=after,
+                               fixed=int(fixed), broken=int(broken), ci_low=low, ci_high=high, p_value=p_value)
     turns = [result.last("test/baseline_turns_per_trajectory"), result.last("test/turns_per_trajectory")]
     side.tool_calls = [t for t in turns if t is not None]  # one tool call per planner turn
     if result.returncode != 0:
@@ -114,14 +116,13 @@ def run_flowlane(config: Path, workdir: Path, timeout_s: float) -> Side:
     return side
 
 
-def test_questions(config: Path) -> int:
-    from flowlane.api.flowrun import load_flowrun
+def test_tasks(spec: Any) -> list[Any]:
+    """The held-out test questions the FlowRun's learner scores before and after training."""
     from flowlane.trainer.learner_records import load_run_tasks
 
-    spec = load_flowrun(config).spec
     schedule = spec.schedule
-    count = len(load_run_tasks(schedule.eval_tasks or spec.tasks.dataset, schedule.eval_split, spec.tasks.reward.value))
-    return min(count, schedule.eval_limit) if schedule.eval_limit else count
+    tasks = load_run_tasks(schedule.eval_tasks or spec.tasks.dataset, schedule.eval_split, spec.tasks.reward.value)
+    return tasks[: schedule.eval_limit] if schedule.eval_limit else tasks
 
 
 # --- TRL ---------------------------------------------------------------------------------------
@@ -267,8 +268,7 @@ def run_trl(config: Path, workdir: Path, budget_s: float) -> Side:
     train, _validation = carve_validation(load_run_tasks(spec.tasks.dataset, spec.tasks.split, spec.tasks.reward.value),
                                           schedule.validation_fraction, algo.seed)
     batches = question_batches(train, algo.batch_questions, schedule.steps, algo.seed)
-    test = load_run_tasks(schedule.eval_tasks or spec.tasks.dataset, schedule.eval_split, spec.tasks.reward.value)
-    test = test[: schedule.eval_limit] if schedule.eval_limit else test
+    test = test_tasks(spec)
     by_id = {t.id: t for batch in batches for t in batch}
 
     model_dir = resolve_model(spec.model.planner)
